@@ -1,0 +1,1 @@
+//! Server configuration: config.toml, then environment, then flags.

@@ -1,0 +1,39 @@
+//! The engine: checked requests, continuous-batching scheduler on a worker thread, sampling,
+//! stop strings and incremental detokenisation.
+//!
+//! `spawn` moves a `Backend` onto its own OS thread and returns an `EngineHandle`; `submit` queues a
+//! checked `GenRequest` and returns the receiving end of that sequence's bounded event channel.
+//! Dropping the receiver cancels the sequence (freed within one step).
+pub mod request;
+
+pub use request::{Event, FinishReason, GenRequest, LogprobEntry, SamplingParams, TokenLogprob};
+
+/// Knobs of one engine (one worker).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences decoding together in one step.
+    pub max_batch: usize,
+    /// Most sequences waiting for a slot; beyond that `submit` fails with `QueueFull` (HTTP 429).
+    pub max_waiting: usize,
+    /// Most prompt tokens one step processes in total, so a long prefill is split into chunks and
+    /// running streams keep getting a token per step.
+    pub prefill_chunk: usize,
+    /// Capacity of each sequence's event channel.
+    pub channel_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_batch: 16, max_waiting: 64, prefill_chunk: 256, channel_capacity: 64 }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The waiting queue is full; retry after roughly this many seconds.
+    #[error("the server is overloaded: too many requests waiting")]
+    QueueFull { retry_after_secs: u64 },
+    /// The worker thread has stopped.
+    #[error("the model worker has stopped")]
+    Closed,
+}
