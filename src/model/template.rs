@@ -1,2 +1,167 @@
 //! Chat templates (Jinja, as shipped in tokenizer_config.json or GGUF metadata) rendered with
-//! minijinja in Python-compatible mode.
+//! minijinja in Python-compatible mode, so that templates written for transformers' jinja2 render
+//! the same bytes here.
+use minijinja::{Environment, ErrorKind, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The template itself does not compile.
+    #[error("invalid chat template: {0}")]
+    Invalid(String),
+    /// Rendering failed for these messages (including the template's own `raise_exception`).
+    #[error("{0}")]
+    Render(String),
+}
+
+/// A compiled chat template plus the special tokens templates refer to.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+const NAME: &str = "chat";
+
+impl ChatTemplate {
+    /// Compiles `source`. `bos_token`/`eos_token` are exposed to the template as variables.
+    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, TemplateError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| -> String {
+            // Templates use this for "today's date" lines; UTC keeps output reproducible per day.
+            chrono_like_utc(&fmt)
+        });
+        env.add_filter("tojson", python_tojson);
+        env.add_template_owned(NAME, source.to_string()).map_err(|e| TemplateError::Invalid(e.to_string()))?;
+        Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
+    }
+
+    /// Renders a conversation. `messages` is the OpenAI `messages` array (already validated),
+    /// `tools` the optional `tools` array.
+    pub fn render(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let tmpl = self.env.get_template(NAME).map_err(|e| TemplateError::Invalid(e.to_string()))?;
+        let ctx = minijinja::context! {
+            messages => Value::from_serialize(messages),
+            tools => tools.map(Value::from_serialize),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone(),
+            eos_token => self.eos_token.clone(),
+        };
+        tmpl.render(ctx).map_err(|e| {
+            let mut msg = e.detail().map(str::to_string).unwrap_or_else(|| e.to_string());
+            if msg.is_empty() {
+                msg = e.to_string();
+            }
+            TemplateError::Render(msg)
+        })
+    }
+}
+
+/// Python's `json.dumps` as transformers' templates see it: `", "` and `": "` separators, no HTML
+/// escaping, non-ASCII kept. `indent` is honoured like jinja2's `tojson(indent=N)`.
+fn python_tojson(value: Value, indent: Option<usize>) -> Result<Value, minijinja::Error> {
+    let json: serde_json::Value = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_py_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, d: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * d));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                write_py_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        J::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&serde_json::to_string(k).expect("a string always serialises"));
+                out.push_str(": ");
+                write_py_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&serde_json::to_string(other).expect("a JSON value always serialises")),
+    }
+}
+
+/// Formats the current UTC time with the strftime subset chat templates use (%Y %m %d %B %b %H %M).
+fn chrono_like_utc(fmt: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let days = secs.div_euclid(86_400);
+    let (h, m) = ((secs.rem_euclid(86_400)) / 3600, (secs.rem_euclid(3600)) / 60);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    const MONTHS: [&str; 12] = [
+        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+        "November", "December",
+    ];
+    let month = MONTHS[(mo - 1) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('m') => out.push_str(&format!("{mo:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('B') => out.push_str(month),
+            Some('b') => out.push_str(&month[..3]),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('M') => out.push_str(&format!("{m:02}")),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
