@@ -312,9 +312,8 @@ def llama_weights(qwen: dict, rng: np.random.Generator) -> dict:
     return out
 
 
-def main() -> int:
-    root = Path(__file__).resolve().parent.parent
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "tests" / "fixtures" / "generated"
+def generate(out: Path) -> dict:
+    """Writes every fixture under out; returns {relative path: sha256}."""
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
     tokens, merges, vocab = vocab_of(tok)
@@ -330,10 +329,27 @@ def main() -> int:
     for qtype, suffix in [(QT.F32, "f32"), (QT.Q4_1, "q4_1")]:
         write_gguf(out / f"tiny-llama.{suffix}.gguf", "llama", "tiny-llama", lg,
                    tokens, merges, vocab, LLAMA_TEMPLATE, qtype)
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()
-            print(f"{digest}  {p.relative_to(out)}  ({p.stat().st_size} bytes)")
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def main() -> int:
+    """CLI: [OUT_DIR] [--check-determinism] (also generates into a temp dir and compares)."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    root = Path(__file__).resolve().parent.parent
+    out = Path(args[0]) if args else root / "tests" / "fixtures" / "generated"
+    digests = generate(out)
+    for name, digest in digests.items():
+        print(f"{digest}  {name}  ({(out / name).stat().st_size} bytes)")
+    if "--check-determinism" in sys.argv:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            again = generate(Path(tmp))
+        if again != digests:
+            bad = sorted(k for k in digests if digests[k] != again.get(k))
+            print(f"NOT deterministic: {bad}", file=sys.stderr)
+            return 1
+        print("deterministic: second run byte-identical")
     return 0
 
 
