@@ -49,4 +49,11 @@ pub struct SourceOptions {
     pub progress: bool,
 }
 
+pub mod gguf_tokenizer;
+pub mod hf_dir;
+pub mod messages;
+pub mod source;
 pub mod template;
+
+pub use messages::{flatten_content, normalize_messages};
+pub use source::load_assets;
