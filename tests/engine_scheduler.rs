@@ -126,7 +126,8 @@ fn queue_full_is_immediate() {
 #[test]
 fn long_prompt_is_chunked_while_decode_continues() {
     let (tok, eos) = tiny_tokenizer();
-    let (b, log) = MockBackend::new(tok.get_vocab_size(true), eos);
+    let (mut b, log) = MockBackend::new(tok.get_vocab_size(true), eos);
+    b.delay = Duration::from_millis(1); // A needs ~300 ms: it is still decoding throughout B's prefill
     let h = engine(b, EngineConfig { max_batch: 4, max_waiting: 8, prefill_chunk: 64, channel_capacity: 1024 });
     let mut rx_a = h.submit(req(vec![7, 8, 9], 300, greedy())).unwrap();
     assert!(matches!(rx_a.blocking_recv(), Some(Event::Token { .. })));

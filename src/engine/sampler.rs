@@ -271,10 +271,10 @@ mod tests {
     #[test]
     fn min_p_drops_below_fraction_of_max() {
         let mut p = params();
-        p.min_p = 0.5;
+        p.min_p = 0.45;
         let l = [0.1f32.ln(), 0.2f32.ln(), 0.3f32.ln(), 0.4f32.ln()];
         let d = filtered_distribution(&l, &p);
-        // floor = 0.2: keeps 0.4, 0.3, 0.2
+        // floor = 0.18: keeps 0.4, 0.3, 0.2, drops 0.1
         assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2, 1]);
         assert!(close(d[2].1, 0.2 / 0.9));
     }
