@@ -90,14 +90,16 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// The ids of the `k` largest values, largest first (ties: lower id first).
 pub fn top_indices(values: &[f32], k: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    top_of(values, (0..values.len() as u32).collect(), k)
+}
+
+/// The `k` ids among `idx` with the largest values, largest first (ties: lower id first).
+fn top_of(values: &[f32], mut idx: Vec<u32>, k: usize) -> Vec<u32> {
     let k = k.min(idx.len());
     if k == 0 {
         return Vec::new();
     }
-    let cmp = |a: &u32, b: &u32| {
-        values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b))
-    };
+    let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
     if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);
@@ -106,50 +108,89 @@ pub fn top_indices(values: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
-/// The sampling distribution after temperature, top-k, top-p and min-p: (token, probability)
-/// pairs, renormalised to sum to 1, most likely first. Requires `temperature > 0`.
-pub fn filtered_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
-    let t = params.temperature.max(1e-6);
-    let scaled: Vec<f32> = logits.iter().map(|&l| l / t).collect();
-    let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<f32> = scaled.iter().map(|&l| if max.is_finite() { (l - max).exp() } else { 1.0 }).collect();
-    let total: f64 = probs.iter().map(|&p| p as f64).sum();
-    probs.iter_mut().for_each(|p| *p = (*p as f64 / total) as f32);
+/// Weights below this fraction of the top one are candidates for top-k/top-p only when the
+/// tokens above it cannot decide the cut (keeps the per-token sort small on real, peaked logits).
+const CANDIDATE_FLOOR: f32 = 1e-6;
 
-    // top-k, then top-p over the survivors: grow the sorted prefix until it covers top_p.
-    let k_limit = if params.top_k == 0 { probs.len() } else { params.top_k.min(probs.len()) };
-    let mut keep = if params.top_p < 1.0 {
-        let mut want = 64.min(k_limit);
-        loop {
-            let cand = top_indices(&probs, want);
-            let mut cum = 0.0f64;
-            let mut cut = None;
-            for (i, &id) in cand.iter().enumerate() {
-                cum += probs[id as usize] as f64;
-                if cum >= params.top_p as f64 {
-                    cut = Some(i + 1);
-                    break;
-                }
-            }
-            match cut {
-                Some(n) => break cand[..n].to_vec(),
-                None if want >= k_limit => break cand,
-                None => want = (want * 4).min(k_limit),
+/// The sampling distribution after temperature, top-k, top-p and min-p: (token, probability)
+/// pairs, renormalised to sum to 1; most likely first after top-k/top-p truncation, id order when
+/// neither applies (no full-vocabulary sort per token). Like vLLM and llama.cpp, top-p applies to
+/// the distribution renormalised over the top-k survivors. Requires `temperature > 0`.
+pub fn filtered_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
+    let inv_t = 1.0 / params.temperature.max(1e-6);
+    let mut max = f32::NEG_INFINITY;
+    for &l in logits {
+        if l > max {
+            max = l;
+        }
+    }
+    if !max.is_finite() {
+        return vec![(argmax(logits), 1.0)];
+    }
+    // Unnormalised weights: the most likely token has weight exactly 1.
+    let mut w = vec![0.0f32; logits.len()];
+    let mut total = 0.0f64;
+    for (wi, &l) in w.iter_mut().zip(logits) {
+        let e = ((l - max) * inv_t).exp();
+        *wi = if e.is_nan() { 0.0 } else { e };
+        total += *wi as f64;
+    }
+    let truncating = params.top_k > 0 || params.top_p < 1.0;
+    let mut keep: Vec<u32> = if truncating {
+        let mut cand = Vec::new();
+        let mut cand_mass = 0.0f64;
+        for (i, &wi) in w.iter().enumerate() {
+            if wi >= CANDIDATE_FLOOR {
+                cand.push(i as u32);
+                cand_mass += wi as f64;
             }
         }
+        let k_ok = params.top_k == 0 || cand.len() >= params.top_k;
+        let p_ok = params.top_p >= 1.0 || params.top_k > 0 || cand_mass >= params.top_p as f64 * total;
+        if !(k_ok && p_ok) {
+            cand = (0..w.len() as u32).collect();
+        }
+        let k_limit = if params.top_k == 0 { cand.len() } else { params.top_k.min(cand.len()) };
+        if params.top_p < 1.0 {
+            let mass = if params.top_k == 0 {
+                total
+            } else {
+                top_of(&w, cand.clone(), k_limit).iter().map(|&i| w[i as usize] as f64).sum()
+            };
+            let target = params.top_p as f64 * mass;
+            // Grow the sorted prefix until it covers top_p (usually a few dozen tokens).
+            let mut want = 64.min(k_limit);
+            loop {
+                let top = top_of(&w, cand.clone(), want);
+                let mut cum = 0.0f64;
+                let cut = top.iter().position(|&i| {
+                    cum += w[i as usize] as f64;
+                    cum >= target
+                });
+                match cut {
+                    Some(n) => break top[..=n].to_vec(),
+                    None if want >= k_limit => break top,
+                    None => want = (want * 4).min(k_limit),
+                }
+            }
+        } else {
+            top_of(&w, cand, k_limit)
+        }
     } else {
-        top_indices(&probs, k_limit)
+        (0..w.len() as u32).filter(|&i| w[i as usize] > 0.0).collect()
     };
+    // min-p: drop tokens below min_p times the most likely one (weight 1, always kept).
+    if params.min_p > 0.0 {
+        keep.retain(|&i| w[i as usize] >= params.min_p);
+    }
     if keep.is_empty() {
         keep.push(argmax(logits));
     }
-    // min-p: drop tokens below min_p times the most likely one (the first kept).
-    if params.min_p > 0.0 {
-        let floor = params.min_p * probs[keep[0] as usize];
-        keep.retain(|&id| probs[id as usize] >= floor);
+    let kept_total: f64 = keep.iter().map(|&i| w[i as usize] as f64).sum();
+    if kept_total <= 0.0 {
+        return vec![(argmax(logits), 1.0)];
     }
-    let kept_total: f64 = keep.iter().map(|&id| probs[id as usize] as f64).sum();
-    keep.into_iter().map(|id| (id, (probs[id as usize] as f64 / kept_total) as f32)).collect()
+    keep.into_iter().map(|i| (i, (w[i as usize] as f64 / kept_total) as f32)).collect()
 }
 
 /// Draws from a distribution of (token, probability) pairs summing to ~1.
@@ -260,12 +301,24 @@ mod tests {
     #[test]
     fn top_p_keeps_smallest_covering_set() {
         let mut p = params();
-        p.top_p = 0.7;
+        p.top_p = 0.65;
         let l = [0.1f32.ln(), 0.2f32.ln(), 0.3f32.ln(), 0.4f32.ln()];
         let d = filtered_distribution(&l, &p);
-        // 0.4 + 0.3 = 0.7 >= 0.7: keep {3, 2}
+        // 0.4 + 0.3 = 0.7 >= 0.65: keep {3, 2}
         assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2]);
         assert!(close(d[0].1, 0.4 / 0.7) && close(d[1].1, 0.3 / 0.7));
+        // After top-k = 3 the survivors are renormalised (0.4/0.9, 0.3/0.9, 0.2/0.9) before top-p:
+        // 0.444 + 0.333 = 0.778 < 0.8, so three tokens stay.
+        p.top_p = 0.8;
+        p.top_k = 3;
+        let d = filtered_distribution(&l, &p);
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2, 1]);
+        p.top_k = 0;
+        let d = filtered_distribution(&l, &p);
+        // Without top-k: 0.4 + 0.3 + 0.2 = 0.9 >= 0.8 also three; with 0.68 only two.
+        assert_eq!(d.len(), 3);
+        p.top_p = 0.68;
+        assert_eq!(filtered_distribution(&l, &p).len(), 2);
     }
 
     #[test]
@@ -274,9 +327,13 @@ mod tests {
         p.min_p = 0.45;
         let l = [0.1f32.ln(), 0.2f32.ln(), 0.3f32.ln(), 0.4f32.ln()];
         let d = filtered_distribution(&l, &p);
-        // floor = 0.18: keeps 0.4, 0.3, 0.2, drops 0.1
-        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2, 1]);
-        assert!(close(d[2].1, 0.2 / 0.9));
+        // floor = 0.18: keeps 0.4, 0.3, 0.2, drops 0.1 (id order: no truncation sort needed)
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(close(d[0].1, 0.2 / 0.9) && close(d[2].1, 0.4 / 0.9));
+        // combined with top-k the order is by probability
+        p.top_k = 2;
+        let d = filtered_distribution(&l, &p);
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2]);
     }
 
     #[test]
@@ -285,8 +342,8 @@ mod tests {
         p.temperature = 0.5;
         let l = [0.0, 2f32.ln()]; // probs 1/3, 2/3 at T=1; at T=0.5: 1/5, 4/5
         let d = filtered_distribution(&l, &p);
-        assert_eq!(d[0].0, 1);
-        assert!(close(d[0].1, 0.8) && close(d[1].1, 0.2));
+        assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert!(close(d[0].1, 0.2) && close(d[1].1, 0.8));
     }
 
     #[test]
@@ -321,5 +378,26 @@ mod tests {
         assert_eq!(a, run(7));
         let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
         assert!((ones - 0.75).abs() < 0.03, "{ones}");
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// A Qwen-sized vocabulary must sample in well under a few milliseconds even unoptimised.
+    #[test]
+    fn full_vocab_sampling_is_cheap() {
+        let l: Vec<f32> = (0..151_936u32).map(|i| ((i.wrapping_mul(2_654_435_761) >> 8) % 2000) as f32 / 100.0 - 10.0).collect();
+        let mut rng = StdRng::seed_from_u64(3);
+        for (top_k, top_p) in [(0, 1.0), (40, 1.0), (0, 0.9), (50, 0.95)] {
+            let p = SamplingParams { temperature: 0.8, top_k, top_p, min_p: 0.05, ..SamplingParams::default() };
+            let t = std::time::Instant::now();
+            for _ in 0..5 {
+                sample(l.clone(), &p, &TokenCounts::default(), false, &mut rng);
+            }
+            eprintln!("top_k={top_k} top_p={top_p}: {:?} per token", t.elapsed() / 5);
+        }
     }
 }
