@@ -64,6 +64,8 @@ pub fn tiny_tokenizer() -> (Tokenizer, u32) {
 pub struct MockLog {
     /// Per step: (seq, tokens fed, want_logits).
     pub steps: Vec<Vec<(SeqId, usize, bool)>>,
+    /// Adapter names seen, per step row.
+    pub adapters: Vec<Option<String>>,
     /// (number of steps run so far, seq) per release call.
     pub releases: Vec<(usize, SeqId)>,
 }
@@ -81,6 +83,8 @@ pub struct MockBackend {
     pub script: Option<Vec<u32>>,
     /// Step numbers (0-based) that fail with a compute error.
     pub fail_steps: Vec<usize>,
+    /// Step numbers (0-based) that panic.
+    pub panic_steps: Vec<usize>,
     pub delay: Duration,
     pub log: Arc<Mutex<MockLog>>,
     hist: HashMap<SeqId, (usize, Vec<u32>)>,
@@ -97,6 +101,7 @@ impl MockBackend {
             eos_at_len: None,
             script: None,
             fail_steps: Vec::new(),
+            panic_steps: Vec::new(),
             delay: Duration::ZERO,
             log: Arc::clone(&log),
             hist: HashMap::new(),
@@ -132,8 +137,12 @@ impl Backend for MockBackend {
         let n = {
             let mut log = self.log.lock().unwrap();
             log.steps.push(inputs.iter().map(|i| (i.seq, i.tokens.len(), i.want_logits)).collect());
+            log.adapters.extend(inputs.iter().map(|i| i.adapter.map(str::to_owned)));
             log.steps.len() - 1
         };
+        if self.panic_steps.contains(&n) {
+            panic!("injected panic");
+        }
         if self.fail_steps.contains(&n) {
             return Err(BackendError::Compute("injected failure".into()));
         }
