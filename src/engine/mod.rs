@@ -4,8 +4,15 @@
 //! `spawn` moves a `Backend` onto its own OS thread and returns an `EngineHandle`; `submit` queues a
 //! checked `GenRequest` and returns the receiving end of that sequence's bounded event channel.
 //! Dropping the receiver cancels the sequence (freed within one step).
+pub mod detok;
+mod handle;
 pub mod request;
+pub mod sampler;
+mod scheduler;
+mod sequence;
+pub mod stop;
 
+pub use handle::{spawn, EngineHandle, EngineStats};
 pub use request::{Event, FinishReason, GenRequest, LogprobEntry, SamplingParams, TokenLogprob};
 
 /// Knobs of one engine (one worker).
@@ -28,6 +35,7 @@ impl Default for EngineConfig {
     }
 }
 
+/// Why `EngineHandle::submit` refused a request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
     /// The waiting queue is full; retry after roughly this many seconds.
