@@ -229,8 +229,8 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     if let Some(spec) = env("INFERD_MODEL") {
         models = vec![model_from_spec(&spec, None)];
     }
-    override_all(&mut models, env("INFERD_BACKEND").map(|b| b.parse()).transpose()?, |m, b| m.backend = b);
-    override_all(&mut models, env("INFERD_DEVICE").map(|d| d.parse()).transpose()?, |m, d| m.device = d);
+    override_all(&mut models, env("INFERD_BACKEND").map(|b| b.parse::<BackendKind>()).transpose()?, |m, b| m.backend = b);
+    override_all(&mut models, env("INFERD_DEVICE").map(|d| d.parse::<Device>()).transpose()?, |m, d| m.device = d);
 
     // Flags.
     if let Some(h) = &args.host {
@@ -247,8 +247,8 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
             _ => return Err(ConfigError::Invalid("--model-id needs --model or exactly one configured model".into())),
         }
     }
-    override_all(&mut models, args.backend.as_deref().map(str::parse).transpose()?, |m, b| m.backend = b);
-    override_all(&mut models, args.device.as_deref().map(str::parse).transpose()?, |m, d| m.device = d);
+    override_all(&mut models, args.backend.as_deref().map(str::parse::<BackendKind>).transpose()?, |m, b| m.backend = b);
+    override_all(&mut models, args.device.as_deref().map(str::parse::<Device>).transpose()?, |m, d| m.device = d);
     override_all(&mut models, args.max_batch, |m, n| m.max_batch = n);
     override_all(&mut models, args.context_length, |m, n| m.context_length = Some(n));
 

@@ -73,6 +73,9 @@ impl StreamAssembler {
         if self.ended || index >= self.choices.len() || self.choices[index].finished {
             return Vec::new();
         }
+        if let Event::Error(message) = &event {
+            return self.error(message);
+        }
         let mut out = Vec::new();
         if !self.choices[index].started {
             self.choices[index].started = true;
@@ -122,7 +125,7 @@ impl StreamAssembler {
                     self.ended = true;
                 }
             }
-            Event::Error(message) => out.extend(self.error(&message)),
+            Event::Error(_) => {}
         }
         out
     }
@@ -207,11 +210,12 @@ pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
     Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
 }
 
-/// Logprobs that cannot be represented in JSON (-inf for masked tokens) are reported as -9999,
-/// as OpenAI does.
-fn finite(lp: f32) -> f32 {
+/// A logprob for JSON: the shortest decimal of the f32 (so -0.1f32 prints as -0.1, not
+/// -0.10000000149011612), and -9999 for values JSON cannot carry (-inf for masked tokens), as
+/// OpenAI does.
+fn finite(lp: f32) -> f64 {
     if lp.is_finite() {
-        lp
+        lp.to_string().parse().unwrap_or(lp as f64)
     } else {
         -9999.0
     }

@@ -100,7 +100,7 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TopLogprob {
     pub token: String,
-    pub logprob: f32,
+    pub logprob: f64,
     pub bytes: Vec<u8>,
 }
 
@@ -108,7 +108,7 @@ pub struct TopLogprob {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatTokenLogprob {
     pub token: String,
-    pub logprob: f32,
+    pub logprob: f64,
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<TopLogprob>,
 }
@@ -123,7 +123,7 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
+    pub token_logprobs: Vec<f64>,
     pub top_logprobs: Vec<serde_json::Map<String, Value>>,
     pub text_offset: Vec<usize>,
 }

@@ -53,7 +53,8 @@ fn errors_and_closed_channels_end_the_stream_once() {
     let mut a = StreamAssembler::new(meta(), Mode::Chat, 2, 3, false, false);
     a.push(0, tok("x", 1));
     let f = a.push(1, Event::Error("boom".into()));
-    assert_eq!(data(&f[f.len() - 2])["error"]["message"], "boom");
+    assert_eq!(f.len(), 2, "no role chunk before an error");
+    assert_eq!(data(&f[0])["error"]["message"], "boom");
     assert_eq!(f.last(), Some(&Frame::Done));
     assert!(a.closed(0).is_empty() && a.push(0, tok("y", 2)).is_empty());
 
