@@ -1,6 +1,8 @@
 //! Chat templates (Jinja, as shipped in tokenizer_config.json or GGUF metadata) rendered with
 //! minijinja in Python-compatible mode, so that templates written for transformers' jinja2 render
 //! the same bytes here.
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::Serde;
 use minijinja::{Environment, ErrorKind, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +28,13 @@ impl ChatTemplate {
     /// Compiles `source`. `bos_token`/`eos_token` are exposed to the template as variables.
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        // transformers renders with trim_blocks and lstrip_blocks; templates are written for that.
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| TemplateError::Invalid(e.to_string()))?;
+        env.set_syntax(syntax);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
@@ -52,8 +59,8 @@ impl ChatTemplate {
     ) -> Result<String, TemplateError> {
         let tmpl = self.env.get_template(NAME).map_err(|e| TemplateError::Invalid(e.to_string()))?;
         let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            tools => tools.map(Value::from_serialize),
+            messages => Value::from(Serde(messages)),
+            tools => tools.map(|t| Value::from(Serde(t))),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
