@@ -49,8 +49,12 @@ impl FakeGen {
 
 impl Generator for FakeGen {
     fn submit(&self, req: GenRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
-        if let Some(e) = &self.refuse {
-            return Err(e.clone());
+        match &self.refuse {
+            Some(SubmitError::QueueFull { retry_after_secs }) => {
+                return Err(SubmitError::QueueFull { retry_after_secs: *retry_after_secs })
+            }
+            Some(SubmitError::Closed) => return Err(SubmitError::Closed),
+            None => {}
         }
         let mut seen = self.seen.lock().expect("lock");
         let script = self.scripts[seen.len() % self.scripts.len()].clone();
