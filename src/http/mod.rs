@@ -17,6 +17,8 @@ pub mod validate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_socket;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -102,6 +104,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind((host, port)).await?;
+    serve_on(listener, state, shutdown).await
+}
+
+/// `serve` on an already bound listener (tests bind port 0 and read the address back).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "inferd listening");
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }

@@ -3,5 +3,5 @@ mod errors;
 mod routes;
 mod sse_machine;
 mod streaming;
-mod support;
+pub(crate) mod support;
 mod validation;
