@@ -19,6 +19,11 @@ pub trait Generator: Send + Sync + 'static {
     fn is_alive(&self) -> bool {
         true
     }
+    /// Size of the model's logits vector, when known: token ids in prompts and `logit_bias` must be
+    /// below both it and the tokenizer's vocabulary.
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One served model id.
@@ -60,6 +65,14 @@ pub struct AppState {
     pub limits: Limits,
     /// Reported as `system_fingerprint` in every completion.
     pub system_fingerprint: String,
+}
+
+impl ModelEntry {
+    /// Token ids a client may name (prompt ids, `logit_bias` keys) are below this.
+    pub fn vocab_limit(&self) -> usize {
+        let tok = self.tokenizer.get_vocab_size(true);
+        self.generator.vocab_size().map_or(tok, |v| v.min(tok))
+    }
 }
 
 impl AppState {

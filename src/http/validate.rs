@@ -150,7 +150,7 @@ fn build(
         ));
     }
     let include_usage = c.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-    let sampling = sampling(c, model.tokenizer.get_vocab_size(true))?;
+    let sampling = sampling(c, model.vocab_limit())?;
     let stop = stops(c.stop.as_ref())?;
     let max_new_tokens = budget(prompt.len(), max_tokens, max_param, model.generator.max_context(), kind)?;
     let requests = (0..n)
@@ -311,7 +311,7 @@ fn encode(model: &ModelEntry, text: &str, special: bool, param: &str) -> VResult
 
 /// A token-id prompt: every id must be in the vocabulary.
 fn token_ids(ids: &[i64], model: &ModelEntry) -> VResult<Vec<u32>> {
-    let vocab = model.tokenizer.get_vocab_size(true);
+    let vocab = model.vocab_limit();
     ids.iter()
         .map(|&id| {
             u32::try_from(id).ok().filter(|&t| (t as usize) < vocab).ok_or_else(|| {
@@ -383,6 +383,7 @@ fn chat_messages(messages: &[Value]) -> VResult<Value> {
                 msg[key] = v.clone();
             }
         }
+        decode_tool_arguments(&mut msg);
         out.push(msg);
     }
     Ok(Value::Array(out))
@@ -406,4 +407,17 @@ fn text_parts(parts: &[Value], i: usize) -> VResult<String> {
         }
     }
     Ok(texts.join("\n"))
+}
+
+/// OpenAI sends a tool call's `function.arguments` as a JSON string; templates (Qwen2.5's
+/// `arguments | tojson`) expect the object. Strings that are not JSON are left alone.
+fn decode_tool_arguments(msg: &mut Value) {
+    let Some(Value::Array(calls)) = msg.get_mut("tool_calls") else { return };
+    for call in calls {
+        if let Some(f) = call.get_mut("function").and_then(Value::as_object_mut) {
+            if let Some(parsed) = f.get("arguments").and_then(Value::as_str).and_then(|a| serde_json::from_str::<Value>(a).ok()) {
+                f.insert("arguments".into(), parsed);
+            }
+        }
+    }
 }

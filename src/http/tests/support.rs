@@ -36,11 +36,12 @@ pub struct FakeGen {
     pub hold_open: bool,
     pub refuse: Option<SubmitError>,
     pub alive: bool,
+    pub vocab: Option<usize>,
 }
 
 impl FakeGen {
     pub fn new(scripts: Vec<Vec<Event>>) -> Self {
-        Self { scripts, ctx: 4096, seen: Mutex::new(Vec::new()), held: Mutex::new(Vec::new()), hold_open: false, refuse: None, alive: true }
+        Self { scripts, ctx: 4096, seen: Mutex::new(Vec::new()), held: Mutex::new(Vec::new()), hold_open: false, refuse: None, alive: true, vocab: None }
     }
     pub fn seen(&self) -> Vec<GenRequest> {
         self.seen.lock().expect("lock").clone()
@@ -73,6 +74,9 @@ impl Generator for FakeGen {
     }
     fn is_alive(&self) -> bool {
         self.alive
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        self.vocab
     }
 }
 

@@ -194,3 +194,31 @@ fn wrong_types_name_the_field() {
     let ok = parse_body::<ChatCompletionRequest>(br#"{"model":"m","user":"u","metadata":{"a":1},"temperature":null}"#);
     assert!(ok.is_ok(), "unknown fields and nulls are tolerated");
 }
+
+#[test]
+fn token_ids_must_fit_the_model_vocab_too() {
+    let mut g = FakeGen::new(vec![hello_script()]);
+    g.vocab = Some(1000);
+    let m = entry(Arc::new(g), MODEL);
+    let req: CompletionRequest = parse_body(br#"{"model":"m","prompt":[999, 1000]}"#).expect("parses");
+    let e = validate_completion(&req, &m, 16).expect_err("1000 is outside the logits");
+    assert_err(e, "prompt", "Invalid token id 1000 in 'prompt' (vocabulary size 1000)");
+    let req: CompletionRequest = parse_body(br#"{"model":"m","prompt":[1],"logit_bias":{"1000":1}}"#).expect("parses");
+    assert_err(validate_completion(&req, &m, 16).expect_err("bias outside"), "logit_bias", "'1000' is not a token id");
+}
+
+#[test]
+fn tool_call_arguments_reach_the_template_as_objects() {
+    let tmpl = "{% for m in messages %}{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments.city }}{% else %}{{ m.content }}{% endif %}|{% endfor %}";
+    let mut e = entry(Arc::new(FakeGen::new(vec![hello_script()])), MODEL);
+    e.chat_template = Some(Arc::new(crate::model::template::ChatTemplate::new(tmpl, None, None).expect("compiles")));
+    let body = json!({"model": MODEL, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]});
+    let req: ChatCompletionRequest = parse_body(body.to_string().as_bytes()).expect("parses");
+    let v = validate_chat(&req, &e, 16).expect("valid");
+    let text = tokenizer().decode(&v.requests[0].prompt_tokens, false).expect("decodes");
+    assert_eq!(text, "weather?|Paris|sunny|");
+}
