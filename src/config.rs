@@ -116,6 +116,13 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
 }
 
+impl ServerConfig {
+    /// The HTTP layer's limits for these settings.
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits { max_body_bytes: self.max_body_bytes, api_key: self.api_key.clone(), ..Default::default() }
+    }
+}
+
 /// One `[[models]]` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {

@@ -55,6 +55,8 @@ fn file_values_are_read() {
     assert_eq!(c.models[1].id, "org/model-b");
     assert_eq!(c.models[1].backend, BackendKind::Onnx);
     assert_eq!(c.models[1].device, Device::Cpu);
+    let l = c.server.limits();
+    assert_eq!((l.max_body_bytes, l.api_key.as_deref(), l.max_n), (4 * 1024 * 1024, Some("sk-test"), 16));
     let e = c.models[0].engine_config(&c.server);
     assert_eq!((e.max_batch, e.max_waiting, e.prefill_chunk), (4, 7, 256));
 }

@@ -8,6 +8,7 @@ pub mod collect;
 pub mod completions;
 pub mod error;
 pub mod extract;
+pub mod messages;
 pub mod models;
 pub mod respond;
 pub mod sse;
