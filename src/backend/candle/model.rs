@@ -25,10 +25,6 @@ pub struct Transformer {
     device: Device,
 }
 
-fn tensor_to_vec(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
-}
-
 impl Transformer {
     /// Builds the model; RoPE tables cover `max_context` positions.
     pub fn new(cfg: ModelConfig, weights: ModelWeights, max_context: usize, device: Device) -> Self {
@@ -68,9 +64,10 @@ impl Transformer {
 
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
-            let mut q = tensor_to_vec(&layer.wq.forward(&h)?)?;
-            let mut k = tensor_to_vec(&layer.wk.forward(&h)?)?;
-            let v = tensor_to_vec(&layer.wv.forward(&h)?)?;
+            let mut qkv = layer.qkv.forward_parts(&h)?.into_iter();
+            let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+                candle_core::bail!("qkv projection must have three parts");
+            };
             for (r, row) in rows.iter().enumerate() {
                 self.rope.apply(&mut q[r * q_dim..(r + 1) * q_dim], row.pos);
                 self.rope.apply(&mut k[r * kv_dim..(r + 1) * kv_dim], row.pos);
@@ -89,9 +86,16 @@ impl Transformer {
             x = (x + layer.wo.forward(&attn)?)?;
 
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            let mut gu = layer.gate_up.forward_parts(&h)?.into_iter();
+            let (Some(mut gate), Some(up)) = (gu.next(), gu.next()) else {
+                candle_core::bail!("gate/up projection must have two parts");
+            };
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            let inter = gate.len() / n_rows;
+            let act = Tensor::from_vec(gate, (n_rows, inter), &self.device)?;
+            x = (x + layer.w_down.forward(&act)?)?;
         }
         for w in work.iter_mut() {
             w.cache.len += w.tokens.len();

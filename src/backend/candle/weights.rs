@@ -7,20 +7,19 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
-use super::linear::Linear;
+use super::linear::{Linear, MultiLinear, RawWeight};
 use crate::backend::BackendError;
 
 /// One transformer block's weights.
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
     pub attn_norm: Tensor,
-    pub wq: Linear,
-    pub wk: Linear,
-    pub wv: Linear,
+    /// q, k and v projections (fused into one matmul when their types allow).
+    pub qkv: MultiLinear,
     pub wo: Linear,
     pub ffn_norm: Tensor,
-    pub w_gate: Linear,
-    pub w_up: Linear,
+    /// gate and up projections of the MLP.
+    pub gate_up: MultiLinear,
     pub w_down: Linear,
 }
 
@@ -62,7 +61,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelConfig, ModelWeig
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("blk.{i}");
-        let mut linear = |name: &str| -> Result<Linear, BackendError> {
+        let mut raw = |name: &str| -> Result<RawWeight, BackendError> {
             let w = tensor(&format!("{p}.{name}.weight"))?;
             let bias_name = format!("{p}.{name}.bias");
             let bias = if ct.tensor_infos.contains_key(&bias_name) {
@@ -70,16 +69,17 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelConfig, ModelWeig
             } else {
                 None
             };
-            Linear::from_qtensor(w, bias).map_err(load_err)
+            Ok(RawWeight::Quantized(w, bias))
         };
+        let qkv = vec![raw("attn_q")?, raw("attn_k")?, raw("attn_v")?];
+        let gate_up = vec![raw("ffn_gate")?, raw("ffn_up")?];
+        let wo = raw("attn_output")?.into_linear().map_err(load_err)?;
+        let w_down = raw("ffn_down")?.into_linear().map_err(load_err)?;
         layers.push(LayerWeights {
-            wq: linear("attn_q")?,
-            wk: linear("attn_k")?,
-            wv: linear("attn_v")?,
-            wo: linear("attn_output")?,
-            w_gate: linear("ffn_gate")?,
-            w_up: linear("ffn_up")?,
-            w_down: linear("ffn_down")?,
+            qkv: MultiLinear::new(qkv).map_err(load_err)?,
+            wo,
+            gate_up: MultiLinear::new(gate_up).map_err(load_err)?,
+            w_down,
             attn_norm: dense(tensor(&format!("{p}.attn_norm.weight"))?)?,
             ffn_norm: dense(tensor(&format!("{p}.ffn_norm.weight"))?)?,
         });
@@ -125,19 +125,24 @@ pub fn load_safetensors(
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
-        let mut linear = |name: &str, bias: bool| -> Result<Linear, BackendError> {
+        let mut raw = |name: &str, bias: bool| -> Result<RawWeight, BackendError> {
             let w = take(&format!("{p}.{name}.weight"))?;
             let b = if bias { Some(take(&format!("{p}.{name}.bias"))?) } else { None };
-            Linear::from_dense(w, b).map_err(load_err)
+            Ok(RawWeight::Dense(w, b))
         };
+        let qkv = vec![
+            raw("self_attn.q_proj", true)?,
+            raw("self_attn.k_proj", true)?,
+            raw("self_attn.v_proj", true)?,
+        ];
+        let gate_up = vec![raw("mlp.gate_proj", false)?, raw("mlp.up_proj", false)?];
+        let wo = raw("self_attn.o_proj", false)?.into_linear().map_err(load_err)?;
+        let w_down = raw("mlp.down_proj", false)?.into_linear().map_err(load_err)?;
         layers.push(LayerWeights {
-            wq: linear("self_attn.q_proj", true)?,
-            wk: linear("self_attn.k_proj", true)?,
-            wv: linear("self_attn.v_proj", true)?,
-            wo: linear("self_attn.o_proj", false)?,
-            w_gate: linear("mlp.gate_proj", false)?,
-            w_up: linear("mlp.up_proj", false)?,
-            w_down: linear("mlp.down_proj", false)?,
+            qkv: MultiLinear::new(qkv).map_err(load_err)?,
+            wo,
+            gate_up: MultiLinear::new(gate_up).map_err(load_err)?,
+            w_down,
             attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
             ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
         });
