@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Benchmark inferd against llama.cpp's llama-server on the same GGUF, side by side.
+
+Why: inferd's performance goal is stated relative to llama.cpp on the same machine, model and
+thread count. This script starts each server in turn on its own port, runs identical streaming
+OpenAI requests, prints prefill / TTFT / decode / concurrent throughput with the ratio
+inferd/llama.cpp, and can append the figures to docs/benchmarks.md.
+
+Usage:
+  python3 bench/bench.py --llama-server /work/peers/llama-build/bin/llama-server \
+      --inferd target/release/inferd --model models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+  --inferd may be a command prefix ("cargo run --release --") or a URL of a running server;
+  leave it out to measure llama.cpp alone (the peer baseline).
+"""
+import argparse
+import datetime
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import concurrent, stream  # noqa: E402
+from servers import Server, http_json, inferd_argv, llama_server_argv  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+STD_MESSAGES = [{"role": "user",
+                 "content": "Write a Python function that checks whether a number is prime."}]
+PARAGRAPH = ("Section {i}. The benchmark prompt describes a small city library. It has {i} "
+             "shelves of books about history, science, poetry and cooking; visitors borrow them "
+             "for two weeks, and the librarian keeps a careful list of every loan and return. ")
+METRICS = [("prefill tok/s", "prefill_tps"), ("TTFT standard prompt (ms, lower is better)", "ttft_ms"),
+           ("decode tok/s (1 stream)", "decode_tps"),
+           ("total tok/s, 4 streams", "c4_tps"), ("total tok/s, 8 streams", "c8_tps")]
+
+
+def long_prompt(base, n_tokens):
+    """A text of exactly n_tokens for this GGUF's tokenizer (via llama-server /tokenize)."""
+    text = "".join(PARAGRAPH.format(i=i) for i in range(1, 60))
+    ids = http_json(base + "/tokenize", {"content": text})["tokens"][:n_tokens]
+    text = http_json(base + "/detokenize", {"tokens": ids})["content"]
+    count = len(http_json(base + "/tokenize", {"content": text})["tokens"])
+    return text, count
+
+
+def measure(base, name, args, prompt_text, extra):
+    """All metrics for one running server; extra is merged into each request body."""
+    chat = base + "/v1/chat/completions"
+    comp = base + "/v1/completions"
+    greedy = {"temperature": 0, "ignore_eos": True, **extra}
+    to = args.timeout
+    warm = stream(chat, {"messages": STD_MESSAGES, "max_tokens": 8, **greedy}, to)
+    if warm.error:
+        raise RuntimeError(f"{name}: warm-up failed: {warm.error}")
+    out, notes = {}, []
+    pf = []
+    for _ in range(args.repeats):
+        r = stream(comp, {"prompt": prompt_text, "max_tokens": 1, **greedy}, to)
+        if r.error or r.t_first is None:
+            raise RuntimeError(f"{name}: prefill request failed: {r.error}")
+        pf.append((r.prompt_tokens or args.prompt_tokens) / r.t_first)
+    out["prefill_tps"] = statistics.median(pf)
+    std = {"messages": STD_MESSAGES, "max_tokens": args.new_tokens, **greedy}
+    ttft, dec = [], []
+    for _ in range(args.repeats):
+        r = stream(chat, std, to)
+        if r.error or r.t_first is None:
+            raise RuntimeError(f"{name}: decode request failed: {r.error}")
+        n = r.completion_tokens or len(r.chunk_times)
+        if n != args.new_tokens:
+            notes.append(f"{name}: generated {n} tokens, expected {args.new_tokens}")
+        ttft.append(r.t_first * 1000)
+        dec.append((n - 1) / max(r.t_last - r.t_first, 1e-9))
+    out["ttft_ms"], out["decode_tps"] = statistics.median(ttft), statistics.median(dec)
+    for n in (4, 8):
+        results, wall = concurrent(chat, std, n, to)
+        errs = [r.error for r in results if r is None or r.error]
+        if errs:
+            raise RuntimeError(f"{name}: {n} concurrent streams failed: {errs[0]}")
+        total = sum(r.completion_tokens or len(r.chunk_times) for r in results)
+        out[f"c{n}_tps"] = total / wall
+    return out, notes
+
+
+def run_llama(args, logdir):
+    """Starts llama-server, builds the long prompt with its tokenizer, measures, stops it."""
+    port = args.port
+    argv = llama_server_argv(args.llama_server, args.model, port, args.threads, 8, args.ctx)
+    with Server("llama-server", argv, port, Path(logdir) / "llama.log",
+                ready_path="/health") as srv:
+        prompt_text, count = long_prompt(srv.base, args.prompt_tokens)
+        figures, notes = measure(srv.base, "llama.cpp", args, prompt_text, {"cache_prompt": False})
+    return figures, notes, prompt_text, count, " ".join(argv)
+
+
+def run_inferd(args, logdir, prompt_text):
+    """Measures inferd: a URL is used as is, anything else is started as a command."""
+    if args.inferd.startswith(("http://", "https://")):
+        return measure(args.inferd.rstrip("/"), "inferd", args, prompt_text, {}) + (args.inferd,)
+    port = args.port + 1
+    argv = inferd_argv(args.inferd, args.model, port, args.inferd_args)
+    env = {"RAYON_NUM_THREADS": str(args.threads)}
+    with Server("inferd", argv, port, Path(logdir) / "inferd.log", ready_path=args.inferd_ready,
+                env=env) as srv:
+        figures, notes = measure(srv.base, "inferd", args, prompt_text, {})
+    return figures, notes, " ".join(argv)
+
+
+def machine():
+    """CPU model name and core count from lscpu."""
+    info = {}
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    for line in out.splitlines():
+        k, _, v = line.partition(":")
+        info[k.strip()] = v.strip()
+    return f"{info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs"
+
+
+def git_commit():
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=10)
+    return r.stdout.strip() or "?"
+
+
+def table(llama, inferd):
+    rows = ["| metric | llama.cpp | inferd | inferd / llama.cpp |", "|---|---:|---:|---:|"]
+    for label, key in METRICS:
+        a = llama[key]
+        b = inferd.get(key) if inferd else None
+        ratio = "" if b is None else f"{b / a:.2f}"
+        rows.append(f"| {label} | {a:.1f} | {'' if b is None else f'{b:.1f}'} | {ratio} |")
+    return "\n".join(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-server", required=True, help="path to llama-server")
+    ap.add_argument("--inferd", help="inferd binary/command prefix, or URL of a running server")
+    ap.add_argument("--inferd-args", default="", help="extra args for `inferd serve`")
+    ap.add_argument("--inferd-ready", default="/health", help="readiness path on inferd")
+    ap.add_argument("--model", required=True, help="GGUF path")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=2048, help="context per slot")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the single-stream tests")
+    ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
+    ap.add_argument("--port", type=int, default=18090)
+    ap.add_argument("--write-docs", action="store_true", help="append to docs/benchmarks.md")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as logdir:
+        try:
+            llama, notes, prompt_text, count, llama_cmd = run_llama(args, logdir)
+            args.prompt_tokens = count
+            inferd, inferd_cmd = None, None
+            if args.inferd:
+                inferd, n2, inferd_cmd = run_inferd(args, logdir, prompt_text)
+                notes += n2
+        except Exception:
+            for log in sorted(Path(logdir).glob("*.log")):
+                print(f"--- tail of {log.name} ---\n" + log.read_text(errors="replace")[-3000:],
+                      file=sys.stderr)
+            raise
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = table(llama, inferd)
+    head = (f"### {Path(args.model).name}: {'inferd vs llama.cpp' if inferd else 'llama.cpp peer baseline'}\n\n"
+            f"- date: {when}; machine: {machine()}; inferd commit: {git_commit()}\n"
+            f"- threads {args.threads}; prompt {count} tokens (prefill), {args.new_tokens} new "
+            f"tokens, greedy, ignore_eos; median of {args.repeats} single-stream runs\n"
+            f"- llama.cpp: `{llama_cmd}`" + (f"\n- inferd: `{inferd_cmd}`" if inferd_cmd else ""))
+    if notes:
+        head += "\n- notes: " + "; ".join(sorted(set(notes)))
+    print(head + "\n\n" + md)
+    if args.write_docs:
+        doc = ROOT / "docs" / "benchmarks.md"
+        doc.parent.mkdir(exist_ok=True)
+        prev = doc.read_text() if doc.exists() else "# Benchmarks\n"
+        doc.write_text(prev.rstrip("\n") + "\n\n" + head + "\n\n" + md + "\n")
+        print(f"appended to {doc}")
+
+
+if __name__ == "__main__":
+    main()
