@@ -1,1 +1,154 @@
 //! Candle backend: the project's own batched forward for `llama` and `qwen2` (GGUF, safetensors).
+//!
+//! `CandleBackend` owns the weights and one KV cache per live sequence. Each `step` runs all
+//! inputs' tokens through the model together (see `model.rs`); caches are created on a
+//! sequence's first step and freed by `release`.
+pub mod attention;
+pub mod config;
+pub mod kv_cache;
+pub mod linear;
+pub mod model;
+pub mod weights;
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::Device;
+
+use self::kv_cache::SeqCache;
+use self::model::{SeqWork, Transformer};
+use crate::backend::{Backend, BackendError, SeqId, StepInput};
+use crate::model::WeightsFormat;
+
+pub use self::config::{Arch, ModelConfig};
+
+/// A model loaded with candle, serving many sequences with batched steps.
+pub struct CandleBackend {
+    model: Transformer,
+    caches: HashMap<SeqId, SeqCache>,
+    max_context: usize,
+}
+
+impl CandleBackend {
+    /// Loads `weights` on `device`. `max_context` caps the per-sequence context length (None = the
+    /// model's own, from GGUF metadata or config.json).
+    pub fn load(
+        weights: &WeightsFormat,
+        device: &Device,
+        max_context: Option<usize>,
+    ) -> Result<CandleBackend, BackendError> {
+        if !device.is_cpu() {
+            return Err(BackendError::Load(
+                "the candle backend's attention runs on the CPU only for now".into(),
+            ));
+        }
+        let (cfg, w) = match weights {
+            WeightsFormat::Gguf(path) => weights::load_gguf(path, device)?,
+            WeightsFormat::Safetensors { dir } => weights::load_safetensors(dir, device)?,
+        };
+        let max_context = match max_context {
+            Some(n) => n.min(cfg.context_length),
+            None => cfg.context_length,
+        };
+        if max_context == 0 {
+            return Err(BackendError::Load("max_context must be at least 1".into()));
+        }
+        Ok(Self {
+            model: Transformer::new(cfg, w, max_context, device.clone()),
+            caches: HashMap::new(),
+            max_context,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+
+    /// Number of positions cached for `seq` (0 for unknown sequences).
+    pub fn cached_len(&self, seq: SeqId) -> usize {
+        self.caches.get(&seq).map_or(0, |c| c.len)
+    }
+
+    /// Rejects a step before it touches any cache.
+    fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
+        let mut seen = HashSet::with_capacity(inputs.len());
+        let vocab = self.model.cfg.vocab_size;
+        for inp in inputs {
+            if inp.adapter.is_some() {
+                return Err(BackendError::Compute("LoRA adapters are not supported yet".into()));
+            }
+            if !seen.insert(inp.seq) {
+                return Err(BackendError::Compute(format!(
+                    "sequence {} appears twice in one step",
+                    inp.seq
+                )));
+            }
+            if inp.tokens.is_empty() {
+                return Err(BackendError::Compute(format!("sequence {} has no tokens", inp.seq)));
+            }
+            if let Some(t) = inp.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(BackendError::Compute(format!(
+                    "token id {t} is outside the vocabulary of {vocab}"
+                )));
+            }
+            if self.cached_len(inp.seq) + inp.tokens.len() > self.max_context {
+                return Err(BackendError::ContextFull { seq: inp.seq, max: self.max_context });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CandleBackend {
+    fn vocab_size(&self) -> usize {
+        self.model.cfg.vocab_size
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Option<Vec<f32>>>, BackendError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check(inputs)?;
+        let (layers, kv_dim) = (self.model.cfg.num_layers, self.model.kv_dim());
+        let mut taken: Vec<SeqCache> = inputs
+            .iter()
+            .map(|inp| {
+                let mut c = self
+                    .caches
+                    .remove(&inp.seq)
+                    .unwrap_or_else(|| SeqCache::new(layers, kv_dim, self.max_context));
+                c.reserve(inp.tokens.len(), kv_dim, self.max_context);
+                c
+            })
+            .collect();
+        let old_lens: Vec<usize> = taken.iter().map(|c| c.len).collect();
+        let result = {
+            let mut work: Vec<SeqWork<'_>> = taken
+                .iter_mut()
+                .zip(inputs)
+                .map(|(cache, inp)| SeqWork {
+                    cache,
+                    tokens: inp.tokens,
+                    want_logits: inp.want_logits,
+                })
+                .collect();
+            self.model.forward(&mut work)
+        };
+        let failed = result.is_err();
+        for ((mut cache, inp), old) in taken.into_iter().zip(inputs).zip(old_lens) {
+            if failed {
+                cache.truncate(old, kv_dim);
+            }
+            self.caches.insert(inp.seq, cache);
+        }
+        result.map_err(|e| BackendError::Compute(e.to_string()))
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.caches.remove(&seq);
+    }
+}

@@ -1,0 +1,196 @@
+//! Rotary position embeddings and causal attention over one sequence's cached keys and values.
+//!
+//! Both run on plain f32 slices: every token carries its own position, and every query row reads
+//! exactly the cached positions it may see, so no mask is ever built and a row's result does not
+//! depend on which other sequences share the step.
+
+/// Precomputed cos/sin for every position up to the context length ([pos][head_dim / 2]),
+/// computed like candle-transformers' quantized models (f32 powf, f32 position * theta).
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    interleaved: bool,
+}
+
+impl RopeTable {
+    pub fn new(head_dim: usize, theta: f32, max_positions: usize, interleaved: bool) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for pos in 0..max_positions {
+            for f in &inv_freq {
+                let a = pos as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self { cos, sin, half, interleaved }
+    }
+
+    /// Rotates every head of one token (`x` = [n_heads][head_dim]) in place for position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let half = self.half;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        for head in x.chunks_exact_mut(2 * half) {
+            if self.interleaved {
+                for i in 0..half {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * cos[i] - b * sin[i];
+                    head[2 * i + 1] = a * sin[i] + b * cos[i];
+                }
+            } else {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+}
+
+/// Shape of the attention heads.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One query row: which sequence's cache it reads and its position in that sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct RowRef {
+    pub seq: usize,
+    pub pos: usize,
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+thread_local! {
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One (row, head) of attention: softmax(q . K[0..=pos] / sqrt(d)) V, written to `out`.
+fn attend_one(q: &[f32], k: &[f32], v: &[f32], pos: usize, kv_head: usize, s: HeadShape, out: &mut [f32]) {
+    let d = s.head_dim;
+    let stride = s.num_kv_heads * d;
+    let scale = 1f32 / (d as f32).sqrt();
+    SCORES.with(|cell| {
+        let mut scores = cell.borrow_mut();
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for p in 0..=pos {
+            let off = p * stride + kv_head * d;
+            let sc = dot(q, &k[off..off + d]) * scale;
+            max = max.max(sc);
+            scores.push(sc);
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let inv = 1f32 / sum;
+        out.fill(0.0);
+        for (p, w) in scores.iter().enumerate() {
+            let off = p * stride + kv_head * d;
+            let w = w * inv;
+            for (o, x) in out.iter_mut().zip(&v[off..off + d]) {
+                *o += w * x;
+            }
+        }
+    });
+}
+
+/// Attention for all rows of a step. `q` is [rows][num_heads][head_dim] (already rotated),
+/// `caches[seq]` holds that sequence's K and V including this step's rows, `out` receives
+/// [rows][num_heads][head_dim]. Work is split over candle's CPU thread pool by (row, head).
+pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadShape, out: &mut [f32]) {
+    let d = s.head_dim;
+    let group = s.num_heads / s.num_kv_heads;
+    let items = rows.len() * s.num_heads;
+    let out_ptr = out.as_mut_ptr() as usize;
+    assert_eq!(out.len(), items * d, "attention output has the wrong size");
+    assert_eq!(q.len(), items * d, "attention query has the wrong size");
+    let run = |range: std::ops::Range<usize>| {
+        for item in range {
+            let (r, h) = (item / s.num_heads, item % s.num_heads);
+            let row = rows[r];
+            let (k, v) = caches[row.seq];
+            // SAFETY: each item writes only its own disjoint [item * d, (item + 1) * d) slice of
+            // `out`, which outlives the pool call.
+            let o = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(item * d), d) };
+            attend_one(&q[item * d..(item + 1) * d], k, v, row.pos, h / group, s, o);
+        }
+    };
+    let work: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * s.num_heads * d;
+    if work < 64 * 1024 {
+        run(0..items);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items, run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_position_attention_returns_its_value() {
+        let s = HeadShape { num_heads: 2, num_kv_heads: 1, head_dim: 4 };
+        let k = vec![0.5f32; 4];
+        let v = vec![1.0f32, 2.0, 3.0, 4.0];
+        let q = vec![1.0f32; 8];
+        let mut out = vec![0f32; 8];
+        attend(&q, &[RowRef { seq: 0, pos: 0 }], &[(&k, &v)], s, &mut out);
+        assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn attention_weights_follow_softmax() {
+        let s = HeadShape { num_heads: 1, num_kv_heads: 1, head_dim: 2 };
+        // keys give scores 0 and ln(3) * sqrt(2) / sqrt(2) = ln 3 -> weights 1/4 and 3/4.
+        let l3 = 3f32.ln() * 2f32.sqrt();
+        let k = vec![0.0f32, 0.0, l3, 0.0];
+        let v = vec![4.0f32, 0.0, 0.0, 8.0];
+        let q = vec![1.0f32, 0.0];
+        let mut out = vec![0f32; 2];
+        attend(&q, &[RowRef { seq: 0, pos: 1 }], &[(&k, &v)], s, &mut out);
+        assert!((out[0] - 1.0).abs() < 1e-5 && (out[1] - 6.0).abs() < 1e-5, "{out:?}");
+    }
+
+    #[test]
+    fn rope_neox_and_interleaved_rotate_the_right_pairs() {
+        let neox = RopeTable::new(4, 10000.0, 4, false);
+        let mut x = vec![1.0f32, 0.0, 0.0, 0.0];
+        neox.apply(&mut x, 1);
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6);
+        let inter = RopeTable::new(4, 10000.0, 4, true);
+        let mut x = vec![1.0f32, 0.0, 0.0, 0.0];
+        inter.apply(&mut x, 1);
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
+    }
+}

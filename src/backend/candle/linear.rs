@@ -1,0 +1,179 @@
+//! Linear layers whose weights are either quantized (GGUF blocks) or dense (f32), with optional
+//! bias, and projections that share one input (q/k/v, gate/up) fused into a single matmul.
+//!
+//! Quantized weights go through candle's `QMatMul`, which reads each weight block once for all
+//! rows of the activation: this is what makes batching many sequences per step pay off. Fusing
+//! projections that read the same input saves one activation quantization and one thread-pool
+//! dispatch per part.
+use std::borrow::Cow;
+
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
+
+/// `y = x W^T (+ b)` for an activation `x` of shape [rows, in_features].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+/// A weight as loaded: a GGUF tensor or a dense [out, in] matrix, plus optional bias.
+pub enum RawWeight {
+    Quantized(QTensor, Option<Tensor>),
+    Dense(Tensor, Option<Tensor>),
+}
+
+impl RawWeight {
+    fn out_features(&self) -> Result<usize> {
+        match self {
+            Self::Quantized(q, _) => Ok(q.shape().dims2()?.0),
+            Self::Dense(t, _) => Ok(t.dims2()?.0),
+        }
+    }
+
+    /// The weight as a standalone layer.
+    pub fn into_linear(self) -> Result<Linear> {
+        match self {
+            Self::Quantized(q, b) => Linear::from_qtensor(q, b),
+            Self::Dense(t, b) => Linear::from_dense(t, b),
+        }
+    }
+}
+
+impl Linear {
+    /// From a GGUF tensor (quantized types stay quantized; F32/F16 are dequantized by candle).
+    pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        Ok(Self { weight: QMatMul::from_qtensor(weight)?, bias })
+    }
+
+    /// From a dense weight of shape [out_features, in_features] (converted to f32).
+    pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        Ok(Self { weight: QMatMul::Tensor(weight), bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Several projections of the same input, run as one matmul when their weights can be stacked
+/// (same quantization type or all dense), else one after the other.
+#[derive(Debug, Clone)]
+pub struct MultiLinear {
+    parts: Vec<Linear>,
+    /// Output width of each logical projection.
+    widths: Vec<usize>,
+}
+
+/// Stacks the bias vectors of `parts` (zeros where a part has none); None when none has one.
+fn stack_bias(parts: &[RawWeight], widths: &[usize]) -> Result<Option<Tensor>> {
+    let biases: Vec<Option<&Tensor>> = parts
+        .iter()
+        .map(|p| match p {
+            RawWeight::Quantized(_, b) | RawWeight::Dense(_, b) => b.as_ref(),
+        })
+        .collect();
+    if biases.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut all = Vec::new();
+    for (b, &w) in biases.iter().zip(widths) {
+        match b {
+            Some(b) => all.extend(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => all.extend(std::iter::repeat_n(0f32, w)),
+        }
+    }
+    let n = all.len();
+    Ok(Some(Tensor::from_vec(all, n, &candle_core::Device::Cpu)?))
+}
+
+impl MultiLinear {
+    /// Builds the projections, fusing them when their storage allows it.
+    pub fn new(parts: Vec<RawWeight>) -> Result<Self> {
+        let widths = parts.iter().map(RawWeight::out_features).collect::<Result<Vec<_>>>()?;
+        let total: usize = widths.iter().sum();
+        let bias = stack_bias(&parts, &widths)?;
+        let in_features = |q: &QTensor| q.shape().dims2().map(|d| d.1).ok();
+        let all_quant_same = match parts.first() {
+            Some(RawWeight::Quantized(first, _)) => parts.iter().all(|p| match p {
+                RawWeight::Quantized(q, _) => {
+                    q.dtype() == first.dtype() && in_features(q) == in_features(first)
+                }
+                RawWeight::Dense(..) => false,
+            }),
+            _ => false,
+        };
+        let all_dense = parts.iter().all(|p| matches!(p, RawWeight::Dense(..)));
+        if parts.len() > 1 && all_quant_same {
+            let mut bytes = Vec::new();
+            let mut k = 0;
+            let mut dtype = None;
+            let mut device = candle_core::Device::Cpu;
+            for p in &parts {
+                if let RawWeight::Quantized(q, _) = p {
+                    bytes.extend_from_slice(&q.data()?);
+                    k = q.shape().dims2()?.1;
+                    dtype = Some(q.dtype());
+                    device = q.device();
+                }
+            }
+            let dtype = dtype.ok_or_else(|| candle_core::Error::Msg("no parts".into()))?;
+            let storage = QStorage::from_data(Cow::Owned(bytes), &device, dtype)?;
+            let fused = QTensor::new(storage, (total, k))?;
+            return Ok(Self { parts: vec![Linear::from_qtensor(fused, bias)?], widths });
+        }
+        if parts.len() > 1 && all_dense {
+            let ws = parts
+                .iter()
+                .map(|p| match p {
+                    RawWeight::Dense(t, _) => t.to_dtype(DType::F32),
+                    RawWeight::Quantized(..) => unreachable!("checked all dense"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let fused = Tensor::cat(&ws, 0)?;
+            return Ok(Self { parts: vec![Linear::from_dense(fused, bias)?], widths });
+        }
+        let parts = parts.into_iter().map(RawWeight::into_linear).collect::<Result<Vec<_>>>()?;
+        Ok(Self { parts, widths })
+    }
+
+    /// Whether the projections run as one matmul.
+    pub fn is_fused(&self) -> bool {
+        self.parts.len() == 1 && self.widths.len() > 1
+    }
+
+    /// Runs all projections on `x` [rows, in]; returns each projection's output as a row-major
+    /// [rows, width] vector.
+    pub fn forward_parts(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
+        if self.parts.len() == self.widths.len() {
+            return self
+                .parts
+                .iter()
+                .map(|p| p.forward(x)?.flatten_all()?.to_vec1::<f32>())
+                .collect();
+        }
+        let y = self.parts[0].forward(x)?;
+        let (rows, total) = y.dims2()?;
+        let (guard, layout) = y.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*guard else {
+            candle_core::bail!("fused projections run on the CPU only");
+        };
+        let data = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * total];
+        let mut outs: Vec<Vec<f32>> = self.widths.iter().map(|&w| Vec::with_capacity(rows * w)).collect();
+        for row in data.chunks_exact(total) {
+            let mut off = 0;
+            for (out, &w) in outs.iter_mut().zip(&self.widths) {
+                out.extend_from_slice(&row[off..off + w]);
+                off += w;
+            }
+        }
+        Ok(outs)
+    }
+}

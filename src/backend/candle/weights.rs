@@ -1,0 +1,156 @@
+//! Loading a model's weights from a GGUF file or a Hugging Face safetensors directory into one
+//! format-independent set of tensors.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+
+use super::config::ModelConfig;
+use super::linear::{Linear, MultiLinear, RawWeight};
+use crate::backend::BackendError;
+
+/// One transformer block's weights.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: Tensor,
+    /// q, k and v projections (fused into one matmul when their types allow).
+    pub qkv: MultiLinear,
+    pub wo: Linear,
+    pub ffn_norm: Tensor,
+    /// gate and up projections of the MLP.
+    pub gate_up: MultiLinear,
+    pub w_down: Linear,
+}
+
+/// All weights of a model, whatever file they came from.
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    /// Token embeddings, f32 [vocab, hidden].
+    pub embed: Tensor,
+    pub layers: Vec<LayerWeights>,
+    pub final_norm: Tensor,
+    pub lm_head: Linear,
+}
+
+fn load_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Load(e.to_string())
+}
+
+/// Reads a GGUF file: its hyper-parameters and weights (quantized matrices stay quantized).
+pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelConfig, ModelWeights), BackendError> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| load_err(format!("cannot open {}: {e}", path.display())))?;
+    let ct = gguf_file::Content::read(&mut file)
+        .map_err(|e| load_err(format!("{} is not a readable GGUF file: {e}", path.display())))?;
+    let cfg = ModelConfig::from_gguf(&ct)?;
+    let mut tensor = |name: &str| {
+        ct.tensor(&mut file, name, device)
+            .map_err(|e| load_err(format!("tensor {name}: {e}")))
+    };
+    let dense = |q: candle_core::quantized::QTensor| q.dequantize(device).map_err(load_err);
+
+    let embed_q = tensor("token_embd.weight")?;
+    let embed = dense(tensor("token_embd.weight")?)?;
+    let lm_head = if cfg.tie_word_embeddings {
+        Linear::from_qtensor(embed_q, None).map_err(load_err)?
+    } else {
+        Linear::from_qtensor(tensor("output.weight")?, None).map_err(load_err)?
+    };
+    let final_norm = dense(tensor("output_norm.weight")?)?;
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = format!("blk.{i}");
+        let mut raw = |name: &str| -> Result<RawWeight, BackendError> {
+            let w = tensor(&format!("{p}.{name}.weight"))?;
+            let bias_name = format!("{p}.{name}.bias");
+            let bias = if ct.tensor_infos.contains_key(&bias_name) {
+                Some(dense(tensor(&bias_name)?)?)
+            } else {
+                None
+            };
+            Ok(RawWeight::Quantized(w, bias))
+        };
+        let qkv = vec![raw("attn_q")?, raw("attn_k")?, raw("attn_v")?];
+        let gate_up = vec![raw("ffn_gate")?, raw("ffn_up")?];
+        let wo = raw("attn_output")?.into_linear().map_err(load_err)?;
+        let w_down = raw("ffn_down")?.into_linear().map_err(load_err)?;
+        layers.push(LayerWeights {
+            qkv: MultiLinear::new(qkv).map_err(load_err)?,
+            wo,
+            gate_up: MultiLinear::new(gate_up).map_err(load_err)?,
+            w_down,
+            attn_norm: dense(tensor(&format!("{p}.attn_norm.weight"))?)?,
+            ffn_norm: dense(tensor(&format!("{p}.ffn_norm.weight"))?)?,
+        });
+    }
+    Ok((cfg, ModelWeights { embed, layers, final_norm, lm_head }))
+}
+
+/// Reads a Hugging Face directory: config.json plus one or more *.safetensors files.
+pub fn load_safetensors(
+    dir: &Path,
+    device: &Device,
+) -> Result<(ModelConfig, ModelWeights), BackendError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| load_err(format!("cannot read {}: {e}", cfg_path.display())))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| load_err(format!("invalid {}: {e}", cfg_path.display())))?;
+    let cfg = ModelConfig::from_hf_json(&json)?;
+
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| load_err(format!("cannot list {}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(load_err(format!("no *.safetensors in {}", dir.display())));
+    }
+    let mut all: HashMap<String, Tensor> = HashMap::new();
+    for f in &files {
+        let part = candle_core::safetensors::load(f, device)
+            .map_err(|e| load_err(format!("{}: {e}", f.display())))?;
+        all.extend(part);
+    }
+    let mut take = |name: &str| -> Result<Tensor, BackendError> {
+        let t = all
+            .remove(name)
+            .ok_or_else(|| load_err(format!("safetensors lack tensor {name}")))?;
+        t.to_dtype(DType::F32).map_err(load_err)
+    };
+    let embed = take("model.embed_tokens.weight")?;
+    let final_norm = take("model.norm.weight")?;
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        let mut raw = |name: &str, bias: bool| -> Result<RawWeight, BackendError> {
+            let w = take(&format!("{p}.{name}.weight"))?;
+            let b = if bias { Some(take(&format!("{p}.{name}.bias"))?) } else { None };
+            Ok(RawWeight::Dense(w, b))
+        };
+        let qkv = vec![
+            raw("self_attn.q_proj", true)?,
+            raw("self_attn.k_proj", true)?,
+            raw("self_attn.v_proj", true)?,
+        ];
+        let gate_up = vec![raw("mlp.gate_proj", false)?, raw("mlp.up_proj", false)?];
+        let wo = raw("self_attn.o_proj", false)?.into_linear().map_err(load_err)?;
+        let w_down = raw("mlp.down_proj", false)?.into_linear().map_err(load_err)?;
+        layers.push(LayerWeights {
+            qkv: MultiLinear::new(qkv).map_err(load_err)?,
+            wo,
+            gate_up: MultiLinear::new(gate_up).map_err(load_err)?,
+            w_down,
+            attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
+            ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+        });
+    }
+    let lm_head = match (cfg.tie_word_embeddings, take("lm_head.weight")) {
+        (false, Ok(w)) => w,
+        _ => embed.clone(),
+    };
+    let lm_head = Linear::from_dense(lm_head, None).map_err(load_err)?;
+    Ok((cfg, ModelWeights { embed, layers, final_norm, lm_head }))
+}
