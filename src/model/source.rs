@@ -25,7 +25,9 @@ pub enum ModelSpec {
 /// The local files a spec resolved to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LocalModel {
+    /// A GGUF file (in the hub cache, its snapshot path).
     Gguf(PathBuf),
+    /// A Hugging Face style directory (for a hub repo, its snapshot directory).
     Directory(PathBuf),
 }
 
