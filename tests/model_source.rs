@@ -224,3 +224,22 @@ fn spec_parsing() {
         assert!(matches!(parse_spec(bad), Err(ModelError::NotFound(..))), "{bad:?} must be refused");
     }
 }
+
+#[test]
+fn online_mode_uses_cached_files_and_reports_download_errors() {
+    // Nothing listens on the discard port: any request fails fast, as on this offline machine.
+    std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
+    let cache = tempfile::tempdir().unwrap();
+    let snap = hub_repo(cache.path(), "org/tiny", Some("main"), "0123abcd");
+    write_tiny_gguf(&snap.join("tiny-q4.gguf"), true, "gpt2");
+    let opts = SourceOptions { cache_dir: Some(cache.path().to_path_buf()), offline: false, progress: false };
+
+    // A named file already in the cache needs no request.
+    let assets = load_assets("org/tiny:tiny-q4.gguf", &opts).expect("cached file");
+    assert_eq!(assets.weights, WeightsFormat::Gguf(snap.join("tiny-q4.gguf")));
+    // Listing a repository needs the hub: a clean Download error, no panic.
+    let err = load_assets("org/tiny", &opts).err().expect("hub unreachable");
+    assert!(matches!(&err, ModelError::Download(spec, _) if spec == "org/tiny"), "{err}");
+    let err = load_assets("org/other:x.gguf", &opts).err().expect("hub unreachable");
+    assert!(matches!(&err, ModelError::Download(_, why) if why.contains("x.gguf")), "{err}");
+}

@@ -145,6 +145,11 @@ fn qwen_template_renders_openai_style_tool_calls() {
     let got = tmpl.render(&normalize_messages(&messages).expect("normalize"), case.get("tools"), true).expect("renders");
     let expected = std::fs::read_to_string(format!("{FIXTURES}/qwen_tool_calls_gen.txt")).expect("fixture");
     assert_eq!(got, expected);
+    assert_eq!(tmpl.render_openai(&messages, case.get("tools"), true).expect("renders"), expected);
+    // Content parts render like the plain string.
+    let parts = json!([{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]);
+    let plain = json!([{"role": "user", "content": "Hi\nthere"}]);
+    assert_eq!(tmpl.render_openai(&parts, None, true).unwrap(), tmpl.render(&plain, None, true).unwrap());
 }
 
 #[test]

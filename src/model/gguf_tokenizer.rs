@@ -63,7 +63,7 @@ pub fn assets_from_content(content: &Content, name: &str) -> Result<GgufAssets, 
     let meta = &content.metadata;
     let architecture = get_str(meta, "general.architecture").unwrap_or_default().to_string();
     let tokens = string_array(meta, "tokenizer.ggml.tokens", name)?;
-    let tokenizer = tokenizer_from_gguf(content, name)?;
+    let tokenizer = build_tokenizer(content, &tokens, name)?;
     let token_text = |key: &str| get_u32(meta, key).and_then(|id| tokens.get(id as usize).cloned());
     let chat_template = get_str(meta, "tokenizer.chat_template").map(str::to_string);
     let eos_token_ids = eos_token_ids(content, &tokens, chat_template.as_deref());
@@ -82,6 +82,11 @@ pub fn assets_from_content(content: &Content, name: &str) -> Result<GgufAssets, 
 /// Builds the tokenizer described by `tokenizer.ggml.*`. Supports `tokenizer.ggml.model == "gpt2"`
 /// (byte-level BPE); any other model is a clear [`ModelError::Invalid`].
 pub fn tokenizer_from_gguf(content: &Content, name: &str) -> Result<Tokenizer, ModelError> {
+    let tokens = string_array(&content.metadata, "tokenizer.ggml.tokens", name)?;
+    build_tokenizer(content, &tokens, name)
+}
+
+fn build_tokenizer(content: &Content, tokens: &[String], name: &str) -> Result<Tokenizer, ModelError> {
     let meta = &content.metadata;
     let invalid = |msg: String| ModelError::Invalid(name.to_string(), msg);
     let model = get_str(meta, "tokenizer.ggml.model")
@@ -92,7 +97,6 @@ pub fn tokenizer_from_gguf(content: &Content, name: &str) -> Result<Tokenizer, M
              use a Hugging Face directory with tokenizer.json instead"
         )));
     }
-    let tokens = string_array(meta, "tokenizer.ggml.tokens", name)?;
     let merges = string_array(meta, "tokenizer.ggml.merges", name)?;
     let types = int_array(meta, "tokenizer.ggml.token_type").unwrap_or_default();
     let token_type = |i: usize| types.get(i).copied().unwrap_or(1);
@@ -101,10 +105,9 @@ pub fn tokenizer_from_gguf(content: &Content, name: &str) -> Result<Tokenizer, M
     // The vocabulary is stored in the byte-level alphabet. A regular token with a character outside
     // it is written as plain text by some converters: respell it byte by byte (as transformers
     // does). Control/user-defined tokens keep their text so the added-token matcher finds them.
-    let alphabet = byte_level_alphabet();
     let mut vocab = tokenizers::models::bpe::Vocab::default();
     for (i, tok) in tokens.iter().enumerate() {
-        let spelled = if is_added(i) || tok.chars().all(|c| alphabet.contains_key(&c)) {
+        let spelled = if is_added(i) || tok.chars().all(is_byte_level_char) {
             tok.clone()
         } else {
             tok.bytes().map(|b| BYTES_TO_CHARS[b as usize]).collect()
@@ -290,6 +293,15 @@ static BYTES_TO_CHARS: std::sync::LazyLock<[char; 256]> = std::sync::LazyLock::n
     table
 });
 
-fn byte_level_alphabet() -> HashMap<char, u8> {
-    BYTES_TO_CHARS.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect()
+/// Whether `c` belongs to the byte-level alphabet: the 256 chars of [`BYTES_TO_CHARS`], which
+/// all lie below U+0144.
+fn is_byte_level_char(c: char) -> bool {
+    static MEMBER: std::sync::LazyLock<[bool; 0x144]> = std::sync::LazyLock::new(|| {
+        let mut member = [false; 0x144];
+        for &c in BYTES_TO_CHARS.iter() {
+            member[c as usize] = true;
+        }
+        member
+    });
+    MEMBER.get(c as usize).copied().unwrap_or(false)
 }

@@ -25,7 +25,9 @@ pub enum ModelSpec {
 /// The local files a spec resolved to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LocalModel {
+    /// A GGUF file (in the hub cache, its snapshot path).
     Gguf(PathBuf),
+    /// A Hugging Face style directory (for a hub repo, its snapshot directory).
     Directory(PathBuf),
 }
 
@@ -116,16 +118,22 @@ pub fn resolve(spec: &ModelSpec, raw: &str, opts: &SourceOptions) -> Result<Loca
     }
 }
 
-fn cache(opts: &SourceOptions) -> Cache {
+/// The hub cache: `opts.cache_dir`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+fn cache(opts: &SourceOptions, raw: &str) -> Result<Cache, ModelError> {
     match &opts.cache_dir {
-        Some(dir) => Cache::new(dir.clone()),
-        None => Cache::from_env(),
+        Some(dir) => Ok(Cache::new(dir.clone())),
+        // hf-hub panics when it finds no home directory; refuse cleanly instead.
+        None if std::env::var_os("HF_HOME").is_none() && std::env::var_os("HOME").is_none() => Err(ModelError::NotFound(
+            raw.to_string(),
+            "no hub cache directory: set HF_HOME or pass a cache directory".into(),
+        )),
+        None => Ok(Cache::from_env()),
     }
 }
 
 /// Offline resolution: only what is already in the hub cache.
 fn resolve_cached(repo: &Repo, file: Option<&str>, raw: &str, opts: &SourceOptions) -> Result<LocalModel, ModelError> {
-    let cache = cache(opts);
+    let cache = cache(opts, raw)?;
     let not_found = |why: String| ModelError::NotFound(raw.to_string(), why);
     let snapshot = snapshot_dir(&cache, repo).ok_or_else(|| {
         not_found(format!(
@@ -187,6 +195,7 @@ fn pick_gguf(mut ggufs: Vec<String>, raw: &str) -> Result<String, ModelError> {
 /// Online resolution through hf-hub's tokio API. Runs on its own thread with its own runtime so
 /// that it works whether or not the caller is inside a tokio runtime.
 fn resolve_online(repo: Repo, file: Option<String>, raw: String, opts: SourceOptions) -> Result<LocalModel, ModelError> {
+    let cache = cache(&opts, &raw)?;
     let worker = std::thread::spawn(move || -> Result<LocalModel, ModelError> {
         let download = |e: String| ModelError::Download(raw.clone(), e);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -194,9 +203,10 @@ fn resolve_online(repo: Repo, file: Option<String>, raw: String, opts: SourceOpt
             .build()
             .map_err(|e| download(format!("cannot start a runtime: {e}")))?;
         rt.block_on(async {
-            let mut builder = hf_hub::api::tokio::ApiBuilder::from_env().with_progress(opts.progress);
-            if let Some(dir) = &opts.cache_dir {
-                builder = builder.with_cache_dir(dir.clone());
+            // Like ApiBuilder::from_env (token from the cache, HF_ENDPOINT honoured), on our cache.
+            let mut builder = hf_hub::api::tokio::ApiBuilder::from_cache(cache).with_progress(opts.progress);
+            if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+                builder = builder.with_endpoint(endpoint);
             }
             let api = builder.build().map_err(|e| download(e.to_string()))?;
             let repo_api = api.repo(repo);

@@ -50,8 +50,23 @@ impl ChatTemplate {
         Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
     }
 
-    /// Renders a conversation. `messages` is the OpenAI `messages` array (already validated),
-    /// `tools` the optional `tools` array.
+    /// Renders an OpenAI request's conversation: [`normalize_messages`] (content parts flattened
+    /// to strings, tool-call `arguments` decoded from JSON strings), then [`ChatTemplate::render`].
+    /// This is what the HTTP layer should call.
+    pub fn render_openai(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        self.render(&normalize_messages(messages)?, tools, add_generation_prompt)
+    }
+
+    /// Renders a conversation exactly as given (transformers' `apply_chat_template` semantics).
+    /// `messages` is the `messages` array with string contents (see [`render_openai`] for raw
+    /// OpenAI input), `tools` the optional `tools` array.
+    ///
+    /// [`render_openai`]: ChatTemplate::render_openai
     pub fn render(
         &self,
         messages: &serde_json::Value,
