@@ -129,3 +129,22 @@ async fn model_without_chat_template_is_400() {
     assert_eq!((s, param), (StatusCode::BAD_REQUEST, json!("model")));
     assert!(msg.contains("has no chat template"), "{msg}");
 }
+
+struct PanickingGen;
+
+impl crate::http::Generator for PanickingGen {
+    fn submit(&self, _req: crate::engine::GenRequest) -> Result<tokio::sync::mpsc::Receiver<crate::engine::Event>, SubmitError> {
+        panic!("bug in the engine handle")
+    }
+    fn max_context(&self) -> usize {
+        4096
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_a_json_500() {
+    let state = crate::http::AppState::new(vec![entry(Arc::new(PanickingGen), MODEL)], Limits::default());
+    let resp = send(crate::http::router(state), post_json("/v1/chat/completions", &chat_body(json!({})))).await;
+    let (s, msg, _, _) = api_error(resp).await;
+    assert_eq!((s, msg.as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "The server had an error while processing your request."));
+}
