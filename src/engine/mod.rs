@@ -6,7 +6,8 @@
 //! Dropping the receiver cancels the sequence (freed within one step).
 //!
 //! Event contract: one `Token` per sampled token (text may be empty while a partial character or a
-//! possible stop string is held back), then exactly one `Done` or `Error`. Text held back when the
+//! possible stop string is held back; EOS, and a stop-completing token with no text and no
+//! logprobs, get none), then exactly one `Done` or `Error`. Text held back when the
 //! sequence ends by length is appended to the last token's event; when it ends by EOS it rides on
 //! a `Token` event whose id is the EOS token (logprob None). Concatenating every `text` gives the
 //! final output.
