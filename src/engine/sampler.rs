@@ -380,24 +380,3 @@ mod tests {
         assert!((ones - 0.75).abs() < 0.03, "{ones}");
     }
 }
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-    use rand::SeedableRng;
-
-    /// A Qwen-sized vocabulary must sample in well under a few milliseconds even unoptimised.
-    #[test]
-    fn full_vocab_sampling_is_cheap() {
-        let l: Vec<f32> = (0..151_936u32).map(|i| ((i.wrapping_mul(2_654_435_761) >> 8) % 2000) as f32 / 100.0 - 10.0).collect();
-        let mut rng = StdRng::seed_from_u64(3);
-        for (top_k, top_p) in [(0, 1.0), (40, 1.0), (0, 0.9), (50, 0.95)] {
-            let p = SamplingParams { temperature: 0.8, top_k, top_p, min_p: 0.05, ..SamplingParams::default() };
-            let t = std::time::Instant::now();
-            for _ in 0..5 {
-                sample(l.clone(), &p, &TokenCounts::default(), false, &mut rng);
-            }
-            eprintln!("top_k={top_k} top_p={top_p}: {:?} per token", t.elapsed() / 5);
-        }
-    }
-}

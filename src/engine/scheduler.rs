@@ -276,7 +276,6 @@ impl Worker {
             byte_level: self.byte_level,
             max_context: self.backend.max_context(),
         };
-        let mut produced = 0u64;
         for (row, out) in rows.iter().zip(outs) {
             let s = &mut self.running[row.idx];
             s.fed += row.n;
@@ -285,14 +284,14 @@ impl Worker {
             }
             match out {
                 Some(logits) if logits.len() == vocab => {
+                    // Counted before the events go out, so a client that saw `Done` sees the count.
+                    self.shared.generated.fetch_add(1, Ordering::Relaxed);
                     s.on_logits(logits, &ctx);
-                    produced += 1;
                 }
                 Some(logits) => s.fail(format!("backend returned {} logits, expected {vocab}", logits.len())),
                 None => s.fail("backend returned no logits for a row that asked for them"),
             }
         }
-        self.shared.generated.fetch_add(produced, Ordering::Relaxed);
     }
 
     fn fail_rows(&mut self, rows: &[Row], msg: &str) {

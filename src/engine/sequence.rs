@@ -146,6 +146,11 @@ impl Sequence {
 
     /// Samples the next token from the logits of the last fed token and queues its events.
     /// Returns the sampled token.
+    ///
+    /// EOS tokens are never masked. With `ignore_eos` they are ordinary tokens (their text is
+    /// empty after skip_special_tokens); otherwise sampling one ends the sequence with `Stop` and
+    /// it counts in `completion_tokens` (as in vLLM) but gets no `Token` event of its own, except
+    /// one carrying held-back text (a partial stop string) when there is any.
     pub fn on_logits(&mut self, logits: Vec<f32>, ctx: &TokenContext<'_>) -> u32 {
         let s = sample(logits, &self.req.sampling, &self.counts, self.req.logprobs.is_some(), &mut self.rng);
         let token = s.token;
