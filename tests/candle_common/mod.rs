@@ -28,21 +28,32 @@ pub fn load(path: &PathBuf, max_context: Option<usize>) -> CandleBackend {
         .expect("model loads")
 }
 
-/// Token ids of whole vocabulary pieces (byte-level BPE spelling: 'Ġ' = space, 'Ċ' = newline),
-/// looked up in the GGUF's own `tokenizer.ggml.tokens`. Every piece must be one token.
+/// Token ids of vocabulary pieces (byte-level BPE spelling: 'Ġ' = space, 'Ċ' = newline), looked
+/// up in the GGUF's own `tokenizer.ggml.tokens`. A piece that is not one token is split greedily
+/// into the longest matching vocabulary prefixes (valid ids, not necessarily canonical BPE).
 pub fn vocab_ids(path: &PathBuf, pieces: &[&str]) -> Vec<u32> {
     let mut f = std::fs::File::open(path).expect("open gguf");
     let ct = gguf_file::Content::read(&mut f).expect("read gguf");
     let tokens = ct.metadata["tokenizer.ggml.tokens"].to_vec().expect("token list");
-    pieces
+    let index: std::collections::HashMap<&str, u32> = tokens
         .iter()
-        .map(|p| {
-            tokens
-                .iter()
-                .position(|t| t.to_string().map(|s| s == p).unwrap_or(false))
-                .unwrap_or_else(|| panic!("piece {p:?} is not one token")) as u32
-        })
-        .collect()
+        .enumerate()
+        .filter_map(|(i, t)| t.to_string().ok().map(|s| (s.as_str(), i as u32)))
+        .collect();
+    let mut ids = Vec::new();
+    for p in pieces {
+        let mut rest: &str = p;
+        while !rest.is_empty() {
+            let end = (1..=rest.len())
+                .rev()
+                .filter(|&e| rest.is_char_boundary(e))
+                .find(|&e| index.contains_key(&rest[..e]))
+                .unwrap_or_else(|| panic!("no vocabulary prefix for {rest:?}"));
+            ids.push(index[&rest[..end]]);
+            rest = &rest[end..];
+        }
+    }
+    ids
 }
 
 /// A ChatML prompt "<|im_start|>user\n{words}<|im_end|>\n<|im_start|>assistant\n" as ids.

@@ -15,6 +15,16 @@ use candle_core::{DType, Module, Result, Tensor};
 pub struct Linear {
     weight: QMatMul,
     bias: Option<Tensor>,
+    pad_single_row: bool,
+}
+
+/// On x86, candle sends Q4_K/Q6_K matmuls with one activation row to a different kernel (compact
+/// GEMV) than several rows (repacked tiles), and the two round differently (logits differ by up to
+/// ~0.5 on Qwen2.5-0.5B). A decode step with one sequence would then not reproduce the same
+/// sequence decoded alongside others; padding single rows to two keeps every row on one kernel.
+fn needs_row_padding(q: &QTensor) -> bool {
+    use candle_core::quantized::GgmlDType;
+    cfg!(target_arch = "x86_64") && matches!(q.dtype(), GgmlDType::Q4K | GgmlDType::Q6K)
 }
 
 /// A weight as loaded: a GGUF tensor or a dense [out, in] matrix, plus optional bias.
@@ -44,18 +54,24 @@ impl Linear {
     /// From a GGUF tensor (quantized types stay quantized; F32/F16 are dequantized by candle).
     pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        Ok(Self { weight: QMatMul::from_qtensor(weight)?, bias })
+        let pad_single_row = needs_row_padding(&weight);
+        Ok(Self { weight: QMatMul::from_qtensor(weight)?, bias, pad_single_row })
     }
 
     /// From a dense weight of shape [out_features, in_features] (converted to f32).
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        Ok(Self { weight: QMatMul::Tensor(weight), bias })
+        Ok(Self { weight: QMatMul::Tensor(weight), bias, pad_single_row: false })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = if self.pad_single_row && x.dim(0)? == 1 {
+            // Same kernel as multi-row steps: see `needs_row_padding`.
+            self.weight.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?.contiguous()?
+        } else {
+            self.weight.forward(x)?
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
