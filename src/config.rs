@@ -208,10 +208,18 @@ pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
 /// `load` with an injected environment (tests).
 pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let explicit = args.config.clone().or_else(|| env("INFERD_CONFIG").map(PathBuf::from));
-    let file = match &explicit {
-        Some(path) => read_file(path)?,
-        None if Path::new(DEFAULT_CONFIG).is_file() => read_file(Path::new(DEFAULT_CONFIG))?,
-        None => FileConfig::default(),
+    // The repo's own config.toml is the default, so `inferd serve` works from any directory of a
+    // checkout; ./config.toml wins when present.
+    let repo_default = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG);
+    let path = match explicit {
+        Some(path) => Some(path),
+        None if Path::new(DEFAULT_CONFIG).is_file() => Some(PathBuf::from(DEFAULT_CONFIG)),
+        None if repo_default.is_file() => Some(repo_default),
+        None => None,
+    };
+    let (file, base) = match &path {
+        Some(path) => (read_file(path)?, path.parent().map(Path::to_path_buf)),
+        None => (FileConfig::default(), None),
     };
     let mut server = ServerConfig {
         host: file.server.host.unwrap_or_else(|| "127.0.0.1".into()),
@@ -220,7 +228,8 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
         max_waiting: file.server.max_waiting.unwrap_or(EngineConfig::default().max_waiting),
         api_key: file.server.api_key.filter(|k| !k.is_empty()),
     };
-    let mut models = file.models.into_iter().map(model_from_file).collect::<Result<Vec<_>, _>>()?;
+    let mut models =
+        file.models.into_iter().map(|m| model_from_file(m, base.as_deref())).collect::<Result<Vec<_>, _>>()?;
 
     // Environment.
     if let Some(h) = env("INFERD_HOST") {
@@ -269,8 +278,16 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
 }
 
-fn model_from_file(m: FileModel) -> Result<ModelConfig, ConfigError> {
-    let mut cfg = model_from_spec(&m.source, m.id.as_deref());
+/// A `[[models]]` entry. A relative `source` path is taken relative to the config file's folder
+/// when it exists there (so the file works from any working directory).
+fn model_from_file(m: FileModel, base: Option<&Path>) -> Result<ModelConfig, ConfigError> {
+    let source = match base {
+        Some(dir) if Path::new(&m.source).is_relative() && dir.join(&m.source).exists() => {
+            dir.join(&m.source).to_string_lossy().into_owned()
+        }
+        _ => m.source.clone(),
+    };
+    let mut cfg = model_from_spec(&source, m.id.as_deref());
     if let Some(b) = m.backend {
         cfg.backend = b.parse()?;
     }
