@@ -144,6 +144,29 @@ fn repo_config_toml_serves_smollm2() {
     let c = load_with_env(&args, &env_of(&[])).expect("repo config.toml loads");
     assert_eq!(c.models.len(), 1);
     assert_eq!(c.models[0].id, "smollm2-135m-instruct");
-    assert_eq!(c.models[0].source, "models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    // Relative to the config file's folder once the model has been fetched there, else as written.
+    let fetched = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let expected = if fetched.exists() {
+        fetched.to_string_lossy().into_owned()
+    } else {
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf".to_string()
+    };
+    assert_eq!(c.models[0].source, expected);
     assert_eq!((c.server.host.as_str(), c.server.port), ("127.0.0.1", 8080));
+}
+
+#[test]
+fn relative_sources_resolve_against_the_config_files_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("m.gguf"), b"x").expect("write model");
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[[models]]\nid = \"a\"\nsource = \"m.gguf\"\n[[models]]\nid = \"b\"\nsource = \"absent.gguf\"\n",
+    )
+    .expect("write config");
+    let args = ServeArgs { config: Some(dir.path().join("c.toml")), ..Default::default() };
+    let c = load_with_env(&args, &env_of(&[])).expect("config loads");
+    assert_eq!(c.models[0].source, dir.path().join("m.gguf").to_string_lossy());
+    // A path that does not exist next to the config stays as written (relative to the cwd).
+    assert_eq!(c.models[1].source, "absent.gguf");
 }
