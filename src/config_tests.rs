@@ -56,7 +56,7 @@ fn file_values_are_read() {
     assert_eq!(c.models[1].backend, BackendKind::Onnx);
     assert_eq!(c.models[1].device, Device::Cpu);
     let l = c.server.limits();
-    assert_eq!((l.max_body_bytes, l.api_key.as_deref(), l.max_n), (4 * 1024 * 1024, Some("sk-test"), 16));
+    assert_eq!((l.max_body_bytes, l.api_key.as_deref(), l.max_n), (4 * 1024 * 1024, Some("sk-test"), 7), "n is capped by max_waiting");
     let e = c.models[0].engine_config(&c.server);
     assert_eq!((e.max_batch, e.max_waiting, e.prefill_chunk), (4, 7, 256));
 }
@@ -144,6 +144,8 @@ fn repo_config_toml_serves_smollm2() {
     let c = load_with_env(&args, &env_of(&[])).expect("repo config.toml loads");
     assert_eq!(c.models.len(), 1);
     assert_eq!(c.models[0].id, "smollm2-135m-instruct");
-    assert_eq!(c.models[0].source, "models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    // Relative sources resolve against the config file's directory.
+    let expected = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_eq!(std::path::Path::new(&c.models[0].source), expected);
     assert_eq!((c.server.host.as_str(), c.server.port), ("127.0.0.1", 8080));
 }

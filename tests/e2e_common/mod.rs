@@ -121,6 +121,16 @@ impl Server {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_child(&mut self.child, timeout)
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -173,6 +183,18 @@ impl Drop for Server {
     }
 }
 
+/// Waits up to `timeout` for `child` to exit.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 /// Merges the fields of object `extra` into object `body`.
 pub fn merge(body: &mut Value, extra: Value) {
     if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
@@ -223,7 +245,21 @@ fn connect(port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
 }
 
 fn send_request(s: &mut TcpStream, port: u16, method: &str, path: &str, body: Option<&[u8]>) -> std::io::Result<()> {
+    send_request_with(s, port, method, path, &[], body)
+}
+
+fn send_request_with(
+    s: &mut TcpStream,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<()> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
     if let Some(b) = body {
         head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
     }
@@ -308,8 +344,20 @@ fn read_body(r: &mut impl BufRead, headers: &[(String, String)]) -> std::io::Res
 
 /// One HTTP/1.1 request with `Connection: close`; reads the whole answer within `timeout` per read.
 pub fn request(port: u16, method: &str, path: &str, body: Option<&[u8]>, timeout: Duration) -> std::io::Result<Response> {
+    request_with(port, method, path, &[], body, timeout)
+}
+
+/// `request` with extra headers.
+pub fn request_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let mut s = connect(port, timeout)?;
-    send_request(&mut s, port, method, path, body)?;
+    send_request_with(&mut s, port, method, path, headers, body)?;
     let mut r = BufReader::new(s);
     let (status, headers) = read_head(&mut r)?;
     let body = read_body(&mut r, &headers)?;
