@@ -239,3 +239,71 @@ fn models_list_and_health() {
     assert_eq!(s.get("/health").status, 200);
     assert_eq!(s.get("/ready").status, 200);
 }
+
+/// A stop string made of the last character of one token and the first of the next: matching
+/// must work across token boundaries, streamed or not.
+#[test]
+fn stop_string_across_a_token_boundary() {
+    let Some(s) = server() else { return };
+    let mut extra = greedy(32);
+    e2e_common::merge(&mut extra, json!({"logprobs": true}));
+    let v = s.chat("Write code", extra).json();
+    let full = chat_text(&v, 0);
+    let tokens: Vec<String> = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs")
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect();
+    let printable = |c: char| c.is_ascii_graphic();
+    let stop = tokens
+        .windows(2)
+        .filter_map(|w| {
+            let (a, b) = (w[0].chars().last()?, w[1].chars().next()?);
+            (printable(a) && printable(b)).then(|| format!("{a}{b}"))
+        })
+        .find(|stop| full.contains(stop.as_str()))
+        .unwrap_or_else(|| panic!("no boundary pair in {tokens:?}"));
+    let expected = &full[..full.find(&stop).unwrap()];
+    let mut extra = greedy(32);
+    e2e_common::merge(&mut extra, json!({"stop": stop}));
+    let v = s.chat("Write code", extra.clone()).json();
+    assert_eq!(chat_text(&v, 0), expected, "stop {stop:?} in {full:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    e2e_common::merge(&mut extra, json!({"stream": true}));
+    let chunks = stream_chunks(&s, "/v1/chat/completions", &s.chat_body("Write code", extra));
+    assert_eq!(chat_stream_text(&chunks, 0), expected);
+}
+
+/// A prompt several prefill chunks long (1200 tokens, chunk 256) gives the same greedy text
+/// alone and while other sequences decode between its chunks.
+#[test]
+fn long_prompt_chunked_prefill_is_batch_invariant() {
+    let Some(s) = server() else { return };
+    // Deterministic pseudo-random ids below the 509 ordinary tokens.
+    let mut x: u64 = 12345;
+    let ids: Vec<u64> = (0..1200)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) % 509
+        })
+        .collect();
+    let body = json!({"model": "tiny", "prompt": ids, "temperature": 0, "max_tokens": 24, "ignore_eos": true});
+    let alone = s.post("/v1/completions", &body).json();
+    assert_eq!(alone["usage"]["prompt_tokens"], 1200);
+    let busy = std::thread::scope(|sc| {
+        let others: Vec<_> = (0..4)
+            .map(|i| {
+                let s = &s;
+                sc.spawn(move || s.chat(&format!("Decode {i}"), greedy(80)).status)
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let r = s.post("/v1/completions", &body).json();
+        for o in others {
+            assert_eq!(o.join().unwrap(), 200);
+        }
+        r
+    });
+    assert_eq!(busy["choices"][0]["text"], alone["choices"][0]["text"]);
+}
