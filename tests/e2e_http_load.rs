@@ -119,3 +119,39 @@ fn hung_up_streams_free_their_slots() {
     assert_eq!(s.get("/health").status, 200);
     assert_eq!(s.chat("Still there?", json!({"max_tokens": 2})).status, 200);
 }
+
+/// A client that hangs up on a non-streamed request cancels it too: with one slot, two abandoned
+/// 1900-token requests must not delay the next one.
+#[test]
+fn hung_up_non_stream_requests_are_cancelled() {
+    let Some(model) = tiny_model(MODEL) else { return };
+    let s = Server::tiny(&model, &["--max-batch", "1"]);
+    let t = Instant::now();
+    assert_eq!(s.chat("Keep talking", json!({"max_tokens": 190, "ignore_eos": true})).status, 200);
+    let full = t.elapsed() * 10;
+    let body = serde_json::to_vec(&s.chat_body("Keep talking", json!({"max_tokens": 1900, "ignore_eos": true}))).unwrap();
+    for _ in 0..2 {
+        use std::io::Write;
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(head.as_bytes()).unwrap();
+        sock.write_all(&body).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(sock);
+    }
+    let limit = (full / 4).max(Duration::from_millis(1500));
+    let t = Instant::now();
+    let r = e2e_common::request(
+        s.port,
+        "POST",
+        "/v1/chat/completions",
+        Some(&serde_json::to_vec(&s.chat_body("Next", json!({"max_tokens": 2}))).unwrap()),
+        limit + Duration::from_secs(2),
+    )
+    .unwrap_or_else(|e| panic!("no answer within {limit:?} ({e}): abandoned requests keep decoding"));
+    assert_eq!(r.status, 200);
+    assert!(t.elapsed() < limit, "took {:?} (limit {limit:?}): abandoned requests keep decoding", t.elapsed());
+}
