@@ -114,6 +114,18 @@ fn oversized_body_is_413() {
     let body = serde_json::to_vec(&json!({"model": "tiny", "messages": [{"role": "user", "content": big}]})).unwrap();
     let e = expect_error(&s.post_raw("/v1/chat/completions", &body), 413);
     assert!(e["message"].as_str().unwrap().contains("100000"), "{e}");
+    // A declared Content-Length over the limit is refused at once, before the body arrives
+    // (the server used to wait for the whole body first).
+    {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", s.port)).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n{\"model\"";
+        sock.write_all(head.as_bytes()).unwrap();
+        let mut got = [0u8; 12];
+        sock.read_exact(&mut got).expect("an answer before the body is sent");
+        assert_eq!(&got, b"HTTP/1.1 413", "{}", String::from_utf8_lossy(&got));
+    }
     // Just under the limit is accepted (then judged on its content: too long for the context).
     let under = "a ".repeat(20_000);
     let r = s.chat(&under, json!({"max_tokens": 1}));
