@@ -155,3 +155,35 @@ fn hung_up_non_stream_requests_are_cancelled() {
     assert_eq!(r.status, 200);
     assert!(t.elapsed() < limit, "took {:?} (limit {limit:?}): abandoned requests keep decoding", t.elapsed());
 }
+
+/// Clients that stop reading (full socket buffers, full event channels) neither stall other
+/// requests nor lose events: once they read again, their streams finish complete.
+#[test]
+fn stalled_readers_do_not_block_others_and_lose_nothing() {
+    let Some(model) = tiny_model(MODEL) else { return };
+    let s = Server::tiny(&model, &[]);
+    let body = s.chat_body(
+        "Stall",
+        json!({"max_tokens": 600, "ignore_eos": true, "stream": true, "logprobs": true, "top_logprobs": 20,
+               "temperature": 0}),
+    );
+    let mut stalled: Vec<SseStream> = (0..3).map(|_| s.stream("/v1/chat/completions", &body)).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..3 {
+        let t = Instant::now();
+        let r = s.chat(&format!("Meanwhile {i}"), json!({"max_tokens": 20, "ignore_eos": true}));
+        assert_eq!(r.status, 200);
+        assert!(t.elapsed() < Duration::from_secs(20), "a request behind stalled readers took {:?}", t.elapsed());
+    }
+    let mut texts = Vec::new();
+    for st in &mut stalled {
+        let chunks = parse_stream(&st.collect_all().expect("stalled stream resumes"));
+        // Role chunk, 600 token chunks (each with its logprobs), finish chunk.
+        assert_eq!(chunks.len(), 602);
+        assert_eq!(chunks[601]["choices"][0]["finish_reason"], "length");
+        let lps = chunks[1..601].iter().filter(|c| c["choices"][0]["logprobs"]["content"][0]["top_logprobs"].as_array().is_some_and(|t| t.len() == 20));
+        assert_eq!(lps.count(), 600);
+        texts.push(chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<String>());
+    }
+    assert!(texts.iter().all(|t| *t == texts[0]), "same greedy request, same text");
+}
