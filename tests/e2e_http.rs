@@ -307,3 +307,31 @@ fn long_prompt_chunked_prefill_is_batch_invariant() {
     });
     assert_eq!(busy["choices"][0]["text"], alone["choices"][0]["text"]);
 }
+
+/// Text-completion logprobs (legacy format) key alternatives by token text. Tokens that are
+/// single bytes of a multi-byte character all read "\u{FFFD}" and used to overwrite each other
+/// (the chosen token's own entry could vanish or carry another token's logprob); they are named
+/// `bytes:\xNN` now, as OpenAI does. Greedy: the chosen token is the best of its alternatives.
+#[test]
+fn legacy_logprobs_keep_every_alternative() {
+    let Some(s) = server() else { return };
+    let prompt = hf_encode(&smol_prompt("Write a Python function that checks whether a number is prime."));
+    let body = json!({"model": "tiny", "prompt": prompt, "temperature": 0, "max_tokens": 32, "ignore_eos": true,
+                      "logprobs": 5, "logit_bias": {"509": -100, "511": -100}});
+    let v = s.post("/v1/completions", &body).json();
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), 32);
+    let mut byte_tokens = 0;
+    for (i, tok) in tokens.iter().enumerate() {
+        let name = tok.as_str().unwrap();
+        byte_tokens += name.starts_with("bytes:") as usize;
+        assert!(!name.contains('\u{FFFD}'), "step {i}: {name:?} should be named by its bytes");
+        let top = lp["top_logprobs"][i].as_object().expect("top map");
+        assert_eq!(top.len(), 5, "step {i}: alternatives collided: {top:?}");
+        let chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        assert_eq!(top.get(name).and_then(Value::as_f64), Some(chosen), "step {i}: {name:?} in {top:?}");
+        assert!(top.values().all(|x| x.as_f64().unwrap() <= chosen + 1e-6), "step {i}: greedy picks the best");
+    }
+    assert!(byte_tokens > 0, "the tiny model's greedy text has partial-UTF-8 tokens: {tokens:?}");
+}
