@@ -117,9 +117,15 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// The HTTP layer's limits for these settings.
+    /// The HTTP layer's limits for these settings. `n` is capped by `max_waiting`: each choice
+    /// takes a waiting slot, so a larger `n` could never be admitted (an endless 429).
     pub fn limits(&self) -> crate::http::Limits {
-        crate::http::Limits { max_body_bytes: self.max_body_bytes, api_key: self.api_key.clone(), ..Default::default() }
+        let d = crate::http::Limits::default();
+        crate::http::Limits {
+            max_body_bytes: self.max_body_bytes,
+            api_key: self.api_key.clone(),
+            max_n: d.max_n.min(self.max_waiting.max(1)),
+        }
     }
 }
 

@@ -235,13 +235,28 @@ pub fn chat_logprob(e: &LogprobEntry) -> ChatTokenLogprob {
     }
 }
 
+/// A token's name in text-completion logprobs. Tokens that are not whole UTF-8 (a byte of a
+/// multi-byte character) are written `bytes:\xNN..` as OpenAI does: their text would be "\u{FFFD}"
+/// for many different tokens, which would collide as keys of `top_logprobs`.
+pub fn legacy_token_name(t: &TokenLogprob) -> String {
+    if t.bytes.is_empty() || std::str::from_utf8(&t.bytes).is_ok() {
+        return t.token.clone();
+    }
+    let mut name = String::from("bytes:");
+    for b in &t.bytes {
+        name.push_str(&format!("\\x{b:02x}"));
+    }
+    name
+}
+
 /// Appends one token to text-completion logprobs, at character `offset` of the completion.
 pub fn push_text_logprob(l: &mut CompletionLogprobs, e: &LogprobEntry, offset: usize) {
-    l.tokens.push(e.chosen.token.clone());
+    l.tokens.push(legacy_token_name(&e.chosen));
     l.token_logprobs.push(finite(e.chosen.logprob));
     let mut alts = serde_json::Map::new();
+    // Best first: if two alternatives still share a name, the more likely one is kept.
     for t in &e.top {
-        alts.insert(t.token.clone(), json!(finite(t.logprob)));
+        alts.entry(legacy_token_name(t)).or_insert_with(|| json!(finite(t.logprob)));
     }
     l.top_logprobs.push(alts);
     l.text_offset.push(offset);
