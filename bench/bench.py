@@ -117,6 +117,14 @@ def machine():
     return f"{info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs"
 
 
+def loadavg():
+    """1-minute load average: on a shared machine, figures taken under load are not comparable."""
+    try:
+        return open("/proc/loadavg").read().split()[0]
+    except OSError:
+        return "?"
+
+
 def git_commit():
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                        cwd=ROOT, timeout=10)
@@ -149,6 +157,7 @@ def main():
     ap.add_argument("--port", type=int, default=18090)
     ap.add_argument("--write-docs", action="store_true", help="append to docs/benchmarks.md")
     args = ap.parse_args()
+    load_before = loadavg()
     with tempfile.TemporaryDirectory() as logdir:
         try:
             llama, notes, prompt_text, count, llama_cmd = run_llama(args, logdir)
@@ -167,7 +176,8 @@ def main():
     head = (f"### {Path(args.model).name}: {'inferd vs llama.cpp' if inferd else 'llama.cpp peer baseline'}\n\n"
             f"- date: {when}; machine: {machine()}; inferd commit: {git_commit()}\n"
             f"- threads {args.threads}; prompt {count} tokens (prefill), {args.new_tokens} new "
-            f"tokens, greedy, ignore_eos; median of {args.repeats} single-stream runs\n"
+            f"tokens, greedy, ignore_eos; median of {args.repeats} single-stream runs; "
+            f"1-min load average {load_before} before, {loadavg()} after\n"
             f"- llama.cpp: `{llama_cmd}`" + (f"\n- inferd: `{inferd_cmd}`" if inferd_cmd else ""))
     if notes:
         head += "\n- notes: " + "; ".join(sorted(set(notes)))

@@ -33,6 +33,9 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CTX = 64, 2, 4, 2, 128, 2048
 HEAD_DIM = HIDDEN // HEADS
 ROPE_THETA, RMS_EPS = 10000.0, 1e-6
+# Weight std per role: the output projection is peaky (0.5) so logits are far from flat, while
+# attention/MLP stay well conditioned (scores O(1)) so f32 implementations agree to ~1e-4.
+STD = {"embed": 1.0, "qk": 0.15, "vo": 0.3, "gate_up": 0.25, "down": 0.15, "lm_head": 0.5}
 
 # Qwen2's pre-tokenizer regex (same as the official Qwen2 tokenizer.json; llama.cpp "qwen2" pre).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
@@ -165,30 +168,30 @@ def vocab_of(tok: Tokenizer):
 
 
 def qwen2_weights(rng: np.random.Generator, vocab: int) -> dict:
-    """Random Qwen2 weights in HF naming; std 0.5 on projections so logits are not flat."""
+    """Random Qwen2 weights in HF naming (stds in STD; biases 0.2; norms 1 + N(0, 0.1))."""
     def n(*shape, std=0.5):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
     def norm():
         return (1.0 + rng.standard_normal(HIDDEN) * 0.1).astype(np.float32)
     kv = KV_HEADS * HEAD_DIM
-    w = {"model.embed_tokens.weight": n(vocab, HIDDEN, std=1.0)}
+    w = {"model.embed_tokens.weight": n(vocab, HIDDEN, std=STD["embed"])}
     for i in range(LAYERS):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm()
-        w[p + "self_attn.q_proj.weight"] = n(HIDDEN, HIDDEN)
+        w[p + "self_attn.q_proj.weight"] = n(HIDDEN, HIDDEN, std=STD["qk"])
         w[p + "self_attn.q_proj.bias"] = n(HIDDEN, std=0.2)
-        w[p + "self_attn.k_proj.weight"] = n(kv, HIDDEN)
+        w[p + "self_attn.k_proj.weight"] = n(kv, HIDDEN, std=STD["qk"])
         w[p + "self_attn.k_proj.bias"] = n(kv, std=0.2)
-        w[p + "self_attn.v_proj.weight"] = n(kv, HIDDEN)
+        w[p + "self_attn.v_proj.weight"] = n(kv, HIDDEN, std=STD["vo"])
         w[p + "self_attn.v_proj.bias"] = n(kv, std=0.2)
-        w[p + "self_attn.o_proj.weight"] = n(HIDDEN, HIDDEN)
+        w[p + "self_attn.o_proj.weight"] = n(HIDDEN, HIDDEN, std=STD["vo"])
         w[p + "post_attention_layernorm.weight"] = norm()
-        w[p + "mlp.gate_proj.weight"] = n(FFN, HIDDEN)
-        w[p + "mlp.up_proj.weight"] = n(FFN, HIDDEN)
-        w[p + "mlp.down_proj.weight"] = n(HIDDEN, FFN)
+        w[p + "mlp.gate_proj.weight"] = n(FFN, HIDDEN, std=STD["gate_up"])
+        w[p + "mlp.up_proj.weight"] = n(FFN, HIDDEN, std=STD["gate_up"])
+        w[p + "mlp.down_proj.weight"] = n(HIDDEN, FFN, std=STD["down"])
     w["model.norm.weight"] = norm()
-    w["lm_head.weight"] = n(vocab, HIDDEN)
+    w["lm_head.weight"] = n(vocab, HIDDEN, std=STD["lm_head"])
     return w
 
 
@@ -296,7 +299,12 @@ def llama_weights(qwen: dict, rng: np.random.Generator) -> dict:
     for k, v in qwen.items():
         if k.endswith(".bias") or k == "lm_head.weight":
             continue
-        std = 1.0 if k == "model.embed_tokens.weight" else 0.5
+        # Tied: token_embd doubles as the output matrix, so it takes the peaky lm_head std.
+        role = next(r for sub, r in [("embed_tokens", "lm_head"), ("q_proj", "qk"), ("k_proj", "qk"),
+                                     ("v_proj", "vo"), ("o_proj", "vo"), ("gate_proj", "gate_up"),
+                                     ("up_proj", "gate_up"), ("down_proj", "down"), ("", None)]
+                    if sub in k)
+        std = STD[role] if role else 0.0
         if v.ndim == 1:
             out[gguf_name(k)] = (1.0 + rng.standard_normal(v.shape) * 0.1).astype(np.float32)
         else:
@@ -304,9 +312,8 @@ def llama_weights(qwen: dict, rng: np.random.Generator) -> dict:
     return out
 
 
-def main() -> int:
-    root = Path(__file__).resolve().parent.parent
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "tests" / "fixtures" / "generated"
+def generate(out: Path) -> dict:
+    """Writes every fixture under out; returns {relative path: sha256}."""
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
     tokens, merges, vocab = vocab_of(tok)
@@ -322,10 +329,27 @@ def main() -> int:
     for qtype, suffix in [(QT.F32, "f32"), (QT.Q4_1, "q4_1")]:
         write_gguf(out / f"tiny-llama.{suffix}.gguf", "llama", "tiny-llama", lg,
                    tokens, merges, vocab, LLAMA_TEMPLATE, qtype)
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()
-            print(f"{digest}  {p.relative_to(out)}  ({p.stat().st_size} bytes)")
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def main() -> int:
+    """CLI: [OUT_DIR] [--check-determinism] (also generates into a temp dir and compares)."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    root = Path(__file__).resolve().parent.parent
+    out = Path(args[0]) if args else root / "tests" / "fixtures" / "generated"
+    digests = generate(out)
+    for name, digest in digests.items():
+        print(f"{digest}  {name}  ({(out / name).stat().st_size} bytes)")
+    if "--check-determinism" in sys.argv:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            again = generate(Path(tmp))
+        if again != digests:
+            bad = sorted(k for k in digests if digests[k] != again.get(k))
+            print(f"NOT deterministic: {bad}", file=sys.stderr)
+            return 1
+        print("deterministic: second run byte-identical")
     return 0
 
 

@@ -1,1 +1,40 @@
-fn main() {}
+//! The `inferd` binary: parse the command line, set up logging, run the subcommand.
+use std::process::ExitCode;
+
+use clap::Parser;
+use inferd::config::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = match config::load(&args) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("inferd: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("inferd: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(inferd::serve::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("inferd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

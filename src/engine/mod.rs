@@ -4,8 +4,22 @@
 //! `spawn` moves a `Backend` onto its own OS thread and returns an `EngineHandle`; `submit` queues a
 //! checked `GenRequest` and returns the receiving end of that sequence's bounded event channel.
 //! Dropping the receiver cancels the sequence (freed within one step).
+//!
+//! Event contract: one `Token` per sampled token (text may be empty while a partial character or a
+//! possible stop string is held back; EOS, and a stop-completing token with no text and no
+//! logprobs, get none), then exactly one `Done` or `Error`. Text held back when the
+//! sequence ends by length is appended to the last token's event; when it ends by EOS it rides on
+//! a `Token` event whose id is the EOS token (logprob None). Concatenating every `text` gives the
+//! final output.
+pub mod detok;
+mod handle;
 pub mod request;
+pub mod sampler;
+mod scheduler;
+mod sequence;
+pub mod stop;
 
+pub use handle::{spawn, EngineHandle, EngineStats};
 pub use request::{Event, FinishReason, GenRequest, LogprobEntry, SamplingParams, TokenLogprob};
 
 /// Knobs of one engine (one worker).
@@ -28,6 +42,7 @@ impl Default for EngineConfig {
     }
 }
 
+/// Why `EngineHandle::submit` refused a request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
     /// The waiting queue is full; retry after roughly this many seconds.

@@ -3,6 +3,12 @@
 //! `load_assets(spec)` resolves a model spec (a GGUF file, a Hugging Face style directory, or a hub
 //! id fetched through `hf-hub` into a local cache) into `ModelAssets`, which the backend and the
 //! HTTP layer share.
+//!
+//! Spec syntax (see `source::parse_spec`): an existing path to a `.gguf` file or to a directory;
+//! otherwise a hub id `org/name`, `org/name@revision`, `org/name:file.gguf` or
+//! `org/name@revision:file.gguf`. A hub repository with a config.json is loaded as a Hugging Face
+//! directory (its snapshot directory in the cache); one without must hold exactly one `.gguf`
+//! or the spec must name it. `SourceOptions::offline` resolves from the hub cache only.
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -49,4 +55,11 @@ pub struct SourceOptions {
     pub progress: bool,
 }
 
+pub mod gguf_tokenizer;
+pub mod hf_dir;
+pub mod messages;
+pub mod source;
 pub mod template;
+
+pub use messages::{flatten_content, normalize_messages};
+pub use source::load_assets;

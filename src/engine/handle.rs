@@ -1,0 +1,149 @@
+//! `spawn` and `EngineHandle`: the async world's door into the worker thread.
+//!
+//! Submitting never blocks: a waiting slot is reserved with an atomic counter (so overload is
+//! answered at once with `QueueFull`), then the request goes over an unbounded std channel whose
+//! length that counter bounds.
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc as tokio_mpsc;
+
+use super::request::{Event, GenRequest};
+use super::scheduler::Worker;
+use super::{EngineConfig, SubmitError};
+use crate::backend::Backend;
+
+/// A submission on its way to the worker.
+pub(crate) struct Admission {
+    pub req: GenRequest,
+    pub tx: tokio_mpsc::Sender<Event>,
+}
+
+/// Counters the worker publishes and the handle reads.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Submitted but not yet running (in the channel or the worker's waiting queue).
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub generated: AtomicU64,
+    pub alive: AtomicBool,
+    pub max_context: usize,
+    pub vocab_size: usize,
+}
+
+/// A snapshot of the engine's load, for metrics and health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    /// Sequences in the running batch (prefilling or decoding).
+    pub running: usize,
+    /// Sequences submitted and not yet running.
+    pub waiting: usize,
+    /// Tokens sampled since the engine started.
+    pub generated_tokens: u64,
+}
+
+/// Cheap, cloneable handle to one engine worker. Dropping every handle stops the worker once its
+/// sequences are done.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Admission>,
+    shared: Arc<Shared>,
+    cfg: EngineConfig,
+}
+
+/// Marks the engine dead when the worker thread ends, even by panic.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Starts the worker thread that owns `backend` and returns a handle to it.
+///
+/// `eos_token_ids` end a sequence (finish reason `stop`) unless the request sets `ignore_eos`.
+/// If the OS refuses to start the thread, the returned handle reports `is_alive() == false` and
+/// every `submit` fails with `SubmitError::Closed`.
+pub fn spawn(
+    backend: Box<dyn Backend>,
+    tokenizer: Arc<Tokenizer>,
+    eos_token_ids: Vec<u32>,
+    cfg: EngineConfig,
+) -> EngineHandle {
+    let shared = Arc::new(Shared {
+        waiting: AtomicUsize::new(0),
+        running: AtomicUsize::new(0),
+        generated: AtomicU64::new(0),
+        alive: AtomicBool::new(true),
+        max_context: backend.max_context(),
+        vocab_size: backend.vocab_size(),
+    });
+    let (tx, rx) = mpsc::channel();
+    let worker = Worker::new(backend, tokenizer, eos_token_ids, cfg.clone(), rx, Arc::clone(&shared));
+    let guard_shared = Arc::clone(&shared);
+    let started = std::thread::Builder::new().name("inferd-engine".into()).spawn(move || {
+        let _guard = AliveGuard(guard_shared);
+        worker.run();
+    });
+    if let Err(e) = started {
+        tracing::error!(error = %e, "cannot start the engine worker thread");
+        shared.alive.store(false, Ordering::SeqCst);
+    }
+    EngineHandle { tx, shared, cfg }
+}
+
+impl EngineHandle {
+    /// Queues one sequence. Returns its event stream: `Token`s, then one `Done` or `Error`.
+    /// Dropping the receiver cancels the sequence.
+    pub fn submit(&self, req: GenRequest) -> Result<tokio_mpsc::Receiver<Event>, SubmitError> {
+        if !self.is_alive() {
+            return Err(SubmitError::Closed);
+        }
+        let limit = self.cfg.max_waiting.max(1);
+        let reserved = self
+            .shared
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w < limit).then_some(w + 1));
+        if let Err(waiting) = reserved {
+            return Err(SubmitError::QueueFull { retry_after_secs: self.retry_after(waiting) });
+        }
+        let (tx, rx) = tokio_mpsc::channel(self.cfg.channel_capacity.max(1));
+        if self.tx.send(Admission { req, tx }).is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Closed);
+        }
+        Ok(rx)
+    }
+
+    /// A rough wait before retrying: one second per full batch queued ahead, within [1, 30].
+    fn retry_after(&self, waiting: usize) -> u64 {
+        (1 + waiting / self.cfg.max_batch.max(1)).clamp(1, 30) as u64
+    }
+
+    /// Most tokens (prompt + generated) one sequence may hold.
+    pub fn max_context(&self) -> usize {
+        self.shared.max_context
+    }
+
+    /// Size of the model's logits vector (valid token ids are below it).
+    pub fn vocab_size(&self) -> usize {
+        self.shared.vocab_size
+    }
+
+    /// Current load.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            running: self.shared.running.load(Ordering::SeqCst),
+            waiting: self.shared.waiting.load(Ordering::SeqCst),
+            generated_tokens: self.shared.generated.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the worker thread is still running.
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst)
+    }
+}

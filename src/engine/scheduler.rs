@@ -1,0 +1,318 @@
+//! The worker loop: continuous batching over one backend, on its own OS thread.
+//!
+//! Each iteration: take new submissions, drop sequences whose client hung up (releasing their KV
+//! cache), deliver pending events, admit waiting sequences up to `max_batch`, then run one step in
+//! which every decoding sequence contributes its last token and prefilling sequences share at most
+//! `prefill_chunk` prompt tokens (earliest admitted first). A sequence whose channel is full sits
+//! out until the client catches up, so one slow reader never stalls the batch.
+//!
+//! A failed step is assumed to have changed no KV cache: `ContextFull` ends the named sequence with
+//! `Length` and the others simply run again next step; any other error (or a backend panic) fails
+//! every sequence in that step and the worker carries on.
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokenizers::Tokenizer;
+
+use super::handle::{Admission, Shared};
+use super::request::FinishReason;
+use super::sequence::{Sequence, TokenContext};
+use super::EngineConfig;
+use crate::backend::{Backend, BackendError, SeqId, StepInput};
+
+/// How long the worker waits for news when every live sequence is blocked on a slow client.
+const IDLE_POLL: Duration = Duration::from_millis(1);
+
+/// Everything the worker thread owns.
+pub(crate) struct Worker {
+    pub backend: Box<dyn Backend>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub eos: Vec<u32>,
+    pub cfg: EngineConfig,
+    pub rx: Receiver<Admission>,
+    pub shared: Arc<Shared>,
+    pub byte_level: bool,
+    next_id: SeqId,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    /// Finished sequences whose last events the client has not taken yet.
+    draining: Vec<Sequence>,
+    disconnected: bool,
+}
+
+/// One row of a planned step: index into `running`, tokens to feed, whether logits are needed.
+struct Row {
+    idx: usize,
+    n: usize,
+    want_logits: bool,
+}
+
+impl Worker {
+    pub fn new(
+        backend: Box<dyn Backend>,
+        tokenizer: Arc<Tokenizer>,
+        eos: Vec<u32>,
+        cfg: EngineConfig,
+        rx: Receiver<Admission>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let byte_level = super::detok::is_byte_level(&tokenizer);
+        Self {
+            backend,
+            tokenizer,
+            eos,
+            cfg,
+            rx,
+            shared,
+            byte_level,
+            next_id: 1,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            draining: Vec::new(),
+            disconnected: false,
+        }
+    }
+
+    /// Runs until every handle is dropped and all sequences are done.
+    pub fn run(mut self) {
+        loop {
+            if !self.intake() {
+                break;
+            }
+            self.reap();
+            self.admit();
+            self.publish();
+            let rows = self.plan();
+            if rows.is_empty() {
+                if self.running.is_empty() && self.waiting.is_empty() && self.draining.is_empty() {
+                    continue; // intake blocks next time
+                }
+                self.wait_for_news();
+                continue;
+            }
+            self.step(rows);
+            self.reap();
+            self.publish();
+        }
+        for s in self.running.drain(..) {
+            self.backend.release(s.id);
+        }
+    }
+
+    /// Takes new submissions; blocks when there is nothing to do. Returns false to stop the worker.
+    fn intake(&mut self) -> bool {
+        let idle = self.running.is_empty() && self.waiting.is_empty() && self.draining.is_empty();
+        if idle {
+            if self.disconnected {
+                return false;
+            }
+            match self.rx.recv() {
+                Ok(a) => self.enqueue(a),
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(a) => self.enqueue(a),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => {
+                    self.disconnected = true;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Sleeps briefly (or until a submission arrives) when every sequence waits on its client.
+    fn wait_for_news(&mut self) {
+        if self.disconnected {
+            std::thread::sleep(IDLE_POLL);
+            return;
+        }
+        match self.rx.recv_timeout(IDLE_POLL) {
+            Ok(a) => self.enqueue(a),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => self.disconnected = true,
+        }
+    }
+
+    fn enqueue(&mut self, a: Admission) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut seq = Sequence::new(id, a.req, a.tx);
+        let max = self.backend.max_context();
+        let problem = if seq.req.prompt_tokens.is_empty() {
+            Some("the prompt is empty".to_string())
+        } else if seq.req.prompt_tokens.len() > max {
+            Some(format!("the prompt has {} tokens, more than the context length of {max}", seq.req.prompt_tokens.len()))
+        } else {
+            None
+        };
+        if let Some(msg) = problem {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            seq.fail(msg);
+            self.draining.push(seq);
+            return;
+        }
+        if seq.req.max_new_tokens == 0 {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            let last = seq.tokens.last().copied().unwrap_or(0);
+            seq.finish(FinishReason::Length, &self.ctx(), last);
+            self.draining.push(seq);
+            return;
+        }
+        self.waiting.push_back(seq);
+    }
+
+    fn ctx(&self) -> TokenContext<'_> {
+        TokenContext {
+            tokenizer: &self.tokenizer,
+            eos: &self.eos,
+            byte_level: self.byte_level,
+            max_context: self.backend.max_context(),
+        }
+    }
+
+    /// Delivers pending events, frees cancelled and finished sequences, drops hung-up waiters.
+    fn reap(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &mut self.running[i];
+            s.flush();
+            if s.cancelled || s.finished {
+                let s = self.running.remove(i);
+                self.backend.release(s.id);
+                if !s.is_drained() {
+                    self.draining.push(s);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        self.draining.retain_mut(|s| {
+            s.flush();
+            !s.is_drained()
+        });
+        let before = self.waiting.len();
+        self.waiting.retain_mut(|s| {
+            s.flush();
+            !s.cancelled
+        });
+        let gone = before - self.waiting.len();
+        if gone > 0 {
+            self.shared.waiting.fetch_sub(gone, Ordering::SeqCst);
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_batch.max(1) {
+            let Some(s) = self.waiting.pop_front() else { break };
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.running.push(s);
+        }
+    }
+
+    fn publish(&self) {
+        self.shared.running.store(self.running.len(), Ordering::SeqCst);
+    }
+
+    /// Chooses this step's rows: every decoding sequence, plus prompt chunks within the budget.
+    fn plan(&self) -> Vec<Row> {
+        let mut budget = self.cfg.prefill_chunk.max(1);
+        let mut rows = Vec::new();
+        for (idx, s) in self.running.iter().enumerate() {
+            if !s.is_schedulable() {
+                continue;
+            }
+            if s.is_prefilling() {
+                if budget == 0 {
+                    continue;
+                }
+                let n = s.unfed().min(budget);
+                budget -= n;
+                rows.push(Row { idx, n, want_logits: n == s.unfed() });
+            } else {
+                rows.push(Row { idx, n: 1, want_logits: true });
+            }
+        }
+        rows
+    }
+
+    fn step(&mut self, rows: Vec<Row>) {
+        let result = {
+            let inputs: Vec<StepInput<'_>> = rows
+                .iter()
+                .map(|r| {
+                    let s = &self.running[r.idx];
+                    StepInput {
+                        seq: s.id,
+                        tokens: &s.tokens[s.fed..s.fed + r.n],
+                        adapter: s.req.adapter.as_deref(),
+                        want_logits: r.want_logits,
+                    }
+                })
+                .collect();
+            let backend = &mut self.backend;
+            catch_unwind(AssertUnwindSafe(|| backend.step(&inputs)))
+        };
+        let outs = match result {
+            Ok(Ok(outs)) if outs.len() == rows.len() => outs,
+            Ok(Ok(outs)) => {
+                let msg = format!("backend returned {} results for {} inputs", outs.len(), rows.len());
+                return self.fail_rows(&rows, &msg);
+            }
+            Ok(Err(BackendError::ContextFull { seq, .. })) => return self.context_full(&rows, seq),
+            Ok(Err(e)) => return self.fail_rows(&rows, &e.to_string()),
+            Err(_) => return self.fail_rows(&rows, "the model backend panicked during a forward pass"),
+        };
+        let vocab = self.backend.vocab_size();
+        let ctx = TokenContext {
+            tokenizer: &self.tokenizer,
+            eos: &self.eos,
+            byte_level: self.byte_level,
+            max_context: self.backend.max_context(),
+        };
+        for (row, out) in rows.iter().zip(outs) {
+            let s = &mut self.running[row.idx];
+            s.fed += row.n;
+            if !row.want_logits {
+                continue;
+            }
+            match out {
+                Some(logits) if logits.len() == vocab => {
+                    // Counted before the events go out, so a client that saw `Done` sees the count.
+                    self.shared.generated.fetch_add(1, Ordering::Relaxed);
+                    s.on_logits(logits, &ctx);
+                }
+                Some(logits) => s.fail(format!("backend returned {} logits, expected {vocab}", logits.len())),
+                None => s.fail("backend returned no logits for a row that asked for them"),
+            }
+        }
+    }
+
+    fn fail_rows(&mut self, rows: &[Row], msg: &str) {
+        tracing::error!(error = msg, rows = rows.len(), "engine step failed");
+        for r in rows {
+            self.running[r.idx].fail(msg);
+        }
+    }
+
+    fn context_full(&mut self, rows: &[Row], seq: SeqId) {
+        let Some(r) = rows.iter().find(|r| self.running[r.idx].id == seq) else {
+            return self.fail_rows(rows, "backend reported a full context for an unknown sequence");
+        };
+        let ctx = TokenContext {
+            tokenizer: &self.tokenizer,
+            eos: &self.eos,
+            byte_level: self.byte_level,
+            max_context: self.backend.max_context(),
+        };
+        let s = &mut self.running[r.idx];
+        let last = s.tokens.last().copied().unwrap_or(0);
+        s.finish(FinishReason::Length, &ctx, last);
+    }
+}

@@ -1,0 +1,206 @@
+//! One sequence's life inside the worker: its tokens, how far the backend has seen them, sampling
+//! state, detokeniser, stop matcher and the events not yet delivered.
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
+
+use super::detok::{token_bytes, IncrementalDetokenizer};
+use super::request::{Event, FinishReason, GenRequest, LogprobEntry, TokenLogprob};
+use super::sampler::{sample, top_indices, TokenCounts};
+use super::stop::StopMatcher;
+use crate::backend::SeqId;
+
+/// Read-only context the worker shares with every sequence when it turns a token into events.
+pub struct TokenContext<'a> {
+    pub tokenizer: &'a Arc<Tokenizer>,
+    pub eos: &'a [u32],
+    pub byte_level: bool,
+    pub max_context: usize,
+}
+
+/// Per-sequence state owned by the worker thread.
+pub struct Sequence {
+    pub id: SeqId,
+    pub req: GenRequest,
+    /// Prompt followed by every generated token.
+    pub tokens: Vec<u32>,
+    /// How many of `tokens` the backend has in its KV cache.
+    pub fed: usize,
+    pub generated: usize,
+    counts: TokenCounts,
+    rng: StdRng,
+    detok: IncrementalDetokenizer,
+    stop: StopMatcher,
+    tx: Sender<Event>,
+    /// Events produced but not yet accepted by the channel (the client is slow).
+    pending: VecDeque<Event>,
+    /// Set once `Done` or `Error` is queued: the sequence only drains `pending` from then on.
+    pub finished: bool,
+    /// The receiver was dropped: the sequence must be released now.
+    pub cancelled: bool,
+}
+
+impl Sequence {
+    /// Creates the state at admission; draws a seed when the request has none.
+    pub fn new(id: SeqId, req: GenRequest, tx: Sender<Event>) -> Self {
+        let seed = req.sampling.seed.unwrap_or_else(rand::random::<u64>);
+        Self {
+            id,
+            tokens: req.prompt_tokens.clone(),
+            fed: 0,
+            generated: 0,
+            counts: TokenCounts::from_prompt(&req.prompt_tokens),
+            rng: StdRng::seed_from_u64(seed),
+            detok: IncrementalDetokenizer::new(&req.prompt_tokens),
+            stop: StopMatcher::new(&req.stop),
+            tx,
+            pending: VecDeque::new(),
+            finished: false,
+            cancelled: false,
+            req,
+        }
+    }
+
+    /// Tokens the backend has not seen yet (a prompt chunk or the last sampled token).
+    pub fn unfed(&self) -> usize {
+        self.tokens.len() - self.fed
+    }
+
+    /// Still in prompt prefill (more than one token to feed).
+    pub fn is_prefilling(&self) -> bool {
+        self.fed < self.req.prompt_tokens.len()
+    }
+
+    /// May take part in the next step: alive, not finished, and no undelivered events.
+    pub fn is_schedulable(&self) -> bool {
+        !self.finished && !self.cancelled && self.pending.is_empty() && self.unfed() > 0
+    }
+
+    /// Tries to hand pending events to the channel; stops at the first full slot. Marks the
+    /// sequence cancelled when the receiver is gone.
+    pub fn flush(&mut self) {
+        if self.tx.is_closed() {
+            self.cancelled = true;
+            self.pending.clear();
+            return;
+        }
+        while let Some(ev) = self.pending.pop_front() {
+            match self.tx.try_send(ev) {
+                Ok(()) => {}
+                Err(TrySendError::Full(ev)) => {
+                    self.pending.push_front(ev);
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.cancelled = true;
+                    self.pending.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether everything owed to the client has been delivered (or the client is gone).
+    pub fn is_drained(&self) -> bool {
+        self.cancelled || self.pending.is_empty()
+    }
+
+    /// Queues an error and finishes the sequence.
+    pub fn fail(&mut self, msg: impl Into<String>) {
+        if !self.finished {
+            self.pending.push_back(Event::Error(msg.into()));
+            self.finished = true;
+        }
+        self.flush();
+    }
+
+    /// Ends the sequence normally, flushing held-back text into a last `Token` event when needed.
+    pub fn finish(&mut self, reason: FinishReason, ctx: &TokenContext<'_>, last_token: u32) {
+        if self.finished {
+            return;
+        }
+        let mut tail = self.detok.finish(ctx.tokenizer);
+        tail = self.stop.push(&tail).text;
+        tail.push_str(&self.stop.finish());
+        if !tail.is_empty() {
+            // Append to this token's own event when it is still queued (Length); otherwise (EOS,
+            // whose text is never emitted) the held-back text rides on an event for the EOS id.
+            match self.pending.back_mut() {
+                Some(Event::Token { text, token_id, .. }) if *token_id == last_token => text.push_str(&tail),
+                _ => self.pending.push_back(Event::Token { text: tail, token_id: last_token, logprob: None }),
+            }
+        }
+        self.pending.push_back(Event::Done {
+            finish_reason: reason,
+            prompt_tokens: self.req.prompt_tokens.len(),
+            completion_tokens: self.generated,
+        });
+        self.finished = true;
+        self.flush();
+    }
+
+    /// Samples the next token from the logits of the last fed token and queues its events.
+    /// Returns the sampled token.
+    ///
+    /// EOS tokens are never masked. With `ignore_eos` they are ordinary tokens (their text is
+    /// empty after skip_special_tokens); otherwise sampling one ends the sequence with `Stop` and
+    /// it counts in `completion_tokens` (as in vLLM) but gets no `Token` event of its own, except
+    /// one carrying held-back text (a partial stop string) when there is any.
+    pub fn on_logits(&mut self, logits: Vec<f32>, ctx: &TokenContext<'_>) -> u32 {
+        let s = sample(logits, &self.req.sampling, &self.counts, self.req.logprobs.is_some(), &mut self.rng);
+        let token = s.token;
+        self.tokens.push(token);
+        self.counts.push_output(token);
+        self.generated += 1;
+        let is_eos = ctx.eos.contains(&token);
+        if is_eos && !self.req.ignore_eos {
+            // EOS ends the sequence; its own text is never emitted.
+            self.finish(FinishReason::Stop, ctx, token);
+            return token;
+        }
+        let logprob = match (&s.logprobs, self.req.logprobs) {
+            (Some(lp), Some(k)) => Some(self.logprob_entry(lp, token, k, ctx)),
+            _ => None,
+        };
+        let piece = self.detok.push(ctx.tokenizer, token);
+        let out = self.stop.push(&piece);
+        if out.stopped {
+            if !out.text.is_empty() || logprob.is_some() {
+                self.pending.push_back(Event::Token { text: out.text, token_id: token, logprob });
+            }
+            self.pending.push_back(Event::Done {
+                finish_reason: FinishReason::Stop,
+                prompt_tokens: self.req.prompt_tokens.len(),
+                completion_tokens: self.generated,
+            });
+            self.finished = true;
+            self.flush();
+            return token;
+        }
+        self.pending.push_back(Event::Token { text: out.text, token_id: token, logprob });
+        if self.generated >= self.req.max_new_tokens || self.tokens.len() >= ctx.max_context {
+            self.finish(FinishReason::Length, ctx, token);
+        } else {
+            self.flush();
+        }
+        token
+    }
+
+    fn logprob_entry(&self, lp: &[f32], token: u32, k: usize, ctx: &TokenContext<'_>) -> LogprobEntry {
+        let entry = |id: u32| {
+            let bytes = token_bytes(ctx.tokenizer, id, ctx.byte_level);
+            TokenLogprob {
+                token_id: id,
+                token: String::from_utf8_lossy(&bytes).into_owned(),
+                bytes,
+                logprob: lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY),
+            }
+        };
+        LogprobEntry { chosen: entry(token), top: top_indices(lp, k).into_iter().map(entry).collect() }
+    }
+}

@@ -1,0 +1,157 @@
+//! Stop strings matched on the detokenised text, across token boundaries.
+//!
+//! Text that could still turn into a stop string is held back and released once it cannot; the
+//! stop string itself (and anything after it) is never emitted. When generation ends for another
+//! reason, `finish` flushes whatever was held back.
+
+/// Per-sequence stop-string state.
+#[derive(Debug, Clone, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+    stopped: bool,
+}
+
+/// The result of feeding text to a `StopMatcher`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopOutput {
+    /// Text safe to emit now.
+    pub text: String,
+    /// A stop string was found; nothing more may be emitted.
+    pub stopped: bool,
+}
+
+impl StopMatcher {
+    /// Builds a matcher; empty stop strings are ignored.
+    pub fn new(stops: &[String]) -> Self {
+        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new(), stopped: false }
+    }
+
+    /// Whether a stop string has been found.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Feeds newly detokenised text; returns what may be emitted now.
+    pub fn push(&mut self, text: &str) -> StopOutput {
+        if self.stopped {
+            return StopOutput { text: String::new(), stopped: true };
+        }
+        if self.stops.is_empty() {
+            return StopOutput { text: text.to_owned(), stopped: false };
+        }
+        self.held.push_str(text);
+        // Earliest occurrence of any stop string wins.
+        let first = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
+        if let Some(pos) = first {
+            let out = self.held[..pos].to_owned();
+            self.held.clear();
+            self.stopped = true;
+            return StopOutput { text: out, stopped: true };
+        }
+        // Hold back the longest suffix that is a proper prefix of some stop string.
+        let hold_from = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.held[i..];
+                self.stops.iter().any(|s| s.len() > tail.len() && s.starts_with(tail))
+            })
+            .unwrap_or(self.held.len());
+        let out = self.held[..hold_from].to_owned();
+        self.held.drain(..hold_from);
+        StopOutput { text: out, stopped: false }
+    }
+
+    /// Ends generation for a reason other than a stop string: releases the held-back text.
+    pub fn finish(&mut self) -> String {
+        if self.stopped {
+            return String::new();
+        }
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(stops: &[&str]) -> StopMatcher {
+        StopMatcher::new(&stops.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    /// Feeds pieces; returns the emitted text and whether it stopped (after flushing at the end).
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let mut sm = m(stops);
+        let mut out = String::new();
+        for p in pieces {
+            let o = sm.push(p);
+            out.push_str(&o.text);
+            if o.stopped {
+                return (out, true);
+            }
+        }
+        out.push_str(&sm.finish());
+        (out, false)
+    }
+
+    #[test]
+    fn no_stops_passes_through() {
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
+    }
+
+    #[test]
+    fn stop_spanning_three_tokens() {
+        let mut sm = m(&["END"]);
+        assert_eq!(sm.push("hello E").text, "hello ");
+        assert_eq!(sm.push("N").text, "");
+        let o = sm.push("Dx");
+        assert_eq!(o, StopOutput { text: String::new(), stopped: true });
+        assert_eq!(sm.finish(), "");
+    }
+
+    #[test]
+    fn overlapping_stops_earliest_wins() {
+        assert_eq!(run(&["ab", "b"], &["x", "a", "b"]), ("x".into(), true));
+        assert_eq!(run(&["b", "ab"], &["xab"]), ("x".into(), true));
+        assert_eq!(run(&["abc", "bcd"], &["zab", "cd"]), ("z".into(), true));
+    }
+
+    #[test]
+    fn stop_at_the_very_start() {
+        assert_eq!(run(&["\n"], &["\nhello"]), ("".into(), true));
+    }
+
+    #[test]
+    fn multibyte_stops() {
+        assert_eq!(run(&["世界"], &["你好", "世", "界!"]), ("你好".into(), true));
+        let mut sm = m(&["é!"]);
+        assert_eq!(sm.push("caf").text, "caf");
+        assert_eq!(sm.push("é").text, "");
+        assert_eq!(sm.push("?").text, "é?");
+        assert_eq!(run(&["🙂"], &["a🙂b"]), ("a".into(), true));
+    }
+
+    #[test]
+    fn stop_longer_than_text_is_flushed_at_end() {
+        assert_eq!(run(&["a very long stop"], &["a ve", "ry"]), ("a very".into(), false));
+    }
+
+    #[test]
+    fn partial_match_released_when_broken() {
+        let mut sm = m(&["<|end|>"]);
+        assert_eq!(sm.push("x <|en").text, "x ");
+        assert_eq!(sm.push("try").text, "<|entry");
+        assert!(!sm.is_stopped());
+    }
+
+    #[test]
+    fn held_prefix_that_restarts_is_kept() {
+        // "aab" with stop "ab": the first 'a' can be released once the second arrives.
+        let mut sm = m(&["ab"]);
+        assert_eq!(sm.push("a").text, "");
+        assert_eq!(sm.push("a").text, "a");
+        assert_eq!(sm.push("b"), StopOutput { text: String::new(), stopped: true });
+    }
+}

@@ -1,0 +1,119 @@
+//! Non-streamed responses: gathers every choice's events into one `chat.completion` or
+//! `text_completion` object. Pure, like `sse`.
+use serde_json::Value;
+
+use super::sse::{chat_logprob, push_text_logprob, usage, Mode, ResponseMeta};
+use super::types::{AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, CompletionLogprobs, TextChoice, TextCompletion};
+use crate::engine::{Event, FinishReason};
+
+#[derive(Debug, Clone, Default)]
+struct Choice {
+    text: String,
+    chat_lp: ChatLogprobs,
+    text_lp: CompletionLogprobs,
+    finish: Option<FinishReason>,
+    tokens: usize,
+}
+
+/// Accumulates the events of all choices of one request.
+#[derive(Debug)]
+pub struct Collector {
+    mode: Mode,
+    logprobs: bool,
+    choices: Vec<Choice>,
+    error: Option<String>,
+}
+
+impl Collector {
+    /// `n` choices; `logprobs` whether the client asked for them.
+    pub fn new(mode: Mode, n: usize, logprobs: bool) -> Self {
+        Self { mode, logprobs, choices: vec![Choice::default(); n], error: None }
+    }
+
+    /// Feeds one event of choice `index`.
+    pub fn push(&mut self, index: usize, event: Event) {
+        let Some(c) = self.choices.get_mut(index) else { return };
+        match event {
+            Event::Token { text, logprob, .. } => {
+                c.tokens += 1;
+                if let Some(e) = logprob.filter(|_| self.logprobs) {
+                    match self.mode {
+                        Mode::Chat => c.chat_lp.content.push(chat_logprob(&e)),
+                        Mode::Text => push_text_logprob(&mut c.text_lp, &e, c.text.chars().count()),
+                    }
+                }
+                c.text.push_str(&text);
+            }
+            Event::Done { finish_reason, completion_tokens, .. } => {
+                c.finish = Some(finish_reason);
+                c.tokens = c.tokens.max(completion_tokens);
+            }
+            Event::Error(message) => {
+                self.error.get_or_insert(message);
+            }
+        }
+    }
+
+    /// The channel of choice `index` closed.
+    pub fn closed(&mut self, index: usize) {
+        if self.choices.get(index).is_some_and(|c| c.finish.is_none()) && self.error.is_none() {
+            self.error = Some("generation ended unexpectedly: the model worker stopped".into());
+        }
+    }
+
+    /// Whether an engine error ended the request (further events are pointless).
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    /// The finished response object, or the engine's error message.
+    pub fn finish(self, meta: ResponseMeta, prompt_tokens: usize) -> Result<Value, String> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
+        let u = usage(prompt_tokens, completion);
+        let logprobs = self.logprobs;
+        let value = match self.mode {
+            Mode::Chat => serde_json::to_value(ChatCompletion {
+                id: meta.id,
+                object: "chat.completion",
+                created: meta.created,
+                model: meta.model,
+                system_fingerprint: meta.system_fingerprint,
+                choices: self
+                    .choices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, c)| ChatChoice {
+                        index,
+                        message: AssistantMessage { role: "assistant", content: c.text, refusal: None },
+                        logprobs: logprobs.then_some(c.chat_lp),
+                        finish_reason: c.finish.map(FinishReason::as_str),
+                    })
+                    .collect(),
+                usage: u,
+            }),
+            Mode::Text => serde_json::to_value(TextCompletion {
+                id: meta.id,
+                object: "text_completion",
+                created: meta.created,
+                model: meta.model,
+                system_fingerprint: meta.system_fingerprint,
+                choices: self
+                    .choices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, c)| TextChoice {
+                        text: c.text,
+                        index,
+                        logprobs: logprobs.then_some(c.text_lp),
+                        finish_reason: c.finish.map(FinishReason::as_str),
+                    })
+                    .collect(),
+                usage: Some(Some(u)),
+            }),
+        };
+        value.map_err(|e| format!("could not serialise the response: {e}"))
+    }
+}

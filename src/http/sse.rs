@@ -1,0 +1,248 @@
+//! Streaming chunk assembly as a pure state machine: engine events of each choice in, OpenAI
+//! `data:` payloads out. No I/O, so every shape is unit-tested without a server.
+//!
+//! Per choice (chat): a role chunk `{"role":"assistant","content":""}`, content chunks, then a chunk
+//! with an empty delta and `finish_reason`. Text completions have no role chunk. When every choice
+//! has finished: a usage chunk with `choices: []` (if `include_usage`), then `[DONE]`. An engine
+//! error ends the stream with an OpenAI error object, then `[DONE]`.
+use serde_json::{json, Value};
+
+use super::types::{
+    ChatChunk, ChatLogprobs, ChatTokenLogprob, ChunkChoice, CompletionLogprobs, Delta, TextChoice, TextCompletion,
+    TopLogprob, Usage,
+};
+use crate::engine::{Event, LogprobEntry, TokenLogprob};
+
+/// Chat or text completion: decides object names and chunk shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Chat,
+    Text,
+}
+
+/// The fields every response object of one request shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+}
+
+/// One thing to send: a JSON `data:` payload, or the final `data: [DONE]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Data(Value),
+    Done,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ChoiceState {
+    started: bool,
+    finished: bool,
+    /// Characters of completion text emitted so far (text-completion `text_offset`).
+    chars: usize,
+    tokens: usize,
+}
+
+/// The streaming state machine of one request.
+#[derive(Debug)]
+pub struct StreamAssembler {
+    meta: ResponseMeta,
+    mode: Mode,
+    include_usage: bool,
+    logprobs: bool,
+    prompt_tokens: usize,
+    choices: Vec<ChoiceState>,
+    ended: bool,
+}
+
+impl StreamAssembler {
+    /// `n` choices; `logprobs` whether the client asked for them.
+    pub fn new(meta: ResponseMeta, mode: Mode, n: usize, prompt_tokens: usize, include_usage: bool, logprobs: bool) -> Self {
+        Self { meta, mode, include_usage, logprobs, prompt_tokens, choices: vec![ChoiceState::default(); n], ended: false }
+    }
+
+    /// True once `[DONE]` has been produced.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Feeds one event of choice `index`; returns the frames to send, in order.
+    pub fn push(&mut self, index: usize, event: Event) -> Vec<Frame> {
+        if self.ended || index >= self.choices.len() || self.choices[index].finished {
+            return Vec::new();
+        }
+        if let Event::Error(message) = &event {
+            return self.error(message);
+        }
+        let mut out = Vec::new();
+        if !self.choices[index].started {
+            self.choices[index].started = true;
+            if self.mode == Mode::Chat {
+                let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+                out.push(self.chat_chunk(index, delta, None, None));
+            }
+        }
+        match event {
+            Event::Token { text, logprob, .. } => {
+                self.choices[index].tokens += 1;
+                let lp = logprob.filter(|_| self.logprobs);
+                if text.is_empty() && lp.is_none() {
+                    return out;
+                }
+                out.push(match self.mode {
+                    Mode::Chat => {
+                        let lps = lp.map(|e| ChatLogprobs { content: vec![chat_logprob(&e)] });
+                        self.chat_chunk(index, Delta { role: None, content: Some(text) }, lps, None)
+                    }
+                    Mode::Text => {
+                        let offset = self.choices[index].chars;
+                        self.choices[index].chars += text.chars().count();
+                        let lps = lp.map(|e| {
+                            let mut l = CompletionLogprobs::default();
+                            push_text_logprob(&mut l, &e, offset);
+                            l
+                        });
+                        self.text_chunk(index, text, lps, None)
+                    }
+                });
+            }
+            Event::Done { finish_reason, completion_tokens, .. } => {
+                let c = &mut self.choices[index];
+                c.finished = true;
+                c.tokens = c.tokens.max(completion_tokens);
+                let reason = Some(finish_reason.as_str());
+                out.push(match self.mode {
+                    Mode::Chat => self.chat_chunk(index, Delta::default(), None, reason),
+                    Mode::Text => self.text_chunk(index, String::new(), None, reason),
+                });
+                if self.choices.iter().all(|c| c.finished) {
+                    if self.include_usage {
+                        out.push(self.usage_chunk());
+                    }
+                    out.push(Frame::Done);
+                    self.ended = true;
+                }
+            }
+            Event::Error(_) => {}
+        }
+        out
+    }
+
+    /// The channel of choice `index` closed; an unfinished choice means the worker went away.
+    pub fn closed(&mut self, index: usize) -> Vec<Frame> {
+        match self.choices.get(index) {
+            Some(c) if !c.finished && !self.ended => self.error("generation ended unexpectedly: the model worker stopped"),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Ends the stream with an OpenAI-shaped error event, then `[DONE]`.
+    pub fn error(&mut self, message: &str) -> Vec<Frame> {
+        if self.ended {
+            return Vec::new();
+        }
+        self.ended = true;
+        let err = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+        vec![Frame::Data(err), Frame::Done]
+    }
+
+    /// Token counts so far.
+    pub fn usage(&self) -> Usage {
+        let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
+        usage(self.prompt_tokens, completion)
+    }
+
+    fn usage_field(&self) -> Option<Option<Usage>> {
+        self.include_usage.then_some(None)
+    }
+
+    fn chat_chunk(&self, index: usize, delta: Delta, logprobs: Option<ChatLogprobs>, finish: Option<&'static str>) -> Frame {
+        let choice = ChunkChoice { index, delta, logprobs, finish_reason: finish };
+        self.chat_frame(vec![choice], self.usage_field())
+    }
+
+    fn chat_frame(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> Frame {
+        let m = &self.meta;
+        let chunk = ChatChunk {
+            id: m.id.clone(),
+            object: "chat.completion.chunk",
+            created: m.created,
+            model: m.model.clone(),
+            system_fingerprint: m.system_fingerprint.clone(),
+            choices,
+            usage,
+        };
+        Frame::Data(serde_json::to_value(chunk).unwrap_or(Value::Null))
+    }
+
+    fn text_chunk(&self, index: usize, text: String, logprobs: Option<CompletionLogprobs>, finish: Option<&'static str>) -> Frame {
+        let choice = TextChoice { text, index, logprobs, finish_reason: finish };
+        self.text_frame(vec![choice], self.usage_field())
+    }
+
+    fn text_frame(&self, choices: Vec<TextChoice>, usage: Option<Option<Usage>>) -> Frame {
+        let m = &self.meta;
+        let chunk = TextCompletion {
+            id: m.id.clone(),
+            object: "text_completion",
+            created: m.created,
+            model: m.model.clone(),
+            system_fingerprint: m.system_fingerprint.clone(),
+            choices,
+            usage,
+        };
+        Frame::Data(serde_json::to_value(chunk).unwrap_or(Value::Null))
+    }
+
+    fn usage_chunk(&self) -> Frame {
+        let u = Some(Some(self.usage()));
+        match self.mode {
+            Mode::Chat => self.chat_frame(Vec::new(), u),
+            Mode::Text => self.text_frame(Vec::new(), u),
+        }
+    }
+}
+
+/// `usage` with the total filled in.
+pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+    Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+}
+
+/// A logprob for JSON: the shortest decimal of the f32 (so -0.1f32 prints as -0.1, not
+/// -0.10000000149011612), and -9999 for values JSON cannot carry (-inf for masked tokens), as
+/// OpenAI does.
+fn finite(lp: f32) -> f64 {
+    if lp.is_finite() {
+        lp.to_string().parse().unwrap_or(lp as f64)
+    } else {
+        -9999.0
+    }
+}
+
+fn top(t: &TokenLogprob) -> TopLogprob {
+    TopLogprob { token: t.token.clone(), logprob: finite(t.logprob), bytes: t.bytes.clone() }
+}
+
+/// One chat `logprobs.content` entry.
+pub fn chat_logprob(e: &LogprobEntry) -> ChatTokenLogprob {
+    ChatTokenLogprob {
+        token: e.chosen.token.clone(),
+        logprob: finite(e.chosen.logprob),
+        bytes: e.chosen.bytes.clone(),
+        top_logprobs: e.top.iter().map(top).collect(),
+    }
+}
+
+/// Appends one token to text-completion logprobs, at character `offset` of the completion.
+pub fn push_text_logprob(l: &mut CompletionLogprobs, e: &LogprobEntry, offset: usize) {
+    l.tokens.push(e.chosen.token.clone());
+    l.token_logprobs.push(finite(e.chosen.logprob));
+    let mut alts = serde_json::Map::new();
+    for t in &e.top {
+        alts.insert(t.token.clone(), json!(finite(t.logprob)));
+    }
+    l.top_logprobs.push(alts);
+    l.text_offset.push(offset);
+}

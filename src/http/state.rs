@@ -1,0 +1,111 @@
+//! Shared state of the HTTP layer: the served models (each behind a `Generator`) and server limits.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::engine::{Event, GenRequest, SubmitError};
+use crate::model::template::ChatTemplate;
+
+/// What the HTTP layer needs from an engine: queue one checked sequence and get its event stream.
+/// Dropping the returned receiver must cancel the sequence. `engine::EngineHandle` implements it;
+/// tests use scripted fakes.
+pub trait Generator: Send + Sync + 'static {
+    /// Queues one sequence (one choice).
+    fn submit(&self, req: GenRequest) -> Result<mpsc::Receiver<Event>, SubmitError>;
+    /// Context length in tokens (prompt + completion) the worker accepts.
+    fn max_context(&self) -> usize;
+    /// Whether the worker is running; `GET /ready` reports 503 when any is not.
+    fn is_alive(&self) -> bool {
+        true
+    }
+    /// Size of the model's logits vector, when known: token ids in prompts and `logit_bias` must be
+    /// below both it and the tokenizer's vocabulary.
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// One served model id.
+#[derive(Clone)]
+pub struct ModelEntry {
+    pub id: String,
+    pub generator: Arc<dyn Generator>,
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    /// None: chat completions are refused with a 400.
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    /// Unix seconds, shown in `/v1/models`.
+    pub created: u64,
+    pub owned_by: String,
+}
+
+/// Server-wide limits and settings the handlers consult.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Largest `n`.
+    pub max_n: usize,
+    /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_body_bytes: 4 * 1024 * 1024, max_n: 16, api_key: None }
+    }
+}
+
+/// Everything the router shares between requests; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    models: Arc<HashMap<String, ModelEntry>>,
+    /// Model ids in configuration order, for listings.
+    order: Arc<Vec<String>>,
+    pub limits: Limits,
+    /// Reported as `system_fingerprint` in every completion.
+    pub system_fingerprint: String,
+}
+
+impl ModelEntry {
+    /// Token ids a client may name (prompt ids, `logit_bias` keys) are below this.
+    pub fn vocab_limit(&self) -> usize {
+        let tok = self.tokenizer.get_vocab_size(true);
+        self.generator.vocab_size().map_or(tok, |v| v.min(tok))
+    }
+}
+
+impl AppState {
+    /// Builds the state; later entries with a duplicate id replace earlier ones.
+    pub fn new(models: Vec<ModelEntry>, limits: Limits) -> Self {
+        let mut order = Vec::new();
+        let mut map = HashMap::new();
+        for m in models {
+            if !map.contains_key(&m.id) {
+                order.push(m.id.clone());
+            }
+            map.insert(m.id.clone(), m);
+        }
+        Self {
+            models: Arc::new(map),
+            order: Arc::new(order),
+            limits,
+            system_fingerprint: format!("fp_inferd_{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// The model served under `id`.
+    pub fn model(&self, id: &str) -> Option<&ModelEntry> {
+        self.models.get(id)
+    }
+
+    /// All models, in configuration order.
+    pub fn models(&self) -> impl Iterator<Item = &ModelEntry> {
+        self.order.iter().filter_map(|id| self.models.get(id))
+    }
+}
+
+/// Seconds since the Unix epoch (for `created`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

@@ -1,0 +1,7 @@
+//! Tests of the HTTP layer with scripted fake generators and the real Qwen2 tokenizer.
+mod errors;
+mod routes;
+mod sse_machine;
+mod streaming;
+pub(crate) mod support;
+mod validation;

@@ -1,0 +1,68 @@
+//! The chunk state machine alone, without a server.
+use serde_json::json;
+
+use super::support::{done, tok};
+use crate::engine::{Event, FinishReason};
+use crate::http::sse::{Frame, Mode, ResponseMeta, StreamAssembler};
+
+fn meta() -> ResponseMeta {
+    ResponseMeta { id: "chatcmpl-x".into(), created: 1, model: "m".into(), system_fingerprint: "fp".into() }
+}
+
+fn data(f: &Frame) -> serde_json::Value {
+    match f {
+        Frame::Data(v) => v.clone(),
+        Frame::Done => json!("[DONE]"),
+    }
+}
+
+#[test]
+fn chat_sequence_for_one_choice() {
+    let mut a = StreamAssembler::new(meta(), Mode::Chat, 1, 5, true, false);
+    let f = a.push(0, tok("Hi", 1));
+    assert_eq!(f.len(), 2, "role chunk then content");
+    assert_eq!(data(&f[0]), json!({"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "system_fingerprint": "fp", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}], "usage": null}));
+    assert_eq!(data(&f[1])["choices"][0]["delta"], json!({"content": "Hi"}));
+    assert!(a.push(0, tok("", 2)).is_empty(), "held-back text without logprobs sends nothing");
+    let f = a.push(0, done(FinishReason::Length, 5, 2));
+    assert_eq!(f.len(), 3);
+    assert_eq!(data(&f[0])["choices"][0]["finish_reason"], "length");
+    assert_eq!(data(&f[1])["usage"], json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}));
+    assert_eq!(f[2], Frame::Done);
+    assert!(a.is_ended());
+    assert!(a.push(0, tok("late", 3)).is_empty());
+}
+
+#[test]
+fn done_waits_for_every_choice() {
+    let mut a = StreamAssembler::new(meta(), Mode::Text, 2, 3, false, false);
+    let f = a.push(1, done(FinishReason::Stop, 3, 0));
+    assert_eq!(f.len(), 1, "finish chunk of choice 1 only, no role chunk for text");
+    assert_eq!(data(&f[0])["choices"][0], json!({"text": "", "index": 1, "logprobs": null, "finish_reason": "stop"}));
+    assert!(data(&f[0]).get("usage").is_none());
+    let f = a.push(0, tok("x", 1));
+    assert_eq!(data(&f[0])["choices"][0]["text"], "x");
+    let f = a.push(0, done(FinishReason::Stop, 3, 1));
+    assert_eq!(f.last(), Some(&Frame::Done));
+    assert_eq!(a.usage().completion_tokens, 1);
+}
+
+#[test]
+fn errors_and_closed_channels_end_the_stream_once() {
+    let mut a = StreamAssembler::new(meta(), Mode::Chat, 2, 3, false, false);
+    a.push(0, tok("x", 1));
+    let f = a.push(1, Event::Error("boom".into()));
+    assert_eq!(f.len(), 2, "no role chunk before an error");
+    assert_eq!(data(&f[0])["error"]["message"], "boom");
+    assert_eq!(f.last(), Some(&Frame::Done));
+    assert!(a.closed(0).is_empty() && a.push(0, tok("y", 2)).is_empty());
+
+    let mut b = StreamAssembler::new(meta(), Mode::Chat, 1, 3, false, false);
+    b.push(0, tok("x", 1));
+    let f = b.closed(0);
+    assert!(data(&f[0])["error"]["message"].as_str().is_some_and(|m| m.contains("worker stopped")));
+    let mut c = StreamAssembler::new(meta(), Mode::Chat, 1, 3, false, false);
+    c.push(0, done(FinishReason::Stop, 3, 0));
+    assert!(c.closed(0).is_empty(), "a finished choice closing is normal");
+}

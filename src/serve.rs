@@ -1,0 +1,100 @@
+//! `inferd serve`: load every configured model (assets, backend, engine worker), then serve HTTP.
+//!
+//! This is the one place that knows every layer: config -> model assets -> backend -> engine ->
+//! HTTP state. Each model gets its own worker thread owning its backend.
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::backend::candle::CandleBackend;
+use crate::backend::Backend;
+use crate::config::{BackendKind, Config, Device, ModelConfig};
+use crate::engine::{self, EngineHandle, Event, GenRequest, SubmitError};
+use crate::http::state::{unix_now, AppState, Generator, ModelEntry};
+use crate::model::{self, SourceOptions};
+
+impl Generator for EngineHandle {
+    fn submit(&self, req: GenRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        EngineHandle::submit(self, req)
+    }
+    fn max_context(&self) -> usize {
+        EngineHandle::max_context(self)
+    }
+    fn is_alive(&self) -> bool {
+        EngineHandle::is_alive(self)
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        Some(EngineHandle::vocab_size(self))
+    }
+}
+
+/// Why the server could not start. Each variant's message is one sentence for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("model '{id}': {source}")]
+    Model { id: String, source: model::ModelError },
+    #[error("model '{id}': {source}")]
+    Backend { id: String, source: crate::backend::BackendError },
+    #[error("model '{id}': {message}")]
+    Unsupported { id: String, message: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// Loads one model and starts its engine worker.
+pub fn load_model(m: &ModelConfig, server: &crate::config::ServerConfig) -> Result<ModelEntry, StartError> {
+    let opts = SourceOptions { cache_dir: None, offline: false, progress: true };
+    let assets = model::load_assets(&m.source, &opts).map_err(|source| StartError::Model { id: m.id.clone(), source })?;
+    let backend: Box<dyn Backend> = match (m.backend, m.device) {
+        (BackendKind::Candle, Device::Cpu) => {
+            let device = candle_core::Device::Cpu;
+            let ctx = m.context_length.or(assets.context_length);
+            Box::new(
+                CandleBackend::load(&assets.weights, &device, ctx)
+                    .map_err(|source| StartError::Backend { id: m.id.clone(), source })?,
+            )
+        }
+        (BackendKind::Candle, Device::Cuda(_)) => {
+            return Err(StartError::Unsupported {
+                id: m.id.clone(),
+                message: "the candle backend runs on the CPU only in this build; use device = \"cpu\"".into(),
+            })
+        }
+        (BackendKind::Onnx, _) => {
+            return Err(StartError::Unsupported {
+                id: m.id.clone(),
+                message: "the onnx backend is not part of this build yet; use backend = \"candle\"".into(),
+            })
+        }
+    };
+    tracing::info!(
+        model = %m.id, source = %m.source, backend = ?m.backend, device = ?m.device,
+        max_context = backend.max_context(), max_batch = m.max_batch, "model loaded"
+    );
+    let handle = engine::spawn(backend, Arc::clone(&assets.tokenizer), assets.eos_token_ids.clone(), m.engine_config(server));
+    Ok(ModelEntry {
+        id: m.id.clone(),
+        generator: Arc::new(handle),
+        tokenizer: assets.tokenizer,
+        chat_template: assets.chat_template,
+        created: unix_now(),
+        owned_by: "inferd".into(),
+    })
+}
+
+/// Loads every model, then serves until Ctrl-C / SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), StartError> {
+    let mut entries = Vec::with_capacity(cfg.models.len());
+    for m in &cfg.models {
+        let (m, server) = (m.clone(), cfg.server.clone());
+        let entry = tokio::task::spawn_blocking(move || load_model(&m, &server))
+            .await
+            .expect("the model loading task never panics")?;
+        entries.push(entry);
+    }
+    let state = AppState::new(entries, cfg.server.limits());
+    let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+    crate::http::serve(state, &cfg.server.host, cfg.server.port, crate::http::shutdown_signal())
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
