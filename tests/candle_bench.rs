@@ -93,3 +93,18 @@ fn decode_throughput_stock() {
     bench_stock(SMOLLM2);
     bench_stock(QWEN);
 }
+
+/// Ours (1 sequence) and stock alternated three times, so machine load hits both alike.
+#[test]
+#[ignore]
+fn decode_throughput_ab_smollm2() {
+    let Some(path) = real_model(SMOLLM2) else { return };
+    let mut b = load(&path, None);
+    let prompt = chatml_prompt(&path, &["Write", "Ġa", "Ġstory", "Ġabout", "Ġa", "Ġcat", "."]);
+    for round in 0..3u64 {
+        bench_stock(SMOLLM2);
+        let t0 = Instant::now();
+        let _ = greedy(&mut b, 50 + round, &prompt, 65);
+        println!("ours (incl. prefill) {:.1} tok/s", 65.0 / t0.elapsed().as_secs_f64());
+    }
+}
