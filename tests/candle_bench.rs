@@ -59,3 +59,52 @@ fn decode_throughput_smollm2() {
 fn decode_throughput_qwen() {
     bench(QWEN);
 }
+
+/// Stock candle-transformers on the same file, for a side-by-side figure.
+fn bench_stock(name: &str) {
+    use candle_core::{Device, Tensor};
+    let Some(path) = real_model(name) else { return };
+    let mut f = std::fs::File::open(&path).expect("open");
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).expect("gguf");
+    let prompt = chatml_prompt(&path, &["Write", "Ġa", "Ġstory", "Ġabout", "Ġa", "Ġcat", "."]);
+    let mut fwd: Box<dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>> = if name == QWEN {
+        let mut m = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("load");
+        Box::new(move |x, p| m.forward(x, p))
+    } else {
+        let mut m = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("load");
+        Box::new(move |x, p| m.forward(x, p))
+    };
+    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+    let l: Vec<f32> = fwd(&ids, 0).and_then(|t| t.flatten_all()?.to_vec1()).expect("prefill");
+    let mut t = argmax(&l);
+    let t0 = Instant::now();
+    const STEPS: usize = 64;
+    for i in 0..STEPS {
+        let ids = Tensor::new(&[t], &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+        let l: Vec<f32> = fwd(&ids, prompt.len() + i).and_then(|t| t.flatten_all()?.to_vec1()).expect("decode");
+        t = argmax(&l);
+    }
+    println!("{name}: stock candle-transformers decode {:.1} tok/s", STEPS as f64 / t0.elapsed().as_secs_f64());
+}
+
+#[test]
+#[ignore]
+fn decode_throughput_stock() {
+    bench_stock(SMOLLM2);
+    bench_stock(QWEN);
+}
+
+/// Ours (1 sequence) and stock alternated three times, so machine load hits both alike.
+#[test]
+#[ignore]
+fn decode_throughput_ab_smollm2() {
+    let Some(path) = real_model(SMOLLM2) else { return };
+    let mut b = load(&path, None);
+    let prompt = chatml_prompt(&path, &["Write", "Ġa", "Ġstory", "Ġabout", "Ġa", "Ġcat", "."]);
+    for round in 0..3u64 {
+        bench_stock(SMOLLM2);
+        let t0 = Instant::now();
+        let _ = greedy(&mut b, 50 + round, &prompt, 65);
+        println!("ours (incl. prefill) {:.1} tok/s", 65.0 / t0.elapsed().as_secs_f64());
+    }
+}

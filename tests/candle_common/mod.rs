@@ -83,13 +83,28 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Prefills `prompt` in one step, then decodes greedily; returns the generated ids and the logits
 /// that chose each of them.
 pub fn greedy(b: &mut CandleBackend, seq: SeqId, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    greedy_banning(b, seq, prompt, n, &[])
+}
+
+/// `greedy`, never picking a `banned` id (llama.cpp's `ignore_eos` bans end-of-generation ids).
+pub fn greedy_banning(
+    b: &mut CandleBackend,
+    seq: SeqId,
+    prompt: &[u32],
+    n: usize,
+    banned: &[u32],
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut out = Vec::new();
     let mut all_logits = Vec::new();
     let mut input = prompt.to_vec();
     for _ in 0..n {
         let step = [StepInput { seq, tokens: &input, adapter: None, want_logits: true }];
         let logits = b.step(&step).expect("step").remove(0).expect("logits");
-        let t = argmax(&logits);
+        let mut masked = logits.clone();
+        for &id in banned {
+            masked[id as usize] = f32::NEG_INFINITY;
+        }
+        let t = argmax(&masked);
         out.push(t);
         all_logits.push(logits);
         input = vec![t];

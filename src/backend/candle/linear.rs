@@ -58,6 +58,15 @@ impl Linear {
         Ok(Self { weight: QMatMul::from_qtensor(weight)?, bias, pad_single_row })
     }
 
+    /// From an already built matmul (e.g. the token embeddings shared with a tied lm_head).
+    pub fn from_qmatmul(weight: QMatMul) -> Self {
+        let pad_single_row = match &weight {
+            QMatMul::QTensor(q) => needs_row_padding(q),
+            _ => false,
+        };
+        Self { weight, bias: None, pad_single_row }
+    }
+
     /// From a dense weight of shape [out_features, in_features] (converted to f32).
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;

@@ -59,7 +59,7 @@ impl Transformer {
         }
         let n_rows = ids.len();
         let ids = Tensor::from_vec(ids, n_rows, &self.device)?;
-        let mut x = self.weights.embed.index_select(&ids, 0)?;
+        let mut x = self.weights.embed.embedding(&ids)?;
         let mut attn_out = vec![0f32; n_rows * q_dim];
 
         for (li, layer) in self.weights.layers.iter().enumerate() {

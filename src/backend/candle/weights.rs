@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
@@ -26,8 +28,8 @@ pub struct LayerWeights {
 /// All weights of a model, whatever file they came from.
 #[derive(Debug, Clone)]
 pub struct ModelWeights {
-    /// Token embeddings, f32 [vocab, hidden].
-    pub embed: Tensor,
+    /// Token embeddings [vocab, hidden], kept quantized for GGUF (rows are dequantized on lookup).
+    pub embed: QMatMul,
     pub layers: Vec<LayerWeights>,
     pub final_norm: Tensor,
     pub lm_head: Linear,
@@ -50,10 +52,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelConfig, ModelWeig
     };
     let dense = |q: candle_core::quantized::QTensor| q.dequantize(device).map_err(load_err);
 
-    let embed_q = tensor("token_embd.weight")?;
-    let embed = dense(tensor("token_embd.weight")?)?;
+    let embed = QMatMul::from_arc(Arc::new(tensor("token_embd.weight")?)).map_err(load_err)?;
     let lm_head = if cfg.tie_word_embeddings {
-        Linear::from_qtensor(embed_q, None).map_err(load_err)?
+        Linear::from_qmatmul(embed.clone())
     } else {
         Linear::from_qtensor(tensor("output.weight")?, None).map_err(load_err)?
     };
@@ -120,7 +121,8 @@ pub fn load_safetensors(
             .ok_or_else(|| load_err(format!("safetensors lack tensor {name}")))?;
         t.to_dtype(DType::F32).map_err(load_err)
     };
-    let embed = take("model.embed_tokens.weight")?;
+    let embed_dense = take("model.embed_tokens.weight")?.contiguous().map_err(load_err)?;
+    let embed = QMatMul::Tensor(embed_dense.clone());
     let final_norm = take("model.norm.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
@@ -149,7 +151,7 @@ pub fn load_safetensors(
     }
     let lm_head = match (cfg.tie_word_embeddings, take("lm_head.weight")) {
         (false, Ok(w)) => w,
-        _ => embed.clone(),
+        _ => embed_dense,
     };
     let lm_head = Linear::from_dense(lm_head, None).map_err(load_err)?;
     Ok((cfg, ModelWeights { embed, layers, final_norm, lm_head }))
