@@ -56,7 +56,8 @@ fn file_values_are_read() {
     assert_eq!(c.models[1].backend, BackendKind::Onnx);
     assert_eq!(c.models[1].device, Device::Cpu);
     let l = c.server.limits();
-    assert_eq!((l.max_body_bytes, l.api_key.as_deref(), l.max_n), (4 * 1024 * 1024, Some("sk-test"), 16));
+    // Each choice of `n` takes a waiting slot, so `n` is capped by max_waiting (7 here), not 16.
+    assert_eq!((l.max_body_bytes, l.api_key.as_deref(), l.max_n), (4 * 1024 * 1024, Some("sk-test"), 7));
     let e = c.models[0].engine_config(&c.server);
     assert_eq!((e.max_batch, e.max_waiting, e.prefill_chunk), (4, 7, 256));
 }
