@@ -48,7 +48,9 @@ def measure(base, name, args, prompt_text, extra):
     """All metrics for one running server; extra is merged into each request body."""
     chat = base + "/v1/chat/completions"
     comp = base + "/v1/completions"
-    greedy = {"temperature": 0, "ignore_eos": True, **extra}
+    # OpenAI requires `model`; name the first (only) model the server lists.
+    model_id = http_json(base + "/v1/models", None)["data"][0]["id"]
+    greedy = {"model": model_id, "temperature": 0, "ignore_eos": True, **extra}
     to = args.timeout
     warm = stream(chat, {"messages": STD_MESSAGES, "max_tokens": 8, **greedy}, to)
     if warm.error:
