@@ -22,6 +22,7 @@ fn bench(name: &str) {
         let t0 = Instant::now();
         let out = b.step(&prefill).expect("prefill");
         let prefill_s = t0.elapsed().as_secs_f64();
+        inferd::backend::candle::profile::reset();
         let mut last: Vec<u32> = out.iter().map(|l| argmax(l.as_ref().expect("logits"))).collect();
         let t0 = Instant::now();
         for _ in 0..STEPS {
@@ -42,6 +43,7 @@ fn bench(name: &str) {
             (STEPS * n_seq) as f64 / dt,
             STEPS as f64 / dt
         );
+        inferd::backend::candle::profile::report(&format!("{name} {n_seq} seq decode"));
         for s in seqs {
             b.release(s);
         }

@@ -18,13 +18,15 @@ pub struct Linear {
     pad_single_row: bool,
 }
 
-/// On x86, candle sends Q4_K/Q6_K matmuls with one activation row to a different kernel (compact
+/// On x86, candle sends Q6_K matmuls with one activation row to a different kernel (compact
 /// GEMV) than several rows (repacked tiles), and the two round differently (logits differ by up to
 /// ~0.5 on Qwen2.5-0.5B). A decode step with one sequence would then not reproduce the same
 /// sequence decoded alongside others; padding single rows to two keeps every row on one kernel.
+/// Q4_K needs no padding: candle 0.11.1's `repack_x86::select` takes the tiled kernel for any row
+/// count, and each row of a tile is computed alone, so padding it only doubled the work.
 fn needs_row_padding(q: &QTensor) -> bool {
     use candle_core::quantized::GgmlDType;
-    cfg!(target_arch = "x86_64") && matches!(q.dtype(), GgmlDType::Q4K | GgmlDType::Q6K)
+    cfg!(target_arch = "x86_64") && q.dtype() == GgmlDType::Q6K
 }
 
 /// A weight as loaded: a GGUF tensor or a dense [out, in] matrix, plus optional bias.
@@ -88,13 +90,13 @@ impl Linear {
     }
 }
 
-/// Several projections of the same input, run as one matmul when their weights can be stacked
-/// (same quantization type or all dense), else one after the other.
+/// Several projections of the same input. Adjacent projections whose weights can be stacked (same
+/// quantization type and input width, or all dense) run as one matmul; e.g. Qwen2.5's Q4_K_M files
+/// store q and k as Q4_K but v as Q6_K in some layers, giving one q+k matmul and one v matmul.
 #[derive(Debug, Clone)]
 pub struct MultiLinear {
-    parts: Vec<Linear>,
-    /// Output width of each logical projection.
-    widths: Vec<usize>,
+    /// Each matmul with the output widths of the logical projections it holds, in order.
+    groups: Vec<(Linear, Vec<usize>)>,
 }
 
 /// Stacks the bias vectors of `parts` (zeros where a part has none); None when none has one.
@@ -119,84 +121,101 @@ fn stack_bias(parts: &[RawWeight], widths: &[usize]) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(all, n, &candle_core::Device::Cpu)?))
 }
 
-impl MultiLinear {
-    /// Builds the projections, fusing them when their storage allows it.
-    pub fn new(parts: Vec<RawWeight>) -> Result<Self> {
-        let widths = parts.iter().map(RawWeight::out_features).collect::<Result<Vec<_>>>()?;
-        let total: usize = widths.iter().sum();
-        let bias = stack_bias(&parts, &widths)?;
-        let in_features = |q: &QTensor| q.shape().dims2().map(|d| d.1).ok();
-        let all_quant_same = match parts.first() {
-            Some(RawWeight::Quantized(first, _)) => parts.iter().all(|p| match p {
-                RawWeight::Quantized(q, _) => {
-                    q.dtype() == first.dtype() && in_features(q) == in_features(first)
-                }
-                RawWeight::Dense(..) => false,
-            }),
-            _ => false,
-        };
-        let all_dense = parts.iter().all(|p| matches!(p, RawWeight::Dense(..)));
-        if parts.len() > 1 && all_quant_same {
-            let mut bytes = Vec::new();
-            let mut k = 0;
-            let mut dtype = None;
-            let mut device = candle_core::Device::Cpu;
-            for p in &parts {
-                if let RawWeight::Quantized(q, _) = p {
-                    bytes.extend_from_slice(&q.data()?);
-                    k = q.shape().dims2()?.1;
-                    dtype = Some(q.dtype());
-                    device = q.device();
-                }
+/// Whether `b` can be stacked under `a` in one matmul.
+fn stackable(a: &RawWeight, b: &RawWeight) -> bool {
+    let in_features = |q: &QTensor| q.shape().dims2().map(|d| d.1).ok();
+    match (a, b) {
+        (RawWeight::Quantized(x, _), RawWeight::Quantized(y, _)) => {
+            x.dtype() == y.dtype() && in_features(x) == in_features(y)
+        }
+        (RawWeight::Dense(..), RawWeight::Dense(..)) => true,
+        _ => false,
+    }
+}
+
+/// One matmul for `parts` (all stackable with each other, at least one).
+fn fuse(parts: Vec<RawWeight>, widths: &[usize]) -> Result<Linear> {
+    if parts.len() == 1 {
+        return parts.into_iter().next().map_or_else(|| candle_core::bail!("no parts"), RawWeight::into_linear);
+    }
+    let total: usize = widths.iter().sum();
+    let bias = stack_bias(&parts, widths)?;
+    if matches!(parts[0], RawWeight::Quantized(..)) {
+        let mut bytes = Vec::new();
+        let (mut k, mut dtype, mut device) = (0, None, candle_core::Device::Cpu);
+        for p in &parts {
+            if let RawWeight::Quantized(q, _) = p {
+                bytes.extend_from_slice(&q.data()?);
+                k = q.shape().dims2()?.1;
+                dtype = Some(q.dtype());
+                device = q.device();
             }
-            let dtype = dtype.ok_or_else(|| candle_core::Error::Msg("no parts".into()))?;
-            let storage = QStorage::from_data(Cow::Owned(bytes), &device, dtype)?;
-            let fused = QTensor::new(storage, (total, k))?;
-            return Ok(Self { parts: vec![Linear::from_qtensor(fused, bias)?], widths });
         }
-        if parts.len() > 1 && all_dense {
-            let ws = parts
-                .iter()
-                .map(|p| match p {
-                    RawWeight::Dense(t, _) => t.to_dtype(DType::F32),
-                    RawWeight::Quantized(..) => unreachable!("checked all dense"),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let fused = Tensor::cat(&ws, 0)?;
-            return Ok(Self { parts: vec![Linear::from_dense(fused, bias)?], widths });
+        let dtype = dtype.ok_or_else(|| candle_core::Error::Msg("no parts".into()))?;
+        let storage = QStorage::from_data(Cow::Owned(bytes), &device, dtype)?;
+        return Linear::from_qtensor(QTensor::new(storage, (total, k))?, bias);
+    }
+    let ws = parts
+        .iter()
+        .map(|p| match p {
+            RawWeight::Dense(t, _) => t.to_dtype(DType::F32),
+            RawWeight::Quantized(..) => candle_core::bail!("cannot stack quantized and dense weights"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Linear::from_dense(Tensor::cat(&ws, 0)?, bias)
+}
+
+impl MultiLinear {
+    /// Builds the projections, fusing runs of adjacent stackable weights.
+    pub fn new(parts: Vec<RawWeight>) -> Result<Self> {
+        let mut runs: Vec<(Vec<RawWeight>, Vec<usize>)> = Vec::new();
+        for p in parts {
+            let w = p.out_features()?;
+            match runs.last_mut() {
+                Some((run, widths)) if stackable(&run[0], &p) => {
+                    run.push(p);
+                    widths.push(w);
+                }
+                _ => runs.push((vec![p], vec![w])),
+            }
         }
-        let parts = parts.into_iter().map(RawWeight::into_linear).collect::<Result<Vec<_>>>()?;
-        Ok(Self { parts, widths })
+        let groups = runs
+            .into_iter()
+            .map(|(run, widths)| Ok((fuse(run, &widths)?, widths)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { groups })
     }
 
-    /// Whether the projections run as one matmul.
+    /// Whether all projections run as one matmul.
     pub fn is_fused(&self) -> bool {
-        self.parts.len() == 1 && self.widths.len() > 1
+        self.groups.len() == 1 && self.groups[0].1.len() > 1
     }
 
     /// Runs all projections on `x` [rows, in]; returns each projection's output as a row-major
     /// [rows, width] vector.
     pub fn forward_parts(&self, x: &Tensor) -> Result<Vec<Vec<f32>>> {
-        if self.parts.len() == self.widths.len() {
-            return self
-                .parts
-                .iter()
-                .map(|p| p.forward(x)?.flatten_all()?.to_vec1::<f32>())
-                .collect();
-        }
-        let y = self.parts[0].forward(x)?;
-        let (rows, total) = y.dims2()?;
-        let (guard, layout) = y.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*guard else {
-            candle_core::bail!("fused projections run on the CPU only");
-        };
-        let data = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + rows * total];
-        let mut outs: Vec<Vec<f32>> = self.widths.iter().map(|&w| Vec::with_capacity(rows * w)).collect();
-        for row in data.chunks_exact(total) {
-            let mut off = 0;
-            for (out, &w) in outs.iter_mut().zip(&self.widths) {
-                out.extend_from_slice(&row[off..off + w]);
-                off += w;
+        let mut outs = Vec::new();
+        for (linear, widths) in &self.groups {
+            let y = linear.forward(x)?;
+            if widths.len() == 1 {
+                outs.push(y.flatten_all()?.to_vec1::<f32>()?);
+                continue;
+            }
+            let (rows, total) = y.dims2()?;
+            let (guard, layout) = y.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*guard else {
+                candle_core::bail!("fused projections run on the CPU only");
+            };
+            let start = layout.start_offset();
+            let data = &cpu.as_slice::<f32>()?[start..start + rows * total];
+            let first = outs.len();
+            outs.extend(widths.iter().map(|&w| Vec::with_capacity(rows * w)));
+            for row in data.chunks_exact(total) {
+                let mut off = 0;
+                for (out, &w) in outs[first..].iter_mut().zip(widths) {
+                    out.extend_from_slice(&row[off..off + w]);
+                    off += w;
+                }
             }
         }
         Ok(outs)

@@ -8,6 +8,7 @@ pub mod config;
 pub mod kv_cache;
 pub mod linear;
 pub mod model;
+pub mod profile;
 pub mod weights;
 
 use std::collections::{HashMap, HashSet};

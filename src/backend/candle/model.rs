@@ -8,6 +8,7 @@ use candle_core::{Device, Result, Tensor};
 use super::attention::{attend, HeadShape, RopeTable, RowRef};
 use super::config::ModelConfig;
 use super::kv_cache::SeqCache;
+use super::profile::Clock;
 use super::weights::ModelWeights;
 
 /// One sequence's part of a step, with its cache taken out of the backend's map.
@@ -44,6 +45,7 @@ impl Transformer {
     /// Runs one step. The caller has checked that every cache can hold its new tokens; on error
     /// the caches may hold partial rows and must be truncated back by the caller.
     pub fn forward(&self, work: &mut [SeqWork<'_>]) -> Result<Vec<Option<Vec<f32>>>> {
+        let mut clk = Clock::start();
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let shape = HeadShape { num_heads: nh, num_kv_heads: nkv, head_dim: hd };
@@ -61,13 +63,16 @@ impl Transformer {
         let ids = Tensor::from_vec(ids, n_rows, &self.device)?;
         let mut x = self.weights.embed.embedding(&ids)?;
         let mut attn_out = vec![0f32; n_rows * q_dim];
+        clk.mark(0);
 
         for (li, layer) in self.weights.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
+            clk.mark(1);
             let mut qkv = layer.qkv.forward_parts(&h)?.into_iter();
             let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 candle_core::bail!("qkv projection must have three parts");
             };
+            clk.mark(2);
             for (r, row) in rows.iter().enumerate() {
                 self.rope.apply(&mut q[r * q_dim..(r + 1) * q_dim], row.pos);
                 self.rope.apply(&mut k[r * kv_dim..(r + 1) * kv_dim], row.pos);
@@ -81,21 +86,28 @@ impl Transformer {
                 .iter()
                 .map(|w| (w.cache.layers[li].k.as_slice(), w.cache.layers[li].v.as_slice()))
                 .collect();
+            clk.mark(3);
             attend(&q, &rows, &caches, shape, &mut attn_out);
+            clk.mark(4);
             let attn = Tensor::from_slice(&attn_out, (n_rows, q_dim), &self.device)?;
             x = (x + layer.wo.forward(&attn)?)?;
+            clk.mark(5);
 
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
+            clk.mark(6);
             let mut gu = layer.gate_up.forward_parts(&h)?.into_iter();
             let (Some(mut gate), Some(up)) = (gu.next(), gu.next()) else {
                 candle_core::bail!("gate/up projection must have two parts");
             };
+            clk.mark(7);
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
             let inter = gate.len() / n_rows;
             let act = Tensor::from_vec(gate, (n_rows, inter), &self.device)?;
+            clk.mark(8);
             x = (x + layer.w_down.forward(&act)?)?;
+            clk.mark(9);
         }
         for w in work.iter_mut() {
             w.cache.len += w.tokens.len();
@@ -113,7 +125,10 @@ impl Transformer {
             let n = last_rows.len();
             let idx = Tensor::from_vec(last_rows, n, &self.device)?;
             let h = self.rms_norm(&x.index_select(&idx, 0)?, &self.weights.final_norm)?;
-            self.weights.lm_head.forward(&h)?.to_vec2::<f32>()?
+            clk.mark(10);
+            let l = self.weights.lm_head.forward(&h)?.to_vec2::<f32>()?;
+            clk.mark(11);
+            l
         }
         .into_iter();
         Ok(work
