@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use super::sse::{chat_logprob, push_text_logprob, usage, Mode, ResponseMeta};
-use super::types::{AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, CompletionLogprobs, TextChoice, TextCompletion};
+use super::types::{AssistantMessage, ChatChoice, ChatLogprobs, CompletionLogprobs, TextChoice};
 use crate::engine::{Event, FinishReason};
 
 #[derive(Debug, Clone, Default)]
@@ -75,13 +75,8 @@ impl Collector {
         let u = usage(prompt_tokens, completion);
         let logprobs = self.logprobs;
         let value = match self.mode {
-            Mode::Chat => serde_json::to_value(ChatCompletion {
-                id: meta.id,
-                object: "chat.completion",
-                created: meta.created,
-                model: meta.model,
-                system_fingerprint: meta.system_fingerprint,
-                choices: self
+            Mode::Chat => {
+                let choices: Vec<ChatChoice> = self
                     .choices
                     .into_iter()
                     .enumerate()
@@ -91,16 +86,11 @@ impl Collector {
                         logprobs: logprobs.then_some(c.chat_lp),
                         finish_reason: c.finish.map(FinishReason::as_str),
                     })
-                    .collect(),
-                usage: u,
-            }),
-            Mode::Text => serde_json::to_value(TextCompletion {
-                id: meta.id,
-                object: "text_completion",
-                created: meta.created,
-                model: meta.model,
-                system_fingerprint: meta.system_fingerprint,
-                choices: self
+                    .collect();
+                serde_json::to_value(meta.envelope("chat.completion", choices, Some(Some(u))))
+            }
+            Mode::Text => {
+                let choices: Vec<TextChoice> = self
                     .choices
                     .into_iter()
                     .enumerate()
@@ -110,9 +100,9 @@ impl Collector {
                         logprobs: logprobs.then_some(c.text_lp),
                         finish_reason: c.finish.map(FinishReason::as_str),
                     })
-                    .collect(),
-                usage: Some(Some(u)),
-            }),
+                    .collect();
+                serde_json::to_value(meta.envelope("text_completion", choices, Some(Some(u))))
+            }
         };
         value.map_err(|e| format!("could not serialise the response: {e}"))
     }

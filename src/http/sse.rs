@@ -5,11 +5,11 @@
 //! with an empty delta and `finish_reason`. Text completions have no role chunk. When every choice
 //! has finished: a usage chunk with `choices: []` (if `include_usage`), then `[DONE]`. An engine
 //! error ends the stream with an OpenAI error object, then `[DONE]`.
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::types::{
-    ChatChunk, ChatLogprobs, ChatTokenLogprob, ChunkChoice, CompletionLogprobs, Delta, TextChoice, TextCompletion,
-    TopLogprob, Usage,
+    ChatLogprobs, ChatTokenLogprob, ChunkChoice, CompletionLogprobs, Delta, Envelope, TextChoice, TopLogprob, Usage,
 };
 use crate::engine::{Event, LogprobEntry, TokenLogprob};
 
@@ -27,6 +27,21 @@ pub struct ResponseMeta {
     pub created: u64,
     pub model: String,
     pub system_fingerprint: String,
+}
+
+impl ResponseMeta {
+    /// A response object (whole or chunk) of this request with the given choices.
+    pub fn envelope<C>(&self, object: &'static str, choices: Vec<C>, usage: Option<Option<Usage>>) -> Envelope<C> {
+        Envelope {
+            id: self.id.clone(),
+            object,
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.system_fingerprint.clone(),
+            choices,
+            usage,
+        }
+    }
 }
 
 /// One thing to send: a JSON `data:` payload, or the final `data: [DONE]`.
@@ -160,47 +175,23 @@ impl StreamAssembler {
 
     fn chat_chunk(&self, index: usize, delta: Delta, logprobs: Option<ChatLogprobs>, finish: Option<&'static str>) -> Frame {
         let choice = ChunkChoice { index, delta, logprobs, finish_reason: finish };
-        self.chat_frame(vec![choice], self.usage_field())
-    }
-
-    fn chat_frame(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> Frame {
-        let m = &self.meta;
-        let chunk = ChatChunk {
-            id: m.id.clone(),
-            object: "chat.completion.chunk",
-            created: m.created,
-            model: m.model.clone(),
-            system_fingerprint: m.system_fingerprint.clone(),
-            choices,
-            usage,
-        };
-        Frame::Data(serde_json::to_value(chunk).unwrap_or(Value::Null))
+        self.frame("chat.completion.chunk", vec![choice], self.usage_field())
     }
 
     fn text_chunk(&self, index: usize, text: String, logprobs: Option<CompletionLogprobs>, finish: Option<&'static str>) -> Frame {
         let choice = TextChoice { text, index, logprobs, finish_reason: finish };
-        self.text_frame(vec![choice], self.usage_field())
+        self.frame("text_completion", vec![choice], self.usage_field())
     }
 
-    fn text_frame(&self, choices: Vec<TextChoice>, usage: Option<Option<Usage>>) -> Frame {
-        let m = &self.meta;
-        let chunk = TextCompletion {
-            id: m.id.clone(),
-            object: "text_completion",
-            created: m.created,
-            model: m.model.clone(),
-            system_fingerprint: m.system_fingerprint.clone(),
-            choices,
-            usage,
-        };
-        Frame::Data(serde_json::to_value(chunk).unwrap_or(Value::Null))
+    fn frame<C: Serialize>(&self, object: &'static str, choices: Vec<C>, usage: Option<Option<Usage>>) -> Frame {
+        Frame::Data(serde_json::to_value(self.meta.envelope(object, choices, usage)).unwrap_or(Value::Null))
     }
 
     fn usage_chunk(&self) -> Frame {
         let u = Some(Some(self.usage()));
         match self.mode {
-            Mode::Chat => self.chat_frame(Vec::new(), u),
-            Mode::Text => self.text_frame(Vec::new(), u),
+            Mode::Chat => self.frame::<ChunkChoice>("chat.completion.chunk", Vec::new(), u),
+            Mode::Text => self.frame::<TextChoice>("text_completion", Vec::new(), u),
         }
     }
 }

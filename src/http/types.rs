@@ -145,17 +145,6 @@ pub struct ChatChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-/// `object: "chat.completion"`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChatCompletion {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<ChatChoice>,
-    pub usage: Usage,
-}
 
 /// The `delta` of a chat chunk: role on the first chunk of a choice, then content.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -175,19 +164,6 @@ pub struct ChunkChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-/// `object: "chat.completion.chunk"`. `usage` is omitted unless `include_usage` was asked, then
-/// `null` on every chunk but the last.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ChatChunk {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<ChunkChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Option<Usage>>,
-}
 
 /// One choice of a text completion (whole or chunk).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -198,15 +174,20 @@ pub struct TextChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-/// `object: "text_completion"`, used both whole and as a stream chunk.
+
+/// What every completion object shares, whole or streamed; only the choice type differs:
+/// `chat.completion` (`ChatChoice`), `chat.completion.chunk` (`ChunkChoice`) and
+/// `text_completion` (`TextChoice`, whole and as a stream chunk).
+/// `usage` is omitted when `None` (stream chunks without `include_usage`), `null` when
+/// `Some(None)` (every chunk but the last with `include_usage`), and set on whole responses.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TextCompletion {
+pub struct Envelope<C> {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
     pub model: String,
     pub system_fingerprint: String,
-    pub choices: Vec<TextChoice>,
+    pub choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
 }
