@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// Context length override (default: the model's own).
     #[arg(long)]
     pub context_length: Option<usize>,
+    /// CPU threads of the forward pass, shared by all CPU models (env INFERD_THREADS; default:
+    /// every CPU this process may use).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// Which backend runs a model.
@@ -114,6 +118,8 @@ pub struct ServerConfig {
     pub max_waiting: usize,
     /// When set, `/v1/*` requires `Authorization: Bearer <api_key>`.
     pub api_key: Option<String>,
+    /// CPU threads of the forward pass (None: every CPU this process may use).
+    pub threads: Option<usize>,
 }
 
 impl ServerConfig {
@@ -192,6 +198,7 @@ struct FileServer {
     max_body_bytes: Option<usize>,
     max_waiting: Option<usize>,
     api_key: Option<String>,
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +240,7 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
         max_body_bytes: file.server.max_body_bytes.unwrap_or(4 * 1024 * 1024),
         max_waiting: file.server.max_waiting.unwrap_or(EngineConfig::default().max_waiting),
         api_key: file.server.api_key.filter(|k| !k.is_empty()),
+        threads: file.server.threads.filter(|&n| n > 0),
     };
     let mut models =
         file.models.into_iter().map(|m| model_from_file(m, base.as_deref())).collect::<Result<Vec<_>, _>>()?;
@@ -248,6 +256,14 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
             reason: e.to_string(),
         })?;
     }
+    if let Some(t) = env("INFERD_THREADS") {
+        let n: usize = t.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Value {
+            name: "INFERD_THREADS".into(),
+            value: t.clone(),
+            reason: e.to_string(),
+        })?;
+        server.threads = Some(n).filter(|&n| n > 0);
+    }
     if let Some(spec) = env("INFERD_MODEL") {
         models = vec![model_from_spec(&spec, None)];
     }
@@ -260,6 +276,9 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     }
     if let Some(p) = args.port {
         server.port = p;
+    }
+    if let Some(t) = args.threads {
+        server.threads = Some(t).filter(|&n| n > 0);
     }
     if let Some(spec) = &args.model {
         models = vec![model_from_spec(spec, args.model_id.as_deref())];

@@ -77,6 +77,21 @@ fn env_overrides_file_and_flags_override_env() {
 }
 
 #[test]
+fn threads_come_from_env_then_flag_and_zero_means_all_cpus() {
+    let f = file(FILE);
+    let c = load_with_env(&args_with(&f), &env_of(&[])).expect("config loads");
+    assert_eq!(c.server.threads, None);
+    let env = env_of(&[("INFERD_THREADS", "3")]);
+    assert_eq!(load_with_env(&args_with(&f), &env).expect("config loads").server.threads, Some(3));
+    let args = ServeArgs { threads: Some(1), ..args_with(&f) };
+    assert_eq!(load_with_env(&args, &env).expect("config loads").server.threads, Some(1));
+    let args = ServeArgs { threads: Some(0), ..args_with(&f) };
+    assert_eq!(load_with_env(&args, &env).expect("config loads").server.threads, None);
+    let bad = env_of(&[("INFERD_THREADS", "many")]);
+    assert!(load_with_env(&args_with(&f), &bad).unwrap_err().to_string().contains("INFERD_THREADS"));
+}
+
+#[test]
 fn model_flag_replaces_the_list_and_beats_env_model() {
     let f = file(FILE);
     let env = env_of(&[("INFERD_MODEL", "org/from-env")]);

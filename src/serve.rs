@@ -84,6 +84,9 @@ pub fn load_model(m: &ModelConfig, server: &crate::config::ServerConfig) -> Resu
 
 /// Loads every model, then serves until Ctrl-C / SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
+    let threads = cfg.server.threads.unwrap_or_else(crate::backend::candle::pool::default_threads);
+    crate::backend::candle::pool::configure(threads);
+    tracing::info!(threads = crate::backend::candle::pool::global().threads(), "CPU thread pool ready");
     let mut entries = Vec::with_capacity(cfg.models.len());
     for m in &cfg.models {
         let (m, server) = (m.clone(), cfg.server.clone());

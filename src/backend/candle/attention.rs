@@ -127,7 +127,7 @@ fn attend_one(q: &[f32], k: &[f32], v: &[f32], pos: usize, kv_head: usize, s: He
 
 /// Attention for all rows of a step. `q` is [rows][num_heads][head_dim] (already rotated),
 /// `caches[seq]` holds that sequence's K and V including this step's rows, `out` receives
-/// [rows][num_heads][head_dim]. Work is split over candle's CPU thread pool by (row, head).
+/// [rows][num_heads][head_dim]. Work is split over the CPU pool by (row, head).
 pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadShape, out: &mut [f32]) {
     let d = s.head_dim;
     let group = s.num_heads / s.num_kv_heads;
@@ -136,7 +136,7 @@ pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadSh
     assert_eq!(out.len(), items * d, "attention output has the wrong size");
     assert_eq!(q.len(), items * d, "attention query has the wrong size");
     let run = |range: std::ops::Range<usize>| {
-        for item in range {
+        for item in range.start..range.end.min(items) {
             let (r, h) = (item / s.num_heads, item % s.num_heads);
             let row = rows[r];
             let (k, v) = caches[row.seq];
@@ -150,7 +150,9 @@ pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadSh
     if work < 64 * 1024 {
         run(0..items);
     } else {
-        candle_core::utils::barrier_pool().execute_chunked(items, run);
+        let pool = super::pool::global();
+        let per = items.div_ceil(pool.threads() * 4);
+        pool.run(items.div_ceil(per), &|c| run(c * per..(c + 1) * per));
     }
 }
 

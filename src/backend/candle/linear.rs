@@ -1,32 +1,30 @@
 //! Linear layers whose weights are either quantized (GGUF blocks) or dense (f32), with optional
 //! bias, and projections that share one input (q/k/v, gate/up) fused into a single matmul.
 //!
-//! Quantized weights go through candle's `QMatMul`, which reads each weight block once for all
-//! rows of the activation: this is what makes batching many sequences per step pay off. Fusing
-//! projections that read the same input saves one activation quantization and one thread-pool
-//! dispatch per part.
+//! Quantized weights run through `qmatmul::QMatrix`, which reads each weight block once for
+//! several activation rows: this is what makes batching many sequences per step pay off. Fusing
+//! projections that read the same input saves one activation quantization and one pool job per
+//! part. Dense weights use candle's matmul.
 use std::borrow::Cow;
+use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QStorage, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::quantized::{QStorage, QTensor};
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::qmatmul::QMatrix;
 
 /// `y = x W^T (+ b)` for an activation `x` of shape [rows, in_features].
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
-    pad_single_row: bool,
 }
 
-/// On x86, candle sends Q6_K matmuls with one activation row to a different kernel (compact
-/// GEMV) than several rows (repacked tiles), and the two round differently (logits differ by up to
-/// ~0.5 on Qwen2.5-0.5B). A decode step with one sequence would then not reproduce the same
-/// sequence decoded alongside others; padding single rows to two keeps every row on one kernel.
-/// Q4_K needs no padding: candle 0.11.1's `repack_x86::select` takes the tiled kernel for any row
-/// count, and each row of a tile is computed alone, so padding it only doubled the work.
-fn needs_row_padding(q: &QTensor) -> bool {
-    use candle_core::quantized::GgmlDType;
-    cfg!(target_arch = "x86_64") && q.dtype() == GgmlDType::Q6K
+#[derive(Debug, Clone)]
+enum Weight {
+    Quantized(Arc<QMatrix>),
+    /// [out, in], f32.
+    Dense(Tensor),
 }
 
 /// A weight as loaded: a GGUF tensor or a dense [out, in] matrix, plus optional bias.
@@ -53,35 +51,53 @@ impl RawWeight {
 }
 
 impl Linear {
-    /// From a GGUF tensor (quantized types stay quantized; F32/F16 are dequantized by candle).
+    /// From a GGUF tensor (block types stay quantized; F32/F16/BF16 are widened to f32).
     pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
-        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        let pad_single_row = needs_row_padding(&weight);
-        Ok(Self { weight: QMatMul::from_qtensor(weight)?, bias, pad_single_row })
-    }
-
-    /// From an already built matmul (e.g. the token embeddings shared with a tied lm_head).
-    pub fn from_qmatmul(weight: QMatMul) -> Self {
-        let pad_single_row = match &weight {
-            QMatMul::QTensor(q) => needs_row_padding(q),
-            _ => false,
-        };
-        Self { weight, bias: None, pad_single_row }
+        match QMatrix::from_qtensor(&weight)? {
+            Some(q) => {
+                let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+                Ok(Self { weight: Weight::Quantized(Arc::new(q)), bias })
+            }
+            None => Self::from_dense(weight.dequantize(&Device::Cpu)?, bias),
+        }
     }
 
     /// From a dense weight of shape [out_features, in_features] (converted to f32).
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        Ok(Self { weight: QMatMul::Tensor(weight), bias, pad_single_row: false })
+        Ok(Self { weight: Weight::Dense(weight), bias })
+    }
+
+    /// Rows `ids` of the weight matrix (as an embedding table), [ids.len(), in_features].
+    pub fn embedding(&self, ids: &[u32]) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Quantized(q) => {
+                Tensor::from_vec(q.dequantize_rows(ids)?, (ids.len(), q.cols()), &Device::Cpu)
+            }
+            Weight::Dense(w) => {
+                let idx = Tensor::from_slice(ids, ids.len(), w.device())?;
+                w.index_select(&idx, 0)
+            }
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.pad_single_row && x.dim(0)? == 1 {
-            // Same kernel as multi-row steps: see `needs_row_padding`.
-            self.weight.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?.contiguous()?
-        } else {
-            self.weight.forward(x)?
+        let y = match &self.weight {
+            Weight::Quantized(q) => {
+                let rows = x.dim(0)?;
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                let y = {
+                    let (guard, layout) = x.storage_and_layout();
+                    let candle_core::Storage::Cpu(cpu) = &*guard else {
+                        candle_core::bail!("quantized matmuls run on the CPU only");
+                    };
+                    let start = layout.start_offset();
+                    q.matmul(&cpu.as_slice::<f32>()?[start..start + rows * q.cols()])
+                };
+                Tensor::from_vec(y, (rows, q.rows()), &Device::Cpu)?
+            }
+            Weight::Dense(w) => x.matmul(&w.t()?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),

@@ -8,7 +8,9 @@ pub mod config;
 pub mod kv_cache;
 pub mod linear;
 pub mod model;
+pub mod pool;
 pub mod profile;
+pub mod qmatmul;
 pub mod weights;
 
 use std::collections::{HashMap, HashSet};

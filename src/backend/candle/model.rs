@@ -60,7 +60,6 @@ impl Transformer {
             rows.extend((0..w.tokens.len()).map(|i| RowRef { seq: s, pos: w.cache.len + i }));
         }
         let n_rows = ids.len();
-        let ids = Tensor::from_vec(ids, n_rows, &self.device)?;
         let mut x = self.weights.embed.embedding(&ids)?;
         let mut attn_out = vec![0f32; n_rows * q_dim];
         clk.mark(0);

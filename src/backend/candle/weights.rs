@@ -3,9 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use std::sync::Arc;
-
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
@@ -28,8 +26,9 @@ pub struct LayerWeights {
 /// All weights of a model, whatever file they came from.
 #[derive(Debug, Clone)]
 pub struct ModelWeights {
-    /// Token embeddings [vocab, hidden], kept quantized for GGUF (rows are dequantized on lookup).
-    pub embed: QMatMul,
+    /// Token embeddings [vocab, hidden], kept quantized for GGUF (rows are dequantized on lookup;
+    /// a tied lm_head shares them).
+    pub embed: Linear,
     pub layers: Vec<LayerWeights>,
     pub final_norm: Tensor,
     pub lm_head: Linear,
@@ -52,9 +51,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(ModelConfig, ModelWeig
     };
     let dense = |q: candle_core::quantized::QTensor| q.dequantize(device).map_err(load_err);
 
-    let embed = QMatMul::from_arc(Arc::new(tensor("token_embd.weight")?)).map_err(load_err)?;
+    let embed = Linear::from_qtensor(tensor("token_embd.weight")?, None).map_err(load_err)?;
     let lm_head = if cfg.tie_word_embeddings {
-        Linear::from_qmatmul(embed.clone())
+        embed.clone()
     } else {
         Linear::from_qtensor(tensor("output.weight")?, None).map_err(load_err)?
     };
@@ -122,7 +121,7 @@ pub fn load_safetensors(
         t.to_dtype(DType::F32).map_err(load_err)
     };
     let embed_dense = take("model.embed_tokens.weight")?.contiguous().map_err(load_err)?;
-    let embed = QMatMul::Tensor(embed_dense.clone());
+    let embed = Linear::from_dense(embed_dense.clone(), None).map_err(load_err)?;
     let final_norm = take("model.norm.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
@@ -150,9 +149,8 @@ pub fn load_safetensors(
         });
     }
     let lm_head = match (cfg.tie_word_embeddings, take("lm_head.weight")) {
-        (false, Ok(w)) => w,
-        _ => embed_dense,
+        (false, Ok(w)) => Linear::from_dense(w, None).map_err(load_err)?,
+        _ => embed.clone(),
     };
-    let lm_head = Linear::from_dense(lm_head, None).map_err(load_err)?;
     Ok((cfg, ModelWeights { embed, layers, final_norm, lm_head }))
 }

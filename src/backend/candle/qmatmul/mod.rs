@@ -1,0 +1,230 @@
+//! Quantized matrix times activation rows, on the CPU, spread over `pool::global()`.
+//!
+//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights run our own kernels (AVX2 where the CPU has it, a
+//! portable loop otherwise): activations are quantized like ggml's Q8_0/Q8_1 and each weight
+//! block is read once for up to four activation rows. The k-quants (Q2_K..Q6_K) and Q8_K use
+//! candle's per-row dot products (AVX2 in candle), driven by the same pool. Each output is
+//! computed the same way whatever the number of rows, so a sequence's logits do not depend on
+//! what else is in the batch.
+pub mod blocks;
+pub mod quantize;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use candle_core::quantized::k_quants::{self, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
+
+use self::blocks::Kind;
+use self::quantize::{QActs, QK};
+use super::pool::{self, SharedMut};
+
+/// A quantized [n, k] weight matrix (n output features, k input features).
+pub struct QMatrix {
+    n: usize,
+    k: usize,
+    imp: Imp,
+}
+
+enum Imp {
+    Own { kind: Kind, data: Vec<u8> },
+    Candle(Box<dyn CandleRows>),
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.imp {
+            Imp::Own { kind, .. } => format!("{kind:?}"),
+            Imp::Candle(c) => format!("{:?} (candle)", c.dtype()),
+        };
+        write!(f, "QMatrix[{}x{}, {kind}]", self.n, self.k)
+    }
+}
+
+fn own_kind(d: GgmlDType) -> Option<Kind> {
+    Some(match d {
+        GgmlDType::Q4_0 => Kind::Q4_0,
+        GgmlDType::Q4_1 => Kind::Q4_1,
+        GgmlDType::Q5_0 => Kind::Q5_0,
+        GgmlDType::Q5_1 => Kind::Q5_1,
+        GgmlDType::Q8_0 => Kind::Q8_0,
+        _ => return None,
+    })
+}
+
+/// Output rows per pool chunk: about 16 chunks per thread, at least 8 rows each.
+fn rows_per_chunk(n: usize, threads: usize) -> usize {
+    n.div_ceil(threads * 16).max(8).max(n.div_ceil(pool::MAX_CHUNKS))
+}
+
+impl QMatrix {
+    /// From a 2-D GGUF tensor of a block type; None for dense types (F32, F16, BF16).
+    pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Option<QMatrix>> {
+        let (n, k) = q.shape().dims2()?;
+        let data = q.data()?;
+        let imp = if let Some(kind) = own_kind(q.dtype()) {
+            if k % QK != 0 {
+                candle_core::bail!("{:?} weight width {k} is not a multiple of {QK}", q.dtype());
+            }
+            Imp::Own { kind, data: data.into_owned() }
+        } else {
+            let c: Box<dyn CandleRows> = match q.dtype() {
+                GgmlDType::Q2K => Box::new(CandleBlocks::<k_quants::BlockQ2K>::new(&data, n, k)?),
+                GgmlDType::Q3K => Box::new(CandleBlocks::<k_quants::BlockQ3K>::new(&data, n, k)?),
+                GgmlDType::Q4K => Box::new(CandleBlocks::<k_quants::BlockQ4K>::new(&data, n, k)?),
+                GgmlDType::Q5K => Box::new(CandleBlocks::<k_quants::BlockQ5K>::new(&data, n, k)?),
+                GgmlDType::Q6K => Box::new(CandleBlocks::<k_quants::BlockQ6K>::new(&data, n, k)?),
+                GgmlDType::Q8K => Box::new(CandleBlocks::<k_quants::BlockQ8K>::new(&data, n, k)?),
+                GgmlDType::Q8_1 => Box::new(CandleBlocks::<k_quants::BlockQ8_1>::new(&data, n, k)?),
+                _ => return Ok(None),
+            };
+            Imp::Candle(c)
+        };
+        Ok(Some(QMatrix { n, k, imp }))
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// `x W^T` for `x` a row-major [m, k] matrix; returns [m, n] row-major.
+    pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len() % k, 0, "activation width does not match the weight");
+        let m = x.len() / k;
+        let mut out = vec![0f32; m * n];
+        if m == 0 {
+            return out;
+        }
+        let pool = pool::global();
+        let cs = rows_per_chunk(n, pool.threads());
+        let dst = SharedMut(out.as_mut_ptr());
+        match &self.imp {
+            Imp::Own { kind, data } => {
+                let acts = QActs::new(x, k);
+                let row_bytes = k / QK * kind.bytes();
+                let kernel = own_kernel();
+                pool.run(n.div_ceil(cs), &|c| {
+                    let mut tmp = [0f32; 4];
+                    for r0 in (0..m).step_by(4) {
+                        let cnt = (m - r0).min(4);
+                        for j in c * cs..((c + 1) * cs).min(n) {
+                            let w = &data[j * row_bytes..(j + 1) * row_bytes];
+                            kernel(*kind, w, &acts, r0, &mut tmp[..cnt]);
+                            for (t, v) in tmp[..cnt].iter().enumerate() {
+                                // SAFETY: (r0 + t, j) is in bounds and j belongs to this chunk
+                                // alone; `out` outlives the pool job.
+                                unsafe { *dst.ptr().add((r0 + t) * n + j) = *v };
+                            }
+                        }
+                    }
+                });
+            }
+            Imp::Candle(c) => c.matmul(x, m, n, cs, dst),
+        }
+        out
+    }
+
+    /// Dequantizes rows `ids` (an embedding lookup); returns [ids.len(), k] row-major.
+    pub fn dequantize_rows(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let k = self.k;
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(k)) {
+            let id = id as usize;
+            if id >= self.n {
+                candle_core::bail!("row {id} is outside a matrix of {} rows", self.n);
+            }
+            match &self.imp {
+                Imp::Own { kind, data } => {
+                    let rb = k / QK * kind.bytes();
+                    blocks::dequantize_row(*kind, &data[id * rb..(id + 1) * rb], o);
+                }
+                Imp::Candle(c) => c.dequantize_row(id, o),
+            }
+        }
+        Ok(out)
+    }
+}
+
+type Kernel = fn(Kind, &[u8], &QActs, usize, &mut [f32]);
+
+/// The fastest kernel this CPU runs (the choice is the same for every call in a process).
+fn own_kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: AVX2 and FMA are present; callers pass whole rows of blocks and valid rows.
+        return |kind, w, acts, row0, out| unsafe { avx2::dot_rows(kind, w, acts, row0, out) };
+    }
+    blocks::dot_rows_scalar
+}
+
+/// A block type from candle's `k_quants`, multiplied with candle's own dot products.
+trait CandleRows: Send + Sync {
+    fn dtype(&self) -> GgmlDType;
+    fn matmul(&self, x: &[f32], m: usize, n: usize, cs: usize, dst: SharedMut<f32>);
+    fn dequantize_row(&self, row: usize, out: &mut [f32]);
+}
+
+struct CandleBlocks<T: GgmlType> {
+    blocks: Vec<T>,
+    k: usize,
+}
+
+impl<T: GgmlType> CandleBlocks<T> {
+    fn new(bytes: &[u8], n: usize, k: usize) -> candle_core::Result<Self> {
+        if k % T::BLCK_SIZE != 0 || k % T::VecDotType::BLCK_SIZE != 0 {
+            candle_core::bail!("{:?} weight width {k} is not a multiple of its block", T::DTYPE);
+        }
+        let count = n * k / T::BLCK_SIZE;
+        if bytes.len() != count * std::mem::size_of::<T>() {
+            candle_core::bail!("{:?} weight has {} bytes, expected {}", T::DTYPE, bytes.len(), count * std::mem::size_of::<T>());
+        }
+        let mut blocks = vec![T::zeros(); count];
+        // SAFETY: candle's block types are `repr(C)` plain data with ggml's byte layout, and the
+        // lengths match (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr() as *mut u8, bytes.len())
+        };
+        Ok(Self { blocks, k })
+    }
+}
+
+impl<T: GgmlType> CandleRows for CandleBlocks<T> {
+    fn dtype(&self) -> GgmlDType {
+        T::DTYPE
+    }
+
+    fn matmul(&self, x: &[f32], m: usize, n: usize, cs: usize, dst: SharedMut<f32>) {
+        let k = self.k;
+        let (bpr, bpa) = (k / T::BLCK_SIZE, k / T::VecDotType::BLCK_SIZE);
+        let mut acts = vec![T::VecDotType::zeros(); m * bpa];
+        for (row, a) in x.chunks_exact(k).zip(acts.chunks_exact_mut(bpa)) {
+            T::VecDotType::from_float(row, a);
+        }
+        let acts = &acts;
+        pool::global().run(n.div_ceil(cs), &|c| {
+            for j in c * cs..((c + 1) * cs).min(n) {
+                let w = &self.blocks[j * bpr..(j + 1) * bpr];
+                for r in 0..m {
+                    let v = T::vec_dot(k, w, &acts[r * bpa..(r + 1) * bpa]);
+                    // SAFETY: as in `QMatrix::matmul`: column j belongs to this chunk alone.
+                    unsafe { *dst.ptr().add(r * n + j) = v };
+                }
+            }
+        });
+    }
+
+    fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let bpr = self.k / T::BLCK_SIZE;
+        T::to_float(&self.blocks[row * bpr..(row + 1) * bpr], out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,143 @@
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use super::blocks::{self, Kind};
+use super::quantize::QActs;
+use super::QMatrix;
+
+const TYPES: [GgmlDType; 7] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q6K,
+];
+
+/// Deterministic pseudo-random values in about [-1, 1].
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn qtensor(dtype: GgmlDType, n: usize, k: usize) -> QTensor {
+    let w = Tensor::from_vec(values(n * k, 7), (n, k), &Device::Cpu).unwrap();
+    QTensor::quantize(&w, dtype).unwrap()
+}
+
+/// x W^T with W dequantized by candle and f64 sums.
+fn reference(q: &QTensor, x: &[f32], k: usize) -> Vec<f32> {
+    let w = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut out = Vec::new();
+    for row in x.chunks_exact(k) {
+        for wr in w.chunks_exact(k) {
+            out.push(row.iter().zip(wr).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() as f32);
+        }
+    }
+    out
+}
+
+#[test]
+fn matmul_matches_dequantized_weights_for_every_type() {
+    let (n, k, m) = (40, 512, 5);
+    let x = values(m * k, 3);
+    for dtype in TYPES {
+        let q = qtensor(dtype, n, k);
+        let got = QMatrix::from_qtensor(&q).unwrap().unwrap().matmul(&x);
+        let want = reference(&q, &x, k);
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // Activations are quantized to 8 bits: errors of about 1% of the largest output.
+        assert!(worst < 0.02 * scale, "{dtype:?}: worst error {worst} of {scale}");
+    }
+}
+
+#[test]
+fn every_row_gives_the_same_bits_alone_or_in_a_batch() {
+    let (n, k, m) = (24, 256, 7);
+    let x = values(m * k, 11);
+    for dtype in TYPES {
+        let mat = QMatrix::from_qtensor(&qtensor(dtype, n, k)).unwrap().unwrap();
+        let all = mat.matmul(&x);
+        for r in 0..m {
+            let alone = mat.matmul(&x[r * k..(r + 1) * k]);
+            assert_eq!(alone, all[r * n..(r + 1) * n], "{dtype:?} row {r}");
+        }
+    }
+}
+
+#[test]
+fn simd_and_portable_kernels_agree() {
+    let (n, k, m) = (6, 256, 3);
+    let x = values(m * k, 5);
+    let acts = QActs::new(&x, k);
+    for (dtype, kind) in [
+        (GgmlDType::Q4_0, Kind::Q4_0),
+        (GgmlDType::Q4_1, Kind::Q4_1),
+        (GgmlDType::Q5_0, Kind::Q5_0),
+        (GgmlDType::Q5_1, Kind::Q5_1),
+        (GgmlDType::Q8_0, Kind::Q8_0),
+    ] {
+        let q = qtensor(dtype, n, k);
+        let data = q.data().unwrap();
+        let rb = k / 32 * kind.bytes();
+        for j in 0..n {
+            let w = &data[j * rb..(j + 1) * rb];
+            let mut portable = [0f32; 3];
+            blocks::dot_rows_scalar(kind, w, &acts, 0, &mut portable);
+            let mut fast = [0f32; 3];
+            super::own_kernel()(kind, w, &acts, 0, &mut fast);
+            for (a, b) in portable.iter().zip(fast) {
+                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{kind:?} row {j}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantized_rows_match_candle() {
+    let (n, k) = (9, 256);
+    for dtype in TYPES {
+        let q = qtensor(dtype, n, k);
+        let want = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let got = QMatrix::from_qtensor(&q).unwrap().unwrap().dequantize_rows(&[3, 0, 8]).unwrap();
+        for (i, id) in [3usize, 0, 8].iter().enumerate() {
+            assert_eq!(got[i * k..(i + 1) * k], want[*id][..], "{dtype:?} row {id}");
+        }
+        assert!(QMatrix::from_qtensor(&q).unwrap().unwrap().dequantize_rows(&[9]).is_err());
+    }
+}
+
+#[test]
+fn dense_types_are_left_to_candle() {
+    let w = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::F32).unwrap();
+    assert!(QMatrix::from_qtensor(&q).unwrap().is_none());
+}
+
+#[test]
+fn own_kernels_equal_the_exact_product_of_the_quantized_values() {
+    let (n, k, m) = (16, 512, 3);
+    let x = values(m * k, 13);
+    let acts = QActs::new(&x, k);
+    let xq: Vec<f64> = (0..m * k).map(|i| f64::from(acts.qs[i]) * f64::from(acts.d[i / 32])).collect();
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0] {
+        let q = qtensor(dtype, n, k);
+        let w = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = QMatrix::from_qtensor(&q).unwrap().unwrap().matmul(&x);
+        for r in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|i| xq[r * k + i] * f64::from(w[j * k + i])).sum();
+                let g = f64::from(got[r * n + j]);
+                // The minimum term uses ggml's f16-rounded block sums: a relative 1e-3 of it.
+                assert!((g - want).abs() < 2e-3 * want.abs().max(1.0), "{dtype:?} ({r},{j}): {g} vs {want}");
+            }
+        }
+    }
+}
