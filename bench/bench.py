@@ -101,7 +101,8 @@ def run_inferd(args, logdir, prompt_text):
     if args.inferd.startswith(("http://", "https://")):
         return measure(args.inferd.rstrip("/"), "inferd", args, prompt_text, {}) + (args.inferd,)
     port = args.port + 1
-    argv = inferd_argv(args.inferd, args.model, port, args.inferd_args)
+    argv = inferd_argv(args.inferd, args.model, port, args.threads, args.inferd_args)
+    # --threads sizes inferd's own pool; this caps candle's (dense weights only) the same way.
     env = {"RAYON_NUM_THREADS": str(args.threads)}
     with Server("inferd", argv, port, Path(logdir) / "inferd.log", ready_path=args.inferd_ready,
                 env=env) as srv:

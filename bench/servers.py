@@ -87,9 +87,7 @@ def llama_server_argv(binary, gguf, port, threads, parallel, ctx_per_slot, extra
             "--cont-batching", "--jinja", "--no-webui", *extra]
 
 
-def inferd_argv(spec, gguf, port, extra=""):
-    """inferd command line: spec is a binary path or a command prefix ("cargo run -r --").
-
-    Threads are set through RAYON_NUM_THREADS in the environment (see bench.py), since candle's
-    CPU kernels size their pool from it."""
-    return [*shlex.split(spec), "serve", "--model", gguf, "--port", str(port), *shlex.split(extra)]
+def inferd_argv(spec, gguf, port, threads, extra=""):
+    """inferd command line: spec is a binary path or a command prefix ("cargo run -r --")."""
+    return [*shlex.split(spec), "serve", "--model", gguf, "--port", str(port),
+            "--threads", str(threads), *shlex.split(extra)]

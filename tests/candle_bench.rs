@@ -9,11 +9,16 @@ use candle_common::*;
 use inferd::backend::{Backend, StepInput};
 
 fn bench(name: &str) {
+    bench_with(name, 1, &[1, 4, 8]);
+}
+
+/// Decode after a prompt of `repeat` copies of a short chat prompt, for each batch size.
+fn bench_with(name: &str, repeat: usize, batch_sizes: &[usize]) {
     let Some(path) = real_model(name) else { return };
     let mut b = load(&path, None);
-    let prompt = chatml_prompt(&path, &["Write", "Ġa", "Ġstory", "Ġabout", "Ġa", "Ġcat", "."]);
+    let prompt = chatml_prompt(&path, &["Write", "Ġa", "Ġstory", "Ġabout", "Ġa", "Ġcat", "."]).repeat(repeat);
     const STEPS: usize = 64;
-    for n_seq in [1usize, 4, 8] {
+    for &n_seq in batch_sizes {
         let seqs: Vec<u64> = (0..n_seq as u64).map(|s| 1000 * n_seq as u64 + s).collect();
         let prefill: Vec<StepInput<'_>> = seqs
             .iter()
@@ -54,6 +59,14 @@ fn bench(name: &str) {
 #[ignore]
 fn decode_throughput_smollm2() {
     bench(SMOLLM2);
+}
+
+/// Single-stream decode after a prompt of about 500 tokens (as bench/bench.py measures it).
+#[test]
+#[ignore]
+fn decode_throughput_long_context() {
+    bench_with(SMOLLM2, 33, &[1]);
+    bench_with(QWEN, 33, &[1]);
 }
 
 #[test]

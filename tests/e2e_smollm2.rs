@@ -21,7 +21,8 @@ fn smollm2() -> Option<PathBuf> {
 
 /// The first entry of tests/fixtures/llamacpp_reference.json (SmolLM2): its messages through our
 /// chat template and tokenizer must give llama.cpp's prompt ids (count), and greedy decoding with
-/// `ignore_eos` llama.cpp's 32 generated tokens (text).
+/// `ignore_eos` llama.cpp's generated text up to its first near tie (step 12, where the two best
+/// tokens are 0.074 nat apart: within the logprob drift measured in candle_llamacpp.rs).
 #[test]
 fn smollm2_chat_matches_llamacpp_reference() {
     let Some(model) = smollm2() else { return };
@@ -45,8 +46,11 @@ fn smollm2_chat_matches_llamacpp_reference() {
     assert_eq!(v["usage"]["completion_tokens"], 32);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     let text = chat_text(&v, 0);
-    let expected = entry["generated_text"].as_str().expect("generated_text");
-    assert_eq!(text, expected, "greedy text differs from llama.cpp's");
+    let tie = entry["near_ties"][0]["step"].as_u64().expect("near tie step") as usize;
+    let steps = entry["steps"].as_array().expect("steps");
+    let expected: String = steps[..tie].iter().map(|st| st["token"].as_str().expect("token text")).collect();
+    assert!(expected.len() > 20, "reference prefix too short: {expected:?}");
+    assert!(text.starts_with(&expected), "greedy text differs from llama.cpp's before step {tie}: {text:?} vs {expected:?}");
 }
 
 #[test]

@@ -135,6 +135,16 @@ pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadSh
     let out_ptr = out.as_mut_ptr() as usize;
     assert_eq!(out.len(), items * d, "attention output has the wrong size");
     assert_eq!(q.len(), items * d, "attention query has the wrong size");
+    let stride = s.num_kv_heads * d;
+    for row in rows {
+        let (k, v) = caches[row.seq];
+        assert!(k.len().min(v.len()) >= (row.pos + 1) * stride, "attention cache is shorter than the row's position");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::attention_avx2::available() && d % 8 == 0 {
+        attend_parts(q, rows, caches, s, out);
+        return;
+    }
     let run = |range: std::ops::Range<usize>| {
         for item in range.start..range.end.min(items) {
             let (r, h) = (item / s.num_heads, item % s.num_heads);
@@ -143,7 +153,8 @@ pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadSh
             // SAFETY: each item writes only its own disjoint [item * d, (item + 1) * d) slice of
             // `out`, which outlives the pool call.
             let o = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(item * d), d) };
-            attend_one(&q[item * d..(item + 1) * d], k, v, row.pos, h / group, s, o);
+            let qi = &q[item * d..(item + 1) * d];
+            attend_one(qi, k, v, row.pos, h / group, s, o);
         }
     };
     let work: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * s.num_heads * d;
@@ -151,8 +162,92 @@ pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadSh
         run(0..items);
     } else {
         let pool = super::pool::global();
-        let per = items.div_ceil(pool.threads() * 4);
+        let per = items.div_ceil(pool.threads() * 8);
         pool.run(items.div_ceil(per), &|c| run(c * per..(c + 1) * per));
+    }
+}
+
+/// One part of one row's attention for one KV head's group of query heads.
+#[cfg(target_arch = "x86_64")]
+struct Part {
+    row: usize,
+    kv_head: usize,
+    p0: usize,
+    p1: usize,
+}
+
+/// The AVX2 path of `attend`: every (row, KV head) is split into parts of `PART` positions,
+/// computed over the pool, then merged with the usual max/sum rescaling.
+#[cfg(target_arch = "x86_64")]
+fn attend_parts(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadShape, out: &mut [f32]) {
+    use super::attention_avx2::{attend_part, PART};
+    use super::pool::{self, SharedMut};
+    let (d, nh, nkv) = (s.head_dim, s.num_heads, s.num_kv_heads);
+    let group = nh / nkv;
+    let gd = group * d;
+    let mut parts = Vec::new();
+    // first[i]..first[i + 1]: the parts of (row, kv head) number i.
+    let mut first = Vec::with_capacity(rows.len() * nkv + 1);
+    for (r, row) in rows.iter().enumerate() {
+        for kv_head in 0..nkv {
+            first.push(parts.len());
+            let mut p0 = 0;
+            while p0 <= row.pos {
+                let p1 = (p0 + PART).min(row.pos + 1);
+                parts.push(Part { row: r, kv_head, p0, p1 });
+                p0 = p1;
+            }
+        }
+    }
+    first.push(parts.len());
+    let mut pout = vec![0f32; parts.len() * gd];
+    let mut pmax = vec![0f32; parts.len() * group];
+    let mut psum = vec![0f32; parts.len() * group];
+    let (po, pm, ps) = (SharedMut(pout.as_mut_ptr()), SharedMut(pmax.as_mut_ptr()), SharedMut(psum.as_mut_ptr()));
+    let run = |range: std::ops::Range<usize>| {
+        for i in range.start..range.end.min(parts.len()) {
+            let pt = &parts[i];
+            let (k, v) = caches[rows[pt.row].seq];
+            let qoff = (pt.row * nh + pt.kv_head * group) * d;
+            // SAFETY: part i writes only its own slots of the three buffers, which outlive the
+            // pool job; AVX2/FMA were detected, d is a multiple of 8 and the caches hold every
+            // position below p1 (asserted in `attend`).
+            unsafe {
+                let o = std::slice::from_raw_parts_mut(po.ptr().add(i * gd), gd);
+                let m = std::slice::from_raw_parts_mut(pm.ptr().add(i * group), group);
+                let su = std::slice::from_raw_parts_mut(ps.ptr().add(i * group), group);
+                SCORES.with(|c| {
+                    attend_part(&q[qoff..qoff + gd], k, v, (pt.p0, pt.p1), pt.kv_head, s, &mut c.borrow_mut(), o, m, su)
+                });
+            }
+        }
+    };
+    let work: usize = parts.iter().map(|p| p.p1 - p.p0).sum::<usize>() * nh * d;
+    if work < 64 * 1024 {
+        run(0..parts.len());
+    } else {
+        let pool = pool::global();
+        let per = parts.len().div_ceil(pool.threads() * 8);
+        pool.run(parts.len().div_ceil(per), &|c| run(c * per..(c + 1) * per));
+    }
+    // Merge the parts of each (row, KV head).
+    for (i, w) in first.windows(2).enumerate() {
+        let (r, kv_head) = (i / nkv, i % nkv);
+        for g in 0..group {
+            let dst = &mut out[(r * nh + kv_head * group + g) * d..][..d];
+            let m = (w[0]..w[1]).map(|p| pmax[p * group + g]).fold(f32::NEG_INFINITY, f32::max);
+            let scales: Vec<f32> = (w[0]..w[1]).map(|p| (pmax[p * group + g] - m).exp()).collect();
+            let total: f32 = (w[0]..w[1]).zip(&scales).map(|(p, c)| psum[p * group + g] * c).sum();
+            let inv = 1.0 / total;
+            dst.fill(0.0);
+            for (p, c) in (w[0]..w[1]).zip(&scales) {
+                let src = &pout[p * gd + g * d..][..d];
+                let f = c * inv;
+                for (o, x) in dst.iter_mut().zip(src) {
+                    *o += x * f;
+                }
+            }
+        }
     }
 }
 
@@ -194,5 +289,27 @@ mod tests {
         let mut x = vec![1.0f32, 0.0, 0.0, 0.0];
         inter.apply(&mut x, 1);
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn simd_and_portable_attention_agree() {
+        let s = HeadShape { num_heads: 6, num_kv_heads: 2, head_dim: 64 };
+        let stride = s.num_kv_heads * s.head_dim;
+        let val = |i: usize| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 3.0;
+        let len = 300;
+        let k: Vec<f32> = (0..len * stride).map(val).collect();
+        let v: Vec<f32> = (0..len * stride).map(|i| val(i + 17)).collect();
+        let rows = [RowRef { seq: 0, pos: 0 }, RowRef { seq: 0, pos: 5 }, RowRef { seq: 0, pos: 299 }];
+        let q: Vec<f32> = (0..rows.len() * s.num_heads * s.head_dim).map(|i| val(i + 3)).collect();
+        let mut fast = vec![0f32; q.len()];
+        attend(&q, &rows, &[(&k, &v)], s, &mut fast);
+        let mut slow = vec![0f32; q.len()];
+        let d = s.head_dim;
+        for (item, o) in slow.chunks_exact_mut(d).enumerate() {
+            let (r, h) = (item / s.num_heads, item % s.num_heads);
+            attend_one(&q[item * d..(item + 1) * d], &k, &v, rows[r].pos, h / 3, s, o);
+        }
+        let worst = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "fast and portable attention differ by {worst}");
     }
 }

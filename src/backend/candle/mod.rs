@@ -4,6 +4,8 @@
 //! inputs' tokens through the model together (see `model.rs`); caches are created on a
 //! sequence's first step and freed by `release`.
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx2;
 pub mod config;
 pub mod kv_cache;
 pub mod linear;
