@@ -74,27 +74,31 @@ unsafe fn dot_tile<const KIND: u8, const R: usize>(w: &[u8], acts: &QActs, row0:
     let kind = Kind::from_u8(KIND);
     let (nb, k, bytes) = (acts.nb, acts.k, kind.bytes());
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
+    // Two accumulators per row (even and odd blocks) break the FMA dependency chain.
+    let mut acc = [[_mm256_setzero_ps(); R]; 2];
     let mut summs = [0f32; R];
     let qs = acts.qs.as_ptr();
     for b in 0..nb {
         let (qx, dx, mx) = load(kind, w.get_unchecked(b * bytes..(b + 1) * bytes));
         let signed = !kind.affine();
         let ax = if signed { _mm256_sign_epi8(qx, qx) } else { qx };
+        let a = &mut acc[b & 1];
+        // dx * dy as a vector product: the same IEEE product as ggml's scalar one, fewer uops.
+        let vdx = _mm256_set1_ps(dx);
         for r in 0..R {
             let row = row0 + r;
             let qy = _mm256_loadu_si256(qs.add(row * k + b * QK) as *const __m256i);
             let sy = if signed { _mm256_sign_epi8(qy, qx) } else { qy };
             let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
-            let dy = *acts.d.get_unchecked(row * nb + b);
+            let vdy = _mm256_broadcast_ss(acts.d.get_unchecked(row * nb + b));
             if kind.affine() {
                 summs[r] += mx * *acts.s.get_unchecked(row * nb + b);
             }
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * dy), _mm256_cvtepi32_ps(dot), acc[r]);
+            a[r] = _mm256_fmadd_ps(_mm256_mul_ps(vdx, vdy), _mm256_cvtepi32_ps(dot), a[r]);
         }
     }
     for r in 0..R {
-        out[r] = hsum(acc[r]) + summs[r];
+        out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + summs[r];
     }
 }
 
