@@ -134,13 +134,20 @@ def git_commit():
     return r.stdout.strip() or "?"
 
 
-def table(llama, inferd):
-    rows = ["| metric | llama.cpp | inferd | inferd / llama.cpp |", "|---|---:|---:|---:|"]
+def table(llama_runs, inferd_runs):
+    """Medians per server; the ratio is the median of per-round ratios (each round runs both
+    servers back to back, so a ratio compares figures taken under the same machine load)."""
+    rows = ["| metric | llama.cpp | inferd | inferd / llama.cpp | per-round ratios |",
+            "|---|---:|---:|---:|---|"]
     for label, key in METRICS:
-        a = llama[key]
-        b = inferd.get(key) if inferd else None
-        ratio = "" if b is None else f"{b / a:.2f}"
-        rows.append(f"| {label} | {a:.1f} | {'' if b is None else f'{b:.1f}'} | {ratio} |")
+        a = statistics.median(r[key] for r in llama_runs)
+        if not inferd_runs:
+            rows.append(f"| {label} | {a:.1f} | | | |")
+            continue
+        b = statistics.median(r[key] for r in inferd_runs)
+        ratios = [i[key] / l[key] for l, i in zip(llama_runs, inferd_runs)]
+        each = ", ".join(f"{x:.2f}" for x in ratios)
+        rows.append(f"| {label} | {a:.1f} | {b:.1f} | {statistics.median(ratios):.2f} | {each} |")
     return "\n".join(rows)
 
 
@@ -156,6 +163,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="runs of the single-stream tests")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of llama.cpp then inferd (alternating, so both see similar load)")
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     ap.add_argument("--port", type=int, default=18090)
     ap.add_argument("--write-docs", action="store_true", help="append to docs/benchmarks.md")
@@ -163,23 +172,29 @@ def main():
     load_before = loadavg()
     with tempfile.TemporaryDirectory() as logdir:
         try:
-            llama, notes, prompt_text, count, llama_cmd = run_llama(args, logdir)
-            args.prompt_tokens = count
-            inferd, inferd_cmd = None, None
-            if args.inferd:
-                inferd, n2, inferd_cmd = run_inferd(args, logdir, prompt_text)
-                notes += n2
+            llama_runs, inferd_runs, notes = [], [], []
+            inferd_cmd = None
+            for _ in range(max(1, args.rounds)):
+                llama, n1, prompt_text, count, llama_cmd = run_llama(args, logdir)
+                llama_runs.append(llama)
+                notes += n1
+                args.prompt_tokens = count
+                if args.inferd:
+                    inferd, n2, inferd_cmd = run_inferd(args, logdir, prompt_text)
+                    inferd_runs.append(inferd)
+                    notes += n2
         except Exception:
             for log in sorted(Path(logdir).glob("*.log")):
                 print(f"--- tail of {log.name} ---\n" + log.read_text(errors="replace")[-3000:],
                       file=sys.stderr)
             raise
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md = table(llama, inferd)
-    head = (f"### {Path(args.model).name}: {'inferd vs llama.cpp' if inferd else 'llama.cpp peer baseline'}\n\n"
+    md = table(llama_runs, inferd_runs)
+    head = (f"### {Path(args.model).name}: {'inferd vs llama.cpp' if inferd_runs else 'llama.cpp peer baseline'}\n\n"
             f"- date: {when}; machine: {machine()}; inferd commit: {git_commit()}\n"
             f"- threads {args.threads}; prompt {count} tokens (prefill), {args.new_tokens} new "
-            f"tokens, greedy, ignore_eos; median of {args.repeats} single-stream runs; "
+            f"tokens, greedy, ignore_eos; {len(llama_runs)} rounds (llama.cpp then inferd), "
+            f"median of {args.repeats} single-stream runs per round; "
             f"1-min load average {load_before} before, {loadavg()} after\n"
             f"- llama.cpp: `{llama_cmd}`" + (f"\n- inferd: `{inferd_cmd}`" if inferd_cmd else ""))
     if notes:
