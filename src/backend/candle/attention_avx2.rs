@@ -5,6 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::attention::HeadShape;
+use super::qmatmul::avx2::hsum;
 
 /// Whether this CPU can run these kernels.
 pub fn available() -> bool {
@@ -63,14 +64,6 @@ unsafe fn exp8(x: __m256) -> __m256 {
             ),
         ),
     )
-}
-
-#[inline(always)]
-unsafe fn hsum(x: __m256) -> f32 {
-    let mut r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    _mm_cvtss_f32(r)
 }
 
 /// Positions per part: a row's attention is split into parts of this many positions, each

@@ -59,8 +59,9 @@ unsafe fn load(kind: Kind, b: &[u8]) -> (__m256i, f32, f32) {
     }
 }
 
+/// Sum of the 8 lanes, in ggml's order (`hsum_float_8`).
 #[inline(always)]
-unsafe fn hsum(x: __m256) -> f32 {
+pub(crate) unsafe fn hsum(x: __m256) -> f32 {
     let mut r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
