@@ -205,8 +205,7 @@ fn attend_parts(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: Head
     let mut psum = vec![0f32; parts.len() * group];
     let (po, pm, ps) = (SharedMut(pout.as_mut_ptr()), SharedMut(pmax.as_mut_ptr()), SharedMut(psum.as_mut_ptr()));
     let run = |range: std::ops::Range<usize>| {
-        for i in range.start..range.end.min(parts.len()) {
-            let pt = &parts[i];
+        for (i, pt) in parts.iter().enumerate().take(range.end).skip(range.start) {
             let (k, v) = caches[rows[pt.row].seq];
             let qoff = (pt.row * nh + pt.kv_head * group) * d;
             // SAFETY: part i writes only its own slots of the three buffers, which outlive the

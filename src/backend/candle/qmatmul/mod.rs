@@ -11,6 +11,8 @@ pub mod quantize;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod kquants_avx2;
 
 use candle_core::quantized::k_quants::{self, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -28,13 +30,21 @@ pub struct QMatrix {
 
 enum Imp {
     Own { kind: Kind, data: Vec<u8> },
+    /// Q4_K / Q6_K with our multi-row AVX2 kernels (x86 with AVX2 only).
+    #[cfg(target_arch = "x86_64")]
+    KQuant { kind: kquants_avx2::KKind, data: Vec<u8> },
     Candle(Box<dyn CandleRows>),
 }
+
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(std::mem::size_of::<k_quants::BlockQ8K>() == kquants_avx2::Q8K_BYTES);
 
 impl std::fmt::Debug for QMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.imp {
             Imp::Own { kind, .. } => format!("{kind:?}"),
+            #[cfg(target_arch = "x86_64")]
+            Imp::KQuant { kind, .. } => format!("{kind:?}"),
             Imp::Candle(c) => format!("{:?} (candle)", c.dtype()),
         };
         write!(f, "QMatrix[{}x{}, {kind}]", self.n, self.k)
@@ -52,6 +62,23 @@ fn own_kind(d: GgmlDType) -> Option<Kind> {
     })
 }
 
+#[cfg(target_arch = "x86_64")]
+fn own_kquant(d: GgmlDType) -> Option<kquants_avx2::KKind> {
+    if !avx2::available() {
+        return None;
+    }
+    match d {
+        GgmlDType::Q4K => Some(kquants_avx2::KKind::Q4K),
+        GgmlDType::Q6K => Some(kquants_avx2::KKind::Q6K),
+        _ => None,
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn own_kquant(_: GgmlDType) -> Option<std::convert::Infallible> {
+    None
+}
+
 /// Output rows per pool chunk: about 16 chunks per thread, at least 8 rows each.
 fn rows_per_chunk(n: usize, threads: usize) -> usize {
     n.div_ceil(threads * 16).max(8).max(n.div_ceil(pool::MAX_CHUNKS))
@@ -59,7 +86,13 @@ fn rows_per_chunk(n: usize, threads: usize) -> usize {
 
 impl QMatrix {
     /// From a 2-D GGUF tensor of a block type; None for dense types (F32, F16, BF16).
+    /// `INFERD_CANDLE_KQUANTS=1` sends Q4_K/Q6_K to candle's kernels instead of ours (A/B runs).
     pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Option<QMatrix>> {
+        Self::build(q, std::env::var_os("INFERD_CANDLE_KQUANTS").is_none())
+    }
+
+    /// `from_qtensor`, choosing whether Q4_K/Q6_K use our kernels (where the CPU allows).
+    pub fn build(q: &QTensor, own_kquants: bool) -> candle_core::Result<Option<QMatrix>> {
         let (n, k) = q.shape().dims2()?;
         let data = q.data()?;
         let imp = if let Some(kind) = own_kind(q.dtype()) {
@@ -67,6 +100,16 @@ impl QMatrix {
                 candle_core::bail!("{:?} weight width {k} is not a multiple of {QK}", q.dtype());
             }
             Imp::Own { kind, data: data.into_owned() }
+        } else if let Some(kind) = own_kquant(q.dtype()).filter(|_| own_kquants) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if k % 256 != 0 {
+                    candle_core::bail!("{:?} weight width {k} is not a multiple of 256", q.dtype());
+                }
+                Imp::KQuant { kind, data: data.into_owned() }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            match kind {}
         } else {
             let c: Box<dyn CandleRows> = match q.dtype() {
                 GgmlDType::Q2K => Box::new(CandleBlocks::<k_quants::BlockQ2K>::new(&data, n, k)?),
@@ -132,6 +175,41 @@ impl QMatrix {
                     }
                 });
             }
+            #[cfg(target_arch = "x86_64")]
+            Imp::KQuant { kind, data } => {
+                use self::kquants_avx2::{dot_rows, Q8K_BYTES};
+                let nsb = k / 256;
+                let mut acts = vec![k_quants::BlockQ8K::zeros(); m * nsb];
+                for (row, a) in x.chunks_exact(k).zip(acts.chunks_exact_mut(nsb)) {
+                    k_quants::BlockQ8K::from_float(row, a);
+                }
+                let acts = &acts;
+                let row_bytes = nsb * kind.bytes();
+                let sub = (16 * 1024 / row_bytes).clamp(4, 64);
+                pool.run(n.div_ceil(cs), &|c| {
+                    let base = acts.as_ptr() as *const u8;
+                    let mut tmp = [0f32; 4];
+                    let (j0, j1) = (c * cs, ((c + 1) * cs).min(n));
+                    for s0 in (j0..j1).step_by(sub) {
+                        for r0 in (0..m).step_by(4) {
+                            let cnt = (m - r0).min(4);
+                            // SAFETY: rows r0..r0 + cnt exist; each has nsb blocks.
+                            let ptrs: [*const u8; 4] =
+                                std::array::from_fn(|t| unsafe { base.add((r0 + t.min(cnt - 1)) * nsb * Q8K_BYTES) });
+                            for j in s0..(s0 + sub).min(j1) {
+                                let w = &data[j * row_bytes..(j + 1) * row_bytes];
+                                // SAFETY: AVX2 was detected when this matrix was built; `w` is one
+                                // whole row and `ptrs` point at whole activation rows.
+                                unsafe { dot_rows(*kind, w, nsb, &ptrs, &mut tmp[..cnt]) };
+                                for (t, v) in tmp[..cnt].iter().enumerate() {
+                                    // SAFETY: as above: column j belongs to this chunk alone.
+                                    unsafe { *dst.ptr().add((r0 + t) * n + j) = *v };
+                                }
+                            }
+                        }
+                    }
+                });
+            }
             Imp::Candle(c) => c.matmul(x, m, n, cs, dst),
         }
         out
@@ -150,6 +228,15 @@ impl QMatrix {
                 Imp::Own { kind, data } => {
                     let rb = k / QK * kind.bytes();
                     blocks::dequantize_row(*kind, &data[id * rb..(id + 1) * rb], o);
+                }
+                #[cfg(target_arch = "x86_64")]
+                Imp::KQuant { kind, data } => {
+                    let rb = k / 256 * kind.bytes();
+                    let row = &data[id * rb..(id + 1) * rb];
+                    match kind {
+                        kquants_avx2::KKind::Q4K => CandleBlocks::<k_quants::BlockQ4K>::new(row, 1, k)?.dequantize_row(0, o),
+                        kquants_avx2::KKind::Q6K => CandleBlocks::<k_quants::BlockQ6K>::new(row, 1, k)?.dequantize_row(0, o),
+                    }
                 }
                 Imp::Candle(c) => c.dequantize_row(id, o),
             }

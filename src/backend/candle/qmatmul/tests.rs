@@ -141,3 +141,18 @@ fn own_kernels_equal_the_exact_product_of_the_quantized_values() {
         }
     }
 }
+
+#[test]
+fn kquant_kernels_match_candles_per_row_dot_products() {
+    let (n, k, m) = (12, 512, 6);
+    let x = values(m * k, 21);
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        let q = qtensor(dtype, n, k);
+        let ours = QMatrix::build(&q, true).unwrap().unwrap();
+        let candle = QMatrix::build(&q, false).unwrap().unwrap();
+        let (a, b) = (ours.matmul(&x), candle.matmul(&x));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0f32, f32::max);
+        eprintln!("{dtype:?}: ours vs candle, worst relative difference {worst:e} ({ours:?})");
+        assert!(worst < 1e-5, "{dtype:?}: ours and candle's differ by {worst}");
+    }
+}
