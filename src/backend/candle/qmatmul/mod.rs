@@ -123,6 +123,15 @@ impl QMatrix {
             };
             Imp::Candle(c)
         };
+        let want = match &imp {
+            Imp::Own { kind, data } => Some((data.len(), n * (k / QK) * kind.bytes())),
+            #[cfg(target_arch = "x86_64")]
+            Imp::KQuant { kind, data } => Some((data.len(), n * (k / 256) * kind.bytes())),
+            Imp::Candle(_) => None,
+        };
+        if let Some((got, want)) = want.filter(|(g, w)| g != w) {
+            candle_core::bail!("{:?} weight of {n}x{k} has {got} bytes, expected {want}", q.dtype());
+        }
         Ok(Some(QMatrix { n, k, imp }))
     }
 
