@@ -132,7 +132,7 @@ pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadSh
     let d = s.head_dim;
     let group = s.num_heads / s.num_kv_heads;
     let items = rows.len() * s.num_heads;
-    let out_ptr = out.as_mut_ptr() as usize;
+    let out_ptr = super::pool::SharedMut(out.as_mut_ptr());
     assert_eq!(out.len(), items * d, "attention output has the wrong size");
     assert_eq!(q.len(), items * d, "attention query has the wrong size");
     let stride = s.num_kv_heads * d;
@@ -146,24 +146,28 @@ pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadSh
         return;
     }
     let run = |range: std::ops::Range<usize>| {
-        for item in range.start..range.end.min(items) {
+        for item in range {
             let (r, h) = (item / s.num_heads, item % s.num_heads);
             let row = rows[r];
             let (k, v) = caches[row.seq];
             // SAFETY: each item writes only its own disjoint [item * d, (item + 1) * d) slice of
             // `out`, which outlives the pool call.
-            let o = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(item * d), d) };
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(item * d), d) };
             let qi = &q[item * d..(item + 1) * d];
             attend_one(qi, k, v, row.pos, h / group, s, o);
         }
     };
     let work: usize = rows.iter().map(|r| r.pos + 1).sum::<usize>() * s.num_heads * d;
+    spread(items, work, &run);
+}
+
+/// Runs `run` over `0..items`: inline below 64 Ki multiply-adds of `work`, else about 8 ranges
+/// per pool thread.
+fn spread(items: usize, work: usize, run: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
     if work < 64 * 1024 {
         run(0..items);
     } else {
-        let pool = super::pool::global();
-        let per = items.div_ceil(pool.threads() * 8);
-        pool.run(items.div_ceil(per), &|c| run(c * per..(c + 1) * per));
+        super::pool::global().run_ranges(items, 8, 1, run);
     }
 }
 
@@ -181,7 +185,7 @@ struct Part {
 #[cfg(target_arch = "x86_64")]
 fn attend_parts(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadShape, out: &mut [f32]) {
     use super::attention_avx2::{attend_part, PART};
-    use super::pool::{self, SharedMut};
+    use super::pool::SharedMut;
     let (d, nh, nkv) = (s.head_dim, s.num_heads, s.num_kv_heads);
     let group = nh / nkv;
     let gd = group * d;
@@ -222,13 +226,7 @@ fn attend_parts(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: Head
         }
     };
     let work: usize = parts.iter().map(|p| p.p1 - p.p0).sum::<usize>() * nh * d;
-    if work < 64 * 1024 {
-        run(0..parts.len());
-    } else {
-        let pool = pool::global();
-        let per = parts.len().div_ceil(pool.threads() * 8);
-        pool.run(parts.len().div_ceil(per), &|c| run(c * per..(c + 1) * per));
-    }
+    spread(parts.len(), work, &run);
     // Merge the parts of each (row, KV head).
     for (i, w) in first.windows(2).enumerate() {
         let (r, kv_head) = (i / nkv, i % nkv);

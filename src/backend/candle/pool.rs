@@ -204,6 +204,18 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Splits `0..len` into about `per_thread` ranges per thread, each at least `min_len` long,
+    /// and calls `f` on every range over the pool.
+    pub fn run_ranges(&self, len: usize, per_thread: usize, min_len: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        if len == 0 {
+            return;
+        }
+        let per = len.div_ceil(self.threads * per_thread).max(min_len).max(len.div_ceil(MAX_CHUNKS)).max(1);
+        self.run(len.div_ceil(per), &|c| f(c * per..((c + 1) * per).min(len)));
+    }
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
         self.shared.stop.store(true, SeqCst);

@@ -79,9 +79,30 @@ fn own_kquant(_: GgmlDType) -> Option<std::convert::Infallible> {
     None
 }
 
-/// Output rows per pool chunk: about 16 chunks per thread, at least 8 rows each.
-fn rows_per_chunk(n: usize, threads: usize) -> usize {
-    n.div_ceil(threads * 16).max(8).max(n.div_ceil(pool::MAX_CHUNKS))
+/// Pool ranges of output rows: about 16 per thread, at least 8 rows each.
+const RANGES_PER_THREAD: usize = 16;
+const MIN_RANGE: usize = 8;
+
+/// The tiled loop of our kernels over weight rows `js`: rows in sub-blocks of about 16 KiB,
+/// which stay in cache while every tile of up to 4 activation rows passes over them.
+/// `dot(j, r0, out)` fills `out` (1 to 4 values) with weight row j against activation rows
+/// `r0..`; the values land in `dst[(r0 + t) * n + j]`.
+fn tiles(js: std::ops::Range<usize>, m: usize, n: usize, row_bytes: usize, dst: SharedMut<f32>, dot: impl Fn(usize, usize, &mut [f32])) {
+    let sub = (16 * 1024 / row_bytes).clamp(4, 64);
+    let mut tmp = [0f32; 4];
+    for s0 in js.clone().step_by(sub) {
+        for r0 in (0..m).step_by(4) {
+            let cnt = (m - r0).min(4);
+            for j in s0..(s0 + sub).min(js.end) {
+                dot(j, r0, &mut tmp[..cnt]);
+                for (t, v) in tmp[..cnt].iter().enumerate() {
+                    // SAFETY: (r0 + t, j) is inside the [m, n] output and j belongs to this pool
+                    // range alone; the output outlives the pool job.
+                    unsafe { *dst.ptr().add((r0 + t) * n + j) = *v };
+                }
+            }
+        }
+    }
 }
 
 impl QMatrix {
@@ -155,33 +176,16 @@ impl QMatrix {
             return out;
         }
         let pool = pool::global();
-        let cs = rows_per_chunk(n, pool.threads());
         let dst = SharedMut(out.as_mut_ptr());
         match &self.imp {
             Imp::Own { kind, data } => {
                 let acts = QActs::new(x, k);
                 let row_bytes = k / QK * kind.bytes();
                 let kernel = own_kernel();
-                // Weight rows in sub-blocks of about 16 KiB, which stay in cache while every
-                // tile of 4 activation rows passes over them.
-                let sub = (16 * 1024 / row_bytes).clamp(4, 64);
-                pool.run(n.div_ceil(cs), &|c| {
-                    let mut tmp = [0f32; 4];
-                    let (j0, j1) = (c * cs, ((c + 1) * cs).min(n));
-                    for s0 in (j0..j1).step_by(sub) {
-                        for r0 in (0..m).step_by(4) {
-                            let cnt = (m - r0).min(4);
-                            for j in s0..(s0 + sub).min(j1) {
-                                let w = &data[j * row_bytes..(j + 1) * row_bytes];
-                                kernel(*kind, w, &acts, r0, &mut tmp[..cnt]);
-                                for (t, v) in tmp[..cnt].iter().enumerate() {
-                                    // SAFETY: (r0 + t, j) is in bounds and j belongs to this
-                                    // chunk alone; `out` outlives the pool job.
-                                    unsafe { *dst.ptr().add((r0 + t) * n + j) = *v };
-                                }
-                            }
-                        }
-                    }
+                pool.run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
+                    tiles(js, m, n, row_bytes, dst, |j, r0, out| {
+                        kernel(*kind, &data[j * row_bytes..(j + 1) * row_bytes], &acts, r0, out)
+                    })
                 });
             }
             #[cfg(target_arch = "x86_64")]
@@ -194,32 +198,21 @@ impl QMatrix {
                 }
                 let acts = &acts;
                 let row_bytes = nsb * kind.bytes();
-                let sub = (16 * 1024 / row_bytes).clamp(4, 64);
-                pool.run(n.div_ceil(cs), &|c| {
+                pool.run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
                     let base = acts.as_ptr() as *const u8;
-                    let mut tmp = [0f32; 4];
-                    let (j0, j1) = (c * cs, ((c + 1) * cs).min(n));
-                    for s0 in (j0..j1).step_by(sub) {
-                        for r0 in (0..m).step_by(4) {
-                            let cnt = (m - r0).min(4);
-                            // SAFETY: rows r0..r0 + cnt exist; each has nsb blocks.
-                            let ptrs: [*const u8; 4] =
-                                std::array::from_fn(|t| unsafe { base.add((r0 + t.min(cnt - 1)) * nsb * Q8K_BYTES) });
-                            for j in s0..(s0 + sub).min(j1) {
-                                let w = &data[j * row_bytes..(j + 1) * row_bytes];
-                                // SAFETY: AVX2 was detected when this matrix was built; `w` is one
-                                // whole row and `ptrs` point at whole activation rows.
-                                unsafe { dot_rows(*kind, w, nsb, &ptrs, &mut tmp[..cnt]) };
-                                for (t, v) in tmp[..cnt].iter().enumerate() {
-                                    // SAFETY: as above: column j belongs to this chunk alone.
-                                    unsafe { *dst.ptr().add((r0 + t) * n + j) = *v };
-                                }
-                            }
-                        }
-                    }
+                    tiles(js, m, n, row_bytes, dst, |j, r0, out| {
+                        // SAFETY: activation rows r0..r0 + out.len() exist, each of nsb blocks
+                        // (pointers past them are clamped to the last and never read).
+                        let ptrs: [*const u8; 4] = std::array::from_fn(|t| unsafe {
+                            base.add((r0 + t.min(out.len() - 1)) * nsb * Q8K_BYTES)
+                        });
+                        // SAFETY: AVX2 was detected when this matrix was built; the slice is one
+                        // whole weight row and `ptrs` point at whole activation rows.
+                        unsafe { dot_rows(*kind, &data[j * row_bytes..(j + 1) * row_bytes], nsb, &ptrs, out) };
+                    })
                 });
             }
-            Imp::Candle(c) => c.matmul(x, m, n, cs, dst),
+            Imp::Candle(c) => c.matmul(x, m, n, dst),
         }
         out
     }
@@ -269,7 +262,7 @@ fn own_kernel() -> Kernel {
 /// A block type from candle's `k_quants`, multiplied with candle's own dot products.
 trait CandleRows: Send + Sync {
     fn dtype(&self) -> GgmlDType;
-    fn matmul(&self, x: &[f32], m: usize, n: usize, cs: usize, dst: SharedMut<f32>);
+    fn matmul(&self, x: &[f32], m: usize, n: usize, dst: SharedMut<f32>);
     fn dequantize_row(&self, row: usize, out: &mut [f32]);
 }
 
@@ -302,7 +295,7 @@ impl<T: GgmlType> CandleRows for CandleBlocks<T> {
         T::DTYPE
     }
 
-    fn matmul(&self, x: &[f32], m: usize, n: usize, cs: usize, dst: SharedMut<f32>) {
+    fn matmul(&self, x: &[f32], m: usize, n: usize, dst: SharedMut<f32>) {
         let k = self.k;
         let (bpr, bpa) = (k / T::BLCK_SIZE, k / T::VecDotType::BLCK_SIZE);
         let mut acts = vec![T::VecDotType::zeros(); m * bpa];
@@ -310,8 +303,8 @@ impl<T: GgmlType> CandleRows for CandleBlocks<T> {
             T::VecDotType::from_float(row, a);
         }
         let acts = &acts;
-        pool::global().run(n.div_ceil(cs), &|c| {
-            for j in c * cs..((c + 1) * cs).min(n) {
+        pool::global().run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
+            for j in js {
                 let w = &self.blocks[j * bpr..(j + 1) * bpr];
                 for r in 0..m {
                     let v = T::vec_dot(k, w, &acts[r * bpa..(r + 1) * bpa]);
