@@ -159,17 +159,24 @@ fn stop_string_cuts_before_it() {
         .find(|&i| chars[i..i + 3].iter().all(char::is_ascii_alphanumeric))
         .unwrap_or_else(|| panic!("no ASCII window in {full:?}"));
     let stop: String = chars[start..start + 3].iter().collect();
-    let expected = &full[..full.find(&stop).unwrap()];
-    let mut extra = greedy(32);
-    e2e_common::merge(&mut extra, json!({"stop": [stop.clone(), "\u{1}never"]}));
-    let v = s.chat("Write code", extra.clone()).json();
-    assert_eq!(chat_text(&v, 0), expected, "stop {stop:?} in {full:?}");
-    assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    // Streamed: the same prefix, nothing of the stop string leaks.
-    e2e_common::merge(&mut extra, json!({"stream": true}));
-    let chunks = stream_chunks(&s, "/v1/chat/completions", &s.chat_body("Write code", extra));
-    assert_eq!(chat_stream_text(&chunks, 0), expected);
+    let chunks = assert_stop_cuts(&s, &full, &stop, json!([stop.clone(), "\u{1}never"]));
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
+}
+
+/// Greedy "Write code" with `stop` (the request's field) ends right before the first `cut` in
+/// `full`, with finish_reason stop, and streamed gives the same text with nothing of the stop
+/// string leaking. Returns the stream's chunks.
+fn assert_stop_cuts(s: &Server, full: &str, cut: &str, stop: Value) -> Vec<Value> {
+    let expected = &full[..full.find(cut).unwrap()];
+    let mut extra = greedy(32);
+    e2e_common::merge(&mut extra, json!({ "stop": stop }));
+    let v = s.chat("Write code", extra.clone()).json();
+    assert_eq!(chat_text(&v, 0), expected, "stop {cut:?} in {full:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    e2e_common::merge(&mut extra, json!({"stream": true}));
+    let chunks = stream_chunks(s, "/v1/chat/completions", &s.chat_body("Write code", extra));
+    assert_eq!(chat_stream_text(&chunks, 0), expected);
+    chunks
 }
 
 #[test]
@@ -264,15 +271,7 @@ fn stop_string_across_a_token_boundary() {
         })
         .find(|stop| full.contains(stop.as_str()))
         .unwrap_or_else(|| panic!("no boundary pair in {tokens:?}"));
-    let expected = &full[..full.find(&stop).unwrap()];
-    let mut extra = greedy(32);
-    e2e_common::merge(&mut extra, json!({"stop": stop}));
-    let v = s.chat("Write code", extra.clone()).json();
-    assert_eq!(chat_text(&v, 0), expected, "stop {stop:?} in {full:?}");
-    assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    e2e_common::merge(&mut extra, json!({"stream": true}));
-    let chunks = stream_chunks(&s, "/v1/chat/completions", &s.chat_body("Write code", extra));
-    assert_eq!(chat_stream_text(&chunks, 0), expected);
+    assert_stop_cuts(&s, &full, &stop, json!(stop));
 }
 
 /// A prompt several prefill chunks long (1200 tokens, chunk 256) gives the same greedy text
