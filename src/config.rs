@@ -77,11 +77,35 @@ impl std::str::FromStr for BackendKind {
     }
 }
 
-/// Where a model runs.
+/// Where a model runs: for the onnx backend, the execution provider and its device id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
     Cuda(usize),
+    /// Apple's CoreML (onnx backend on macOS only).
+    CoreMl,
+}
+
+impl Device {
+    /// `execution_target` + `device_id`, the onnx backend's spelling of a device.
+    fn from_target(target: &str, device_id: Option<usize>) -> Result<Device, ConfigError> {
+        let bad = || ConfigError::Value {
+            name: "execution_target".into(),
+            value: target.to_string(),
+            reason: "expected \"cpu\", \"cuda\" or \"coreml\"".into(),
+        };
+        match (target.trim().to_ascii_lowercase().as_str(), device_id) {
+            ("cpu", None | Some(0)) => Ok(Device::Cpu),
+            ("cuda", id) => Ok(Device::Cuda(id.unwrap_or(0))),
+            ("coreml", None | Some(0)) => Ok(Device::CoreMl),
+            ("cpu" | "coreml", Some(id)) => Err(ConfigError::Value {
+                name: "device_id".into(),
+                value: id.to_string(),
+                reason: format!("execution target '{target}' has only device 0"),
+            }),
+            _ => Err(bad()),
+        }
+    }
 }
 
 impl std::str::FromStr for Device {
@@ -93,6 +117,9 @@ impl std::str::FromStr for Device {
         }
         if t == "cuda" {
             return Ok(Self::Cuda(0));
+        }
+        if t == "coreml" {
+            return Ok(Self::CoreMl);
         }
         t.strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
@@ -120,6 +147,9 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// CPU threads of the forward pass (None: every CPU this process may use).
     pub threads: Option<usize>,
+    /// The ONNX Runtime shared library for onnx models (None: `ORT_DYLIB_PATH`, then the copy
+    /// `scripts/fetch_onnxruntime.sh` installs under `runtimes/`).
+    pub onnxruntime_library: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -146,6 +176,10 @@ pub struct ModelConfig {
     pub max_batch: usize,
     pub context_length: Option<usize>,
     pub prefill_chunk: usize,
+    /// ONNX Runtime threads inside one operator (None: the server's `threads`).
+    pub intra_op_threads: Option<usize>,
+    /// ONNX Runtime threads running independent operators in parallel.
+    pub inter_op_threads: usize,
 }
 
 impl ModelConfig {
@@ -169,7 +203,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("unknown backend '{0}': expected 'candle' or 'onnx'")]
     Backend(String),
-    #[error("invalid device '{0}': expected 'cpu' or 'cuda:N'")]
+    #[error("invalid device '{0}': expected 'cpu', 'cuda:N' or 'coreml'")]
     Device(String),
     #[error("invalid value '{value}' for {name}: {reason}")]
     Value { name: String, value: String, reason: String },
@@ -199,6 +233,7 @@ struct FileServer {
     max_waiting: Option<usize>,
     api_key: Option<String>,
     threads: Option<usize>,
+    onnxruntime_library: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,9 +243,13 @@ struct FileModel {
     source: String,
     backend: Option<String>,
     device: Option<String>,
+    execution_target: Option<String>,
+    device_id: Option<usize>,
     max_batch: Option<usize>,
     context_length: Option<usize>,
     prefill_chunk: Option<usize>,
+    intra_op_threads: Option<usize>,
+    inter_op_threads: Option<usize>,
 }
 
 /// Loads the configuration for `inferd serve` from the file, the process environment and `args`.
@@ -241,6 +280,10 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
         max_waiting: file.server.max_waiting.unwrap_or(EngineConfig::default().max_waiting),
         api_key: file.server.api_key.filter(|k| !k.is_empty()),
         threads: file.server.threads.filter(|&n| n > 0),
+        onnxruntime_library: file.server.onnxruntime_library.map(|p| match &base {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        }),
     };
     let mut models =
         file.models.into_iter().map(|m| model_from_file(m, base.as_deref())).collect::<Result<Vec<_>, _>>()?;
@@ -313,12 +356,27 @@ fn model_from_file(m: FileModel, base: Option<&Path>) -> Result<ModelConfig, Con
         _ => m.source.clone(),
     };
     let mut cfg = model_from_spec(&source, m.id.as_deref());
+    let device_is_set = m.device.is_some();
     if let Some(b) = m.backend {
         cfg.backend = b.parse()?;
     }
     if let Some(d) = m.device {
         cfg.device = d.parse()?;
     }
+    if let Some(t) = m.execution_target {
+        let d = Device::from_target(&t, m.device_id)?;
+        if device_is_set && cfg.device != d {
+            return Err(ConfigError::Invalid(format!(
+                "model '{}': device = {:?} and execution_target = \"{t}\" disagree; set one of them",
+                cfg.id, cfg.device
+            )));
+        }
+        cfg.device = d;
+    } else if m.device_id.is_some() {
+        return Err(ConfigError::Invalid(format!("model '{}': device_id needs execution_target", cfg.id)));
+    }
+    cfg.intra_op_threads = m.intra_op_threads.filter(|&n| n > 0);
+    cfg.inter_op_threads = m.inter_op_threads.unwrap_or(1).max(1);
     cfg.max_batch = m.max_batch.unwrap_or(cfg.max_batch);
     cfg.context_length = m.context_length;
     cfg.prefill_chunk = m.prefill_chunk.unwrap_or(cfg.prefill_chunk);
@@ -336,6 +394,8 @@ fn model_from_spec(spec: &str, id: Option<&str>) -> ModelConfig {
         max_batch: d.max_batch,
         context_length: None,
         prefill_chunk: d.prefill_chunk,
+        intra_op_threads: None,
+        inter_op_threads: 1,
     }
 }
 

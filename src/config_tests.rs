@@ -131,7 +131,7 @@ fn clear_errors() {
     let f = file(FILE);
     let bad = |args: ServeArgs, env: &[(&str, &str)]| load_with_env(&args, &env_of(env)).expect_err("must fail").to_string();
     assert_eq!(bad(ServeArgs { backend: Some("tensorrt".into()), ..args_with(&f) }, &[]), "unknown backend 'tensorrt': expected 'candle' or 'onnx'");
-    assert_eq!(bad(ServeArgs { device: Some("gpu0".into()), ..args_with(&f) }, &[]), "invalid device 'gpu0': expected 'cpu' or 'cuda:N'");
+    assert_eq!(bad(ServeArgs { device: Some("gpu0".into()), ..args_with(&f) }, &[]), "invalid device 'gpu0': expected 'cpu', 'cuda:N' or 'coreml'");
     assert!(bad(args_with(&f), &[("INFERD_PORT", "http")]).starts_with("invalid value 'http' for INFERD_PORT"));
     assert!(bad(args_with(&f), &[("INFERD_BACKEND", "x")]).contains("unknown backend 'x'"));
     let g = file("[server]\nprot = 1\n");
@@ -185,4 +185,32 @@ fn relative_sources_resolve_against_the_config_files_folder() {
     assert_eq!(c.models[0].source, dir.path().join("m.gguf").to_string_lossy());
     // A path that does not exist next to the config stays as written (relative to the cwd).
     assert_eq!(c.models[1].source, "absent.gguf");
+}
+
+#[test]
+fn onnx_execution_targets_and_threads() {
+    let f = file(
+        "[server]\nonnxruntime_library = \"lib/libonnxruntime.so\"\n\n\
+         [[models]]\nid = \"a\"\nsource = \"m\"\nbackend = \"onnx\"\nexecution_target = \"cuda\"\ndevice_id = 1\n\
+         intra_op_threads = 3\ninter_op_threads = 2\n\n\
+         [[models]]\nid = \"b\"\nsource = \"m\"\nbackend = \"onnx\"\nexecution_target = \"coreml\"\n\n\
+         [[models]]\nid = \"c\"\nsource = \"m\"\nbackend = \"onnx\"\n",
+    );
+    let c = load_with_env(&args_with(&f), &env_of(&[])).expect("config loads");
+    let lib = c.server.onnxruntime_library.as_ref().expect("library path");
+    assert!(lib.is_absolute() && lib.ends_with("lib/libonnxruntime.so"), "relative to the config file: {lib:?}");
+    let (a, b, d) = (&c.models[0], &c.models[1], &c.models[2]);
+    assert_eq!((a.backend, a.device, a.intra_op_threads, a.inter_op_threads), (BackendKind::Onnx, Device::Cuda(1), Some(3), 2));
+    assert_eq!(b.device, Device::CoreMl);
+    assert_eq!((d.device, d.intra_op_threads, d.inter_op_threads), (Device::Cpu, None, 1));
+
+    let bad = |toml: &str| {
+        let f = file(&format!("[[models]]\nid = \"a\"\nsource = \"m\"\n{toml}"));
+        load_with_env(&args_with(&f), &env_of(&[])).expect_err("must fail").to_string()
+    };
+    assert!(bad("execution_target = \"tpu\"").contains("invalid value 'tpu' for execution_target"));
+    assert!(bad("device = \"cpu\"\nexecution_target = \"cuda\"").contains("disagree"));
+    assert!(bad("device_id = 2").contains("device_id needs execution_target"));
+    assert!(bad("execution_target = \"cpu\"\ndevice_id = 1").contains("has only device 0"));
+    assert_eq!("coreml".parse::<Device>().unwrap(), Device::CoreMl);
 }

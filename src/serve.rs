@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::backend::candle::CandleBackend;
+use crate::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config, Device, ModelConfig};
 use crate::engine::{self, EngineHandle, Event, GenRequest, SubmitError};
@@ -54,17 +55,31 @@ pub fn load_model(m: &ModelConfig, server: &crate::config::ServerConfig) -> Resu
                     .map_err(|source| StartError::Backend { id: m.id.clone(), source })?,
             )
         }
-        (BackendKind::Candle, Device::Cuda(_)) => {
+        (BackendKind::Candle, Device::Cuda(_) | Device::CoreMl) => {
             return Err(StartError::Unsupported {
                 id: m.id.clone(),
-                message: "the candle backend runs on the CPU only in this build; use device = \"cpu\"".into(),
+                message: "the candle backend runs on the CPU only in this build; use device = \"cpu\" (or backend = \"onnx\")".into(),
             })
         }
-        (BackendKind::Onnx, _) => {
-            return Err(StartError::Unsupported {
-                id: m.id.clone(),
-                message: "the onnx backend is not part of this build yet; use backend = \"candle\"".into(),
-            })
+        (BackendKind::Onnx, device) => {
+            let crate::model::WeightsFormat::Onnx { dir } = &assets.weights else {
+                return Err(StartError::Unsupported {
+                    id: m.id.clone(),
+                    message: format!(
+                        "the onnx backend loads a directory with genai_config.json and model.onnx, not {}; \
+                         convert the model with scripts/export_onnx.py",
+                        m.source
+                    ),
+                });
+            };
+            let threads = m.intra_op_threads.or(server.threads).unwrap_or_else(crate::backend::candle::pool::default_threads);
+            let opts = OnnxOptions {
+                library: server.onnxruntime_library.clone(),
+                session: SessionSpec { device, intra_op_threads: threads, inter_op_threads: m.inter_op_threads },
+                max_batch: m.max_batch,
+                max_context: m.context_length,
+            };
+            Box::new(OnnxBackend::load(dir, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
         }
     };
     tracing::info!(

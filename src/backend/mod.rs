@@ -1,6 +1,7 @@
 //! Backends run the model's forward pass. The trait is synchronous and owned by one worker thread;
 //! the engine's scheduler decides what goes into each step.
 pub mod candle;
+pub mod onnx;
 
 /// Identifies one sequence (one choice of one request) for its whole life inside a backend.
 pub type SeqId = u64;

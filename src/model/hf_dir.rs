@@ -1,6 +1,7 @@
 //! A Hugging Face style model directory: config.json, tokenizer.json, tokenizer_config.json,
 //! generation_config.json, chat_template.jinja and *.safetensors, as `save_pretrained` writes it
-//! and as a hub snapshot holds it.
+//! and as a hub snapshot holds it; or an ONNX model directory as onnxruntime-genai's builder (and
+//! `scripts/export_onnx.py`) writes it: genai_config.json, model.onnx, tokenizer files.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,11 +14,19 @@ use super::{ModelAssets, ModelError, WeightsFormat};
 pub fn load_hf_dir(dir: &Path) -> Result<ModelAssets, ModelError> {
     let name = dir.display().to_string();
     let invalid = |msg: String| ModelError::Invalid(name.clone(), msg);
+    let genai_path = dir.join("genai_config.json");
+    let onnx = genai_path.is_file();
     let config_path = dir.join("config.json");
-    if !config_path.is_file() {
-        return Err(invalid("the directory has no config.json (expected a Hugging Face model directory)".into()));
-    }
-    let config = read_json(&config_path, &name)?;
+    let config = if onnx {
+        // The builder's file nests the model's settings (eos_token_id, context_length) in "model".
+        read_json(&genai_path, &name)?.get("model").cloned().unwrap_or(Json::Null)
+    } else if config_path.is_file() {
+        read_json(&config_path, &name)?
+    } else {
+        return Err(invalid(
+            "the directory has neither config.json (a Hugging Face model) nor genai_config.json (an ONNX model)".into(),
+        ));
+    };
     let tokenizer_path = dir.join("tokenizer.json");
     if !tokenizer_path.is_file() {
         return Err(invalid("the directory has no tokenizer.json".into()));
@@ -27,7 +36,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<ModelAssets, ModelError> {
     let tok_config = optional_json(&dir.join("tokenizer_config.json"), &name)?.unwrap_or(Json::Null);
     let gen_config = optional_json(&dir.join("generation_config.json"), &name)?.unwrap_or(Json::Null);
 
-    if safetensors_files(dir).is_empty() {
+    if !onnx && safetensors_files(dir).is_empty() {
         return Err(invalid("the directory has no *.safetensors weights".into()));
     }
 
@@ -55,11 +64,16 @@ pub fn load_hf_dir(dir: &Path) -> Result<ModelAssets, ModelError> {
     eos_ids.retain(|id| seen.insert(*id));
 
     let context_length = config
-        .get("max_position_embeddings")
+        .get(if onnx { "context_length" } else { "max_position_embeddings" })
         .and_then(Json::as_u64)
         .and_then(|n| usize::try_from(n).ok());
+    let weights = if onnx {
+        WeightsFormat::Onnx { dir: dir.to_path_buf() }
+    } else {
+        WeightsFormat::Safetensors { dir: dir.to_path_buf() }
+    };
     Ok(ModelAssets {
-        weights: WeightsFormat::Safetensors { dir: dir.to_path_buf() },
+        weights,
         tokenizer: Arc::new(tokenizer),
         chat_template,
         eos_token_ids: eos_ids,

@@ -20,6 +20,9 @@ pub enum WeightsFormat {
     /// A Hugging Face style directory: config.json, tokenizer.json, tokenizer_config.json,
     /// *.safetensors (sharded or not).
     Safetensors { dir: PathBuf },
+    /// An ONNX model directory in onnxruntime-genai's layout: genai_config.json, the graph it
+    /// names (model.onnx + external data), tokenizer.json, tokenizer_config.json.
+    Onnx { dir: PathBuf },
 }
 
 /// Everything about a model except the loaded weights.

@@ -49,6 +49,12 @@ impl CandleBackend {
         let (cfg, w) = match weights {
             WeightsFormat::Gguf(path) => weights::load_gguf(path, device)?,
             WeightsFormat::Safetensors { dir } => weights::load_safetensors(dir, device)?,
+            WeightsFormat::Onnx { dir } => {
+                return Err(BackendError::Load(format!(
+                    "{} is an ONNX model directory (genai_config.json); serve it with backend = \"onnx\"",
+                    dir.display()
+                )))
+            }
         };
         let max_context = match max_context {
             Some(n) => n.min(cfg.context_length),

@@ -1,0 +1,335 @@
+//! ONNX Runtime backend: decoder graphs in onnxruntime-genai's layout (genai_config.json +
+//! model.onnx), on the CPU, CUDA or CoreML execution provider.
+//!
+//! One `OnnxBackend` owns one session (one worker per model, provider and device) and a
+//! [`kv::KvSlots`] cache with a slot per live sequence. A step runs:
+//! - one `Run` for every single-token row (decode), batched over slots `0..b` where `b` is one
+//!   past the highest slot decoding; slots in that range that are not decoding this step ride
+//!   along as padding rows that write only at their own next position, which their next real
+//!   token overwrites;
+//! - one `Run` per multi-token row (a prompt chunk), on its own slot.
+//!
+//! Sequences keep their slot for life, so joining and leaving the batch copies nothing.
+pub mod genai_config;
+pub mod kv;
+pub mod run;
+pub mod runtime;
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
+use ort::value::TensorElementType;
+
+use self::genai_config::GenaiConfig;
+use self::kv::{KvShape, KvSlots};
+use self::run::{cname, Dtype, View};
+pub use self::runtime::SessionSpec;
+use crate::backend::{Backend, BackendError, SeqId, StepInput};
+use crate::config::Device;
+
+/// How to open an ONNX model.
+#[derive(Debug, Clone)]
+pub struct OnnxOptions {
+    /// The ONNX Runtime library (None: `ORT_DYLIB_PATH`, then the project's installed copy).
+    pub library: Option<PathBuf>,
+    pub session: SessionSpec,
+    /// Sequences served at once (KV cache slots).
+    pub max_batch: usize,
+    /// Cap on positions per sequence (None: the model's context length).
+    pub max_context: Option<usize>,
+}
+
+struct Names {
+    input_ids: CString,
+    attention_mask: CString,
+    position_ids: Option<CString>,
+    logits: CString,
+    past: Vec<(CString, CString)>,
+    present: Vec<(CString, CString)>,
+}
+
+pub struct OnnxBackend {
+    session: Session,
+    cfg: GenaiConfig,
+    names: Names,
+    kv: KvSlots,
+    kv_dtype: Dtype,
+    logits_dtype: Dtype,
+    host: MemoryInfo<'static>,
+    /// Reused output buffer for logits (`[b, s, vocab]`), 8-byte aligned.
+    logits: Vec<u64>,
+    provider: String,
+}
+
+fn load_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Load(e.to_string())
+}
+
+fn dtype_of(session_dtype: Option<TensorElementType>, what: &str) -> Result<Dtype, BackendError> {
+    match session_dtype {
+        Some(TensorElementType::Float32) => Ok(Dtype::F32),
+        Some(TensorElementType::Float16) => Ok(Dtype::F16),
+        other => Err(load_err(format!("{what} has element type {other:?}; expected float32 or float16"))),
+    }
+}
+
+impl OnnxBackend {
+    pub fn load(dir: &Path, opts: &OnnxOptions) -> Result<OnnxBackend, BackendError> {
+        let env = runtime::environment(opts.library.as_deref()).map_err(load_err)?;
+        let cfg = GenaiConfig::load(dir).map_err(load_err)?;
+        if !cfg.graph.is_file() {
+            return Err(load_err(format!("{} names {} which does not exist", dir.join("genai_config.json").display(), cfg.graph.display())));
+        }
+        let session = runtime::open_session(env, &cfg.graph, &opts.session).map_err(load_err)?;
+        let provider = opts.session.provider_name();
+
+        // Check the graph against genai_config.json before the first step, and learn dtypes.
+        let input = |name: &str| session.inputs().iter().find(|o| o.name() == name);
+        let output = |name: &str| session.outputs().iter().find(|o| o.name() == name);
+        let position_ids = cfg.names.position_ids.clone().or_else(|| input("position_ids").map(|_| "position_ids".to_string()));
+        let mut known: HashSet<&str> = [cfg.names.input_ids.as_str(), cfg.names.attention_mask.as_str()].into();
+        if let Some(p) = &position_ids {
+            known.insert(p);
+        }
+        for (k, v) in &cfg.names.past {
+            known.insert(k);
+            known.insert(v);
+        }
+        for name in &known {
+            if input(name).is_none() {
+                return Err(load_err(format!("the graph has no input '{name}' (named in genai_config.json)")));
+            }
+        }
+        if let Some(extra) = session.inputs().iter().find(|o| !known.contains(o.name())) {
+            return Err(load_err(format!("the graph needs an input '{}' that this backend does not provide", extra.name())));
+        }
+        let mut outs: Vec<&str> = vec![&cfg.names.logits];
+        outs.extend(cfg.names.present.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]));
+        for name in outs {
+            if output(name).is_none() {
+                return Err(load_err(format!("the graph has no output '{name}' (named in genai_config.json)")));
+            }
+        }
+        let kv_dtype = dtype_of(input(&cfg.names.past[0].0).and_then(|o| o.dtype().tensor_type()), "the KV cache")?;
+        let logits_dtype = dtype_of(output(&cfg.names.logits).and_then(|o| o.dtype().tensor_type()), "the logits output")?;
+
+        let max_len = opts.max_context.map_or(cfg.context_length, |c| c.min(cfg.context_length));
+        if max_len < 2 {
+            return Err(load_err("the context length must be at least 2"));
+        }
+        let shape = KvShape {
+            layers: cfg.num_layers,
+            kv_heads: cfg.num_kv_heads,
+            head_size: cfg.head_size,
+            max_len,
+            slots: opts.max_batch.max(1),
+            elem_bytes: kv_dtype.bytes(),
+        };
+        let cuda = match opts.session.device {
+            Device::Cuda(id) => Some(id as i32),
+            _ => None,
+        };
+        let kv = KvSlots::new(shape, &session, cuda).map_err(load_err)?;
+        let c = |s: &str| cname(s).map_err(load_err);
+        let names = Names {
+            input_ids: c(&cfg.names.input_ids)?,
+            attention_mask: c(&cfg.names.attention_mask)?,
+            position_ids: position_ids.as_deref().map(c).transpose()?,
+            logits: c(&cfg.names.logits)?,
+            past: cfg.names.past.iter().map(|(k, v)| Ok((c(k)?, c(v)?))).collect::<Result<_, BackendError>>()?,
+            present: cfg.names.present.iter().map(|(k, v)| Ok((c(k)?, c(v)?))).collect::<Result<_, BackendError>>()?,
+        };
+        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(load_err)?;
+        tracing::info!(
+            model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len,
+            kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
+        );
+        Ok(OnnxBackend { session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), provider })
+    }
+
+    /// The execution provider this backend's session was opened on ("cpu", "cuda:0", ...).
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// Positions cached for `seq` (0 for unknown sequences).
+    pub fn cached_len(&self, seq: SeqId) -> usize {
+        self.kv.len_of(seq)
+    }
+
+    fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
+        let mut seen = HashSet::with_capacity(inputs.len());
+        let vocab = self.cfg.vocab_size;
+        let mut new = 0;
+        for inp in inputs {
+            if inp.adapter.is_some() {
+                return Err(BackendError::Compute("LoRA adapters are not supported yet".into()));
+            }
+            if !seen.insert(inp.seq) {
+                return Err(BackendError::Compute(format!("sequence {} appears twice in one step", inp.seq)));
+            }
+            if inp.tokens.is_empty() {
+                return Err(BackendError::Compute(format!("sequence {} has no tokens", inp.seq)));
+            }
+            if let Some(t) = inp.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(BackendError::Compute(format!("token id {t} is outside the vocabulary of {vocab}")));
+            }
+            if self.kv.len_of(inp.seq) + inp.tokens.len() > self.kv.shape.max_len {
+                return Err(BackendError::ContextFull { seq: inp.seq, max: self.kv.shape.max_len });
+            }
+            new += usize::from(self.kv.slot(inp.seq).is_none());
+        }
+        let free = self.kv.free_slots();
+        if new > free {
+            return Err(BackendError::Compute(format!(
+                "{new} new sequences but only {free} free KV cache slots (max_batch {})",
+                self.kv.shape.slots
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` (`[b, s]`, row-major) for slots `first..first + b`, each row `r` holding
+    /// `lens[r]` positions before the step. Writes logits `[b, s, vocab]` into `self.logits`.
+    fn forward(&mut self, first: usize, b: usize, s: usize, tokens: &mut [i64], lens: &[usize]) -> Result<(), BackendError> {
+        let total = lens.iter().map(|l| l + s).max().unwrap_or(s);
+        let mut mask = vec![0i64; b * total];
+        for (r, &l) in lens.iter().enumerate() {
+            mask[r * total..r * total + l + s].fill(1);
+        }
+        let mut pos: Vec<i64> = lens.iter().flat_map(|&l| (l..l + s).map(|p| p as i64)).collect();
+        let vocab = self.cfg.vocab_size;
+        let need = (b * s * vocab * self.logits_dtype.bytes()).div_ceil(8);
+        if self.logits.len() < need {
+            self.logits.resize(need, 0);
+        }
+        let (bi, si, ti) = (b as i64, s as i64, total as i64);
+        let e = |m: String| BackendError::Compute(m);
+        let ids = View::ids(&self.host, tokens, &[bi, si]).map_err(e)?;
+        let mask_v = View::ids(&self.host, &mut mask, &[bi, ti]).map_err(e)?;
+        let pos_v = View::ids(&self.host, &mut pos, &[bi, si]).map_err(e)?;
+        // SAFETY: the logits buffer holds b*s*vocab elements of logits_dtype and outlives the run.
+        let logits = unsafe { View::float(&self.host, self.logits_dtype, self.logits.as_mut_ptr().cast(), &[bi, si, vocab as i64]) }
+            .map_err(e)?;
+        let kv_shape = [bi, self.kv.shape.kv_heads as i64, self.kv.shape.stride_len() as i64, self.kv.shape.head_size as i64];
+        let mut kv_views = Vec::with_capacity(2 * self.cfg.num_layers);
+        for layer in 0..self.cfg.num_layers {
+            for value in [false, true] {
+                let ptr = self.kv.slot_ptr(layer, value, first);
+                // SAFETY: slots first..first+b of this buffer are contiguous and allocated on the
+                // device of kv.memory_info; the buffers outlive the run.
+                kv_views.push(unsafe { View::float(&self.kv.memory_info, self.kv_dtype, ptr, &kv_shape) }.map_err(e)?);
+            }
+        }
+        let mut inputs = vec![(self.names.input_ids.as_c_str(), &ids), (self.names.attention_mask.as_c_str(), &mask_v)];
+        if let Some(p) = &self.names.position_ids {
+            inputs.push((p.as_c_str(), &pos_v));
+        }
+        let mut outputs = vec![(self.names.logits.as_c_str(), &logits)];
+        for (layer, ((pk, pv), (ok, ov))) in self.names.past.iter().zip(&self.names.present).enumerate() {
+            let (k, v) = (&kv_views[2 * layer], &kv_views[2 * layer + 1]);
+            inputs.push((pk.as_c_str(), k));
+            inputs.push((pv.as_c_str(), v));
+            outputs.push((ok.as_c_str(), k));
+            outputs.push((ov.as_c_str(), v));
+        }
+        run::run(&mut self.session, &inputs, &outputs).map_err(|m| BackendError::Compute(format!("ONNX Runtime: {m}")))
+    }
+
+    /// Row `row`, position `pos` of the last logits, as f32.
+    fn logits_row(&self, s: usize, row: usize, pos: usize) -> Vec<f32> {
+        let vocab = self.cfg.vocab_size;
+        let start = (row * s + pos) * vocab;
+        match self.logits_dtype {
+            Dtype::F32 => {
+                // SAFETY: the buffer holds at least b*s*vocab f32 written by the last run.
+                let all: &[f32] = unsafe { std::slice::from_raw_parts(self.logits.as_ptr().cast(), start + vocab) };
+                all[start..].to_vec()
+            }
+            Dtype::F16 => {
+                // SAFETY: as above, for f16.
+                let all: &[half::f16] = unsafe { std::slice::from_raw_parts(self.logits.as_ptr().cast(), start + vocab) };
+                all[start..].iter().map(|x| x.to_f32()).collect()
+            }
+        }
+    }
+
+    fn step_inner(&mut self, inputs: &[StepInput<'_>], out: &mut [Option<Vec<f32>>]) -> Result<(), BackendError> {
+        let slots: Vec<usize> = inputs
+            .iter()
+            .map(|inp| self.kv.slot_for(inp.seq).expect("check() counted the free slots"))
+            .collect();
+        // Decode rows: one batched run over slots 0..b.
+        let decode: Vec<usize> = (0..inputs.len()).filter(|&i| inputs[i].tokens.len() == 1).collect();
+        if let Some(b) = decode.iter().map(|&i| slots[i] + 1).max() {
+            let lens: Vec<usize> = self.kv.lens()[..b].to_vec();
+            let mut tokens = vec![0i64; b];
+            for &i in &decode {
+                tokens[slots[i]] = i64::from(inputs[i].tokens[0]);
+            }
+            self.forward(0, b, 1, &mut tokens, &lens)?;
+            for &i in &decode {
+                let slot = slots[i];
+                if inputs[i].want_logits {
+                    out[i] = Some(self.logits_row(1, slot, 0));
+                }
+                self.kv.set_len(slot, lens[slot] + 1);
+            }
+        }
+        // Prompt chunks: one run each, on the sequence's own slot.
+        for i in (0..inputs.len()).filter(|&i| inputs[i].tokens.len() > 1) {
+            let (slot, s) = (slots[i], inputs[i].tokens.len());
+            let len = self.kv.lens()[slot];
+            let mut tokens: Vec<i64> = inputs[i].tokens.iter().map(|&t| i64::from(t)).collect();
+            self.forward(slot, 1, s, &mut tokens, &[len])?;
+            if inputs[i].want_logits {
+                out[i] = Some(self.logits_row(s, 0, s - 1));
+            }
+            self.kv.set_len(slot, len + s);
+        }
+        Ok(())
+    }
+}
+
+impl Backend for OnnxBackend {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_context(&self) -> usize {
+        self.kv.shape.max_len
+    }
+
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Option<Vec<f32>>>, BackendError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check(inputs)?;
+        let before: Vec<(SeqId, usize, bool)> =
+            inputs.iter().map(|i| (i.seq, self.kv.len_of(i.seq), self.kv.slot(i.seq).is_some())).collect();
+        let mut out = vec![None; inputs.len()];
+        match self.step_inner(inputs, &mut out) {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                // Only the lengths are state: restoring them undoes the step (positions written
+                // past a length are never read and get overwritten).
+                for (seq, len, existed) in before {
+                    match (existed, self.kv.slot(seq)) {
+                        (true, Some(slot)) => self.kv.set_len(slot, len),
+                        (false, Some(_)) => self.kv.release(seq),
+                        _ => {}
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.kv.release(seq);
+    }
+}

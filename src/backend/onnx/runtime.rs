@@ -1,0 +1,159 @@
+//! Finding and loading the ONNX Runtime shared library, and opening sessions on an execution
+//! provider.
+//!
+//! The library is loaded at run time (`ort`'s `load-dynamic`), once per process, from the first
+//! of: the configured path (`[server] onnxruntime_library`), `ORT_DYLIB_PATH`, or the copy that
+//! `scripts/fetch_onnxruntime.sh` installs under `runtimes/onnxruntime/`. A missing or too old
+//! library is an error with one sentence saying how to get it, never a panic.
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ort::environment::Environment;
+use ort::session::Session;
+
+use crate::config::Device;
+
+/// The ONNX Runtime release the project pins and `scripts/fetch_onnxruntime.sh` installs.
+pub const PINNED_VERSION: &str = "1.31.1";
+
+/// File name of the library on this OS.
+pub const LIB_NAME: &str = if cfg!(target_os = "macos") {
+    "libonnxruntime.dylib"
+} else if cfg!(windows) {
+    "onnxruntime.dll"
+} else {
+    "libonnxruntime.so"
+};
+
+fn how_to_get() -> String {
+    format!(
+        "run scripts/fetch_onnxruntime.sh (installs ONNX Runtime {PINNED_VERSION} from PyPI into runtimes/onnxruntime/) \
+         or point ORT_DYLIB_PATH or [server] onnxruntime_library at {LIB_NAME} 1.31 or newer"
+    )
+}
+
+/// Where the library would be looked for, in order (existing or not).
+pub fn candidates(configured: Option<&Path>) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = configured {
+        out.push(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        out.push(PathBuf::from(p));
+    }
+    let installed = Path::new("runtimes").join("onnxruntime").join(LIB_NAME);
+    out.push(installed.clone());
+    out.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(&installed));
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        out.push(dir.join(LIB_NAME));
+    }
+    out
+}
+
+static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
+static INIT: Mutex<()> = Mutex::new(());
+
+/// Loads the library (first call) and returns the process-wide environment.
+pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, String> {
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    ENV.get_or_init(|| {
+        let tried = candidates(configured);
+        // An explicitly configured path must work as given; the fall-backs are tried in order.
+        let path = match configured {
+            Some(p) => p.to_path_buf(),
+            None => tried.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+                format!("the ONNX Runtime library ({LIB_NAME}) was not found; {}", how_to_get())
+            })?,
+        };
+        if !path.is_file() {
+            return Err(format!("the ONNX Runtime library {} does not exist; {}", path.display(), how_to_get()));
+        }
+        let builder = ort::init_from(&path)
+            .map_err(|e| format!("cannot load the ONNX Runtime library {}: {e}; {}", path.display(), how_to_get()))?;
+        let env = builder
+            .with_name("inferd")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))?;
+        tracing::info!(library = %path.display(), "ONNX Runtime loaded");
+        Ok(env)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// How one worker's session runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionSpec {
+    pub device: Device,
+    pub intra_op_threads: usize,
+    pub inter_op_threads: usize,
+}
+
+impl SessionSpec {
+    /// The provider's name as logs and errors show it.
+    pub fn provider_name(&self) -> String {
+        match self.device {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(id) => format!("cuda:{id}"),
+            Device::CoreMl => "coreml".into(),
+        }
+    }
+}
+
+fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// Opens `graph` on the requested execution provider. A provider that cannot be registered (not
+/// compiled in, library without it, no device) is an error, never a silent fall-back to the CPU.
+pub fn open_session(env: &Environment, graph: &Path, spec: &SessionSpec) -> Result<Session, String> {
+    let builder = Session::builder(env).map_err(|e| format!("cannot create a session builder: {e}"))?;
+    let builder = builder
+        .with_intra_threads(spec.intra_op_threads.max(1))
+        .map_err(err("intra_op_threads"))?
+        .with_inter_threads(spec.inter_op_threads.max(1))
+        .map_err(err("inter_op_threads"))?;
+    let mut builder = match spec.device {
+        Device::Cpu => builder,
+        Device::Cuda(id) => cuda(builder, id)?,
+        Device::CoreMl => coreml(builder)?,
+    };
+    builder
+        .commit_from_file(graph)
+        .map_err(|e| format!("cannot load {} on {}: {e}", graph.display(), spec.provider_name()))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(b: ort::session::builder::SessionBuilder, id: usize) -> Result<ort::session::builder::SessionBuilder, String> {
+    let ep = ort::ep::CUDA::default().with_device_id(id as i32).build().error_on_failure();
+    b.with_execution_providers([ep]).map_err(err("cannot register the CUDA execution provider (is the library onnxruntime-gpu with CUDA 12 and cuDNN 9 available?)"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_: ort::session::builder::SessionBuilder, _: usize) -> Result<ort::session::builder::SessionBuilder, String> {
+    Err("this build has no CUDA support; rebuild with `cargo build --release --features cuda`".into())
+}
+
+#[cfg(all(feature = "coreml", target_os = "macos"))]
+fn coreml(b: ort::session::builder::SessionBuilder) -> Result<ort::session::builder::SessionBuilder, String> {
+    let ep = ort::ep::CoreML::default().build().error_on_failure();
+    b.with_execution_providers([ep]).map_err(err("cannot register the CoreML execution provider"))
+}
+
+#[cfg(not(all(feature = "coreml", target_os = "macos")))]
+fn coreml(_: ort::session::builder::SessionBuilder) -> Result<ort::session::builder::SessionBuilder, String> {
+    Err("this build has no CoreML support; CoreML needs macOS and `cargo build --release --features coreml`".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configured_path_comes_first_then_the_installed_copy() {
+        let c = candidates(Some(Path::new("/opt/ort/libonnxruntime.so")));
+        assert_eq!(c[0], PathBuf::from("/opt/ort/libonnxruntime.so"));
+        assert!(c.iter().any(|p| p.ends_with(Path::new("runtimes/onnxruntime").join(LIB_NAME))));
+    }
+}
