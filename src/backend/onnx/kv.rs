@@ -1,11 +1,10 @@
 //! The KV cache of an ONNX decoder: per layer one key and one value buffer of shape
-//! `[slots, kv_heads, max_len + 1, head_size]`, shared by every live sequence (one slot each).
+//! `[slots, kv_heads, max_len, head_size]`, shared by every live sequence (one slot each).
 //!
 //! The graph's GroupQueryAttention reads the past from these buffers and writes the new positions
 //! into the same memory (its shared past/present buffer mode), at each row's own length. So a
 //! sequence joining or leaving the batch costs nothing, and a decode step over slots `0..b` hands
-//! the graph a contiguous prefix of every buffer. The spare last position per slot absorbs the
-//! write of a padding row whose sequence is already full.
+//! the graph a contiguous prefix of every buffer.
 //!
 //! Host buffers are allocated zeroed and untouched, so the OS maps pages only as sequences grow;
 //! device buffers (CUDA) come from the session's allocator for that device.
@@ -58,9 +57,9 @@ pub struct KvShape {
 }
 
 impl KvShape {
-    /// Positions per slot in memory: `max_len` plus one spare (see the module doc).
+    /// Positions per slot in memory.
     pub fn stride_len(&self) -> usize {
-        self.max_len + 1
+        self.max_len
     }
     fn slot_bytes(&self) -> usize {
         self.kv_heads * self.stride_len() * self.head_size * self.elem_bytes
@@ -178,7 +177,7 @@ mod tests {
 
     #[test]
     fn shape_arithmetic() {
-        let s = KvShape { layers: 24, kv_heads: 2, head_size: 64, max_len: 4095, slots: 8, elem_bytes: 4 };
+        let s = KvShape { layers: 24, kv_heads: 2, head_size: 64, max_len: 4096, slots: 8, elem_bytes: 4 };
         assert_eq!(s.stride_len(), 4096);
         assert_eq!(s.slot_bytes(), 2 * 4096 * 64 * 4);
         assert_eq!(s.total_bytes(), 8 * 2 * 4096 * 64 * 4 * 24 * 2);

@@ -30,6 +30,9 @@ pub use self::runtime::SessionSpec;
 use crate::backend::{Backend, BackendError, SeqId, StepInput};
 use crate::config::Device;
 
+/// Positions per sequence when the config sets no `context_length` (the model may allow more).
+pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+
 /// How to open an ONNX model.
 #[derive(Debug, Clone)]
 pub struct OnnxOptions {
@@ -38,7 +41,7 @@ pub struct OnnxOptions {
     pub session: SessionSpec,
     /// Sequences served at once (KV cache slots).
     pub max_batch: usize,
-    /// Cap on positions per sequence (None: the model's context length).
+    /// Cap on positions per sequence (None: [`DEFAULT_MAX_CONTEXT`]); never above the model's.
     pub max_context: Option<usize>,
 }
 
@@ -116,7 +119,9 @@ impl OnnxBackend {
         let kv_dtype = dtype_of(input(&cfg.names.past[0].0).and_then(|o| o.dtype().tensor_type()), "the KV cache")?;
         let logits_dtype = dtype_of(output(&cfg.names.logits).and_then(|o| o.dtype().tensor_type()), "the logits output")?;
 
-        let max_len = opts.max_context.map_or(cfg.context_length, |c| c.min(cfg.context_length));
+        // KV buffers and GQA's scratch (`heads * chunk * max_len` floats per prefill run) grow
+        // with max_len, so an unconfigured model gets at most DEFAULT_MAX_CONTEXT.
+        let max_len = opts.max_context.unwrap_or(DEFAULT_MAX_CONTEXT).min(cfg.context_length);
         if max_len < 2 {
             return Err(load_err("the context length must be at least 2"));
         }
@@ -195,11 +200,19 @@ impl OnnxBackend {
 
     /// Runs `tokens` (`[b, s]`, row-major) for slots `first..first + b`, each row `r` holding
     /// `lens[r]` positions before the step. Writes logits `[b, s, vocab]` into `self.logits`.
+    ///
+    /// GroupQueryAttention takes each row's length from its mask (`seqlens_k = ones - 1`) and
+    /// writes the new K/V at that length; the mask's width must stay within the buffers and the
+    /// rotary cache (`max_len <= context_length`). A padding row of a full sequence therefore
+    /// gets `max_len` ones and overwrites its own last position, which is never read again (a
+    /// full sequence cannot step).
     fn forward(&mut self, first: usize, b: usize, s: usize, tokens: &mut [i64], lens: &[usize]) -> Result<(), BackendError> {
-        let total = lens.iter().map(|l| l + s).max().unwrap_or(s);
+        let max_len = self.kv.shape.max_len;
+        let ones: Vec<usize> = lens.iter().map(|&l| (l + s).min(max_len)).collect();
+        let total = ones.iter().copied().max().unwrap_or(s);
         let mut mask = vec![0i64; b * total];
-        for (r, &l) in lens.iter().enumerate() {
-            mask[r * total..r * total + l + s].fill(1);
+        for (r, &n) in ones.iter().enumerate() {
+            mask[r * total..r * total + n].fill(1);
         }
         let mut pos: Vec<i64> = lens.iter().flat_map(|&l| (l..l + s).map(|p| p as i64)).collect();
         let vocab = self.cfg.vocab_size;

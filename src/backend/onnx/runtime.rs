@@ -57,11 +57,14 @@ static INIT: Mutex<()> = Mutex::new(());
 pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, String> {
     let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
     ENV.get_or_init(|| {
-        let tried = candidates(configured);
-        // An explicitly configured path must work as given; the fall-backs are tried in order.
-        let path = match configured {
-            Some(p) => p.to_path_buf(),
-            None => tried.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        // A path given explicitly (config, then ORT_DYLIB_PATH) must work as given; otherwise the
+        // installed copies are tried in order.
+        let explicit = configured
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()).map(PathBuf::from));
+        let path = match explicit {
+            Some(p) => p,
+            None => candidates(None).into_iter().find(|p| p.is_file()).ok_or_else(|| {
                 format!("the ONNX Runtime library ({LIB_NAME}) was not found; {}", how_to_get())
             })?,
         };
@@ -75,6 +78,8 @@ pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, St
             .with_telemetry(false)
             .build()
             .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))?;
+        // ORT's own INFO lines (arena growth on every new shape) would drown the server's log.
+        env.set_log_level(ort::logging::LogLevel::Warning);
         tracing::info!(library = %path.display(), "ONNX Runtime loaded");
         Ok(env)
     })

@@ -1,0 +1,230 @@
+//! The onnx backend on the tiny Qwen2 fixture (tests/fixtures/onnx/tiny-qwen2, exported from the
+//! generated safetensors by scripts/make_tiny_onnx.py): logits against transformers, chunked
+//! prefill, batch invariance, slot reuse and the errors a step can return.
+//!
+//! Needs the ONNX Runtime library that scripts/fetch_onnxruntime.sh installs (the README's test
+//! command runs it); without it these tests fail with that instruction rather than skip.
+use std::path::PathBuf;
+
+use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
+use inferd::backend::{Backend, BackendError, SeqId, StepInput};
+use inferd::config::Device;
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/tiny-qwen2")
+}
+
+fn load(max_batch: usize, max_context: Option<usize>) -> OnnxBackend {
+    let opts = OnnxOptions {
+        library: None,
+        session: SessionSpec { device: Device::Cpu, intra_op_threads: 2, inter_op_threads: 1 },
+        max_batch,
+        max_context,
+    };
+    OnnxBackend::load(&fixture(), &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
+}
+
+struct Case {
+    name: String,
+    prompt: Vec<u32>,
+    greedy: Vec<u32>,
+    /// steps[0]: logits after the prompt; steps[i]: after feeding greedy[i - 1] (i = 1..=16).
+    steps: Vec<Vec<f32>>,
+}
+
+fn reference() -> Vec<Case> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/tiny-qwen2-reference.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("reference file")).expect("json");
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    v["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Case {
+            name: p["name"].as_str().unwrap().to_string(),
+            prompt: ids(&p["prompt_ids"]),
+            greedy: ids(&p["greedy_ids"]),
+            steps: p["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+                .collect(),
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }) as u32
+}
+
+fn one(b: &mut OnnxBackend, seq: SeqId, tokens: &[u32]) -> Vec<f32> {
+    let out = b.step(&[StepInput { seq, tokens, adapter: None, want_logits: true }]).expect("step");
+    out.into_iter().next().unwrap().expect("logits")
+}
+
+/// Prompt in `chunks`, then the reference's greedy tokens one by one; every step's logits.
+fn run_alone(b: &mut OnnxBackend, seq: SeqId, case: &Case, chunks: &[usize]) -> Vec<Vec<f32>> {
+    let mut at = 0;
+    let mut last = None;
+    for &n in chunks.iter().chain(std::iter::once(&(case.prompt.len()))) {
+        let end = (at + n).min(case.prompt.len());
+        if end > at {
+            last = Some(one(b, seq, &case.prompt[at..end]));
+            at = end;
+        }
+    }
+    let mut out = vec![last.unwrap()];
+    for &t in &case.greedy {
+        out.push(one(b, seq, &[t]));
+    }
+    out
+}
+
+#[test]
+fn logits_match_transformers_within_1e4_for_prefill_and_16_decode_steps() {
+    let mut b = load(4, None);
+    assert_eq!((b.vocab_size(), b.max_context(), b.provider()), (512, 2048, "cpu"));
+    for (i, case) in reference().iter().enumerate() {
+        let got = run_alone(&mut b, i as SeqId, case, &[]);
+        assert_eq!(got.len(), case.steps.len());
+        for (step, (g, r)) in got.iter().zip(&case.steps).enumerate() {
+            let d = max_abs_diff(g, r);
+            assert!(d < 1e-4, "{}: step {step} differs from transformers by {d}", case.name);
+            if let Some(&want) = case.greedy.get(step) {
+                assert_eq!(argmax(g), want, "{}: greedy token {step}", case.name);
+            }
+        }
+        b.release(i as SeqId);
+    }
+}
+
+#[test]
+fn chunked_prefill_gives_the_one_shot_logits() {
+    let mut b = load(2, None);
+    let cases = reference();
+    let case = cases.iter().max_by_key(|c| c.prompt.len()).unwrap();
+    let whole = run_alone(&mut b, 1, case, &[]);
+    for chunks in [&[8usize, 12][..], &[7, 6, 7], &[1, 19], &[5, 1, 11]] {
+        let got = run_alone(&mut b, 2, case, chunks);
+        for (step, (g, w)) in got.iter().zip(&whole).enumerate() {
+            let d = max_abs_diff(g, w);
+            assert!(d < 1e-5, "chunks {chunks:?}, step {step}: {d} from one-shot prefill");
+        }
+        b.release(2);
+    }
+}
+
+#[test]
+fn batched_decode_of_4_prompts_gives_exactly_what_each_gives_alone() {
+    let cases = reference();
+    // Four different prompts: the reference's three and the first one shortened.
+    let mut prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt.clone()).collect();
+    prompts.push(cases[0].prompt[..9].to_vec());
+    let steps = 16;
+    let alone: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|p| {
+            let mut b = load(1, None);
+            let mut logits = vec![one(&mut b, 0, p)];
+            for _ in 0..steps {
+                let t = argmax(logits.last().unwrap());
+                logits.push(one(&mut b, 0, &[t]));
+            }
+            logits
+        })
+        .collect();
+
+    // Together: the prompts join one step apart (prefill rows next to decode rows), then decode
+    // in one batch; the third sequence leaves early and its slot is left as a hole.
+    let mut b = load(4, None);
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 4];
+    let mut next: Vec<Option<u32>> = vec![None; 4];
+    for round in 0..steps + 4 {
+        let mut toks: Vec<(usize, Vec<u32>)> = Vec::new();
+        for s in 0..4 {
+            let done = got[s].len() == steps + 1 || (s == 2 && got[s].len() == 6);
+            if done {
+                continue;
+            }
+            match next[s] {
+                None if round >= s => toks.push((s, prompts[s].clone())),
+                Some(t) => toks.push((s, vec![t])),
+                None => {}
+            }
+        }
+        let inputs: Vec<StepInput> = toks
+            .iter()
+            .map(|(s, t)| StepInput { seq: *s as SeqId, tokens: t, adapter: None, want_logits: true })
+            .collect();
+        for ((s, _), l) in toks.iter().zip(b.step(&inputs).expect("batched step")) {
+            let l = l.expect("logits");
+            next[*s] = Some(argmax(&l));
+            got[*s].push(l);
+        }
+        if got[2].len() == 6 {
+            b.release(2);
+        }
+    }
+    for s in 0..4 {
+        let n = got[s].len();
+        assert!(n >= 6, "sequence {s} ran");
+        assert_eq!(got[s][..], alone[s][..n], "sequence {s}: batched logits differ from alone");
+    }
+}
+
+#[test]
+fn a_released_slot_serves_a_new_sequence_like_a_fresh_backend() {
+    let cases = reference();
+    let mut b = load(1, None);
+    let first = run_alone(&mut b, 7, &cases[2], &[]);
+    b.release(7);
+    let again = run_alone(&mut b, 8, &cases[0], &[]);
+    let mut fresh = load(1, None);
+    assert_eq!(again, run_alone(&mut fresh, 1, &cases[0], &[]));
+    assert_eq!(first.len(), cases[2].steps.len());
+}
+
+#[test]
+fn step_errors_leave_the_backend_usable() {
+    let cases = reference();
+    let mut b = load(1, Some(20));
+    assert_eq!(b.max_context(), 20);
+    let p = &cases[0].prompt; // 16 tokens
+    let first = one(&mut b, 1, p);
+    // A second sequence does not fit the single slot.
+    let e = b.step(&[StepInput { seq: 2, tokens: &[1, 2], adapter: None, want_logits: true }]).unwrap_err();
+    assert!(e.to_string().contains("free KV cache slots"), "{e}");
+    // Out-of-vocabulary tokens and over-long steps are refused before touching the cache.
+    let e = b.step(&[StepInput { seq: 1, tokens: &[600], adapter: None, want_logits: true }]).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    let e = b.step(&[StepInput { seq: 1, tokens: &[1; 5], adapter: None, want_logits: true }]).unwrap_err();
+    assert!(matches!(e, BackendError::ContextFull { seq: 1, max: 20 }), "{e}");
+    assert_eq!(b.cached_len(1), 16);
+    // The sequence goes on as if nothing happened.
+    let t = argmax(&first);
+    let mut fresh = load(1, None);
+    one(&mut fresh, 1, p);
+    assert_eq!(one(&mut b, 1, &[t]), one(&mut fresh, 1, &[t]));
+}
+
+#[test]
+fn a_full_sequence_riding_along_as_padding_does_not_disturb_others() {
+    let cases = reference();
+    let mut b = load(2, Some(16));
+    one(&mut b, 1, &cases[0].prompt); // exactly 16 positions: full
+    assert_eq!(b.cached_len(1), 16);
+    let mut fresh = load(2, Some(16));
+    // Sequence 2 sits in slot 1, so decode runs over slots 0..2 with the full slot 0 padding.
+    let a = one(&mut b, 2, &cases[1].prompt[..5]);
+    let a2 = one(&mut b, 2, &[argmax(&a)]);
+    let r = one(&mut fresh, 2, &cases[1].prompt[..5]);
+    let r2 = one(&mut fresh, 2, &[argmax(&r)]);
+    assert_eq!((a, a2), (r, r2));
+}
