@@ -9,11 +9,17 @@ inferd/llama.cpp, and can append the figures to docs/benchmarks.md.
 Usage:
   python3 bench/bench.py --llama-server /work/peers/llama-build/bin/llama-server \
       --inferd target/release/inferd --model models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+  ONNX case (inferd --backend onnx vs onnxruntime-genai's own loop on the same export, and
+  llama.cpp on the GGUF, in one run):
+  python3 bench/bench.py --llama-server ... --inferd target/release/inferd \
+      --model models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
+      --onnx-model models/qwen2.5-coder-0.5b-instruct-onnx-int4 [--genai-python .venv-export/bin/python]
   --inferd may be a command prefix ("cargo run --release --") or a URL of a running server;
   leave it out to measure llama.cpp alone (the peer baseline).
 """
 import argparse
 import datetime
+import json
 import statistics
 import subprocess
 import sys
@@ -96,18 +102,51 @@ def run_llama(args, logdir):
     return figures, notes, prompt_text, count, " ".join(argv)
 
 
-def run_inferd(args, logdir, prompt_text):
+def run_inferd(args, logdir, prompt_text, model=None, extra_args=""):
     """Measures inferd: a URL is used as is, anything else is started as a command."""
     if args.inferd.startswith(("http://", "https://")):
         return measure(args.inferd.rstrip("/"), "inferd", args, prompt_text, {}) + (args.inferd,)
     port = args.port + 1
-    argv = inferd_argv(args.inferd, args.model, port, args.threads, args.inferd_args)
+    argv = inferd_argv(args.inferd, model or args.model, port, args.threads,
+                       f"{args.inferd_args} {extra_args}".strip())
     # --threads sizes inferd's own pool; this caps candle's (dense weights only) the same way.
     env = {"RAYON_NUM_THREADS": str(args.threads)}
     with Server("inferd", argv, port, Path(logdir) / "inferd.log", ready_path=args.inferd_ready,
                 env=env) as srv:
         figures, notes = measure(srv.base, "inferd", args, prompt_text, {})
     return figures, notes, " ".join(argv)
+
+
+def run_genai(args, logdir):
+    """onnxruntime-genai's own generate loop on the ONNX export (bench/ort_genai_bench.py, run
+    with a Python that has onnxruntime-genai): same threads, prompt sizes and new tokens. Its
+    4/8-stream figures are static batches of 4/8 identical prompts (its best case)."""
+    out = Path(logdir) / "genai.json"
+    cmd = [args.genai_python, str(ROOT / "bench" / "ort_genai_bench.py"), args.onnx_model,
+           "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+           "--prefill-tokens", str(args.prompt_tokens), "--repeats", str(args.repeats),
+           "--batch-sizes", "4,8", "--json-out", str(out)]
+    with open(Path(logdir) / "genai.log", "ab") as log:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=log, timeout=3600)
+    r = json.loads(out.read_text())
+    figures = {"prefill_tps": r["prefill_tps"], "ttft_ms": r["ttft_ms"], "decode_tps": r["decode_tps"],
+               "c4_tps": r["batches"]["4"]["total_tps"], "c8_tps": r["batches"]["8"]["total_tps"]}
+    return figures, " ".join(cmd[:3] + cmd[3:-2])
+
+
+def onnx_table(llama_runs, genai_runs, onnx_runs):
+    """inferd --backend onnx against onnxruntime-genai (same files) and llama.cpp (the GGUF)."""
+    rows = ["| metric | llama.cpp | onnxruntime-genai | inferd onnx | inferd / genai | "
+            "inferd / llama.cpp | per-round inferd / genai |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    for label, key in METRICS:
+        med = lambda runs: statistics.median(r[key] for r in runs)  # noqa: E731
+        vs_g = [o[key] / g[key] for g, o in zip(genai_runs, onnx_runs)]
+        vs_l = [o[key] / l[key] for l, o in zip(llama_runs, onnx_runs)]
+        rows.append(f"| {label} | {med(llama_runs):.1f} | {med(genai_runs):.1f} | {med(onnx_runs):.1f} | "
+                    f"{statistics.median(vs_g):.2f} | {statistics.median(vs_l):.2f} | "
+                    + ", ".join(f"{x:.2f}" for x in vs_g) + " |")
+    return "\n".join(rows)
 
 
 def machine():
@@ -168,18 +207,30 @@ def main():
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     ap.add_argument("--port", type=int, default=18090)
     ap.add_argument("--write-docs", action="store_true", help="append to docs/benchmarks.md")
+    ap.add_argument("--onnx-model", help="ONNX export of the same model (scripts/export_onnx.py): "
+                    "measure inferd --backend onnx and onnxruntime-genai on it instead of inferd on the GGUF")
+    ap.add_argument("--genai-python", default=str(ROOT / ".venv-export" / "bin" / "python"),
+                    help="Python with onnxruntime-genai (scripts/requirements-export.txt)")
     args = ap.parse_args()
+    if args.onnx_model and not args.inferd:
+        ap.error("--onnx-model needs --inferd")
     load_before = loadavg()
     with tempfile.TemporaryDirectory() as logdir:
         try:
-            llama_runs, inferd_runs, notes = [], [], []
-            inferd_cmd = None
+            llama_runs, inferd_runs, genai_runs, notes = [], [], [], []
+            inferd_cmd = genai_cmd = None
             for _ in range(max(1, args.rounds)):
                 llama, n1, prompt_text, count, llama_cmd = run_llama(args, logdir)
                 llama_runs.append(llama)
                 notes += n1
                 args.prompt_tokens = count
-                if args.inferd:
+                if args.onnx_model:
+                    genai, genai_cmd = run_genai(args, logdir)
+                    genai_runs.append(genai)
+                    inferd, n2, inferd_cmd = run_inferd(args, logdir, prompt_text, args.onnx_model, "--backend onnx")
+                    inferd_runs.append(inferd)
+                    notes += n2
+                elif args.inferd:
                     inferd, n2, inferd_cmd = run_inferd(args, logdir, prompt_text)
                     inferd_runs.append(inferd)
                     notes += n2
@@ -189,14 +240,18 @@ def main():
                       file=sys.stderr)
             raise
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md = table(llama_runs, inferd_runs)
-    head = (f"### {Path(args.model).name}: {'inferd vs llama.cpp' if inferd_runs else 'llama.cpp peer baseline'}\n\n"
+    md = onnx_table(llama_runs, genai_runs, inferd_runs) if genai_runs else table(llama_runs, inferd_runs)
+    title = (f"{Path(args.onnx_model).name}: inferd onnx vs onnxruntime-genai and llama.cpp ({Path(args.model).name})"
+             if genai_runs else f"{Path(args.model).name}: {'inferd vs llama.cpp' if inferd_runs else 'llama.cpp peer baseline'}")
+    order = "llama.cpp, onnxruntime-genai, inferd" if genai_runs else "llama.cpp then inferd"
+    head = (f"### {title}\n\n"
             f"- date: {when}; machine: {machine()}; inferd commit: {git_commit()}\n"
             f"- threads {args.threads}; prompt {count} tokens (prefill), {args.new_tokens} new "
-            f"tokens, greedy, ignore_eos; {len(llama_runs)} rounds (llama.cpp then inferd), "
+            f"tokens, greedy, ignore_eos; {len(llama_runs)} rounds ({order}), "
             f"median of {args.repeats} single-stream runs per round; "
             f"1-min load average {load_before} before, {loadavg()} after\n"
-            f"- llama.cpp: `{llama_cmd}`" + (f"\n- inferd: `{inferd_cmd}`" if inferd_cmd else ""))
+            f"- llama.cpp: `{llama_cmd}`" + (f"\n- inferd: `{inferd_cmd}`" if inferd_cmd else "")
+            + (f"\n- onnxruntime-genai: `{genai_cmd}` (4/8 streams = static batches)" if genai_cmd else ""))
     if notes:
         head += "\n- notes: " + "; ".join(sorted(set(notes)))
     print(head + "\n\n" + md)

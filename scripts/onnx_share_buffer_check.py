@@ -242,6 +242,8 @@ def main() -> int:
         tok = [int(np.argmax(la[s, 0])) for s in range(SLOTS)]
     check("batched decode vs batch-1 decode, all rows, 12 steps", worst_ab, 1e-5)
     print(f"  bit-identical: {identical}")
+    if args.hf_dir is None:
+        worst_hf = float("nan")
     check("batched decode vs transformers (steps 1 and 12)", worst_hf, 1e-4)
     check("KV pools after batched vs single decode",
           max(mx(np.nan_to_num(poolA[n][i], nan=9e9), np.nan_to_num(poolB[n][i], nan=9e9))
