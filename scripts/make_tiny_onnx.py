@@ -5,6 +5,8 @@ Writes:
   tests/fixtures/onnx/tiny-qwen2/             scripts/export_onnx.py of tests/fixtures/generated/tiny-qwen2
                                               (fp32, cpu; genai_config.json, model.onnx(.data),
                                               tokenizer.json, tokenizer_config.json)
+  tests/fixtures/onnx/tiny-qwen2-pruned/      the same export with --prune-lm-head (logits of the
+                                              last position only; same weights file)
   tests/fixtures/onnx/tiny-qwen2-reference.json  transformers (fp32, eager) greedy continuations
                                               with full logits, for fixed prompt token ids
 Then checks the ONNX model against the reference with onnxruntime, driving it the way inferd's
@@ -158,6 +160,10 @@ def main() -> int:
         import export_onnx
         rc = export_onnx.main([str(args.hf_dir), str(onnx_dir), "-p", "fp32", "-e", "cpu",
                                "--force"])
+        if rc:
+            return rc
+        rc = export_onnx.main([str(args.hf_dir), str(args.out_dir / "tiny-qwen2-pruned"), "-p", "fp32",
+                               "-e", "cpu", "--prune-lm-head", "--force"])
         if rc:
             return rc
         ref = reference(args.hf_dir)

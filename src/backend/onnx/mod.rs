@@ -62,8 +62,11 @@ pub struct OnnxBackend {
     kv_dtype: Dtype,
     logits_dtype: Dtype,
     host: MemoryInfo<'static>,
-    /// Reused output buffer for logits (`[b, s, vocab]`), 8-byte aligned.
+    /// Reused output buffer for logits (`[b, s, vocab]`, or `[b, 1, vocab]`), 8-byte aligned.
     logits: Vec<u64>,
+    /// The graph returns logits for the last position only (exported with `--prune-lm-head`),
+    /// which saves the vocabulary projection of every other prompt token.
+    last_only: bool,
     provider: String,
 }
 
@@ -118,6 +121,10 @@ impl OnnxBackend {
         }
         let kv_dtype = dtype_of(input(&cfg.names.past[0].0).and_then(|o| o.dtype().tensor_type()), "the KV cache")?;
         let logits_dtype = dtype_of(output(&cfg.names.logits).and_then(|o| o.dtype().tensor_type()), "the logits output")?;
+        let last_only = match output(&cfg.names.logits).map(|o| o.dtype()) {
+            Some(ort::value::ValueType::Tensor { shape, .. }) => shape.get(1) == Some(&1),
+            _ => false,
+        };
 
         // KV buffers and GQA's scratch (`heads * chunk * max_len` floats per prefill run) grow
         // with max_len, so an unconfigured model gets at most DEFAULT_MAX_CONTEXT.
@@ -150,10 +157,10 @@ impl OnnxBackend {
         let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(load_err)?;
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
-            kv_dtype = ?kv_dtype, slots = shape.slots, max_len,
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only,
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
         );
-        Ok(OnnxBackend { session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), provider })
+        Ok(OnnxBackend { session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider })
     }
 
     /// The execution provider this backend's session was opened on ("cpu", "cuda:0", ...).
@@ -199,7 +206,8 @@ impl OnnxBackend {
     }
 
     /// Runs `tokens` (`[b, s]`, row-major) for slots `first..first + b`, each row `r` holding
-    /// `lens[r]` positions before the step. Writes logits `[b, s, vocab]` into `self.logits`.
+    /// `lens[r]` positions before the step. Writes logits `[b, s, vocab]` (`[b, 1, vocab]` for a
+    /// pruned graph) into `self.logits`.
     ///
     /// GroupQueryAttention takes each row's length from its mask (`seqlens_k = ones - 1`) and
     /// writes the new K/V at that length; the mask's width must stay within the buffers and the
@@ -216,7 +224,8 @@ impl OnnxBackend {
         }
         let mut pos: Vec<i64> = lens.iter().flat_map(|&l| (l..l + s).map(|p| p as i64)).collect();
         let vocab = self.cfg.vocab_size;
-        let need = (b * s * vocab * self.logits_dtype.bytes()).div_ceil(8);
+        let rows = if self.last_only { 1 } else { s };
+        let need = (b * rows * vocab * self.logits_dtype.bytes()).div_ceil(8);
         if self.logits.len() < need {
             self.logits.resize(need, 0);
         }
@@ -225,8 +234,8 @@ impl OnnxBackend {
         let ids = View::ids(&self.host, tokens, &[bi, si]).map_err(e)?;
         let mask_v = View::ids(&self.host, &mut mask, &[bi, ti]).map_err(e)?;
         let pos_v = View::ids(&self.host, &mut pos, &[bi, si]).map_err(e)?;
-        // SAFETY: the logits buffer holds b*s*vocab elements of logits_dtype and outlives the run.
-        let logits = unsafe { View::float(&self.host, self.logits_dtype, self.logits.as_mut_ptr().cast(), &[bi, si, vocab as i64]) }
+        // SAFETY: the logits buffer holds b*rows*vocab elements of logits_dtype and outlives the run.
+        let logits = unsafe { View::float(&self.host, self.logits_dtype, self.logits.as_mut_ptr().cast(), &[bi, rows as i64, vocab as i64]) }
             .map_err(e)?;
         let kv_shape = [bi, self.kv.shape.kv_heads as i64, self.kv.shape.stride_len() as i64, self.kv.shape.head_size as i64];
         let mut kv_views = Vec::with_capacity(2 * self.cfg.num_layers);
@@ -253,10 +262,11 @@ impl OnnxBackend {
         run::run(&mut self.session, &inputs, &outputs).map_err(|m| BackendError::Compute(format!("ONNX Runtime: {m}")))
     }
 
-    /// Row `row`, position `pos` of the last logits, as f32.
-    fn logits_row(&self, s: usize, row: usize, pos: usize) -> Vec<f32> {
+    /// The last position's logits of batch row `row` after a run with `s` tokens per row, as f32.
+    fn logits_row(&self, s: usize, row: usize) -> Vec<f32> {
         let vocab = self.cfg.vocab_size;
-        let start = (row * s + pos) * vocab;
+        let rows = if self.last_only { 1 } else { s };
+        let start = (row * rows + rows - 1) * vocab;
         match self.logits_dtype {
             Dtype::F32 => {
                 // SAFETY: the buffer holds at least b*s*vocab f32 written by the last run.
@@ -288,7 +298,7 @@ impl OnnxBackend {
             for &i in &decode {
                 let slot = slots[i];
                 if inputs[i].want_logits {
-                    out[i] = Some(self.logits_row(1, slot, 0));
+                    out[i] = Some(self.logits_row(1, slot));
                 }
                 self.kv.set_len(slot, lens[slot] + 1);
             }
@@ -300,7 +310,7 @@ impl OnnxBackend {
             let mut tokens: Vec<i64> = inputs[i].tokens.iter().map(|&t| i64::from(t)).collect();
             self.forward(slot, 1, s, &mut tokens, &[len])?;
             if inputs[i].want_logits {
-                out[i] = Some(self.logits_row(s, 0, s - 1));
+                out[i] = Some(self.logits_row(s, 0));
             }
             self.kv.set_len(slot, len + s);
         }
