@@ -133,6 +133,18 @@ impl std::str::FromStr for Device {
 pub struct Config {
     pub server: ServerConfig,
     pub models: Vec<ModelConfig>,
+    pub adapters: Vec<AdapterConfig>,
+}
+
+/// One `[[adapters]]` entry: a LoRA adapter served from start-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    /// The name requests select it by (their `model` field).
+    pub name: String,
+    /// PEFT or mlx-lm adapter directory.
+    pub path: PathBuf,
+    /// Id of the base model it runs on (may be left out when one model is served).
+    pub base: Option<String>,
 }
 
 /// `[server]`.
@@ -150,6 +162,10 @@ pub struct ServerConfig {
     /// The ONNX Runtime shared library for onnx models (None: `ORT_DYLIB_PATH`, then the copy
     /// `scripts/fetch_onnxruntime.sh` installs under `runtimes/`).
     pub onnxruntime_library: Option<PathBuf>,
+    /// Some: `POST /v1/load_lora_adapter` may load adapters found below this directory.
+    pub lora_root: Option<PathBuf>,
+    /// Most MiB all LoRA adapter weights may take.
+    pub lora_budget_mb: usize,
 }
 
 impl ServerConfig {
@@ -222,6 +238,16 @@ struct FileConfig {
     server: FileServer,
     #[serde(default)]
     models: Vec<FileModel>,
+    #[serde(default)]
+    adapters: Vec<FileAdapter>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdapter {
+    name: String,
+    path: PathBuf,
+    base: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,6 +260,9 @@ struct FileServer {
     api_key: Option<String>,
     threads: Option<usize>,
     onnxruntime_library: Option<PathBuf>,
+    lora_runtime_loading: Option<bool>,
+    lora_root: Option<PathBuf>,
+    lora_budget_mb: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,11 +309,21 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
         max_waiting: file.server.max_waiting.unwrap_or(EngineConfig::default().max_waiting),
         api_key: file.server.api_key.filter(|k| !k.is_empty()),
         threads: file.server.threads.filter(|&n| n > 0),
-        onnxruntime_library: file.server.onnxruntime_library.map(|p| match &base {
-            Some(dir) if p.is_relative() => dir.join(p),
-            _ => p,
-        }),
+        onnxruntime_library: file.server.onnxruntime_library.map(|p| relative_to(&base, p)),
+        lora_root: match (file.server.lora_runtime_loading.unwrap_or(false), file.server.lora_root) {
+            (true, Some(root)) => Some(relative_to(&base, root)),
+            (true, None) => {
+                return Err(ConfigError::Invalid("lora_runtime_loading = true needs lora_root (the only directory adapters are loaded from)".into()))
+            }
+            (false, _) => None,
+        },
+        lora_budget_mb: file.server.lora_budget_mb.unwrap_or(1024),
     };
+    let adapters: Vec<AdapterConfig> = file
+        .adapters
+        .into_iter()
+        .map(|a| AdapterConfig { name: a.name, path: relative_to(&base, a.path), base: a.base })
+        .collect();
     let mut models =
         file.models.into_iter().map(|m| model_from_file(m, base.as_deref())).collect::<Result<Vec<_>, _>>()?;
 
@@ -337,7 +376,20 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     override_all(&mut models, args.context_length, |m, n| m.context_length = Some(n));
 
     check(&server, &models)?;
-    Ok(Config { server, models })
+    for (i, a) in adapters.iter().enumerate() {
+        if a.name.trim().is_empty() || adapters[..i].iter().any(|o| o.name == a.name) || models.iter().any(|m| m.id == a.name) {
+            return Err(ConfigError::Invalid(format!("adapter name '{}' is empty, repeated or the id of a model", a.name)));
+        }
+    }
+    Ok(Config { server, models, adapters })
+}
+
+/// A path from the config file, relative to the file's folder unless absolute.
+fn relative_to(base: &Option<PathBuf>, p: PathBuf) -> PathBuf {
+    match base {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p,
+    }
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

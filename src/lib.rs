@@ -6,5 +6,6 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod lora;
 pub mod model;
 pub mod serve;

@@ -12,6 +12,7 @@ use crate::backend::Backend;
 use crate::config::{BackendKind, Config, Device, ModelConfig};
 use crate::engine::{self, EngineHandle, Event, GenRequest, SubmitError};
 use crate::http::state::{unix_now, AppState, Generator, ModelEntry};
+use crate::lora::{AdapterRegistry, RegistryConfig};
 use crate::model::{self, SourceOptions};
 
 impl Generator for EngineHandle {
@@ -38,12 +39,18 @@ pub enum StartError {
     Backend { id: String, source: crate::backend::BackendError },
     #[error("model '{id}': {message}")]
     Unsupported { id: String, message: String },
+    #[error("LoRA adapter '{name}': {message}")]
+    Adapter { name: String, message: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
 }
 
-/// Loads one model and starts its engine worker.
-pub fn load_model(m: &ModelConfig, server: &crate::config::ServerConfig) -> Result<ModelEntry, StartError> {
+/// Loads one model and starts its engine worker; also returns the sizes LoRA adapters for it must
+/// fit (None when its backend cannot apply adapters).
+pub fn load_model(
+    m: &ModelConfig,
+    server: &crate::config::ServerConfig,
+) -> Result<(ModelEntry, Option<crate::lora::BaseDims>), StartError> {
     let opts = SourceOptions { cache_dir: None, offline: false, progress: true };
     let assets = model::load_assets(&m.source, &opts).map_err(|source| StartError::Model { id: m.id.clone(), source })?;
     let backend: Box<dyn Backend> = match (m.backend, m.device) {
@@ -86,15 +93,17 @@ pub fn load_model(m: &ModelConfig, server: &crate::config::ServerConfig) -> Resu
         model = %m.id, source = %m.source, backend = ?m.backend, device = ?m.device,
         max_context = backend.max_context(), max_batch = m.max_batch, "model loaded"
     );
+    let lora_dims = backend.lora_dims();
     let handle = engine::spawn(backend, Arc::clone(&assets.tokenizer), assets.eos_token_ids.clone(), m.engine_config(server));
-    Ok(ModelEntry {
+    let entry = ModelEntry {
         id: m.id.clone(),
         generator: Arc::new(handle),
         tokenizer: assets.tokenizer,
         chat_template: assets.chat_template,
         created: unix_now(),
         owned_by: "inferd".into(),
-    })
+    };
+    Ok((entry, lora_dims))
 }
 
 /// Loads every model, then serves until Ctrl-C / SIGTERM.
@@ -103,14 +112,25 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     crate::backend::candle::pool::configure(threads);
     tracing::info!(threads = crate::backend::candle::pool::global().threads(), "CPU thread pool ready");
     let mut entries = Vec::with_capacity(cfg.models.len());
+    let mut bases = std::collections::HashMap::new();
     for m in &cfg.models {
         let (m, server) = (m.clone(), cfg.server.clone());
-        let entry = tokio::task::spawn_blocking(move || load_model(&m, &server))
+        let (entry, dims) = tokio::task::spawn_blocking(move || load_model(&m, &server))
             .await
             .expect("the model loading task never panics")?;
+        bases.insert(entry.id.clone(), dims);
         entries.push(entry);
     }
-    let state = AppState::new(entries, cfg.server.limits());
+    let registry = AdapterRegistry::new(
+        RegistryConfig { runtime_root: cfg.server.lora_root.clone(), budget_bytes: cfg.server.lora_budget_mb << 20 },
+        bases,
+    );
+    for a in &cfg.adapters {
+        registry
+            .load(&a.name, &a.path, a.base.as_deref(), false)
+            .map_err(|e| StartError::Adapter { name: a.name.clone(), message: e.message })?;
+    }
+    let state = AppState::new(entries, cfg.server.limits()).with_adapters(Arc::new(registry));
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     crate::http::serve(state, &cfg.server.host, cfg.server.port, crate::http::shutdown_signal())
         .await

@@ -26,7 +26,7 @@ pub struct StepInput<'a> {
     pub seq: SeqId,
     pub tokens: &'a [u32],
     /// LoRA adapter to apply to this row (None = base model). Backends without adapters reject Some.
-    pub adapter: Option<&'a str>,
+    pub adapter: Option<&'a std::sync::Arc<crate::lora::LoraAdapter>>,
     /// Whether the caller needs the logits of the last token (false for non-final prefill chunks).
     pub want_logits: bool,
 }
@@ -43,4 +43,9 @@ pub trait Backend: Send {
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Option<Vec<f32>>>, BackendError>;
     /// Frees a sequence's KV cache. Unknown ids are ignored.
     fn release(&mut self, seq: SeqId);
+    /// The projection sizes LoRA adapters must fit, or None when this backend (or this model)
+    /// cannot apply adapters.
+    fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
+        None
+    }
 }

@@ -53,8 +53,9 @@ pub struct GenRequest {
     pub logprobs: Option<usize>,
     /// Keep generating past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
-    /// LoRA adapter name, None for the base model.
-    pub adapter: Option<String>,
+    /// The LoRA adapter version this request was admitted with (None = the base model). Holding
+    /// the `Arc` keeps that version alive for the request's whole life, whatever reloads happen.
+    pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
 }
 
 /// Log-probability of one token, with its text as bytes may be partial UTF-8.

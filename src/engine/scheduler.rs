@@ -251,7 +251,7 @@ impl Worker {
                     StepInput {
                         seq: s.id,
                         tokens: &s.tokens[s.fed..s.fed + r.n],
-                        adapter: s.req.adapter.as_deref(),
+                        adapter: s.req.adapter.as_ref(),
                         want_logits: r.want_logits,
                     }
                 })

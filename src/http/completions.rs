@@ -16,10 +16,11 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model_id = require_model(&req.common)?.to_string();
-    let entry = state.model(&model_id).ok_or_else(|| ApiError::model_not_found(&model_id))?.clone();
+    let (entry, adapter) = state.resolve(&model_id)?;
     let max_n = state.limits.max_n;
     let generator = entry.generator.clone();
-    let validated = blocking(move || validate_completion(&req, &entry, max_n).map_err(ApiError::from)).await?;
+    let validated = blocking(move || validate_completion(&req, &entry, max_n).map_err(ApiError::from)).await?
+        .with_adapter(adapter);
     let meta = new_meta(&state, "cmpl", &model_id);
     Ok(respond(Mode::Text, meta, validated, generator).await)
 }

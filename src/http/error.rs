@@ -58,6 +58,11 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// 404 for something named in the request that does not exist.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+    }
+
     /// 404 for a path no route matches.
     pub fn route_not_found(method: &str, path: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("Invalid URL ({method} {path})"))

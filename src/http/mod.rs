@@ -8,6 +8,7 @@ pub mod collect;
 pub mod completions;
 pub mod error;
 pub mod extract;
+pub mod lora;
 pub mod messages;
 pub mod models;
 pub mod respond;
@@ -48,6 +49,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::retrieve))
+        .route("/v1/load_lora_adapter", post(lora::load))
+        .route("/v1/unload_lora_adapter", post(lora::unload))
+        .route("/v1/lora_adapters", get(lora::list))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .merge(v1)

@@ -11,12 +11,25 @@ use super::state::{AppState, ModelEntry};
 use super::types::{ModelList, ModelObject};
 
 fn object(m: &ModelEntry) -> ModelObject {
-    ModelObject { id: m.id.clone(), object: "model", created: m.created, owned_by: m.owned_by.clone() }
+    ModelObject { id: m.id.clone(), object: "model", created: m.created, owned_by: m.owned_by.clone(), parent: None, root: None }
 }
 
-/// Lists the served models.
+fn adapter_object(state: &AppState, name: &str, s: &crate::lora::Served) -> ModelObject {
+    ModelObject {
+        id: name.to_string(),
+        object: "model",
+        created: state.model(&s.base).map_or(0, |m| m.created),
+        owned_by: "inferd".into(),
+        parent: Some(s.base.clone()),
+        root: Some(s.adapter.path.display().to_string()),
+    }
+}
+
+/// Lists the served models, then the LoRA adapters (each with its base model as `parent`).
 pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
-    Json(ModelList { object: "list", data: state.models().map(object).collect() })
+    let mut data: Vec<ModelObject> = state.models().map(object).collect();
+    data.extend(state.adapters.list().iter().map(|(n, s)| adapter_object(&state, n, s)));
+    Json(ModelList { object: "list", data })
 }
 
 /// One served model; ids may contain `/` (hub ids).
@@ -25,7 +38,10 @@ pub async fn retrieve(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ModelObject>, ApiError> {
     let Path(id) = id.map_err(|e| ApiError::invalid(format!("Invalid model id in the path: {e}"), Some("model")))?;
-    state.model(&id).map(|m| Json(object(m))).ok_or_else(|| ApiError::model_not_found(&id))
+    if let Some(m) = state.model(&id) {
+        return Ok(Json(object(m)));
+    }
+    state.adapters.resolve(&id).map(|s| Json(adapter_object(&state, &id, &s))).ok_or_else(|| ApiError::model_not_found(&id))
 }
 
 /// Liveness: the process answers.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::engine::{Event, GenRequest, SubmitError};
+use crate::lora::{AdapterRegistry, LoraAdapter};
 use crate::model::template::ChatTemplate;
 
 /// What the HTTP layer needs from an engine: queue one checked sequence and get its event stream.
@@ -65,6 +66,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Reported as `system_fingerprint` in every completion.
     pub system_fingerprint: String,
+    /// LoRA adapters, selected by a request's `model`.
+    pub adapters: Arc<AdapterRegistry>,
 }
 
 impl ModelEntry {
@@ -91,6 +94,28 @@ impl AppState {
             order: Arc::new(order),
             limits,
             system_fingerprint: format!("fp_inferd_{}", env!("CARGO_PKG_VERSION")),
+            adapters: Arc::new(AdapterRegistry::empty()),
+        }
+    }
+
+    /// Serves these adapters too.
+    pub fn with_adapters(mut self, adapters: Arc<AdapterRegistry>) -> Self {
+        self.adapters = adapters;
+        self
+    }
+
+    /// What a request's `model` names: a base model, or an adapter (vLLM's convention) with the
+    /// base model it runs on and the adapter version the request will keep. Unknown: 404.
+    pub fn resolve(&self, id: &str) -> Result<(ModelEntry, Option<Arc<LoraAdapter>>), super::ApiError> {
+        if let Some(m) = self.model(id) {
+            return Ok((m.clone(), None));
+        }
+        match self.adapters.resolve(id) {
+            Some(s) => match self.model(&s.base) {
+                Some(m) => Ok((m.clone(), Some(s.adapter))),
+                None => Err(super::ApiError::model_not_found(id)),
+            },
+            None => Err(super::ApiError::model_not_found(id)),
         }
     }
 

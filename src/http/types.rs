@@ -199,6 +199,12 @@ pub struct ModelObject {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: String,
+    /// For a LoRA adapter: the base model it runs on (vLLM's field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// For a LoRA adapter: the directory it was loaded from (vLLM's field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 /// `GET /v1/models`.

@@ -48,6 +48,16 @@ pub struct Validated {
     pub logprobs: Option<usize>,
 }
 
+impl Validated {
+    /// Every choice runs with this adapter version (None: the base model).
+    pub fn with_adapter(mut self, adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>) -> Self {
+        for r in &mut self.requests {
+            r.adapter = adapter.clone();
+        }
+        self
+    }
+}
+
 /// Whether a prompt came from chat messages or a raw completion prompt (wording of errors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PromptKind {

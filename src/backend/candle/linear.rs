@@ -202,6 +202,11 @@ impl MultiLinear {
         Ok(Self { groups })
     }
 
+    /// Output width of each logical projection, in order.
+    pub fn widths(&self) -> Vec<usize> {
+        self.groups.iter().flat_map(|(_, w)| w.iter().copied()).collect()
+    }
+
     /// Whether all projections run as one matmul.
     pub fn is_fused(&self) -> bool {
         self.groups.len() == 1 && self.groups[0].1.len() > 1

@@ -9,6 +9,7 @@ mod attention_avx2;
 pub mod config;
 pub mod kv_cache;
 pub mod linear;
+pub mod lora;
 pub mod model;
 pub mod pool;
 pub mod profile;
@@ -80,13 +81,24 @@ impl CandleBackend {
         self.caches.get(&seq).map_or(0, |c| c.len)
     }
 
+    fn lora_base(&self) -> crate::lora::BaseDims {
+        let c = &self.model.cfg;
+        crate::lora::BaseDims {
+            layers: c.num_layers,
+            hidden: c.hidden_size,
+            q_dim: c.num_heads * c.head_dim,
+            kv_dim: c.num_kv_heads * c.head_dim,
+            intermediate: self.model.intermediate_size(),
+        }
+    }
+
     /// Rejects a step before it touches any cache.
     fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
         let mut seen = HashSet::with_capacity(inputs.len());
         let vocab = self.model.cfg.vocab_size;
         for inp in inputs {
-            if inp.adapter.is_some() {
-                return Err(BackendError::Compute("LoRA adapters are not supported yet".into()));
+            if let Some(a) = inp.adapter {
+                a.check_fits(&self.lora_base()).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name)))?;
             }
             if !seen.insert(inp.seq) {
                 return Err(BackendError::Compute(format!(
@@ -145,6 +157,7 @@ impl Backend for CandleBackend {
                     cache,
                     tokens: inp.tokens,
                     want_logits: inp.want_logits,
+                    adapter: inp.adapter.map(|a| &**a),
                 })
                 .collect();
             self.model.forward(&mut work)
@@ -161,5 +174,9 @@ impl Backend for CandleBackend {
 
     fn release(&mut self, seq: SeqId) {
         self.caches.remove(&seq);
+    }
+
+    fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
+        Some(self.lora_base())
     }
 }

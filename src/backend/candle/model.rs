@@ -8,6 +8,8 @@ use candle_core::{Device, Result, Tensor};
 use super::attention::{attend, HeadShape, RopeTable, RowRef};
 use super::config::ModelConfig;
 use super::kv_cache::SeqCache;
+use super::lora::RowAdapters;
+use crate::lora::{LoraAdapter, Module};
 use super::profile::Clock;
 use super::weights::ModelWeights;
 
@@ -16,6 +18,7 @@ pub struct SeqWork<'a> {
     pub cache: &'a mut SeqCache,
     pub tokens: &'a [u32],
     pub want_logits: bool,
+    pub adapter: Option<&'a LoraAdapter>,
 }
 
 /// Weights plus the precomputed tables needed to run them.
@@ -31,6 +34,11 @@ impl Transformer {
     pub fn new(cfg: ModelConfig, weights: ModelWeights, max_context: usize, device: Device) -> Self {
         let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta, max_context, cfg.rope_interleaved);
         Self { cfg, weights, rope, device }
+    }
+
+    /// Width of the MLP's hidden layer (the gate projection's outputs).
+    pub fn intermediate_size(&self) -> usize {
+        self.weights.layers.first().map_or(0, |l| l.gate_up.widths()[0])
     }
 
     /// Width of one position's keys (or values) in the cache.
@@ -60,6 +68,10 @@ impl Transformer {
             rows.extend((0..w.tokens.len()).map(|i| RowRef { seq: s, pos: w.cache.len + i }));
         }
         let n_rows = ids.len();
+        let lora = RowAdapters::new(
+            work.iter().zip(&spans).filter_map(|(w, s)| w.adapter.map(|a| (s.clone(), a))).collect(),
+        );
+        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
         let mut x = self.weights.embed.embedding(&ids)?;
         let mut attn_out = vec![0f32; n_rows * q_dim];
         clk.mark(0);
@@ -68,9 +80,15 @@ impl Transformer {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
             clk.mark(1);
             let mut qkv = layer.qkv.forward_parts(&h)?.into_iter();
-            let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+            let (Some(mut q), Some(mut k), Some(mut v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 candle_core::bail!("qkv projection must have three parts");
             };
+            if [Module::Q, Module::K, Module::V].iter().any(|&m| lora.targets(li, m)) {
+                let hv = flat(&h)?;
+                lora.apply(li, Module::Q, &hv, &mut q);
+                lora.apply(li, Module::K, &hv, &mut k);
+                lora.apply(li, Module::V, &hv, &mut v);
+            }
             clk.mark(2);
             for (r, row) in rows.iter().enumerate() {
                 self.rope.apply(&mut q[r * q_dim..(r + 1) * q_dim], row.pos);
@@ -89,23 +107,41 @@ impl Transformer {
             attend(&q, &rows, &caches, shape, &mut attn_out);
             clk.mark(4);
             let attn = Tensor::from_slice(&attn_out, (n_rows, q_dim), &self.device)?;
-            x = (x + layer.wo.forward(&attn)?)?;
+            let mut o = layer.wo.forward(&attn)?;
+            if lora.targets(li, Module::O) {
+                let mut ov = flat(&o)?;
+                lora.apply(li, Module::O, &attn_out, &mut ov);
+                o = Tensor::from_vec(ov, o.shape(), &self.device)?;
+            }
+            x = (x + o)?;
             clk.mark(5);
 
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
             clk.mark(6);
             let mut gu = layer.gate_up.forward_parts(&h)?.into_iter();
-            let (Some(mut gate), Some(up)) = (gu.next(), gu.next()) else {
+            let (Some(mut gate), Some(mut up)) = (gu.next(), gu.next()) else {
                 candle_core::bail!("gate/up projection must have two parts");
             };
+            if lora.targets(li, Module::Gate) || lora.targets(li, Module::Up) {
+                let hv = flat(&h)?;
+                lora.apply(li, Module::Gate, &hv, &mut gate);
+                lora.apply(li, Module::Up, &hv, &mut up);
+            }
             clk.mark(7);
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
             let inter = gate.len() / n_rows;
+            let down_lora = lora.targets(li, Module::Down).then(|| gate.clone());
             let act = Tensor::from_vec(gate, (n_rows, inter), &self.device)?;
             clk.mark(8);
-            x = (x + layer.w_down.forward(&act)?)?;
+            let mut d = layer.w_down.forward(&act)?;
+            if let Some(a) = down_lora {
+                let mut dv = flat(&d)?;
+                lora.apply(li, Module::Down, &a, &mut dv);
+                d = Tensor::from_vec(dv, d.shape(), &self.device)?;
+            }
+            x = (x + d)?;
             clk.mark(9);
         }
         for w in work.iter_mut() {
