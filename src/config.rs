@@ -20,6 +20,22 @@ pub struct Cli {
 pub enum Command {
     /// Serve the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Convert a PEFT or mlx-lm LoRA adapter into ONNX Runtime's `.onnx_adapter` format, for
+    /// ONNX models exported with `scripts/export_onnx.py --lora-inputs`.
+    ConvertAdapter(ConvertArgs),
+}
+
+/// Flags of `inferd convert-adapter`.
+#[derive(Debug, Clone, Args)]
+pub struct ConvertArgs {
+    /// Adapter directory (PEFT: adapter_config.json + adapter_model.safetensors; mlx-lm:
+    /// adapter_config.json + adapters.safetensors).
+    pub input: PathBuf,
+    /// Output file (conventionally `*.onnx_adapter`).
+    pub output: PathBuf,
+    /// `adapter_version` written into the file.
+    #[arg(long, default_value_t = 1)]
+    pub adapter_version: i32,
 }
 
 /// Flags of `inferd serve`; each overrides the environment and the config file.

@@ -36,5 +36,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::ConvertAdapter(args) => match inferd::lora::convert_adapter(&args.input, &args.output, args.adapter_version) {
+            Ok(n) => {
+                eprintln!("inferd: wrote {} ({n} parameters)", args.output.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("inferd: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

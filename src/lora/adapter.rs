@@ -82,11 +82,12 @@ pub struct LoraPair {
     pub a: Vec<f32>,
     /// `[out_dim, rank]`, row-major.
     pub b: Vec<f32>,
-    pub scale: f32,
+    /// As the source format defines it (PEFT: `lora_alpha / r`, computed in f64 like Python).
+    pub scale: f64,
 }
 
 impl LoraPair {
-    pub fn new(a: Vec<f32>, b: Vec<f32>, rank: usize, in_dim: usize, out_dim: usize, scale: f32) -> Result<LoraPair, String> {
+    pub fn new(a: Vec<f32>, b: Vec<f32>, rank: usize, in_dim: usize, out_dim: usize, scale: f64) -> Result<LoraPair, String> {
         if rank == 0 {
             return Err("rank 0".into());
         }
@@ -109,9 +110,10 @@ impl LoraPair {
         let rows = x.len() / self.in_dim;
         debug_assert_eq!(out.len(), rows * self.out_dim);
         let mut t = vec![0f32; self.rank];
+        let scale = self.scale as f32;
         for (xr, or) in x.chunks_exact(self.in_dim).zip(out.chunks_exact_mut(self.out_dim)) {
             for (ti, ar) in t.iter_mut().zip(self.a.chunks_exact(self.in_dim)) {
-                *ti = dot(ar, xr) * self.scale;
+                *ti = dot(ar, xr) * scale;
             }
             for (o, br) in or.iter_mut().zip(self.b.chunks_exact(self.rank)) {
                 *o += dot(br, &t);

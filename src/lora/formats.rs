@@ -134,7 +134,7 @@ fn read_peft(name: &str, dir: &Path, config: &Value, weights: &Path) -> Result<L
         if !rank_pattern && ra != r {
             return Err(format!("{what}: rank {ra}, but adapter_config.json says r = {r}"));
         }
-        let scale = if rslora { alpha / (ra as f64).sqrt() } else { alpha / ra as f64 } as f32;
+        let scale = if rslora { alpha / (ra as f64).sqrt() } else { alpha / ra as f64 };
         let pair = LoraPair::new(a, b, ra, in_dim, out_dim, scale).map_err(|e| format!("{what}: {e}"))?;
         modules.insert((layer, module), pair);
     }
@@ -149,7 +149,7 @@ fn read_mlx(name: &str, dir: &Path, config: &Value, weights: &Path) -> Result<Lo
     }
     let params = config.get("lora_parameters").ok_or("adapter_config.json has no 'lora_parameters'")?;
     let r = params.get("rank").and_then(Value::as_u64).ok_or("lora_parameters has no integer 'rank'")? as usize;
-    let scale = params.get("scale").and_then(Value::as_f64).ok_or("lora_parameters has no 'scale'")? as f32;
+    let scale = params.get("scale").and_then(Value::as_f64).ok_or("lora_parameters has no 'scale'")?;
     let mut modules = BTreeMap::new();
     for ((layer, module), halves) in collect(weights, "lora_a", "lora_b")? {
         let what = format!("layer {layer} {}", module.hf_name());

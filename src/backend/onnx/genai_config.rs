@@ -19,6 +19,9 @@ pub struct GenaiConfig {
     pub num_layers: usize,
     pub num_kv_heads: usize,
     pub head_size: usize,
+    /// 0 when the file does not say.
+    pub hidden_size: usize,
+    pub num_heads: usize,
     pub names: IoNames,
 }
 
@@ -63,6 +66,10 @@ struct FileDecoder {
     head_size: usize,
     num_hidden_layers: usize,
     num_key_value_heads: usize,
+    #[serde(default)]
+    hidden_size: usize,
+    #[serde(default)]
+    num_attention_heads: usize,
     inputs: FileInputs,
     outputs: FileOutputs,
 }
@@ -125,6 +132,8 @@ impl GenaiConfig {
             num_layers: d.num_hidden_layers,
             num_kv_heads: d.num_key_value_heads,
             head_size: d.head_size,
+            hidden_size: d.hidden_size,
+            num_heads: d.num_attention_heads,
             names: IoNames {
                 input_ids: d.inputs.input_ids,
                 attention_mask: d.inputs.attention_mask,

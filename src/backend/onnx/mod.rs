@@ -12,6 +12,7 @@
 //! Sequences keep their slot for life, so joining and leaving the batch copies nothing.
 pub mod genai_config;
 pub mod kv;
+mod lora;
 pub mod run;
 pub mod runtime;
 
@@ -68,6 +69,8 @@ pub struct OnnxBackend {
     /// which saves the vocabulary projection of every other prompt token.
     last_only: bool,
     provider: String,
+    /// The graph's LoRA inputs (exported with `--lora-inputs`), when it has any.
+    lora: Option<lora::GraphLora>,
 }
 
 fn load_err(e: impl std::fmt::Display) -> BackendError {
@@ -155,12 +158,13 @@ impl OnnxBackend {
             present: cfg.names.present.iter().map(|(k, v)| Ok((c(k)?, c(v)?))).collect::<Result<_, BackendError>>()?,
         };
         let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(load_err)?;
+        let lora = lora::GraphLora::detect(&session, &cfg);
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
-            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only,
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
         );
-        Ok(OnnxBackend { session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider })
+        Ok(OnnxBackend { session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora })
     }
 
     /// The execution provider this backend's session was opened on ("cpu", "cuda:0", ...).
@@ -178,8 +182,11 @@ impl OnnxBackend {
         let vocab = self.cfg.vocab_size;
         let mut new = 0;
         for inp in inputs {
-            if inp.adapter.is_some() {
-                return Err(BackendError::Compute("LoRA adapters are not supported yet".into()));
+            if let Some(a) = inp.adapter {
+                let graph = self.lora.as_ref().ok_or_else(|| {
+                    BackendError::Compute("this ONNX graph has no LoRA inputs (export it with --lora-inputs)".into())
+                })?;
+                graph.check(a).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name)))?;
             }
             if !seen.insert(inp.seq) {
                 return Err(BackendError::Compute(format!("sequence {} appears twice in one step", inp.seq)));
@@ -214,7 +221,15 @@ impl OnnxBackend {
     /// rotary cache (`max_len <= context_length`). A padding row of a full sequence therefore
     /// gets `max_len` ones and overwrites its own last position, which is never read again (a
     /// full sequence cannot step).
-    fn forward(&mut self, first: usize, b: usize, s: usize, tokens: &mut [i64], lens: &[usize]) -> Result<(), BackendError> {
+    fn forward(
+        &mut self,
+        first: usize,
+        b: usize,
+        s: usize,
+        tokens: &mut [i64],
+        lens: &[usize],
+        extra: &[(CString, View)],
+    ) -> Result<(), BackendError> {
         let max_len = self.kv.shape.max_len;
         let ones: Vec<usize> = lens.iter().map(|&l| (l + s).min(max_len)).collect();
         let total = ones.iter().copied().max().unwrap_or(s);
@@ -251,6 +266,7 @@ impl OnnxBackend {
         if let Some(p) = &self.names.position_ids {
             inputs.push((p.as_c_str(), &pos_v));
         }
+        inputs.extend(extra.iter().map(|(n, v)| (n.as_c_str(), v)));
         let mut outputs = vec![(self.names.logits.as_c_str(), &logits)];
         for (layer, ((pk, pv), (ok, ov))) in self.names.past.iter().zip(&self.names.present).enumerate() {
             let (k, v) = (&kv_views[2 * layer], &kv_views[2 * layer + 1]);
@@ -281,26 +297,45 @@ impl OnnxBackend {
         }
     }
 
+    /// The LoRA inputs of `adapter` for one run (none for the base model).
+    fn adapter_inputs(&mut self, adapter: Option<&std::sync::Arc<crate::lora::LoraAdapter>>) -> Result<Vec<(CString, View)>, BackendError> {
+        match (adapter, self.lora.as_mut()) {
+            (Some(a), Some(g)) => g.inputs(a, &self.host).map_err(BackendError::Compute),
+            _ => Ok(Vec::new()),
+        }
+    }
+
     fn step_inner(&mut self, inputs: &[StepInput<'_>], out: &mut [Option<Vec<f32>>]) -> Result<(), BackendError> {
         let slots: Vec<usize> = inputs
             .iter()
             .map(|inp| self.kv.slot_for(inp.seq).expect("check() counted the free slots"))
             .collect();
-        // Decode rows: one batched run over slots 0..b.
-        let decode: Vec<usize> = (0..inputs.len()).filter(|&i| inputs[i].tokens.len() == 1).collect();
-        if let Some(b) = decode.iter().map(|&i| slots[i] + 1).max() {
-            let lens: Vec<usize> = self.kv.lens()[..b].to_vec();
+        if let Some(g) = self.lora.as_mut() {
+            g.forget_unused();
+        }
+        // Decode rows: one batched run per adapter group, over the slots from the group's lowest
+        // to its highest (other slots in between ride along as padding rows).
+        let mut groups: std::collections::BTreeMap<u64, Vec<usize>> = std::collections::BTreeMap::new();
+        for i in (0..inputs.len()).filter(|&i| inputs[i].tokens.len() == 1) {
+            groups.entry(inputs[i].adapter.map_or(0, |a| a.id)).or_default().push(i);
+        }
+        for rows in groups.values() {
+            let lo = rows.iter().map(|&i| slots[i]).min().expect("groups are not empty");
+            let hi = rows.iter().map(|&i| slots[i]).max().expect("groups are not empty");
+            let b = hi - lo + 1;
+            let lens: Vec<usize> = self.kv.lens()[lo..=hi].to_vec();
             let mut tokens = vec![0i64; b];
-            for &i in &decode {
-                tokens[slots[i]] = i64::from(inputs[i].tokens[0]);
+            for &i in rows {
+                tokens[slots[i] - lo] = i64::from(inputs[i].tokens[0]);
             }
-            self.forward(0, b, 1, &mut tokens, &lens)?;
-            for &i in &decode {
+            let extra = self.adapter_inputs(inputs[rows[0]].adapter)?;
+            self.forward(lo, b, 1, &mut tokens, &lens, &extra)?;
+            for &i in rows {
                 let slot = slots[i];
                 if inputs[i].want_logits {
-                    out[i] = Some(self.logits_row(1, slot));
+                    out[i] = Some(self.logits_row(1, slot - lo));
                 }
-                self.kv.set_len(slot, lens[slot] + 1);
+                self.kv.set_len(slot, lens[slot - lo] + 1);
             }
         }
         // Prompt chunks: one run each, on the sequence's own slot.
@@ -308,7 +343,8 @@ impl OnnxBackend {
             let (slot, s) = (slots[i], inputs[i].tokens.len());
             let len = self.kv.lens()[slot];
             let mut tokens: Vec<i64> = inputs[i].tokens.iter().map(|&t| i64::from(t)).collect();
-            self.forward(slot, 1, s, &mut tokens, &[len])?;
+            let extra = self.adapter_inputs(inputs[i].adapter)?;
+            self.forward(slot, 1, s, &mut tokens, &[len], &extra)?;
             if inputs[i].want_logits {
                 out[i] = Some(self.logits_row(s, 0));
             }
@@ -354,5 +390,9 @@ impl Backend for OnnxBackend {
 
     fn release(&mut self, seq: SeqId) {
         self.kv.release(seq);
+    }
+
+    fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
+        self.lora.as_ref().map(|g| g.dims)
     }
 }
