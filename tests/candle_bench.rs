@@ -123,3 +123,29 @@ fn decode_throughput_ab_smollm2() {
         println!("ours (incl. prefill) {:.1} tok/s", 65.0 / t0.elapsed().as_secs_f64());
     }
 }
+
+/// Prefill throughput: one sequence's prompt of about 250 tokens in one step, `ROUNDS` times
+/// (a fresh sequence each time); prints each round and the profile of all rounds.
+/// `INFERD_PREFILL_REPEAT` sets the prompt's copies of the short chat prompt (default 14).
+#[test]
+#[ignore]
+fn prefill_throughput_qwen() {
+    let Some(path) = real_model(QWEN) else { return };
+    let mut b = load(&path, None);
+    let repeat = std::env::var("INFERD_PREFILL_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(14);
+    let prompt = chatml_prompt(&path, &["Write", "Ġa", "Ġstory", "Ġabout", "Ġa", "Ġcat", "."]).repeat(repeat);
+    const ROUNDS: u64 = 5;
+    let mut best = f64::MAX;
+    inferd::backend::candle::profile::reset();
+    for seq in 0..ROUNDS {
+        let t0 = Instant::now();
+        let out = b.step(&[StepInput { seq, tokens: &prompt, adapter: None, want_logits: true }]).expect("prefill");
+        let dt = t0.elapsed().as_secs_f64();
+        assert!(out[0].is_some());
+        best = best.min(dt);
+        println!("qwen prefill {} tok: {:.1} ms, {:.1} tok/s", prompt.len(), dt * 1e3, prompt.len() as f64 / dt);
+        b.release(seq);
+    }
+    println!("qwen prefill {} tok: best {:.1} tok/s", prompt.len(), prompt.len() as f64 / best);
+    inferd::backend::candle::profile::report("qwen prefill");
+}
