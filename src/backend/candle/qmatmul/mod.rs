@@ -220,6 +220,15 @@ impl QMatrix {
                 }
                 let acts = &acts;
                 let row_bytes = nsb * kind.bytes();
+                if self.gemm && m >= GEMM_MIN_ROWS && kquants_avx2::has_gemm(*kind) {
+                    pool.run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
+                        // SAFETY: AVX2 was detected when this matrix was built; `data` holds n
+                        // whole rows, `acts` m rows of nsb blocks, and columns `js` of the output
+                        // belong to this range alone.
+                        unsafe { kquants_avx2::gemm(*kind, data, js, nsb, acts.as_ptr() as *const u8, m, n, dst.ptr()) }
+                    });
+                    return out;
+                }
                 pool.run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
                     let base = acts.as_ptr() as *const u8;
                     tiles(js, m, n, row_bytes, dst, |j, r0, out| {

@@ -186,8 +186,8 @@ fn kquant_kernels_match_candles_per_row_dot_products() {
 fn gemm_ab() {
     use std::time::Instant;
     let rounds: usize = std::env::var("AB_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let shapes = [(GgmlDType::Q5_0, 9728, 896), (GgmlDType::Q8_0, 896, 896), (GgmlDType::Q5_0, 896, 896)];
-    let nshapes = std::env::var("AB_SHAPES").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let shapes = [(GgmlDType::Q5_0, 9728, 896), (GgmlDType::Q4K, 896, 4864), (GgmlDType::Q6K, 896, 4864), (GgmlDType::Q8_0, 896, 896), (GgmlDType::Q5_0, 896, 896)];
+    let nshapes = std::env::var("AB_SHAPES").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     for (dtype, n, k) in shapes.into_iter().take(nshapes) {
         let mut mat = QMatrix::from_qtensor(&qtensor(dtype, n, k)).unwrap().unwrap();
         let ms: Vec<usize> = std::env::var("AB_M").map_or(vec![4, 16, 64, 210], |v| v.split(',').map(|x| x.parse().unwrap()).collect());
