@@ -83,8 +83,12 @@ fn own_kquant(_: GgmlDType) -> Option<std::convert::Infallible> {
 }
 
 /// From this many activation rows on, the own kinds run `avx2::gemm` (weights unpacked once per
-/// sub-block for all rows); fewer rows run the per-row tile kernel. Both give the same bits.
-const GEMM_MIN_ROWS: usize = 4;
+/// sub-block for all rows) and Q4_K `kquants_avx2::gemm`; fewer rows run the per-row tile
+/// kernels. Both give the same bits. Single-thread CPU-time micro-benchmark (Q5_0 9728x896):
+/// the GEMM was 0.96x of the per-row kernel at 4 rows, 1.05x at 8, 1.15x at 12, 1.24x at 16;
+/// Q4_K (896x4864) 1.32x already at 4 rows.
+const GEMM_MIN_ROWS: usize = 8;
+const KQUANT_GEMM_MIN_ROWS: usize = 4;
 
 /// Pool ranges of output rows: about 16 per thread, at least 8 rows each.
 const RANGES_PER_THREAD: usize = 16;
@@ -220,7 +224,7 @@ impl QMatrix {
                 }
                 let acts = &acts;
                 let row_bytes = nsb * kind.bytes();
-                if self.gemm && m >= GEMM_MIN_ROWS && kquants_avx2::has_gemm(*kind) {
+                if self.gemm && m >= KQUANT_GEMM_MIN_ROWS && kquants_avx2::has_gemm(*kind) {
                     pool.run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
                         // SAFETY: AVX2 was detected when this matrix was built; `data` holds n
                         // whole rows, `acts` m rows of nsb blocks, and columns `js` of the output
