@@ -123,3 +123,62 @@ fn decode_throughput_ab_smollm2() {
         println!("ours (incl. prefill) {:.1} tok/s", 65.0 / t0.elapsed().as_secs_f64());
     }
 }
+
+/// Prefill throughput: one sequence's prompt of about 250 tokens in one step, `ROUNDS` times
+/// (a fresh sequence each time); prints each round and the profile of all rounds.
+/// `INFERD_PREFILL_REPEAT` sets the prompt's copies of the short chat prompt (default 14).
+#[test]
+#[ignore]
+fn prefill_throughput_qwen() {
+    let Some(path) = real_model(QWEN) else { return };
+    let mut b = load(&path, None);
+    let repeat = std::env::var("INFERD_PREFILL_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(14);
+    let prompt = chatml_prompt(&path, &["Write", "Ġa", "Ġstory", "Ġabout", "Ġa", "Ġcat", "."]).repeat(repeat);
+    const ROUNDS: u64 = 5;
+    let mut best = f64::MAX;
+    inferd::backend::candle::profile::reset();
+    for seq in 0..ROUNDS {
+        let t0 = Instant::now();
+        let out = b.step(&[StepInput { seq, tokens: &prompt, adapter: None, want_logits: true }]).expect("prefill");
+        let dt = t0.elapsed().as_secs_f64();
+        assert!(out[0].is_some());
+        best = best.min(dt);
+        println!("qwen prefill {} tok: {:.1} ms, {:.1} tok/s", prompt.len(), dt * 1e3, prompt.len() as f64 / dt);
+        b.release(seq);
+    }
+    println!("qwen prefill {} tok: best {:.1} tok/s", prompt.len(), prompt.len() as f64 / best);
+    inferd::backend::candle::profile::report("qwen prefill");
+}
+
+/// Prefill A/B in one process: the same ~210-token prompt alternately on a backend with the GEMM
+/// kernels and on one built with `INFERD_NO_GEMM=1` (per-row kernels), `AB_ROUNDS` (6) times
+/// each; prints every pair and the median ratio. Adjacent runs see the same machine load.
+#[test]
+#[ignore]
+fn prefill_ab_gemm_qwen() {
+    let Some(path) = real_model(QWEN) else { return };
+    let mut gemm = load(&path, None);
+    // No other thread of this test process reads the environment meanwhile.
+    std::env::set_var("INFERD_NO_GEMM", "1");
+    let mut rows = load(&path, None);
+    std::env::remove_var("INFERD_NO_GEMM");
+    let prompt = chatml_prompt(&path, &["Write", "Ġa", "Ġstory", "Ġabout", "Ġa", "Ġcat", "."]).repeat(14);
+    let rounds: u64 = std::env::var("AB_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let run = |b: &mut inferd::backend::candle::CandleBackend, seq: u64| {
+        let t0 = Instant::now();
+        let out = b.step(&[StepInput { seq, tokens: &prompt, adapter: None, want_logits: true }]).expect("prefill");
+        let dt = t0.elapsed().as_secs_f64();
+        b.release(seq);
+        (prompt.len() as f64 / dt, out[0].clone().expect("logits"))
+    };
+    let mut ratios = Vec::new();
+    for r in 0..rounds {
+        let (a, la) = run(&mut rows, r);
+        let (b, lb) = run(&mut gemm, r);
+        assert!(la == lb, "GEMM and per-row kernels must give the same logits bits");
+        println!("round {r}: per-row {a:.1} tok/s, gemm {b:.1} tok/s, x{:.2}", b / a);
+        ratios.push(b / a);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!("prefill {} tok: median gemm/per-row x{:.2}", prompt.len(), ratios[ratios.len() / 2]);
+}

@@ -72,6 +72,27 @@ fn every_row_gives_the_same_bits_alone_or_in_a_batch() {
     }
 }
 
+/// Batches of every size up to 11 rows (the per-row kernel below `GEMM_MIN_ROWS`, the GEMM's
+/// register tiles and their remainders above it) and weight heights that leave partial tiles,
+/// partial pool ranges and several packed sub-blocks: each row's bits equal the row alone.
+#[test]
+fn batch_invariance_holds_across_tile_remainders() {
+    let k = 256;
+    let x = values(11 * k, 17);
+    for dtype in TYPES {
+        for n in [5, 70, 1001] {
+            let mat = QMatrix::from_qtensor(&qtensor(dtype, n, k)).unwrap().unwrap();
+            let alone: Vec<Vec<f32>> = (0..11).map(|r| mat.matmul(&x[r * k..(r + 1) * k])).collect();
+            for m in 2..=11 {
+                let all = mat.matmul(&x[..m * k]);
+                for r in 0..m {
+                    assert!(alone[r] == all[r * n..(r + 1) * n], "{dtype:?} n {n}: row {r} of a batch of {m}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn simd_and_portable_kernels_agree() {
     let (n, k, m) = (6, 256, 3);
@@ -155,4 +176,52 @@ fn kquant_kernels_match_candles_per_row_dot_products() {
         eprintln!("{dtype:?}: ours vs candle, worst relative difference {worst:e} ({ours:?})");
         assert!(worst < 1e-5, "{dtype:?}: ours and candle's differ by {worst}");
     }
+}
+
+/// Kernel micro-benchmark, GEMM vs per-row tiles interleaved in one process (2 threads as
+/// configured by the pool): `cargo test --release --lib qmatmul::tests::gemm_ab -- --ignored
+/// --nocapture`. Shapes: Qwen2.5-0.5B's gate+up (9728x896) and q (896x896).
+#[test]
+#[ignore]
+fn gemm_ab() {
+    use std::time::Instant;
+    let rounds: usize = std::env::var("AB_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let shapes = [(GgmlDType::Q5_0, 9728, 896), (GgmlDType::Q4K, 896, 4864), (GgmlDType::Q6K, 896, 4864), (GgmlDType::Q8_0, 896, 896), (GgmlDType::Q5_0, 896, 896)];
+    let nshapes = std::env::var("AB_SHAPES").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    for (dtype, n, k) in shapes.into_iter().take(nshapes) {
+        let mut mat = QMatrix::from_qtensor(&qtensor(dtype, n, k)).unwrap().unwrap();
+        let ms: Vec<usize> = std::env::var("AB_M").map_or(vec![4, 16, 64, 210], |v| v.split(',').map(|x| x.parse().unwrap()).collect());
+        for &m in &ms {
+            let x = values(m * k, 1);
+            let iters = (2000 / m).max(2);
+            let mut best = [f64::MAX; 2];
+            for _ in 0..rounds {
+                for (v, on) in [(0, false), (1, true)] {
+                    if std::env::var("AB_ONLY").is_ok_and(|o| o != if on { "gemm" } else { "rows" }) {
+                        continue;
+                    }
+                    mat.set_gemm(on);
+                    let (t, c) = (Instant::now(), thread_cpu_ns());
+                    for _ in 0..iters {
+                        std::hint::black_box(mat.matmul(&x));
+                    }
+                    // With INFERD_THREADS=1 the caller does all the work: its CPU time is immune to
+                    // other processes taking the core (wall time is not).
+                    let dt = if std::env::var("AB_CPU").is_ok() { (thread_cpu_ns() - c) as f64 * 1e-9 } else { t.elapsed().as_secs_f64() };
+                    best[v] = best[v].min(dt / iters as f64);
+                }
+            }
+            let pairs = (n * k / 32 * m) as f64;
+            println!(
+                "{dtype:?} {n}x{k} m={m}: rows {:.3} ms ({:.2} ns/blk-row), gemm {:.3} ms ({:.2} ns/blk-row), x{:.2}",
+                best[0] * 1e3, best[0] * 1e9 / pairs, best[1] * 1e3, best[1] * 1e9 / pairs, best[0] / best[1]
+            );
+        }
+    }
+}
+
+/// This thread's time on a CPU so far (ns), from /proc/thread-self/schedstat.
+fn thread_cpu_ns() -> u64 {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    s.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
