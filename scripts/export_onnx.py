@@ -8,7 +8,9 @@ Output: the onnxruntime-genai builder layout: genai_config.json, model.onnx + mo
 
 Usage:
   python scripts/export_onnx.py INPUT OUT_DIR [--precision fp32|int4|fp16]
-                                [--execution-provider cpu|cuda] [options]
+                                [--execution-provider cpu|cuda] [--adapter PEFT_DIR |
+                                --lora-inputs [--lora-targets M,..]] [options]
+  python scripts/export_onnx.py ADAPTER_DIR OUT.onnx_adapter
   e.g.
   python scripts/export_onnx.py tests/fixtures/generated/tiny-qwen2 /tmp/tiny-onnx -p fp32
   python scripts/export_onnx.py models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
@@ -20,6 +22,25 @@ quantised too (builder option op_types_to_quantize=MatMul/Gather -> GatherBlockQ
 one shared quantised matrix when the model ties embeddings); --no-quantize-embeddings keeps it
 float. --prune-lm-head makes `logits` [batch, 1, vocab] (last input position only): on the
 Qwen2.5-0.5B int4 export it made a 512-token prefill ~1.5x faster (2 threads).
+
+LoRA:
+  --adapter PEFT_DIR   bakes one PEFT LoRA adapter into the graph (builder option adapter_path):
+                       constants model.layers.N.{attn.q/k/v/o_proj|mlp.gate/up/down_proj}
+                       .lora_{A,B}.MatMul.weight, A [in, r], B [r, out] pre-scaled by PEFT's
+                       scaling (alpha/r, alpha/sqrt(r) with use_rslora).
+  --lora-inputs        one graph for the base model and any LoRA adapter: the builder is run with
+                       a template adapter on every --lora-targets module (default all seven) of
+                       every layer, then each lora_A/lora_B constant becomes a graph input of the
+                       same name ([in, R] / [R, out], float32, R a dynamic dim named
+                       lora_rank.N.MODULE) whose default is an empty [in, 0] / [0, out]
+                       initializer, so with nothing fed the LoRA branch adds zeros (= the base
+                       model). Feed an adapter's tensors under those names, or activate an
+                       .onnx_adapter file (ONNX Runtime RunOptions add_active_adapter).
+  python scripts/export_onnx.py ADAPTER_DIR OUT.onnx_adapter
+                       converts a PEFT adapter dir (adapter_config.json +
+                       adapter_model.safetensors) or an mlx-lm one (adapter_config.json +
+                       adapters.safetensors) into ONNX Runtime's .onnx_adapter file for a
+                       --lora-inputs graph (A transposed to [in, r]; the scale folded into B).
 
 Workarounds applied (onnxruntime-genai 0.18.0 + transformers 5):
   * config.json is normalised in a staging copy: `rope_theta` is lifted out of
@@ -211,6 +232,172 @@ def fix_tokenizer_files(stage: Path, out: Path) -> None:
     (out / "chat_template.jinja").unlink(missing_ok=True)
 
 
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_INIT_RE = r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+_proj)\.lora_([AB])\.MatMul\.weight$"
+
+
+def lora_onnx_name(layer: int, module: str, which: str) -> str:
+    """Graph name of a LoRA weight: which is 'A' ([in, r]) or 'B' ([r, out], scaled)."""
+    part = "attn" if module in LORA_MODULES[:4] else "mlp"
+    return f"model.layers.{layer}.{part}.{module}.lora_{which}.MatMul.weight"
+
+
+def module_dims(cfg: dict) -> dict:
+    """(in, out) of each LoRA-able linear of a Llama/Qwen2-style config."""
+    h, ffn = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, ffn), "up_proj": (h, ffn), "down_proj": (ffn, h)}
+
+
+def write_template_adapter(cfg: dict, targets: list, out: Path) -> None:
+    """A PEFT adapter (r=1, alpha=1) on `targets` in every layer, with small non-zero random
+    weights (its values are thrown away; only the graph structure the builder makes is kept)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    dims = module_dims(cfg)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for t in targets:
+            fin, fout = dims[t]
+            pre = f"base_model.model.model.layers.{layer}.{'self_attn' if t in LORA_MODULES[:4] else 'mlp'}.{t}"
+            tensors[f"{pre}.lora_A.weight"] = (rng.standard_normal((1, fin)) * 0.01).astype(np.float32)
+            tensors[f"{pre}.lora_B.weight"] = (rng.standard_normal((fout, 1)) * 0.01).astype(np.float32)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1,
+        "lora_dropout": 0.0, "bias": "none", "target_modules": sorted(targets),
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "base_model_name_or_path": None, "inference_mode": True}, indent=2) + "\n")
+
+
+def lora_constants_to_inputs(out: Path, expect_layers: int, targets: list) -> list:
+    """Turns the builder's LoRA constants in out/model.onnx into graph inputs with empty
+    defaults (see the module docstring); rewrites model.onnx + model.onnx.data. Returns the
+    names of the new inputs."""
+    import re
+    import onnx
+    from onnx import TensorProto, helper
+    model = onnx.load(str(out / "model.onnx"), load_external_data=True)
+    g = model.graph
+    pat = re.compile(LORA_INIT_RE)
+    found, new_inputs = {}, []
+    for i, init in enumerate(g.initializer):
+        m = pat.match(init.name)
+        if not m:
+            continue
+        if init.data_type != TensorProto.FLOAT:
+            raise ExportError(f"LoRA weight {init.name} is {TensorProto.DataType.Name(init.data_type)}"
+                              "; --lora-inputs needs float32 LoRA MatMuls (use -p fp32)")
+        layer, _, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        fin_or_r, r_or_out = init.dims
+        rank_dim = f"lora_rank.{layer}.{module}"
+        if which == "A":
+            empty, shape = [fin_or_r, 0], [fin_or_r, rank_dim]
+        else:
+            empty, shape = [0, r_or_out], [rank_dim, r_or_out]
+        g.initializer[i].CopyFrom(helper.make_tensor(init.name, TensorProto.FLOAT, empty, []))
+        new_inputs.append(helper.make_tensor_value_info(init.name, TensorProto.FLOAT, shape))
+        found[(layer, module, which)] = init.name
+    want = {(l, t, w) for l in range(expect_layers) for t in targets for w in "AB"}
+    if set(found) != want:
+        missing = sorted(want - set(found))[:5]
+        raise ExportError(f"the builder's graph lacks LoRA weights for {missing} (found "
+                          f"{len(found)} of {len(want)}): is the model a Llama/Qwen2-style one?")
+    new_inputs.sort(key=lambda v: v.name)
+    g.input.extend(new_inputs)
+    (out / "model.onnx.data").unlink(missing_ok=True)
+    onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    (out / "model.onnx.data").chmod(0o644)  # onnx creates it 0600
+    log(f"--lora-inputs: {len(new_inputs)} LoRA graph inputs with empty defaults "
+        f"({expect_layers} layers x {len(targets)} modules x A/B)")
+    return [v.name for v in new_inputs]
+
+
+def read_adapter_dir(adapter: Path) -> tuple[dict, float, str]:
+    """Reads a PEFT or mlx-lm LoRA dir. Returns ({(layer, module): (A [in, r], B [r, out])},
+    scale, kind); the scale is NOT applied."""
+    import math
+    import re
+    from safetensors.numpy import load_file
+    cfg_path = adapter / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise ExportError(f"{adapter} has no adapter_config.json")
+    cfg = json.loads(cfg_path.read_text())
+    pairs: dict = {}
+
+    def load(path: Path) -> dict:
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type for bad files
+            raise ExportError(f"cannot read {path}: {e}") from e
+
+    if (adapter / "adapter_model.safetensors").is_file():
+        kind = "peft"
+        r, alpha = cfg["r"], cfg["lora_alpha"]
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("use_dora"):
+            raise ExportError("rank_pattern/alpha_pattern/DoRA adapters are not supported")
+        pat = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+        rank = r
+        for k, v in load(adapter / "adapter_model.safetensors").items():
+            m = pat.match(k)
+            if not m or m.group(3) not in LORA_MODULES:
+                raise ExportError(f"unexpected tensor {k} in {adapter}")
+            key = (int(m.group(1)), m.group(3))
+            a, b = pairs.get(key, (None, None))
+            pairs[key] = (v.T, b) if m.group(4) == "A" else (a, v.T)  # A [in,r], B [r,out]
+    elif (adapter / "adapters.safetensors").is_file():
+        kind = "mlx"
+        scale = float(cfg["lora_parameters"]["scale"])
+        rank = int(cfg["lora_parameters"]["rank"])
+        if cfg.get("fine_tune_type", "lora") != "lora":
+            raise ExportError(f"mlx fine_tune_type {cfg.get('fine_tune_type')} is not LoRA")
+        pat = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([ab])$")
+        for k, v in load(adapter / "adapters.safetensors").items():
+            m = pat.match(k)
+            if not m or m.group(3) not in LORA_MODULES:
+                raise ExportError(f"unexpected tensor {k} in {adapter}")
+            key = (int(m.group(1)), m.group(3))
+            a, b = pairs.get(key, (None, None))
+            pairs[key] = (v, b) if m.group(4) == "a" else (a, v)  # already [in,r], [r,out]
+    else:
+        raise ExportError(f"{adapter} has neither adapter_model.safetensors (PEFT) nor "
+                          "adapters.safetensors (mlx-lm)")
+    for key, (a, b) in pairs.items():
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise ExportError(f"inconsistent LoRA pair for layer {key[0]} {key[1]}")
+        if a.shape[1] != rank:
+            raise ExportError(f"layer {key[0]} {key[1]}: tensors have rank {a.shape[1]}, the "
+                              f"config says {rank}")
+    return pairs, scale, kind
+
+
+def write_onnx_adapter(adapter: Path, out_file: Path) -> dict:
+    """Writes an ONNX Runtime .onnx_adapter (flatbuffers, onnxruntime.AdapterFormat) for a
+    --lora-inputs graph: params named lora_onnx_name(...), A [in, r], B [r, out] * scale,
+    float32, in sorted name order; adapter_version 1, model_version 1."""
+    import numpy as np
+    import onnxruntime as ort
+    pairs, scale, kind = read_adapter_dir(adapter)
+    params = {}
+    for (layer, module), (a, b) in pairs.items():
+        params[lora_onnx_name(layer, module, "A")] = np.ascontiguousarray(a, dtype=np.float32)
+        params[lora_onnx_name(layer, module, "B")] = np.ascontiguousarray(
+            (b.astype(np.float64) * scale).astype(np.float32))
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(params[k]) for k in sorted(params)})
+    fmt.export_adapter(str(out_file))
+    log(f"wrote {out_file} ({kind} adapter, {len(pairs)} modules, scale {scale:g} folded into B)")
+    return params
+
+
 def verify(out: Path, threads: int) -> None:
     """Loads model.onnx with onnxruntime and runs a 4-token prefill + 1 decode step."""
     import numpy as np
@@ -259,6 +446,13 @@ def main(argv=None) -> int:
                          "prefill, less memory (builder option prune_lm_head=true)")
     ap.add_argument("--extra-option", action="append", default=[], metavar="KEY=VALUE",
                     help="passed to the builder's --extra_options (repeatable)")
+    ap.add_argument("--adapter", type=Path, metavar="PEFT_DIR",
+                    help="bake this PEFT LoRA adapter into the graph (builder adapter_path)")
+    ap.add_argument("--lora-inputs", action="store_true",
+                    help="LoRA weights of every --lora-targets module as optional graph inputs "
+                         "with empty defaults (base model when none are fed); fp32 only")
+    ap.add_argument("--lora-targets", default=",".join(LORA_MODULES),
+                    help="modules for --lora-inputs (default: all seven)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     ap.add_argument("--keep-temp", action="store_true", help="keep the staging directory")
     ap.add_argument("--no-verify", action="store_true", help="skip the onnxruntime load check")
@@ -266,7 +460,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     try:
+        if args.input.is_dir() and (args.input / "adapter_config.json").is_file() \
+                and args.output.suffix == ".onnx_adapter":
+            write_onnx_adapter(args.input, args.output)
+            return 0
         prec, ep = args.precision, args.execution_provider
+        if args.adapter and args.lora_inputs:
+            raise ExportError("--adapter and --lora-inputs exclude each other")
+        if args.lora_inputs and prec != "fp32":
+            raise ExportError("--lora-inputs needs -p fp32 (int4/fp16 LoRA MatMuls are not "
+                              "plain float32 initializers)")
+        lora_targets = [t for t in args.lora_targets.split(",") if t]
+        if any(t not in LORA_MODULES for t in lora_targets):
+            raise ExportError(f"--lora-targets: unknown module in {lora_targets}; "
+                              f"known: {', '.join(LORA_MODULES)}")
         if (prec, ep) not in VALID:
             ok = ", ".join(f"{p}/{e}" for p, e in sorted(VALID))
             raise ExportError(f"precision {prec} is not supported on {ep}; valid: {ok}")
@@ -301,7 +508,17 @@ def main(argv=None) -> int:
             else:
                 stage_hf_dir(args.input, stage)
             out.mkdir(parents=True, exist_ok=True)
+            if args.adapter:
+                if not (args.adapter / "adapter_config.json").is_file():
+                    raise ExportError(f"--adapter {args.adapter}: no adapter_config.json")
+                extra["adapter_path"] = str(args.adapter.resolve())
+            if args.lora_inputs:
+                cfg = json.loads((stage / "config.json").read_text())
+                write_template_adapter(cfg, lora_targets, tmp / "lora-template")
+                extra["adapter_path"] = str((tmp / "lora-template").resolve())
             run_builder(stage, out, prec, ep, tmp / "cache", extra)
+            if args.lora_inputs:
+                lora_constants_to_inputs(out, cfg["num_hidden_layers"], lora_targets)
             fix_tokenizer_files(stage, out)
             if not args.no_verify and ep == "cpu":
                 verify(out, args.threads)

@@ -141,11 +141,15 @@ fn context_full_adapter_and_bad_input_are_errors_not_panics() {
     let full = b.step(&[StepInput { seq: 7, tokens: &toks[..3], adapter: None, want_logits: true }]);
     assert!(matches!(full, Err(BackendError::ContextFull { seq: 7, max: 8 })), "{full:?}");
     assert_eq!(b.cached_len(7), 6, "a refused step leaves the cache as it was");
-    let lora = b.step(&[StepInput { seq: 8, tokens: &toks, adapter: Some("a"), want_logits: true }]);
+    // An adapter made for another base model (the tiny fixture's hidden size is 64).
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora/adapter-a");
+    let other = std::sync::Arc::new(inferd::lora::read_adapter("a", &dir).expect("adapter reads"));
+    let lora = b.step(&[StepInput { seq: 8, tokens: &toks, adapter: Some(&other), want_logits: true }]);
     match lora {
-        Err(BackendError::Compute(m)) => assert_eq!(m, "LoRA adapters are not supported yet"),
+        Err(BackendError::Compute(m)) => assert!(m.contains("different base model"), "{m}"),
         other => panic!("expected Compute error, got {other:?}"),
     }
+    assert_eq!(b.cached_len(8), 0, "a refused adapter leaves no cache behind");
     let bad = b.step(&[StepInput { seq: 9, tokens: &[49152], adapter: None, want_logits: true }]);
     assert!(matches!(bad, Err(BackendError::Compute(_))));
     let empty = b.step(&[StepInput { seq: 9, tokens: &[], adapter: None, want_logits: true }]);

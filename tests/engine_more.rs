@@ -92,7 +92,8 @@ fn adapter_and_zero_length_and_bad_prompts() {
     b.hard_limit = 8;
     let h = engine(b, EngineConfig::default());
     let mut r = req(vec![1, 2], 2, greedy());
-    r.adapter = Some("sql".into());
+    let sql = inferd::lora::LoraAdapter::new("sql", "sql".into(), "peft", Default::default());
+    r.adapter = Some(std::sync::Arc::new(sql));
     assert_eq!(collect(h.submit(r).unwrap()).completion_tokens, 2);
     assert!(log.lock().unwrap().adapters.iter().all(|a| a.as_deref() == Some("sql")));
     let c = collect(h.submit(req(vec![1], 0, greedy())).unwrap());

@@ -137,7 +137,7 @@ impl Backend for MockBackend {
         let n = {
             let mut log = self.log.lock().unwrap();
             log.steps.push(inputs.iter().map(|i| (i.seq, i.tokens.len(), i.want_logits)).collect());
-            log.adapters.extend(inputs.iter().map(|i| i.adapter.map(str::to_owned)));
+            log.adapters.extend(inputs.iter().map(|i| i.adapter.map(|a| a.name.clone())));
             log.steps.len() - 1
         };
         if self.panic_steps.contains(&n) {
