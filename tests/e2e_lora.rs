@@ -168,3 +168,32 @@ fn a_reload_during_a_running_stream_does_not_change_that_stream() {
     };
     assert_eq!(greedy(&s, "a"), b_text);
 }
+
+#[test]
+fn onnx_and_candle_serve_the_same_adapters_with_the_same_greedy_text() {
+    let Some(st) = tiny_model("tiny-qwen2") else { return };
+    let onnx = repo_root().join("tests/fixtures/lora/tiny-qwen2-onnx-lora");
+    let toml = format!(
+        "\n[[adapters]]\nname = \"a\"\npath = {:?}\n\n[[adapters]]\nname = \"b\"\npath = {:?}\n",
+        fixture("adapter-a").display().to_string(),
+        fixture("adapter-b").display().to_string()
+    );
+    let candle = Server::start(&st, "tiny", &toml, &[]);
+    let ort = Server::start(&onnx, "tiny", &toml, &["--backend", "onnx"]);
+    let mut texts = Vec::new();
+    for model in ["tiny", "a", "b"] {
+        let (c, o) = (greedy(&candle, model), greedy(&ort, model));
+        assert_eq!(c, o, "{model}: candle vs onnx");
+        texts.push(c);
+    }
+    assert!(texts[0] != texts[1] && texts[1] != texts[2] && texts[0] != texts[2], "{texts:?}");
+    // Concurrent requests on different adapters keep their own outputs on the onnx backend.
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = ["tiny", "a", "b", "a", "tiny", "b"].iter().map(|m| sc.spawn(|| greedy(&ort, m))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (m, t) in ["tiny", "a", "b", "a", "tiny", "b"].iter().zip(&together) {
+        let want = &texts[["tiny", "a", "b"].iter().position(|x| x == m).unwrap()];
+        assert_eq!(t, want, "{m} under concurrency");
+    }
+}

@@ -254,3 +254,37 @@ fn a_graph_with_a_pruned_lm_head_gives_the_same_logits() {
         pruned.release(i as SeqId);
     }
 }
+
+#[test]
+fn new_prompts_prefilled_together_give_what_each_gives_alone() {
+    // Four new sequences in one step take adjacent slots and prefill in one right-padded run.
+    let cases = reference();
+    let prompts: Vec<Vec<u32>> = vec![
+        cases[0].prompt.clone(),
+        cases[1].prompt.clone(),
+        cases[0].prompt[..5].to_vec(),
+        cases[2].prompt.clone(),
+    ];
+    let alone: Vec<(Vec<f32>, Vec<f32>)> = prompts
+        .iter()
+        .map(|p| {
+            let mut b = load(1, None);
+            let first = one(&mut b, 0, p);
+            let second = one(&mut b, 0, &[argmax(&first)]);
+            (first, second)
+        })
+        .collect();
+    let mut b = load(4, None);
+    let inputs: Vec<StepInput> =
+        prompts.iter().enumerate().map(|(i, p)| StepInput { seq: i as SeqId, tokens: p, adapter: None, want_logits: true }).collect();
+    let firsts: Vec<Vec<f32>> = b.step(&inputs).expect("joint prefill").into_iter().map(|l| l.unwrap()).collect();
+    let nexts: Vec<[u32; 1]> = firsts.iter().map(|l| [argmax(l)]).collect();
+    let inputs: Vec<StepInput> =
+        nexts.iter().enumerate().map(|(i, t)| StepInput { seq: i as SeqId, tokens: t, adapter: None, want_logits: true }).collect();
+    let seconds: Vec<Vec<f32>> = b.step(&inputs).expect("decode").into_iter().map(|l| l.unwrap()).collect();
+    for i in 0..4 {
+        assert_eq!(b.cached_len(i as SeqId), prompts[i].len() + 1);
+        assert!(firsts[i] == alone[i].0, "prompt {i}: joint prefill logits differ by {}", max_abs_diff(&firsts[i], &alone[i].0));
+        assert!(seconds[i] == alone[i].1, "prompt {i}: next step differs by {}", max_abs_diff(&seconds[i], &alone[i].1));
+    }
+}

@@ -59,9 +59,7 @@ pub async fn load(State(state): State<AppState>, ApiJson(req): ApiJson<LoadReque
 
 /// Stops serving an adapter by name.
 pub async fn unload(State(state): State<AppState>, ApiJson(req): ApiJson<UnloadRequest>) -> Result<String, ApiError> {
-    if !state.adapters.runtime_loading() {
-        return Err(api(state.adapters.runtime_path("").unwrap_err()));
-    }
+    state.adapters.require_runtime_loading().map_err(api)?;
     state.adapters.unload(&req.lora_name).map_err(api)?;
     Ok(format!("Success: LoRA adapter '{}' removed successfully.", req.lora_name))
 }

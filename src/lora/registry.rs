@@ -73,6 +73,13 @@ impl AdapterRegistry {
         self.cfg.runtime_root.is_some()
     }
 
+    /// The error of the run-time endpoints while run-time loading is off.
+    pub fn require_runtime_loading(&self) -> Result<&Path, LoraError> {
+        self.cfg.runtime_root.as_deref().ok_or_else(|| {
+            LoraError::not_found("run-time LoRA loading is disabled (set [server] lora_runtime_loading = true and lora_root)")
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Served>> {
         self.served.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -101,11 +108,7 @@ impl AdapterRegistry {
     /// Resolves a client-given path below the run-time root: relative to the root or absolute,
     /// and after following symlinks still inside it. Anything else is refused.
     pub fn runtime_path(&self, raw: &str) -> Result<PathBuf, LoraError> {
-        let Some(root) = &self.cfg.runtime_root else {
-            return Err(LoraError::not_found(
-                "run-time LoRA loading is disabled (set [server] lora_runtime_loading = true and lora_root)",
-            ));
-        };
+        let root = self.require_runtime_loading()?;
         if raw.is_empty() {
             return Err(LoraError::bad("lora_path is empty"));
         }

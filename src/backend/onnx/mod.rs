@@ -3,11 +3,12 @@
 //!
 //! One `OnnxBackend` owns one session (one worker per model, provider and device) and a
 //! [`kv::KvSlots`] cache with a slot per live sequence. A step runs:
-//! - one `Run` for every single-token row (decode), batched over slots `0..b` where `b` is one
-//!   past the highest slot decoding; slots in that range that are not decoding this step ride
-//!   along as padding rows that write only at their own next position, which their next real
-//!   token overwrites;
-//! - one `Run` per multi-token row (a prompt chunk), on its own slot.
+//! - one `Run` per LoRA adapter group (the base model is a group) for the single-token rows
+//!   (decode), over the slots from the group's lowest to its highest; slots in that range that
+//!   are not in the group ride along as padding rows that write only at their own next position,
+//!   which their next real token overwrites;
+//! - prompt chunks: the first chunks of new sequences on adjacent slots in one right-padded `Run`,
+//!   any other chunk in a `Run` of its own, on its own slot.
 //!
 //! Sequences keep their slot for life, so joining and leaving the batch copies nothing.
 pub mod genai_config;
@@ -228,10 +229,11 @@ impl OnnxBackend {
         s: usize,
         tokens: &mut [i64],
         lens: &[usize],
+        new: &[usize],
         extra: &[(CString, View)],
     ) -> Result<(), BackendError> {
         let max_len = self.kv.shape.max_len;
-        let ones: Vec<usize> = lens.iter().map(|&l| (l + s).min(max_len)).collect();
+        let ones: Vec<usize> = lens.iter().zip(new).map(|(&l, &n)| (l + n).min(max_len)).collect();
         let total = ones.iter().copied().max().unwrap_or(s);
         let mut mask = vec![0i64; b * total];
         for (r, &n) in ones.iter().enumerate() {
@@ -278,11 +280,11 @@ impl OnnxBackend {
         run::run(&mut self.session, &inputs, &outputs).map_err(|m| BackendError::Compute(format!("ONNX Runtime: {m}")))
     }
 
-    /// The last position's logits of batch row `row` after a run with `s` tokens per row, as f32.
-    fn logits_row(&self, s: usize, row: usize) -> Vec<f32> {
+    /// Logits of batch row `row` at position `pos` after a run with `s` tokens per row, as f32
+    /// (a pruned graph returns only the last position, whatever `pos`).
+    fn logits_at(&self, s: usize, row: usize, pos: usize) -> Vec<f32> {
         let vocab = self.cfg.vocab_size;
-        let rows = if self.last_only { 1 } else { s };
-        let start = (row * rows + rows - 1) * vocab;
+        let start = if self.last_only { row * vocab } else { (row * s + pos) * vocab };
         match self.logits_dtype {
             Dtype::F32 => {
                 // SAFETY: the buffer holds at least b*s*vocab f32 written by the last run.
@@ -303,6 +305,37 @@ impl OnnxBackend {
             (Some(a), Some(g)) => g.inputs(a, &self.host).map_err(BackendError::Compute),
             _ => Ok(Vec::new()),
         }
+    }
+
+    /// First prompt chunks of new sequences on adjacent slots (`rows`, sorted by slot), with one
+    /// adapter, in one right-padded run.
+    fn prefill_together(
+        &mut self,
+        inputs: &[StepInput<'_>],
+        slots: &[usize],
+        rows: &[usize],
+        out: &mut [Option<Vec<f32>>],
+    ) -> Result<(), BackendError> {
+        let (lo, b) = (slots[rows[0]], rows.len());
+        let s = rows.iter().map(|&i| inputs[i].tokens.len()).max().unwrap_or(1);
+        let mut tokens = vec![0i64; b * s];
+        let mut new = Vec::with_capacity(b);
+        for (r, &i) in rows.iter().enumerate() {
+            let t = inputs[i].tokens;
+            for (j, &x) in t.iter().enumerate() {
+                tokens[r * s + j] = i64::from(x);
+            }
+            new.push(t.len());
+        }
+        let extra = self.adapter_inputs(inputs[rows[0]].adapter)?;
+        self.forward(lo, b, s, &mut tokens, &vec![0; b], &new, &extra)?;
+        for (r, &i) in rows.iter().enumerate() {
+            if inputs[i].want_logits {
+                out[i] = Some(self.logits_at(s, r, new[r] - 1));
+            }
+            self.kv.set_len(slots[i], new[r]);
+        }
+        Ok(())
     }
 
     fn step_inner(&mut self, inputs: &[StepInput<'_>], out: &mut [Option<Vec<f32>>]) -> Result<(), BackendError> {
@@ -329,24 +362,51 @@ impl OnnxBackend {
                 tokens[slots[i] - lo] = i64::from(inputs[i].tokens[0]);
             }
             let extra = self.adapter_inputs(inputs[rows[0]].adapter)?;
-            self.forward(lo, b, 1, &mut tokens, &lens, &extra)?;
+            self.forward(lo, b, 1, &mut tokens, &lens, &vec![1; b], &extra)?;
             for &i in rows {
                 let slot = slots[i];
                 if inputs[i].want_logits {
-                    out[i] = Some(self.logits_row(1, slot - lo));
+                    out[i] = Some(self.logits_at(1, slot - lo, 0));
                 }
                 self.kv.set_len(slot, lens[slot - lo] + 1);
             }
         }
-        // Prompt chunks: one run each, on the sequence's own slot.
+        // Prompt chunks. First chunks of new sequences on adjacent slots with the same adapter
+        // run together (GroupQueryAttention's first-prompt mode takes right-padded rows); every
+        // other chunk runs alone on its own slot.
+        let mut single: Vec<usize> = Vec::new();
+        let mut fresh: std::collections::BTreeMap<u64, Vec<usize>> = std::collections::BTreeMap::new();
         for i in (0..inputs.len()).filter(|&i| inputs[i].tokens.len() > 1) {
+            // A pruned graph returns the last position of the padded row, so it prefills alone.
+            if self.kv.lens()[slots[i]] == 0 && !self.last_only {
+                fresh.entry(inputs[i].adapter.map_or(0, |a| a.id)).or_default().push(i);
+            } else {
+                single.push(i);
+            }
+        }
+        for mut rows in fresh.into_values() {
+            rows.sort_by_key(|&i| slots[i]);
+            let mut start = 0;
+            while start < rows.len() {
+                let mut end = start + 1;
+                while end < rows.len() && slots[rows[end]] == slots[rows[end - 1]] + 1 {
+                    end += 1;
+                }
+                match &rows[start..end] {
+                    [one] => single.push(*one),
+                    run => self.prefill_together(inputs, &slots, run, out)?,
+                }
+                start = end;
+            }
+        }
+        for i in single {
             let (slot, s) = (slots[i], inputs[i].tokens.len());
             let len = self.kv.lens()[slot];
             let mut tokens: Vec<i64> = inputs[i].tokens.iter().map(|&t| i64::from(t)).collect();
             let extra = self.adapter_inputs(inputs[i].adapter)?;
-            self.forward(slot, 1, s, &mut tokens, &[len], &extra)?;
+            self.forward(slot, 1, s, &mut tokens, &[len], &[s], &extra)?;
             if inputs[i].want_logits {
-                out[i] = Some(self.logits_row(s, 0));
+                out[i] = Some(self.logits_at(s, 0, s - 1));
             }
             self.kv.set_len(slot, len + s);
         }
