@@ -151,6 +151,42 @@ impl KvSlots {
         self.lens[slot] = len;
     }
 
+    /// Exchanges the contents of two slots (host memory only: false for device buffers, which
+    /// stay where they are). Copies the positions in use, `max(len a, len b)` per head.
+    pub fn swap_slots(&mut self, a: usize, b: usize) -> bool {
+        if a == b {
+            return true;
+        }
+        if !self.buffers.iter().all(|(k, _)| matches!(k, Memory::Host(_))) {
+            return false;
+        }
+        let sh = self.shape;
+        let n = self.lens[a].max(self.lens[b]) * sh.head_size * sh.elem_bytes;
+        let head_bytes = sh.stride_len() * sh.head_size * sh.elem_bytes;
+        for layer in 0..sh.layers {
+            for value in [false, true] {
+                let (pa, pb) = (self.slot_ptr(layer, value, a), self.slot_ptr(layer, value, b));
+                for h in 0..sh.kv_heads {
+                    // SAFETY: distinct slots do not overlap; each head's first n bytes are in its slot.
+                    unsafe { std::ptr::swap_nonoverlapping(pa.add(h * head_bytes), pb.add(h * head_bytes), n) };
+                }
+            }
+        }
+        self.lens.swap(a, b);
+        self.owner.swap(a, b);
+        for s in [a, b] {
+            if let Some(seq) = self.owner[s] {
+                self.slot_of.insert(seq, s);
+            }
+        }
+        true
+    }
+
+    /// Sequences by slot (None: free).
+    pub fn owners(&self) -> &[Option<SeqId>] {
+        &self.owner
+    }
+
     pub fn release(&mut self, seq: SeqId) {
         if let Some(s) = self.slot_of.remove(&seq) {
             self.owner[s] = None;

@@ -72,6 +72,8 @@ pub struct OnnxBackend {
     provider: String,
     /// The graph's LoRA inputs (exported with `--lora-inputs`), when it has any.
     lora: Option<lora::GraphLora>,
+    /// The adapter (its id; 0 = base model) each sequence last stepped with.
+    adapter_of: std::collections::HashMap<SeqId, u64>,
 }
 
 fn load_err(e: impl std::fmt::Display) -> BackendError {
@@ -165,7 +167,7 @@ impl OnnxBackend {
             kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
         );
-        Ok(OnnxBackend { session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora })
+        Ok(OnnxBackend { session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora, adapter_of: Default::default() })
     }
 
     /// The execution provider this backend's session was opened on ("cpu", "cuda:0", ...).
@@ -338,11 +340,40 @@ impl OnnxBackend {
         Ok(())
     }
 
-    fn step_inner(&mut self, inputs: &[StepInput<'_>], out: &mut [Option<Vec<f32>>]) -> Result<(), BackendError> {
-        let slots: Vec<usize> = inputs
+    /// With several adapters in use, keeps each adapter's sequences on adjacent slots (ordered by
+    /// adapter, packed from slot 0) so that each group's decode run covers only its own rows.
+    /// Moves happen only when the layout changed (a sequence joined, left or switched adapter);
+    /// each copies the two slots' positions in use.
+    fn group_slots(&mut self, inputs: &[StepInput<'_>]) {
+        for inp in inputs {
+            self.adapter_of.insert(inp.seq, inp.adapter.map_or(0, |a| a.id));
+        }
+        let owners = self.kv.owners().to_vec();
+        let mut live: Vec<(u64, usize, SeqId)> = owners
             .iter()
-            .map(|inp| self.kv.slot_for(inp.seq).expect("check() counted the free slots"))
+            .enumerate()
+            .filter_map(|(slot, o)| o.map(|seq| (self.adapter_of.get(&seq).copied().unwrap_or(0), slot, seq)))
             .collect();
+        if live.iter().all(|l| l.0 == live[0].0) {
+            return;
+        }
+        live.sort();
+        for (target, &(_, _, seq)) in live.iter().enumerate() {
+            let Some(now) = self.kv.slot(seq) else { continue };
+            if now != target && !self.kv.swap_slots(now, target) {
+                return; // device memory: leave the layout as it is
+            }
+        }
+    }
+
+    fn step_inner(&mut self, inputs: &[StepInput<'_>], out: &mut [Option<Vec<f32>>]) -> Result<(), BackendError> {
+        for inp in inputs {
+            self.kv.slot_for(inp.seq).expect("check() counted the free slots");
+        }
+        if self.lora.is_some() {
+            self.group_slots(inputs);
+        }
+        let slots: Vec<usize> = inputs.iter().map(|inp| self.kv.slot(inp.seq).expect("assigned above")).collect();
         if let Some(g) = self.lora.as_mut() {
             g.forget_unused();
         }
@@ -450,6 +481,7 @@ impl Backend for OnnxBackend {
 
     fn release(&mut self, seq: SeqId) {
         self.kv.release(seq);
+        self.adapter_of.remove(&seq);
     }
 
     fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
