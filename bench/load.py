@@ -64,14 +64,17 @@ def stream(url, body, timeout):
     return res
 
 
-def concurrent(url, body, n, timeout):
-    """Runs n identical streams at once; returns (results, wall seconds)."""
+def concurrent(url, body, n, timeout, stagger=0.0):
+    """Runs n streams at once (body: one dict for all, or a list of n), the i-th starting
+    i * stagger seconds after the first; returns (results, wall seconds)."""
+    bodies = body if isinstance(body, list) else [body] * n
     results = [None] * n
     barrier = threading.Barrier(n)
 
     def worker(i):
         barrier.wait()
-        results[i] = stream(url, body, timeout)
+        time.sleep(i * stagger)
+        results[i] = stream(url, bodies[i], timeout)
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
     t0 = time.perf_counter()
     for t in threads:

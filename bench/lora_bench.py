@@ -21,13 +21,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import stream  # noqa: E402
+from load import concurrent, stream  # noqa: E402
 from servers import Server, inferd_argv  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a Python function that checks whether a number is prime."}]
@@ -55,26 +56,10 @@ def make_adapter(out, seed, a, rank=16):
         "bias": "none", "use_rslora": False}))
 
 
-def concurrent(url, bodies, timeout, stagger):
-    """One stream per body, started `stagger` seconds apart; returns (results, wall seconds)."""
-    results = [None] * len(bodies)
-
-    def worker(i):
-        time.sleep(i * stagger)
-        results[i] = stream(url, bodies[i], timeout)
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(bodies))]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout + 10)
-    return results, time.perf_counter() - t0
-
-
 def total_tps(base, model_ids, args):
     bodies = [{"model": m, "messages": MESSAGES, "max_tokens": args.new_tokens, "temperature": 0,
                "ignore_eos": True} for m in model_ids]
-    results, wall = concurrent(base + "/v1/chat/completions", bodies, args.timeout, args.stagger)
+    results, wall = concurrent(base + "/v1/chat/completions", bodies, len(bodies), args.timeout, args.stagger)
     errs = [r.error for r in results if r is None or r.error]
     if errs:
         raise RuntimeError(f"streams failed: {errs[0]}")
@@ -93,7 +78,6 @@ def load_during_stream(base, root, args):
     t0 = time.perf_counter()
     t.start()
     time.sleep(2.0)
-    import urllib.request
     body = json.dumps({"lora_name": "late", "lora_path": "late", "load_inplace": True}).encode()
     req = urllib.request.Request(base + "/v1/load_lora_adapter", data=body, headers={"Content-Type": "application/json"})
     l0 = time.perf_counter()

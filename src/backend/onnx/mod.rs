@@ -470,7 +470,7 @@ impl Backend for OnnxBackend {
                 for (seq, len, existed) in before {
                     match (existed, self.kv.slot(seq)) {
                         (true, Some(slot)) => self.kv.set_len(slot, len),
-                        (false, Some(_)) => self.kv.release(seq),
+                        (false, Some(_)) => self.release(seq),
                         _ => {}
                     }
                 }
