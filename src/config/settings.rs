@@ -1,0 +1,174 @@
+//! The typed configuration `inferd serve` runs with, and why loading it can fail.
+use std::path::PathBuf;
+
+use crate::engine::EngineConfig;
+
+/// Which backend runs a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Candle,
+    Onnx,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "candle" => Ok(Self::Candle),
+            "onnx" | "ort" => Ok(Self::Onnx),
+            _ => Err(ConfigError::Backend(s.to_string())),
+        }
+    }
+}
+
+/// Where a model runs: for the onnx backend, the execution provider and its device id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+    /// Apple's CoreML (onnx backend on macOS only).
+    CoreMl,
+}
+
+impl Device {
+    /// `execution_target` + `device_id`, the onnx backend's spelling of a device.
+    pub(super) fn from_target(target: &str, device_id: Option<usize>) -> Result<Device, ConfigError> {
+        let bad = || ConfigError::Value {
+            name: "execution_target".into(),
+            value: target.to_string(),
+            reason: "expected \"cpu\", \"cuda\" or \"coreml\"".into(),
+        };
+        match (target.trim().to_ascii_lowercase().as_str(), device_id) {
+            ("cpu", None | Some(0)) => Ok(Device::Cpu),
+            ("cuda", id) => Ok(Device::Cuda(id.unwrap_or(0))),
+            ("coreml", None | Some(0)) => Ok(Device::CoreMl),
+            ("cpu" | "coreml", Some(id)) => Err(ConfigError::Value {
+                name: "device_id".into(),
+                value: id.to_string(),
+                reason: format!("execution target '{target}' has only device 0"),
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        if t == "cpu" {
+            return Ok(Self::Cpu);
+        }
+        if t == "cuda" {
+            return Ok(Self::Cuda(0));
+        }
+        if t == "coreml" {
+            return Ok(Self::CoreMl);
+        }
+        t.strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Self::Cuda)
+            .ok_or_else(|| ConfigError::Device(s.to_string()))
+    }
+}
+
+/// Everything `inferd serve` needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub models: Vec<ModelConfig>,
+    pub adapters: Vec<AdapterConfig>,
+}
+
+/// One `[[adapters]]` entry: a LoRA adapter served from start-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    /// The name requests select it by (their `model` field).
+    pub name: String,
+    /// PEFT or mlx-lm adapter directory.
+    pub path: PathBuf,
+    /// Id of the base model it runs on (may be left out when one model is served).
+    pub base: Option<String>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub max_body_bytes: usize,
+    /// Requests waiting per model before 429.
+    pub max_waiting: usize,
+    /// When set, `/v1/*` requires `Authorization: Bearer <api_key>`.
+    pub api_key: Option<String>,
+    /// CPU threads of the forward pass (None: every CPU this process may use).
+    pub threads: Option<usize>,
+    /// The ONNX Runtime shared library for onnx models (None: `ORT_DYLIB_PATH`, then the copy
+    /// `scripts/fetch_onnxruntime.sh` installs under `runtimes/`).
+    pub onnxruntime_library: Option<PathBuf>,
+    /// Some: `POST /v1/load_lora_adapter` may load adapters found below this directory.
+    pub lora_root: Option<PathBuf>,
+    /// Most MiB all LoRA adapter weights may take.
+    pub lora_budget_mb: usize,
+}
+
+impl ServerConfig {
+    /// The HTTP layer's limits for these settings. `n` is capped by `max_waiting`: each choice
+    /// takes a waiting slot, so a larger `n` could never be admitted (an endless 429).
+    pub fn limits(&self) -> crate::http::Limits {
+        let d = crate::http::Limits::default();
+        crate::http::Limits {
+            max_body_bytes: self.max_body_bytes,
+            api_key: self.api_key.clone(),
+            max_n: d.max_n.min(self.max_waiting.max(1)),
+        }
+    }
+}
+
+/// One `[[models]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub id: String,
+    /// Model spec: GGUF path, Hugging Face style directory or hub id.
+    pub source: String,
+    pub backend: BackendKind,
+    pub device: Device,
+    pub max_batch: usize,
+    pub context_length: Option<usize>,
+    pub prefill_chunk: usize,
+    /// ONNX Runtime threads inside one operator (None: the server's `threads`).
+    pub intra_op_threads: Option<usize>,
+    /// ONNX Runtime threads running independent operators in parallel.
+    pub inter_op_threads: usize,
+}
+
+impl ModelConfig {
+    /// The engine knobs for this model.
+    pub fn engine_config(&self, server: &ServerConfig) -> EngineConfig {
+        EngineConfig {
+            max_batch: self.max_batch,
+            max_waiting: server.max_waiting,
+            prefill_chunk: self.prefill_chunk,
+            ..EngineConfig::default()
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("unknown backend '{0}': expected 'candle' or 'onnx'")]
+    Backend(String),
+    #[error("invalid device '{0}': expected 'cpu', 'cuda:N' or 'coreml'")]
+    Device(String),
+    #[error("invalid value '{value}' for {name}: {reason}")]
+    Value { name: String, value: String, reason: String },
+    #[error("no model configured: pass --model SPEC or add a [[models]] entry to the config file")]
+    NoModels,
+    #[error("{0}")]
+    Invalid(String),
+}
