@@ -125,11 +125,18 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         RegistryConfig { runtime_root: cfg.server.lora_root.clone(), budget_bytes: cfg.server.lora_budget_mb << 20 },
         bases,
     );
-    for a in &cfg.adapters {
-        registry
-            .load(&a.name, &a.path, a.base.as_deref(), false)
-            .map_err(|e| StartError::Adapter { name: a.name.clone(), message: e.message })?;
-    }
+    // Configured adapters are read off the async runtime, like the models.
+    let adapters = cfg.adapters.clone();
+    let registry = tokio::task::spawn_blocking(move || {
+        for a in &adapters {
+            registry
+                .load(&a.name, &a.path, a.base.as_deref(), false)
+                .map_err(|e| StartError::Adapter { name: a.name.clone(), message: e.message })?;
+        }
+        Ok::<_, StartError>(registry)
+    })
+    .await
+    .expect("the adapter loading task never panics")?;
     let state = AppState::new(entries, cfg.server.limits()).with_adapters(Arc::new(registry));
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     crate::http::serve(state, &cfg.server.host, cfg.server.port, crate::http::shutdown_signal())

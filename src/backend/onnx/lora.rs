@@ -4,6 +4,7 @@
 //! tensors, exactly the parameters `inferd convert-adapter` writes to an `.onnx_adapter` file;
 //! a step runs one `Run` per adapter group. Each adapter version's tensors are prepared once
 //! and dropped when no request holds that version any more.
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
 use std::sync::{Arc, Weak};
@@ -90,14 +91,16 @@ impl GraphLora {
 
     /// Views of `a`'s tensors for one run (prepared on first use).
     pub fn inputs(&mut self, a: &Arc<LoraAdapter>, host: &MemoryInfo) -> Result<Vec<(CString, View)>, String> {
-        if !self.prepared.contains_key(&a.id) {
-            let params = onnx_adapter::params(a)
-                .into_iter()
-                .map(|p| Ok((cname(&p.name)?, p.dims, p.data)))
-                .collect::<Result<Vec<_>, String>>()?;
-            self.prepared.insert(a.id, Prepared { adapter: Arc::downgrade(a), params });
-        }
-        let prepared = self.prepared.get_mut(&a.id).expect("inserted above");
+        let prepared = match self.prepared.entry(a.id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let params = onnx_adapter::params(a)
+                    .into_iter()
+                    .map(|p| Ok((cname(&p.name)?, p.dims, p.data)))
+                    .collect::<Result<Vec<_>, String>>()?;
+                e.insert(Prepared { adapter: Arc::downgrade(a), params })
+            }
+        };
         prepared
             .params
             .iter_mut()
