@@ -1,17 +1,16 @@
 //! LoRA on the candle backend with the tiny adapters of tests/fixtures/lora (scripts/make_tiny_lora.py):
 //! logits against transformers + PEFT, mlx-lm's format against PEFT's, a mixed batch (base, A
 //! and B rows in one step) against each alone, and the errors bad adapters give.
-mod candle_common;
+mod reference_common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_common::{argmax, max_abs_diff};
 use inferd::backend::candle::CandleBackend;
 use inferd::backend::{Backend, SeqId, StepInput};
 use inferd::lora::{read_adapter, LoraAdapter};
 use inferd::model::WeightsFormat;
-use serde_json::Value;
+use reference_common::{argmax, lora_reference as reference, max_abs_diff, Case};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -30,35 +29,6 @@ fn adapter(name: &str) -> Arc<LoraAdapter> {
     Arc::new(read_adapter(name, &root().join("tests/fixtures/lora").join(name)).expect("adapter reads"))
 }
 
-struct Case {
-    adapter: Option<String>,
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    steps: Vec<Vec<f32>>,
-}
-
-fn reference() -> Vec<Case> {
-    let text = std::fs::read_to_string(root().join("tests/fixtures/lora/reference.json")).expect("reference");
-    let v: Value = serde_json::from_str(&text).expect("json");
-    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
-    let mut out = Vec::new();
-    for m in v["models"].as_array().unwrap() {
-        for p in m["prompts"].as_array().unwrap() {
-            out.push(Case {
-                adapter: m["adapter"].as_str().map(str::to_string),
-                prompt: ids(&p["prompt_ids"]),
-                greedy: ids(&p["greedy_ids"]),
-                steps: p["steps"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|s| s["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
-                    .collect(),
-            });
-        }
-    }
-    out
-}
 
 fn step(b: &mut CandleBackend, seq: SeqId, tokens: &[u32], a: Option<&Arc<LoraAdapter>>) -> Vec<f32> {
     b.step(&[StepInput { seq, tokens, adapter: a, want_logits: true }]).expect("step").remove(0).expect("logits")

@@ -2,6 +2,8 @@
 //! and the tiny adapters: logits against transformers + PEFT, a mixed batch against each row
 //! alone, and `inferd convert-adapter`'s `.onnx_adapter` files against the ones Python's
 //! `onnxruntime.AdapterFormat` writes (and ONNX Runtime loading them).
+mod reference_common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,7 +11,7 @@ use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
 use inferd::backend::{Backend, SeqId, StepInput};
 use inferd::config::Device;
 use inferd::lora::{onnx_adapter, read_adapter, LoraAdapter};
-use serde_json::Value;
+use reference_common::{argmax, lora_reference, max_abs_diff};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora")
@@ -29,13 +31,6 @@ fn adapter(name: &str) -> Arc<LoraAdapter> {
     Arc::new(read_adapter(name, &root().join(name)).expect("adapter reads"))
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }) as u32
-}
 
 fn step(b: &mut OnnxBackend, seq: SeqId, tokens: &[u32], a: Option<&Arc<LoraAdapter>>) -> Vec<f32> {
     b.step(&[StepInput { seq, tokens, adapter: a, want_logits: true }]).expect("step").remove(0).expect("logits")
@@ -43,34 +38,22 @@ fn step(b: &mut OnnxBackend, seq: SeqId, tokens: &[u32], a: Option<&Arc<LoraAdap
 
 #[test]
 fn logits_with_no_adapter_a_and_b_match_transformers_and_peft_within_1e4() {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(root().join("reference.json")).unwrap()).unwrap();
     let mut b = load(2);
     assert!(b.lora_dims().is_some(), "the graph has LoRA inputs");
     let adapters = [("adapter-a", adapter("adapter-a")), ("adapter-b", adapter("adapter-b"))];
-    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
     let mut worst = 0f32;
-    let mut seq = 0;
-    for m in v["models"].as_array().unwrap() {
-        let lease = m["adapter"].as_str().map(|n| &adapters.iter().find(|(k, _)| *k == n).unwrap().1);
-        for p in m["prompts"].as_array().unwrap() {
-            seq += 1;
-            let steps: Vec<Vec<f32>> = p["steps"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
-                .collect();
-            let greedy = ids(&p["greedy_ids"]);
-            let mut got = vec![step(&mut b, seq, &ids(&p["prompt_ids"]), lease)];
-            for &t in &greedy {
-                got.push(step(&mut b, seq, &[t], lease));
-            }
-            b.release(seq);
-            for (i, (g, r)) in got.iter().zip(&steps).enumerate() {
-                let d = max_abs_diff(g, r);
-                worst = worst.max(d);
-                assert!(d < 1e-4, "{:?} step {i}: {d}", m["adapter"]);
-            }
+    for (i, case) in lora_reference().iter().enumerate() {
+        let seq = i as SeqId;
+        let lease = case.adapter.as_deref().map(|n| &adapters.iter().find(|(k, _)| *k == n).unwrap().1);
+        let mut got = vec![step(&mut b, seq, &case.prompt, lease)];
+        for &t in &case.greedy {
+            got.push(step(&mut b, seq, &[t], lease));
+        }
+        b.release(seq);
+        for (s, (g, r)) in got.iter().zip(&case.steps).enumerate() {
+            let d = max_abs_diff(g, r);
+            worst = worst.max(d);
+            assert!(d < 1e-4, "{:?} step {s}: {d}", case.adapter);
         }
     }
     eprintln!("onnx + LoRA vs transformers + PEFT: max |logit diff| {worst:e}");

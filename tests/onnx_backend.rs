@@ -4,12 +4,14 @@
 //!
 //! Needs the ONNX Runtime library that scripts/fetch_onnxruntime.sh installs (the README's test
 //! command runs it); without it these tests fail with that instruction rather than skip.
+mod reference_common;
+
 use std::path::PathBuf;
 
 use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
 use inferd::backend::{Backend, BackendError, SeqId, StepInput};
 use inferd::config::Device;
-use serde_json::Value;
+use reference_common::{argmax, max_abs_diff, onnx_reference as reference, Case};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/tiny-qwen2")
@@ -29,44 +31,7 @@ fn load_dir(dir: &std::path::Path, max_batch: usize, max_context: Option<usize>)
     OnnxBackend::load(dir, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
 }
 
-struct Case {
-    name: String,
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    /// steps[0]: logits after the prompt; steps[i]: after feeding greedy[i - 1] (i = 1..=16).
-    steps: Vec<Vec<f32>>,
-}
 
-fn reference() -> Vec<Case> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/tiny-qwen2-reference.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("reference file")).expect("json");
-    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
-    v["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Case {
-            name: p["name"].as_str().unwrap().to_string(),
-            prompt: ids(&p["prompt_ids"]),
-            greedy: ids(&p["greedy_ids"]),
-            steps: p["steps"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
-                .collect(),
-        })
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }) as u32
-}
 
 fn one(b: &mut OnnxBackend, seq: SeqId, tokens: &[u32]) -> Vec<f32> {
     let out = b.step(&[StepInput { seq, tokens, adapter: None, want_logits: true }]).expect("step");

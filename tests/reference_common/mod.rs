@@ -1,0 +1,69 @@
+//! The reference files the tiny-model tests compare against (written by scripts/make_tiny_onnx.py
+//! and scripts/make_tiny_lora.py from transformers / PEFT), parsed once here, and the two
+//! comparisons every such test makes.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+/// One prompt of a reference: its ids, the greedy continuation, and the logits of every step.
+pub struct Case {
+    pub name: String,
+    /// The adapter the logits were computed with (None: the base model).
+    pub adapter: Option<String>,
+    pub prompt: Vec<u32>,
+    pub greedy: Vec<u32>,
+    /// steps[0]: logits after the prompt; steps[i]: after feeding greedy[i - 1].
+    pub steps: Vec<Vec<f32>>,
+}
+
+fn read(rel: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("reference json")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn case(p: &Value, adapter: Option<String>) -> Case {
+    Case {
+        name: p["name"].as_str().unwrap_or_default().to_string(),
+        adapter,
+        prompt: ids(&p["prompt_ids"]),
+        greedy: ids(&p["greedy_ids"]),
+        steps: p["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+            .collect(),
+    }
+}
+
+/// tests/fixtures/onnx/tiny-qwen2-reference.json: the base model, 3 prompts, 16 decode steps.
+pub fn onnx_reference() -> Vec<Case> {
+    read("tests/fixtures/onnx/tiny-qwen2-reference.json")["prompts"].as_array().unwrap().iter().map(|p| case(p, None)).collect()
+}
+
+/// tests/fixtures/lora/reference.json: base, adapter-a and adapter-b, 2 prompts each, 8 steps.
+pub fn lora_reference() -> Vec<Case> {
+    let v = read("tests/fixtures/lora/reference.json");
+    let mut out = Vec::new();
+    for m in v["models"].as_array().unwrap() {
+        let adapter = m["adapter"].as_str().map(str::to_string);
+        out.extend(m["prompts"].as_array().unwrap().iter().map(|p| case(p, adapter.clone())));
+    }
+    out
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Index of the largest logit (first one on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }) as u32
+}
