@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export_onnx import module_dims as dims  # (in, out) of each target module
+
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 20250611
 NEW_TOKENS = 8
@@ -56,15 +58,6 @@ def dump_json(obj) -> str:
 
 def module_path(name: str) -> str:
     return ("self_attn." if name in ATTN else "mlp.") + name
-
-
-def dims(cfg: dict) -> dict:
-    """(in, out) of each target module for a Qwen2 config."""
-    h, ffn = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, ffn), "up_proj": (h, ffn), "down_proj": (ffn, h)}
 
 
 def peft_config(r: int, alpha: float, targets, rslora: bool = False) -> dict:
