@@ -32,18 +32,17 @@ fn how_to_get() -> String {
     )
 }
 
-/// Where the library would be looked for, in order (existing or not).
-pub fn candidates(configured: Option<&Path>) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Some(p) = configured {
-        out.push(p.to_path_buf());
-    }
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        out.push(PathBuf::from(p));
-    }
+/// A path given explicitly: the configured one, else `ORT_DYLIB_PATH`. It must work as given.
+fn explicit_path(configured: Option<&Path>) -> Option<PathBuf> {
+    configured
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()).map(PathBuf::from))
+}
+
+/// Where an installed copy is looked for when no path is given, in order (existing or not).
+fn installed_copies() -> Vec<PathBuf> {
     let installed = Path::new("runtimes").join("onnxruntime").join(LIB_NAME);
-    out.push(installed.clone());
-    out.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(&installed));
+    let mut out = vec![installed.clone(), Path::new(env!("CARGO_MANIFEST_DIR")).join(&installed)];
     if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         out.push(dir.join(LIB_NAME));
     }
@@ -57,14 +56,9 @@ static INIT: Mutex<()> = Mutex::new(());
 pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, String> {
     let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
     ENV.get_or_init(|| {
-        // A path given explicitly (config, then ORT_DYLIB_PATH) must work as given; otherwise the
-        // installed copies are tried in order.
-        let explicit = configured
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()).map(PathBuf::from));
-        let path = match explicit {
+        let path = match explicit_path(configured) {
             Some(p) => p,
-            None => candidates(None).into_iter().find(|p| p.is_file()).ok_or_else(|| {
+            None => installed_copies().into_iter().find(|p| p.is_file()).ok_or_else(|| {
                 format!("the ONNX Runtime library ({LIB_NAME}) was not found; {}", how_to_get())
             })?,
         };
@@ -157,8 +151,8 @@ mod tests {
 
     #[test]
     fn the_configured_path_comes_first_then_the_installed_copy() {
-        let c = candidates(Some(Path::new("/opt/ort/libonnxruntime.so")));
-        assert_eq!(c[0], PathBuf::from("/opt/ort/libonnxruntime.so"));
-        assert!(c.iter().any(|p| p.ends_with(Path::new("runtimes/onnxruntime").join(LIB_NAME))));
+        let c = explicit_path(Some(Path::new("/opt/ort/libonnxruntime.so")));
+        assert_eq!(c, Some(PathBuf::from("/opt/ort/libonnxruntime.so")));
+        assert!(installed_copies().iter().any(|p| p.ends_with(Path::new("runtimes/onnxruntime").join(LIB_NAME))));
     }
 }
