@@ -241,7 +241,11 @@ impl OnnxBackend {
         for (r, &n) in ones.iter().enumerate() {
             mask[r * total..r * total + n].fill(1);
         }
-        let mut pos: Vec<i64> = lens.iter().flat_map(|&l| (l..l + s).map(|p| p as i64)).collect();
+        // Positions only for graphs that take them (the builder's GQA graphs derive their own).
+        let mut pos: Vec<i64> = match self.names.position_ids {
+            Some(_) => lens.iter().flat_map(|&l| (l..l + s).map(|p| p as i64)).collect(),
+            None => Vec::new(),
+        };
         let vocab = self.cfg.vocab_size;
         let rows = if self.last_only { 1 } else { s };
         let need = (b * rows * vocab * self.logits_dtype.bytes()).div_ceil(8);
@@ -252,7 +256,7 @@ impl OnnxBackend {
         let e = |m: String| BackendError::Compute(m);
         let ids = View::ids(&self.host, tokens, &[bi, si]).map_err(e)?;
         let mask_v = View::ids(&self.host, &mut mask, &[bi, ti]).map_err(e)?;
-        let pos_v = View::ids(&self.host, &mut pos, &[bi, si]).map_err(e)?;
+        let pos_v = if pos.is_empty() { None } else { Some(View::ids(&self.host, &mut pos, &[bi, si]).map_err(e)?) };
         // SAFETY: the logits buffer holds b*rows*vocab elements of logits_dtype and outlives the run.
         let logits = unsafe { View::float(&self.host, self.logits_dtype, self.logits.as_mut_ptr().cast(), &[bi, rows as i64, vocab as i64]) }
             .map_err(e)?;
@@ -267,8 +271,8 @@ impl OnnxBackend {
             }
         }
         let mut inputs = vec![(self.names.input_ids.as_c_str(), &ids), (self.names.attention_mask.as_c_str(), &mask_v)];
-        if let Some(p) = &self.names.position_ids {
-            inputs.push((p.as_c_str(), &pos_v));
+        if let (Some(p), Some(v)) = (&self.names.position_ids, &pos_v) {
+            inputs.push((p.as_c_str(), v));
         }
         inputs.extend(extra.iter().map(|(n, v)| (n.as_c_str(), v)));
         let mut outputs = vec![(self.names.logits.as_c_str(), &logits)];
