@@ -9,6 +9,7 @@
 //! Host buffers are allocated zeroed and untouched, so the OS maps pages only as sequences grow;
 //! device buffers (CUDA) come from the session's allocator for that device.
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
@@ -18,11 +19,12 @@ use crate::backend::SeqId;
 /// One buffer's memory: host (Rust-owned, 8-byte aligned) or device (ORT-owned).
 enum Memory {
     Host(Vec<u64>),
-    Device { ptr: *mut u8, allocator: Allocator },
+    Device { ptr: *mut u8, allocator: Arc<Allocator> },
 }
 
-// SAFETY: the device pointer is owned by this value alone and only used by the worker that owns
-// the backend; ORT allocators are thread-safe.
+// SAFETY: the device pointer is owned by this value alone; the allocator is shared only by the
+// buffers of one cache, all used by the worker that owns the backend; ORT allocators are
+// thread-safe.
 unsafe impl Send for Memory {}
 
 impl Memory {
@@ -90,17 +92,21 @@ impl KvSlots {
             None => MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default),
         }
         .map_err(|e| format!("memory info: {e}"))?;
+        // One device allocator serves every buffer; each buffer keeps it alive until it is freed.
+        let device_alloc = match cuda_device {
+            Some(_) => Some(Arc::new(Allocator::new(session, memory_info.clone()).map_err(|e| format!("CUDA allocator: {e}"))?)),
+            None => None,
+        };
         let make = || -> Result<Memory, String> {
-            match cuda_device {
+            match &device_alloc {
                 None => Ok(Memory::Host(vec![0u64; bytes.div_ceil(8)])),
-                Some(_) => {
-                    let alloc = Allocator::new(session, memory_info.clone()).map_err(|e| format!("CUDA allocator: {e}"))?;
+                Some(alloc) => {
                     let ptr = alloc
                         .alloc::<u8>(bytes)
                         .map_err(|e| format!("cannot allocate {bytes} bytes of KV cache on the device: {e}"))?
                         .into_raw()
                         .cast::<u8>();
-                    Ok(Memory::Device { ptr, allocator: alloc })
+                    Ok(Memory::Device { ptr, allocator: Arc::clone(alloc) })
                 }
             }
         };
