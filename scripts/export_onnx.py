@@ -28,14 +28,21 @@ LoRA:
                        constants model.layers.N.{attn.q/k/v/o_proj|mlp.gate/up/down_proj}
                        .lora_{A,B}.MatMul.weight, A [in, r], B [r, out] pre-scaled by PEFT's
                        scaling (alpha/r, alpha/sqrt(r) with use_rslora).
-  --lora-inputs        one graph for the base model and any LoRA adapter: the builder is run with
-                       a template adapter on every --lora-targets module (default all seven) of
-                       every layer, then each lora_A/lora_B constant becomes a graph input of the
-                       same name ([in, R] / [R, out], float32, R a dynamic dim named
+  --lora-inputs        one graph for the base model and any LoRA adapters: the builder is run
+                       with a template adapter on every --lora-targets module (default all seven)
+                       of every layer, then each LoRA MatMul takes its weight from a graph input
+                       of the same name ([in, R] / [R, out], float32, R a dynamic dim named
                        lora_rank.N.MODULE) whose default is an empty [in, 0] / [0, out]
                        initializer, so with nothing fed the LoRA branch adds zeros (= the base
                        model). Feed an adapter's tensors under those names, or activate an
                        .onnx_adapter file (ONNX Runtime RunOptions add_active_adapter).
+                       Between A and B sits `Mul(x A, lora_mask)`: lora_mask [batch, 1|seq, R]
+                       (default a single 1) lets one run serve rows with different adapters:
+                       feed the adapters' A stacked along R ([in, r1+r2+..]) and B likewise,
+                       and give each row 1s on its own adapter's columns, 0s elsewhere.
+                       Works with -p fp32 and with -p int4 -e cpu (the base MatMuls are
+                       quantised, the LoRA MatMuls stay float32). --no-lora-mask leaves the
+                       mask out (the layout before it existed: one adapter per run).
   python scripts/export_onnx.py ADAPTER_DIR OUT.onnx_adapter
                        converts a PEFT adapter dir (adapter_config.json +
                        adapter_model.safetensors) or an mlx-lm one (adapter_config.json +
@@ -233,7 +240,8 @@ def fix_tokenizer_files(stage: Path, out: Path) -> None:
 
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_INIT_RE = r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+_proj)\.lora_([AB])\.MatMul\.weight$"
+LORA_NODE_RE = r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/lora_([AB])/MatMul/output_0$"
+LORA_MASK = "lora_mask"
 
 
 def lora_onnx_name(layer: int, module: str, which: str) -> str:
@@ -274,47 +282,85 @@ def write_template_adapter(cfg: dict, targets: list, out: Path) -> None:
         "base_model_name_or_path": None, "inference_mode": True}, indent=2) + "\n")
 
 
-def lora_constants_to_inputs(out: Path, expect_layers: int, targets: list) -> list:
-    """Turns the builder's LoRA constants in out/model.onnx into graph inputs with empty
-    defaults (see the module docstring); rewrites model.onnx + model.onnx.data. Returns the
-    names of the new inputs."""
+def lora_constants_to_inputs(out: Path, expect_layers: int, targets: list, mask: bool = True) -> list:
+    """Turns the builder's LoRA MatMuls in out/model.onnx into MatMuls of graph inputs with
+    empty defaults, and puts the row mask between each A and B (see the module docstring);
+    rewrites model.onnx + model.onnx.data. Returns the names of the new inputs.
+
+    fp32 graphs hold the template adapter as float initializers; int4 graphs as MatMulNBits
+    nodes (the builder quantises them like any weight): both become plain float MatMuls."""
     import re
     import onnx
     from onnx import TensorProto, helper
     model = onnx.load(str(out / "model.onnx"), load_external_data=True)
     g = model.graph
-    pat = re.compile(LORA_INIT_RE)
-    found, new_inputs = {}, []
-    for i, init in enumerate(g.initializer):
-        m = pat.match(init.name)
+    pat = re.compile(LORA_NODE_RE)
+    found, new_inputs, nodes = {}, [], []
+    dropped = set()
+    inits = {i.name: i for i in g.initializer}
+    dims = {}
+    for node in g.node:
+        m = pat.match(node.output[0]) if node.output else None
         if not m:
+            nodes.append(node)
             continue
-        if init.data_type != TensorProto.FLOAT:
-            raise ExportError(f"LoRA weight {init.name} is {TensorProto.DataType.Name(init.data_type)}"
-                              "; --lora-inputs needs float32 LoRA MatMuls (use -p fp32)")
-        layer, _, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
-        fin_or_r, r_or_out = init.dims
+        layer, part, module, which = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        name = f"model.layers.{layer}.{part}.{module}.lora_{which}.MatMul.weight"
+        if node.op_type == "MatMul":
+            w = inits[node.input[1]]
+            if w.data_type != TensorProto.FLOAT:
+                raise ExportError(f"LoRA weight {w.name} is {TensorProto.DataType.Name(w.data_type)}"
+                                  "; --lora-inputs needs float32 activations (fp32, or int4 on cpu)")
+            fin_or_r, r_or_out = w.dims
+        elif node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            fin_or_r, r_or_out = attrs["K"], attrs["N"]
+        else:
+            raise ExportError(f"LoRA node {node.name} is a {node.op_type}; expected MatMul or MatMulNBits")
+        dropped.update(node.input[1:])
+        src = node.input[0]
+        if which == "B" and mask:  # B multiplies the masked output of A
+            src = f"/model/layers.{layer}/{part}/{module}/lora/MaskMul/output_0"
+            nodes.append(helper.make_node(
+                "Mul", [node.input[0], LORA_MASK], [src],
+                name=f"/model/layers.{layer}/{part}/{module}/lora/MaskMul"))
+        nodes.append(helper.make_node("MatMul", [src, name], list(node.output),
+                                      name=node.name.removesuffix("_Q4")))
         rank_dim = f"lora_rank.{layer}.{module}"
         if which == "A":
             empty, shape = [fin_or_r, 0], [fin_or_r, rank_dim]
         else:
             empty, shape = [0, r_or_out], [rank_dim, r_or_out]
-        g.initializer[i].CopyFrom(helper.make_tensor(init.name, TensorProto.FLOAT, empty, []))
-        new_inputs.append(helper.make_tensor_value_info(init.name, TensorProto.FLOAT, shape))
-        found[(layer, module, which)] = init.name
+        dims[name] = (empty, shape)
+        found[(layer, module, which)] = name
     want = {(l, t, w) for l in range(expect_layers) for t in targets for w in "AB"}
     if set(found) != want:
         missing = sorted(want - set(found))[:5]
         raise ExportError(f"the builder's graph lacks LoRA weights for {missing} (found "
                           f"{len(found)} of {len(want)}): is the model a Llama/Qwen2-style one?")
-    new_inputs.sort(key=lambda v: v.name)
+    del g.node[:]
+    g.node.extend(nodes)
+    kept = [i for i in g.initializer if i.name not in dropped]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    for name, (empty, shape) in sorted(dims.items()):
+        g.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, empty, []))
+        new_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+    # The row mask: [batch, 1 or seq, R], 1 where a row's adapter owns that column of the
+    # stacked A/B, else 0. Its default, a single 1, broadcasts to any shape: a run that feeds
+    # one adapter and no mask applies it to every row.
+    if mask:
+        g.initializer.append(helper.make_tensor(LORA_MASK, TensorProto.FLOAT, [1, 1, 1], [1.0]))
+        new_inputs.append(helper.make_tensor_value_info(
+            LORA_MASK, TensorProto.FLOAT, ["lora_mask_batch", "lora_mask_seq", "lora_mask_rank"]))
     g.input.extend(new_inputs)
     (out / "model.onnx.data").unlink(missing_ok=True)
     onnx.save_model(model, str(out / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
     (out / "model.onnx.data").chmod(0o644)  # onnx creates it 0600
-    log(f"--lora-inputs: {len(new_inputs)} LoRA graph inputs with empty defaults "
-        f"({expect_layers} layers x {len(targets)} modules x A/B)")
+    log(f"--lora-inputs: {len(new_inputs) - mask} LoRA graph inputs with empty defaults "
+        f"({expect_layers} layers x {len(targets)} modules x A/B)"
+        + (f" and the row mask {LORA_MASK}" if mask else ", no row mask"))
     return [v.name for v in new_inputs]
 
 
@@ -450,7 +496,10 @@ def main(argv=None) -> int:
                     help="bake this PEFT LoRA adapter into the graph (builder adapter_path)")
     ap.add_argument("--lora-inputs", action="store_true",
                     help="LoRA weights of every --lora-targets module as optional graph inputs "
-                         "with empty defaults (base model when none are fed); fp32 only")
+                         "with empty defaults (base model when none are fed), plus the row mask "
+                         "lora_mask; fp32, or int4 on cpu")
+    ap.add_argument("--no-lora-mask", action="store_true",
+                    help="--lora-inputs without the row mask lora_mask (one adapter per run)")
     ap.add_argument("--lora-targets", default=",".join(LORA_MODULES),
                     help="modules for --lora-inputs (default: all seven)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -467,9 +516,8 @@ def main(argv=None) -> int:
         prec, ep = args.precision, args.execution_provider
         if args.adapter and args.lora_inputs:
             raise ExportError("--adapter and --lora-inputs exclude each other")
-        if args.lora_inputs and prec != "fp32":
-            raise ExportError("--lora-inputs needs -p fp32 (int4/fp16 LoRA MatMuls are not "
-                              "plain float32 initializers)")
+        if args.lora_inputs and (prec, ep) not in (("fp32", "cpu"), ("fp32", "cuda"), ("int4", "cpu")):
+            raise ExportError("--lora-inputs needs float32 activations: -p fp32, or -p int4 -e cpu")
         lora_targets = [t for t in args.lora_targets.split(",") if t]
         if any(t not in LORA_MODULES for t in lora_targets):
             raise ExportError(f"--lora-targets: unknown module in {lora_targets}; "
@@ -518,7 +566,8 @@ def main(argv=None) -> int:
                 extra["adapter_path"] = str((tmp / "lora-template").resolve())
             run_builder(stage, out, prec, ep, tmp / "cache", extra)
             if args.lora_inputs:
-                lora_constants_to_inputs(out, cfg["num_hidden_layers"], lora_targets)
+                lora_constants_to_inputs(out, cfg["num_hidden_layers"], lora_targets,
+                                         mask=not args.no_lora_mask)
             fix_tokenizer_files(stage, out)
             if not args.no_verify and ep == "cpu":
                 verify(out, args.threads)

@@ -292,8 +292,9 @@ class OnnxRunner:
 
 
 def onnx_part(hf: Path, out: Path, ref: dict) -> bool:
-    """Exports tiny-qwen2-onnx-lora (--lora-inputs), writes the .onnx_adapter files and checks
-    the graph against the plain ONNX fixture and the PEFT reference."""
+    """Exports tiny-qwen2-onnx-lora (--lora-inputs) and tiny-qwen2-onnx-lora-nomask (the same
+    without the row mask), writes the .onnx_adapter files and checks the graphs against the
+    plain ONNX fixture, each other and the PEFT reference."""
     import onnxruntime as ort
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import export_onnx
@@ -302,7 +303,12 @@ def onnx_part(hf: Path, out: Path, ref: dict) -> bool:
                            "--force"])
     if rc:
         raise SystemExit(rc)
-    for p in onnx_dir.iterdir():
+    nomask_dir = out / "tiny-qwen2-onnx-lora-nomask"
+    rc = export_onnx.main([str(hf), str(nomask_dir), "-p", "fp32", "-e", "cpu", "--lora-inputs",
+                           "--no-lora-mask", "--force"])
+    if rc:
+        raise SystemExit(rc)
+    for p in [*onnx_dir.iterdir(), *nomask_dir.iterdir()]:
         p.chmod(0o644)
     params = {}
     for tag in ("a", "b"):
@@ -329,6 +335,7 @@ def onnx_part(hf: Path, out: Path, ref: dict) -> bool:
     print(f"adapter-a-mlx -> .onnx_adapter byte-identical to adapter-a's: {mlx_same}")
 
     lora = OnnxRunner(onnx_dir)
+    nomask = OnnxRunner(nomask_dir)
     plain = OnnxRunner(ROOT / "tests/fixtures/onnx/tiny-qwen2")
     # Inputs with an initializer are "overridable initializers" to ONNX Runtime: they are not
     # in get_inputs() (C API SessionGetInputCount) but in get_overridable_initializers().
@@ -364,6 +371,10 @@ def onnx_part(hf: Path, out: Path, ref: dict) -> bool:
                 key = f"adapter-{tag} as {how} vs PEFT"
                 worst[key] = max(worst.get(key, 0), d)
                 ok &= ids == pr["greedy_ids"]
+            same = nomask.steps(pr["prompt_ids"], pr["steps"], extra=params[tag])
+            d = max(float(np.abs(x - y).max()) for x, y in zip(got, same))
+            key = f"adapter-{tag} with vs without the row mask (plain)"
+            worst[key] = max(worst.get(key, 0), d)
         # the same session again with no adapter: back to the base model
     for name, pr in by[None].items():
         a = lora.steps(pr["prompt_ids"], pr["steps"])

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 
 use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
 use inferd::backend::{Backend, BackendError, SeqId, StepInput};
-use inferd::config::Device;
 use reference_common::{argmax, max_abs_diff, onnx_reference as reference, Case};
 
 fn fixture() -> PathBuf {
@@ -24,7 +23,7 @@ fn load(max_batch: usize, max_context: Option<usize>) -> OnnxBackend {
 fn load_dir(dir: &std::path::Path, max_batch: usize, max_context: Option<usize>) -> OnnxBackend {
     let opts = OnnxOptions {
         library: None,
-        session: SessionSpec { device: Device::Cpu, intra_op_threads: 2, inter_op_threads: 1 },
+        session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
         max_batch,
         max_context,
     };

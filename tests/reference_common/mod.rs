@@ -67,3 +67,13 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn argmax(v: &[f32]) -> u32 {
     (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }) as u32
 }
+
+/// The device the ONNX tests open their sessions on: `INFERD_TEST_ONNX_DEVICE` (`cpu`,
+/// `cuda:N`; the CUDA provider needs a `--features cuda` build and onnxruntime-gpu's library in
+/// `ORT_DYLIB_PATH`), else the CPU. CI runs on the CPU; the GPU machine runs the same tests.
+pub fn onnx_test_device() -> inferd::config::Device {
+    match std::env::var("INFERD_TEST_ONNX_DEVICE") {
+        Ok(v) if !v.is_empty() => v.parse().unwrap_or_else(|e| panic!("INFERD_TEST_ONNX_DEVICE={v}: {e}")),
+        _ => inferd::config::Device::Cpu,
+    }
+}

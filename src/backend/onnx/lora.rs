@@ -1,9 +1,19 @@
 //! LoRA on the onnx backend: graphs exported with `scripts/export_onnx.py --lora-inputs` take
 //! each projection's A (`[in, r]`) and B (`[r, out]`, scale folded in) as optional inputs whose
-//! defaults are empty (rank 0: the base model). A run activates one adapter by feeding its
-//! tensors, exactly the parameters `inferd convert-adapter` writes to an `.onnx_adapter` file;
-//! a step runs one `Run` per adapter group. Each adapter version's tensors are prepared once
-//! and dropped when no request holds that version any more.
+//! defaults are empty (rank 0: the base model).
+//!
+//! - Graphs with the row mask input `lora_mask` (`x A` is multiplied by it before `B`; every
+//!   export since the mask was added) run rows with different adapters in one `Run`: the
+//!   adapters in use are stacked along the rank axis into a [`Bank`] (A `[in, r1 + r2 + ..]`,
+//!   B likewise, zeros where an adapter lacks a module), and each row's mask is 1 on its own
+//!   adapter's columns and 0 elsewhere. A row's sums then hold exactly its own adapter's
+//!   terms plus exact zeros, so its result is bit-identical to a run of that adapter alone.
+//! - Older graphs without the mask activate one adapter per `Run` by feeding its tensors
+//!   (exactly the parameters `inferd convert-adapter` writes to an `.onnx_adapter` file); a
+//!   step then runs one `Run` per adapter group.
+//!
+//! Tensors are prepared once per adapter version (or set of versions, for a bank) and dropped
+//! when no request holds a version any more.
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
@@ -24,11 +34,69 @@ struct Prepared {
     params: Vec<(CString, Vec<i64>, Vec<f32>)>,
 }
 
+/// Name of the row mask input (`[batch, 1 | seq, R]`).
+const MASK: &str = "lora_mask";
+
+/// Several adapters stacked along the rank axis, for one mixed `Run`.
+struct Bank {
+    /// Members by ascending id, with their first column and width.
+    members: Vec<(Weak<LoraAdapter>, u64, usize, usize)>,
+    /// Total width R.
+    width: usize,
+    /// Input name, dims and data of every LoRA input of the graph.
+    params: Vec<(CString, Vec<i64>, Vec<f32>)>,
+}
+
+impl Bank {
+    fn build(graph: &GraphLora, adapters: &[&Arc<LoraAdapter>]) -> Result<Bank, String> {
+        let mut members = Vec::with_capacity(adapters.len());
+        let mut width = 0;
+        for a in adapters {
+            let r = a.modules.values().map(|p| p.rank).max().unwrap_or(0);
+            members.push((Arc::downgrade(a), a.id, width, r));
+            width += r;
+        }
+        let mut params = Vec::with_capacity(2 * graph.modules.len());
+        for &(layer, m) in &graph.modules {
+            let (fin, fout) = graph.dims.io(m);
+            let mut a_bank = vec![0f32; fin * width];
+            let mut b_bank = vec![0f32; width * fout];
+            for (adapter, (_, _, off, _)) in adapters.iter().zip(&members) {
+                let Some(p) = adapter.get(layer, m) else { continue };
+                // The same layout and arithmetic as onnx_adapter::params: A transposed to
+                // [in, r], B to [r, out] with the scale folded in.
+                for k in 0..p.rank {
+                    for x in 0..fin {
+                        a_bank[x * width + off + k] = p.a[k * fin + x];
+                    }
+                    for y in 0..fout {
+                        b_bank[(off + k) * fout + y] = (p.scale * f64::from(p.b[y * p.rank + k])) as f32;
+                    }
+                }
+            }
+            let w = width as i64;
+            params.push((cname(&param_name(layer, m, true))?, vec![fin as i64, w], a_bank));
+            params.push((cname(&param_name(layer, m, false))?, vec![w, fout as i64], b_bank));
+        }
+        Ok(Bank { members, width, params })
+    }
+
+    /// Whether every member is still held by someone and `ids` are all members.
+    fn serves(&self, ids: &[u64]) -> bool {
+        self.members.iter().all(|m| m.0.strong_count() > 0) && ids.iter().all(|id| self.members.iter().any(|m| m.1 == *id))
+    }
+}
+
 pub struct GraphLora {
     /// (layer, module) pairs the graph has LoRA inputs for.
     pub modules: BTreeSet<(usize, Module)>,
     pub dims: BaseDims,
     prepared: HashMap<u64, Prepared>,
+    /// The row mask input, when the graph has one (one `Run` for rows with different adapters).
+    mask: Option<CString>,
+    bank: Option<Bank>,
+    /// The mask of the current run, `[b, 1, R]`.
+    mask_buf: Vec<f32>,
 }
 
 impl GraphLora {
@@ -72,7 +140,8 @@ impl GraphLora {
             kv_dim: cfg.num_kv_heads * cfg.head_size,
             intermediate,
         };
-        Some(GraphLora { modules, dims, prepared: HashMap::new() })
+        let mask = shape_of(MASK).and_then(|_| cname(MASK).ok());
+        Some(GraphLora { modules, dims, prepared: HashMap::new(), mask, bank: None, mask_buf: Vec::new() })
     }
 
     /// Whether the graph has an input for every module `a` targets, with matching sizes.
@@ -84,13 +153,62 @@ impl GraphLora {
         }
     }
 
+    /// Whether one `Run` can serve rows with different adapters (the graph has the row mask).
+    pub fn mixes(&self) -> bool {
+        self.mask.is_some()
+    }
+
     /// Drops the prepared tensors of adapter versions no request holds any more.
     pub fn forget_unused(&mut self) {
         self.prepared.retain(|_, p| p.adapter.strong_count() > 0);
+        if self.bank.as_ref().is_some_and(|b| !b.serves(&[])) {
+            self.bank = None;
+        }
+    }
+
+    /// Inputs for one run whose batch row `i` uses adapter `rows[i]` (None: the base model or
+    /// a padding row). Without the row mask every row must use the same adapter.
+    pub fn run_inputs(&mut self, rows: &[Option<&Arc<LoraAdapter>>], host: &MemoryInfo) -> Result<Vec<(CString, View)>, String> {
+        let mut used: Vec<&Arc<LoraAdapter>> = rows.iter().flatten().copied().collect();
+        used.sort_by_key(|a| a.id);
+        used.dedup_by_key(|a| a.id);
+        let Some(mask_name) = self.mask.clone() else {
+            return match used.as_slice() {
+                [] => Ok(Vec::new()),
+                [a] if rows.iter().all(|r| r.is_some()) => self.inputs(a, host),
+                _ => Err("this ONNX graph has no lora_mask input: one run takes one adapter for all its rows".into()),
+            };
+        };
+        if used.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<u64> = used.iter().map(|a| a.id).collect();
+        if !self.bank.as_ref().is_some_and(|b| b.serves(&ids)) {
+            self.bank = None; // free the old one first
+            self.bank = Some(Bank::build(self, &used)?);
+        }
+        let bank = self.bank.as_mut().expect("built above");
+        self.mask_buf.clear();
+        self.mask_buf.resize(rows.len() * bank.width, 0.0);
+        for (i, row) in rows.iter().enumerate() {
+            if let Some(a) = row {
+                let &(_, _, off, w) = bank.members.iter().find(|m| m.1 == a.id).expect("the bank holds every adapter in use");
+                self.mask_buf[i * bank.width + off..i * bank.width + off + w].fill(1.0);
+            }
+        }
+        let mut out = Vec::with_capacity(bank.params.len() + 1);
+        let mask_dims = [rows.len() as i64, 1, bank.width as i64];
+        // SAFETY: mask_buf holds b*R f32 and is untouched until the next call, after the run.
+        out.push((mask_name, unsafe { View::float(host, Dtype::F32, self.mask_buf.as_mut_ptr().cast(), &mask_dims) }?));
+        for (name, dims, data) in &mut bank.params {
+            // SAFETY: as in `inputs`: the bank outlives the run and is not touched during it.
+            out.push((name.clone(), unsafe { View::float(host, Dtype::F32, data.as_mut_ptr().cast(), dims) }?));
+        }
+        Ok(out)
     }
 
     /// Views of `a`'s tensors for one run (prepared on first use).
-    pub fn inputs(&mut self, a: &Arc<LoraAdapter>, host: &MemoryInfo) -> Result<Vec<(CString, View)>, String> {
+    fn inputs(&mut self, a: &Arc<LoraAdapter>, host: &MemoryInfo) -> Result<Vec<(CString, View)>, String> {
         let prepared = match self.prepared.entry(a.id) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {

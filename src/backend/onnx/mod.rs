@@ -3,12 +3,14 @@
 //!
 //! One `OnnxBackend` owns one session (one worker per model, provider and device) and a
 //! [`kv::KvSlots`] cache with a slot per live sequence. A step runs:
-//! - one `Run` per LoRA adapter group (the base model is a group) for the single-token rows
-//!   (decode), over the slots from the group's lowest to its highest; slots in that range that
-//!   are not in the group ride along as padding rows that write only at their own next position,
-//!   which their next real token overwrites;
-//! - prompt chunks: the first chunks of new sequences on adjacent slots in one right-padded `Run`,
-//!   any other chunk in a `Run` of its own, on its own slot.
+//! - one `Run` for the single-token rows (decode), over the slots from the lowest to the highest;
+//!   slots in that range that do not step ride along as padding rows that write only at their
+//!   own next position, which their next real token overwrites. Rows with different LoRA
+//!   adapters share the run when the graph has the row mask (see [`lora`]); with an older
+//!   graph there is one such run per adapter group (the base model is a group);
+//! - prompt chunks: the first chunks of new sequences on adjacent slots in one right-padded `Run`
+//!   (per adapter group, for graphs without the row mask), any other chunk in a `Run` of its
+//!   own, on its own slot.
 //!
 //! Sequences keep their slot for life, so joining and leaving the batch copies nothing.
 pub mod genai_config;
@@ -20,6 +22,7 @@ pub mod runtime;
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
@@ -31,6 +34,7 @@ use self::run::{cname, Dtype, View};
 pub use self::runtime::SessionSpec;
 use crate::backend::{Backend, BackendError, SeqId, StepInput};
 use crate::config::Device;
+use crate::lora::LoraAdapter;
 
 /// Positions per sequence when the config sets no `context_length` (the model may allow more).
 pub const DEFAULT_MAX_CONTEXT: usize = 4096;
@@ -165,6 +169,7 @@ impl OnnxBackend {
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
             kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
+            lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
         );
         Ok(OnnxBackend { session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora, adapter_of: Default::default() })
@@ -173,6 +178,11 @@ impl OnnxBackend {
     /// The execution provider this backend's session was opened on ("cpu", "cuda:0", ...).
     pub fn provider(&self) -> &str {
         &self.provider
+    }
+
+    /// Whether one `Run` serves rows with different LoRA adapters (the graph has the row mask).
+    pub fn lora_runs_mixed(&self) -> bool {
+        self.lora.as_ref().is_some_and(|g| g.mixes())
     }
 
     /// Positions cached for `seq` (0 for unknown sequences).
@@ -305,16 +315,26 @@ impl OnnxBackend {
         }
     }
 
-    /// The LoRA inputs of `adapter` for one run (none for the base model).
-    fn adapter_inputs(&mut self, adapter: Option<&std::sync::Arc<crate::lora::LoraAdapter>>) -> Result<Vec<(CString, View)>, BackendError> {
-        match (adapter, self.lora.as_mut()) {
-            (Some(a), Some(g)) => g.inputs(a, &self.host).map_err(BackendError::Compute),
+    /// The LoRA inputs for one run whose batch row `i` uses adapter `rows[i]` (none when every
+    /// row runs the base model).
+    fn adapter_inputs(&mut self, rows: &[Option<&Arc<LoraAdapter>>]) -> Result<Vec<(CString, View)>, BackendError> {
+        match self.lora.as_mut() {
+            Some(g) if rows.iter().any(Option::is_some) => g.run_inputs(rows, &self.host).map_err(BackendError::Compute),
             _ => Ok(Vec::new()),
         }
     }
 
-    /// First prompt chunks of new sequences on adjacent slots (`rows`, sorted by slot), with one
-    /// adapter, in one right-padded run.
+    /// The batching group of a row with `adapter`: rows of different groups never share a
+    /// `Run`. Graphs with the LoRA row mask mix adapters, so everything is one group.
+    fn group_of(&self, adapter: Option<&Arc<LoraAdapter>>) -> u64 {
+        match (&self.lora, adapter) {
+            (Some(g), Some(a)) if !g.mixes() => a.id,
+            _ => 0,
+        }
+    }
+
+    /// First prompt chunks of new sequences on adjacent slots (`rows`, sorted by slot), of one
+    /// group, in one right-padded run.
     fn prefill_together(
         &mut self,
         inputs: &[StepInput<'_>],
@@ -333,7 +353,8 @@ impl OnnxBackend {
             }
             new.push(t.len());
         }
-        let extra = self.adapter_inputs(inputs[rows[0]].adapter)?;
+        let adapters: Vec<_> = rows.iter().map(|&i| inputs[i].adapter).collect();
+        let extra = self.adapter_inputs(&adapters)?;
         self.forward(lo, b, s, &mut tokens, &vec![0; b], &new, &extra)?;
         for (r, &i) in rows.iter().enumerate() {
             if inputs[i].want_logits {
@@ -374,18 +395,18 @@ impl OnnxBackend {
         for inp in inputs {
             self.kv.slot_for(inp.seq).expect("check() counted the free slots");
         }
-        if self.lora.is_some() {
+        if self.lora.as_ref().is_some_and(|g| !g.mixes()) {
             self.group_slots(inputs);
         }
         let slots: Vec<usize> = inputs.iter().map(|inp| self.kv.slot(inp.seq).expect("assigned above")).collect();
         if let Some(g) = self.lora.as_mut() {
             g.forget_unused();
         }
-        // Decode rows: one batched run per adapter group, over the slots from the group's lowest
-        // to its highest (other slots in between ride along as padding rows).
+        // Decode rows: one batched run per group, over the slots from the group's lowest to its
+        // highest (other slots in between ride along as padding rows).
         let mut groups: std::collections::BTreeMap<u64, Vec<usize>> = std::collections::BTreeMap::new();
         for i in (0..inputs.len()).filter(|&i| inputs[i].tokens.len() == 1) {
-            groups.entry(inputs[i].adapter.map_or(0, |a| a.id)).or_default().push(i);
+            groups.entry(self.group_of(inputs[i].adapter)).or_default().push(i);
         }
         for rows in groups.values() {
             let lo = rows.iter().map(|&i| slots[i]).min().expect("groups are not empty");
@@ -393,10 +414,12 @@ impl OnnxBackend {
             let b = hi - lo + 1;
             let lens: Vec<usize> = self.kv.lens()[lo..=hi].to_vec();
             let mut tokens = vec![0i64; b];
+            let mut adapters = vec![None; b];
             for &i in rows {
                 tokens[slots[i] - lo] = i64::from(inputs[i].tokens[0]);
+                adapters[slots[i] - lo] = inputs[i].adapter;
             }
-            let extra = self.adapter_inputs(inputs[rows[0]].adapter)?;
+            let extra = self.adapter_inputs(&adapters)?;
             self.forward(lo, b, 1, &mut tokens, &lens, &vec![1; b], &extra)?;
             for &i in rows {
                 let slot = slots[i];
@@ -406,7 +429,7 @@ impl OnnxBackend {
                 self.kv.set_len(slot, lens[slot - lo] + 1);
             }
         }
-        // Prompt chunks. First chunks of new sequences on adjacent slots with the same adapter
+        // Prompt chunks. First chunks of new sequences on adjacent slots in the same group
         // run together (GroupQueryAttention's first-prompt mode takes right-padded rows); every
         // other chunk runs alone on its own slot.
         let mut single: Vec<usize> = Vec::new();
@@ -414,7 +437,7 @@ impl OnnxBackend {
         for i in (0..inputs.len()).filter(|&i| inputs[i].tokens.len() > 1) {
             // A pruned graph returns the last position of the padded row, so it prefills alone.
             if self.kv.lens()[slots[i]] == 0 && !self.last_only {
-                fresh.entry(inputs[i].adapter.map_or(0, |a| a.id)).or_default().push(i);
+                fresh.entry(self.group_of(inputs[i].adapter)).or_default().push(i);
             } else {
                 single.push(i);
             }
@@ -438,7 +461,7 @@ impl OnnxBackend {
             let (slot, s) = (slots[i], inputs[i].tokens.len());
             let len = self.kv.lens()[slot];
             let mut tokens: Vec<i64> = inputs[i].tokens.iter().map(|&t| i64::from(t)).collect();
-            let extra = self.adapter_inputs(inputs[i].adapter)?;
+            let extra = self.adapter_inputs(&[inputs[i].adapter])?;
             self.forward(slot, 1, s, &mut tokens, &[len], &[s], &extra)?;
             if inputs[i].want_logits {
                 out[i] = Some(self.logits_at(s, 0, s - 1));
