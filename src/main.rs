@@ -5,9 +5,12 @@ use clap::Parser;
 use inferd::config::{self, Cli, Command};
 
 fn main() -> ExitCode {
+    // ONNX Runtime's own warnings are mostly noise at load time (one line per LoRA input of a
+    // `--lora-inputs` graph, "shape ops assigned to CPU" on CUDA): errors only unless RUST_LOG
+    // asks for more (e.g. RUST_LOG=info,ort=warn).
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn,ort=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
