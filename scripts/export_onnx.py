@@ -36,13 +36,15 @@ LoRA:
                        initializer, so with nothing fed the LoRA branch adds zeros (= the base
                        model). Feed an adapter's tensors under those names, or activate an
                        .onnx_adapter file (ONNX Runtime RunOptions add_active_adapter).
-                       Between A and B sits `Mul(x A, lora_mask)`: lora_mask [batch, 1|seq, R]
-                       (default a single 1) lets one run serve rows with different adapters:
-                       feed the adapters' A stacked along R ([in, r1+r2+..]) and B likewise,
-                       and give each row 1s on its own adapter's columns, 0s elsewhere.
+                       Between A and B sits `Mul(x A, lora_mask)`: the required input
+                       lora_mask [batch, 1|seq, R] lets one run serve rows with different
+                       adapters: feed the adapters' A stacked along R ([in, r1+r2+..]) and B
+                       likewise, and give each row 1s on its own adapter's columns, 0s
+                       elsewhere; feed [[[1]]] to apply one adapter (or none) to all rows.
                        Works with -p fp32 and with -p int4 -e cpu (the base MatMuls are
                        quantised, the LoRA MatMuls stay float32). --no-lora-mask leaves the
-                       mask out (the layout before it existed: one adapter per run).
+                       mask out (one adapter per run; what onnxruntime-genai can run, since it
+                       does not feed lora_mask).
   python scripts/export_onnx.py ADAPTER_DIR OUT.onnx_adapter
                        converts a PEFT adapter dir (adapter_config.json +
                        adapter_model.safetensors) or an mlx-lm one (adapter_config.json +
@@ -242,6 +244,7 @@ def fix_tokenizer_files(stage: Path, out: Path) -> None:
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_NODE_RE = r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/lora_([AB])/MatMul/output_0$"
 LORA_MASK = "lora_mask"
+MASK_VALUE = "/model/lora_mask/Identity/output_0"
 
 
 def lora_onnx_name(layer: int, module: str, which: str) -> str:
@@ -322,7 +325,7 @@ def lora_constants_to_inputs(out: Path, expect_layers: int, targets: list, mask:
         if which == "B" and mask:  # B multiplies the masked output of A
             src = f"/model/layers.{layer}/{part}/{module}/lora/MaskMul/output_0"
             nodes.append(helper.make_node(
-                "Mul", [node.input[0], LORA_MASK], [src],
+                "Mul", [node.input[0], MASK_VALUE], [src],
                 name=f"/model/layers.{layer}/{part}/{module}/lora/MaskMul"))
         nodes.append(helper.make_node("MatMul", [src, name], list(node.output),
                                       name=node.name.removesuffix("_Q4")))
@@ -339,6 +342,12 @@ def lora_constants_to_inputs(out: Path, expect_layers: int, targets: list, mask:
         raise ExportError(f"the builder's graph lacks LoRA weights for {missing} (found "
                           f"{len(found)} of {len(want)}): is the model a Llama/Qwen2-style one?")
     del g.node[:]
+    if mask:
+        # The mask is a required input (no default) read through an Identity: on ONNX Runtime's
+        # CUDA provider (onnxruntime-gpu 1.31.1) an overridable-initializer mask was taken as
+        # the constant default, with or without graph optimisations, so a fed all-zero mask
+        # acted as 1; as a plain input it works on CPU and CUDA.
+        nodes.insert(0, helper.make_node("Identity", [LORA_MASK], [MASK_VALUE], name="/model/lora_mask/Identity"))
     g.node.extend(nodes)
     kept = [i for i in g.initializer if i.name not in dropped]
     del g.initializer[:]
@@ -347,10 +356,9 @@ def lora_constants_to_inputs(out: Path, expect_layers: int, targets: list, mask:
         g.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, empty, []))
         new_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
     # The row mask: [batch, 1 or seq, R], 1 where a row's adapter owns that column of the
-    # stacked A/B, else 0. Its default, a single 1, broadcasts to any shape: a run that feeds
-    # one adapter and no mask applies it to every row.
+    # stacked A/B, else 0. A run that feeds one adapter to every row feeds [[[1]]], which
+    # broadcasts; a base-only run [[[1]]] too (or [b, 1, 0]).
     if mask:
-        g.initializer.append(helper.make_tensor(LORA_MASK, TensorProto.FLOAT, [1, 1, 1], [1.0]))
         new_inputs.append(helper.make_tensor_value_info(
             LORA_MASK, TensorProto.FLOAT, ["lora_mask_batch", "lora_mask_seq", "lora_mask_rank"]))
     g.input.extend(new_inputs)
@@ -463,6 +471,8 @@ def verify(out: Path, threads: int) -> None:
     for n in range(L):
         for nm in (dec["inputs"]["past_key_names"], dec["inputs"]["past_value_names"]):
             feed[nm % n] = np.zeros((1, kv, 0, hd), dtype)
+    if any(i.name == LORA_MASK for i in sess.get_inputs()):
+        feed[LORA_MASK] = np.ones((1, 1, 1), np.float32)
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
     lg = outs["logits"]
     # [1, 4, V], or [1, 1, V] with prune_lm_head=true (last position only)

@@ -264,6 +264,7 @@ class OnnxRunner:
         self.sess = ort.InferenceSession(str(onnx_dir / "model.onnx"), so,
                                          providers=["CPUExecutionProvider"])
         self.out_names = [o.name for o in self.sess.get_outputs()]
+        self.inputs = {i.name for i in self.sess.get_inputs()}
 
     def steps(self, ids: list, ref_steps: list, extra: dict | None = None, run_options=None):
         """Logits at the prompt's last position, then after feeding each reference
@@ -280,6 +281,8 @@ class OnnxRunner:
                 tok = [st["input_token"]]
             feed = {"input_ids": np.array([tok], np.int64),
                     "attention_mask": np.ones((1, cur + len(tok)), np.int64), **past}
+            if "lora_mask" in self.inputs:
+                feed["lora_mask"] = np.ones((1, 1, 1), np.float32)
             feed.update(extra or {})
             res = dict(zip(self.out_names, self.sess.run(None, feed, run_options)))
             cur += len(tok)

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
 use inferd::backend::{Backend, BackendError, SeqId, StepInput};
-use reference_common::{argmax, max_abs_diff, onnx_reference as reference, Case};
+use reference_common::{argmax, assert_same_steps, max_abs_diff, onnx_reference as reference, onnx_test_provider, Case};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/tiny-qwen2")
@@ -58,7 +58,7 @@ fn run_alone(b: &mut OnnxBackend, seq: SeqId, case: &Case, chunks: &[usize]) -> 
 #[test]
 fn logits_match_transformers_within_1e4_for_prefill_and_16_decode_steps() {
     let mut b = load(4, None);
-    assert_eq!((b.vocab_size(), b.max_context(), b.provider()), (512, 2048, "cpu"));
+    assert_eq!((b.vocab_size(), b.max_context(), b.provider()), (512, 2048, onnx_test_provider().as_str()));
     let mut worst = 0.0f32;
     for (i, case) in reference().iter().enumerate() {
         let got = run_alone(&mut b, i as SeqId, case, &[]);
@@ -146,7 +146,7 @@ fn batched_decode_of_4_prompts_gives_exactly_what_each_gives_alone() {
     for s in 0..4 {
         let n = got[s].len();
         assert!(n >= 6, "sequence {s} ran");
-        assert_eq!(got[s][..], alone[s][..n], "sequence {s}: batched logits differ from alone");
+        assert_same_steps(&got[s][..], &alone[s][..n], &format!("sequence {s}: batched vs alone"));
     }
 }
 
@@ -158,7 +158,7 @@ fn a_released_slot_serves_a_new_sequence_like_a_fresh_backend() {
     b.release(7);
     let again = run_alone(&mut b, 8, &cases[0], &[]);
     let mut fresh = load(1, None);
-    assert_eq!(again, run_alone(&mut fresh, 1, &cases[0], &[]));
+    assert_same_steps(&again, &run_alone(&mut fresh, 1, &cases[0], &[]), "reused slot vs fresh backend");
     assert_eq!(first.len(), cases[2].steps.len());
 }
 
@@ -182,7 +182,7 @@ fn step_errors_leave_the_backend_usable() {
     let t = argmax(&first);
     let mut fresh = load(1, None);
     one(&mut fresh, 1, p);
-    assert_eq!(one(&mut b, 1, &[t]), one(&mut fresh, 1, &[t]));
+    assert_same_steps(&[one(&mut b, 1, &[t])], &[one(&mut fresh, 1, &[t])], "after the failed steps vs fresh");
 }
 
 #[test]
@@ -197,7 +197,7 @@ fn a_full_sequence_riding_along_as_padding_does_not_disturb_others() {
     let a2 = one(&mut b, 2, &[argmax(&a)]);
     let r = one(&mut fresh, 2, &cases[1].prompt[..5]);
     let r2 = one(&mut fresh, 2, &[argmax(&r)]);
-    assert_eq!((a, a2), (r, r2));
+    assert_same_steps(&[a, a2], &[r, r2], "beside a full sequence vs fresh");
 }
 
 #[test]
@@ -248,7 +248,6 @@ fn new_prompts_prefilled_together_give_what_each_gives_alone() {
     let seconds: Vec<Vec<f32>> = b.step(&inputs).expect("decode").into_iter().map(|l| l.unwrap()).collect();
     for i in 0..4 {
         assert_eq!(b.cached_len(i as SeqId), prompts[i].len() + 1);
-        assert!(firsts[i] == alone[i].0, "prompt {i}: joint prefill logits differ by {}", max_abs_diff(&firsts[i], &alone[i].0));
-        assert!(seconds[i] == alone[i].1, "prompt {i}: next step differs by {}", max_abs_diff(&seconds[i], &alone[i].1));
+        assert_same_steps(&[firsts[i].clone(), seconds[i].clone()], &[alone[i].0.clone(), alone[i].1.clone()], &format!("prompt {i}: joint prefill vs alone"));
     }
 }

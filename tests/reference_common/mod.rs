@@ -77,3 +77,26 @@ pub fn onnx_test_device() -> inferd::config::Device {
         _ => inferd::config::Device::Cpu,
     }
 }
+
+/// Largest logit difference allowed between runs of the same sequence in different batch
+/// shapes: none on the CPU (bit-exact), 1e-5 on CUDA (cuBLAS picks its kernels by shape).
+pub fn batch_tolerance() -> f32 {
+    match onnx_test_device() {
+        inferd::config::Device::Cpu => 0.0,
+        _ => 1e-5,
+    }
+}
+
+/// Asserts two runs' logits agree within [`batch_tolerance`], step by step.
+pub fn assert_same_steps(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: number of steps");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = max_abs_diff(g, w);
+        assert!(d <= batch_tolerance() && !d.is_nan(), "{what}: step {i} differs by {d}");
+    }
+}
+
+/// The provider name the ONNX tests' sessions run on ("cpu", "cuda:0", ...).
+pub fn onnx_test_provider() -> String {
+    inferd::backend::onnx::SessionSpec { device: onnx_test_device(), intra_op_threads: 1, inter_op_threads: 1 }.provider_name()
+}

@@ -3,7 +3,7 @@
 //! defaults are empty (rank 0: the base model).
 //!
 //! - Graphs with the row mask input `lora_mask` (`x A` is multiplied by it before `B`; every
-//!   export since the mask was added) run rows with different adapters in one `Run`: the
+//!   export since the mask was added; a required input, fed on every run) run rows with different adapters in one `Run`: the
 //!   adapters in use are stacked along the rank axis into a [`Bank`] (A `[in, r1 + r2 + ..]`,
 //!   B likewise, zeros where an adapter lacks a module), and each row's mask is 1 on its own
 //!   adapter's columns and 0 elsewhere. A row's sums then hold exactly its own adapter's
@@ -140,7 +140,8 @@ impl GraphLora {
             kv_dim: cfg.num_kv_heads * cfg.head_size,
             intermediate,
         };
-        let mask = shape_of(MASK).and_then(|_| cname(MASK).ok());
+        // The row mask is a plain (required) input: see scripts/export_onnx.py for why.
+        let mask = session.inputs().iter().any(|i| i.name() == MASK).then(|| cname(MASK).ok()).flatten();
         Some(GraphLora { modules, dims, prepared: HashMap::new(), mask, bank: None, mask_buf: Vec::new() })
     }
 
@@ -173,14 +174,24 @@ impl GraphLora {
         used.sort_by_key(|a| a.id);
         used.dedup_by_key(|a| a.id);
         let Some(mask_name) = self.mask.clone() else {
+            // One adapter per run: the caller groups rows by adapter, so rows without one are
+            // padding rows riding along (they compute with the group's adapter, and what they
+            // write is overwritten by their own next step).
             return match used.as_slice() {
                 [] => Ok(Vec::new()),
-                [a] if rows.iter().all(|r| r.is_some()) => self.inputs(a, host),
-                _ => Err("this ONNX graph has no lora_mask input: one run takes one adapter for all its rows".into()),
+                [a] => self.inputs(a, host),
+                _ => Err("this ONNX graph has no lora_mask input: one run takes one adapter".into()),
             };
         };
+        let mut out = Vec::new();
         if used.is_empty() {
-            return Ok(Vec::new());
+            // The base model: the LoRA inputs keep their empty defaults (rank 0), and a single
+            // 1 broadcasts over those zero columns.
+            self.mask_buf.clear();
+            self.mask_buf.push(1.0);
+            // SAFETY: mask_buf holds 1 f32 and is untouched until the next call, after the run.
+            out.push((mask_name, unsafe { View::float(host, Dtype::F32, self.mask_buf.as_mut_ptr().cast(), &[1, 1, 1]) }?));
+            return Ok(out);
         }
         let ids: Vec<u64> = used.iter().map(|a| a.id).collect();
         if !self.bank.as_ref().is_some_and(|b| b.serves(&ids)) {
@@ -196,7 +207,7 @@ impl GraphLora {
                 self.mask_buf[i * bank.width + off..i * bank.width + off + w].fill(1.0);
             }
         }
-        let mut out = Vec::with_capacity(bank.params.len() + 1);
+        out.reserve(bank.params.len() + 1);
         let mask_dims = [rows.len() as i64, 1, bank.width as i64];
         // SAFETY: mask_buf holds b*R f32 and is untouched until the next call, after the run.
         out.push((mask_name, unsafe { View::float(host, Dtype::F32, self.mask_buf.as_mut_ptr().cast(), &mask_dims) }?));

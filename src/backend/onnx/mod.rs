@@ -119,6 +119,8 @@ impl OnnxBackend {
                 return Err(load_err(format!("the graph has no input '{name}' (named in genai_config.json)")));
             }
         }
+        // The LoRA row mask (a `--lora-inputs` export) is fed by the LoRA code.
+        known.insert("lora_mask");
         if let Some(extra) = session.inputs().iter().find(|o| !known.contains(o.name())) {
             return Err(load_err(format!("the graph needs an input '{}' that this backend does not provide", extra.name())));
         }
@@ -315,12 +317,12 @@ impl OnnxBackend {
         }
     }
 
-    /// The LoRA inputs for one run whose batch row `i` uses adapter `rows[i]` (none when every
-    /// row runs the base model).
+    /// The LoRA inputs for one run whose batch row `i` uses adapter `rows[i]` (none, or only
+    /// the row mask, when every row runs the base model).
     fn adapter_inputs(&mut self, rows: &[Option<&Arc<LoraAdapter>>]) -> Result<Vec<(CString, View)>, BackendError> {
         match self.lora.as_mut() {
-            Some(g) if rows.iter().any(Option::is_some) => g.run_inputs(rows, &self.host).map_err(BackendError::Compute),
-            _ => Ok(Vec::new()),
+            Some(g) => g.run_inputs(rows, &self.host).map_err(BackendError::Compute),
+            None => Ok(Vec::new()),
         }
     }
 

@@ -125,8 +125,12 @@ pub fn open_session(env: &Environment, graph: &Path, spec: &SessionSpec) -> Resu
 
 #[cfg(feature = "cuda")]
 fn cuda(b: ort::session::builder::SessionBuilder, id: usize) -> Result<ort::session::builder::SessionBuilder, String> {
-    let ep = ort::ep::CUDA::default().with_device_id(id as i32).build().error_on_failure();
-    b.with_execution_providers([ep]).map_err(err("cannot register the CUDA execution provider (is the library onnxruntime-gpu with CUDA 12 and cuDNN 9 available?)"))
+    // TF32 off: ONNX Runtime turns it on by default, which moves fp32 logits by ~1e-2 (fp16
+    // exports are the fast path on GPUs; an fp32 export is chosen for its accuracy).
+    let ep = ort::ep::CUDA::default().with_device_id(id as i32).with_tf32(false).build().error_on_failure();
+    b.with_execution_providers([ep]).map_err(err(
+        "cannot register the CUDA execution provider (is the library onnxruntime-gpu 1.31, with CUDA 13 and cuDNN 9 on the loader path?)",
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]
