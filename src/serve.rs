@@ -28,6 +28,9 @@ impl Generator for EngineHandle {
     fn vocab_size(&self) -> Option<usize> {
         Some(EngineHandle::vocab_size(self))
     }
+    fn stats(&self) -> Option<crate::engine::EngineStats> {
+        Some(EngineHandle::stats(self))
+    }
 }
 
 /// Why the server could not start. Each variant's message is one sentence for the operator.

@@ -76,6 +76,54 @@ fn logits_match_transformers_within_1e4_for_prefill_and_16_decode_steps() {
     eprintln!("onnx vs transformers: max |logit diff| {worst:e} over 3 prompts x 17 steps");
 }
 
+/// The KV layout starts at 256 positions per slot and grows (moving every slot's cached
+/// positions) when a step needs more, then shrinks when the long sequence leaves: the sequences
+/// cached at those moments go on exactly as if nothing had moved.
+#[test]
+fn growing_and_shrinking_the_kv_layout_keeps_every_cached_sequence() {
+    let long: Vec<u32> = (0..600u32).map(|i| (i * 37 + 11) % 500).collect();
+    let short: Vec<u32> = (0..40u32).map(|i| (i * 13 + 5) % 500).collect();
+    // Reference: each sequence alone in a fresh backend, the long prompt in one step (the
+    // layout grows once, before anything is cached).
+    let decode = |b: &mut OnnxBackend, seq: SeqId, first: Vec<f32>, n: usize| {
+        let mut out = vec![first];
+        for _ in 0..n {
+            let t = argmax(out.last().unwrap());
+            out.push(one(b, seq, &[t]));
+        }
+        out
+    };
+    let want_long = {
+        let mut b = load(2, None);
+        let first = one(&mut b, 1, &long);
+        decode(&mut b, 1, first, 4)
+    };
+    let want_short = {
+        let mut b = load(2, None);
+        let first = one(&mut b, 2, &short);
+        decode(&mut b, 2, first, 8)
+    };
+    // The short sequence is cached first; the long prompt then arrives in chunks of 200, so the
+    // layout grows 256 -> 512 -> 1024 with both sequences' positions in it.
+    let mut b = load(2, None);
+    let s0 = one(&mut b, 2, &short);
+    let mut got_short = vec![s0];
+    let mut first_long = Vec::new();
+    for chunk in long.chunks(200) {
+        let t = argmax(got_short.last().unwrap());
+        let out = b.step(&[StepInput { seq: 1, tokens: chunk, adapter: None, want_logits: true }, StepInput { seq: 2, tokens: &[t], adapter: None, want_logits: true }]).expect("step");
+        first_long = out[0].clone().unwrap();
+        got_short.push(out[1].clone().unwrap());
+    }
+    let got_long = decode(&mut b, 1, first_long, 4);
+    // The long sequence leaves; the layout shrinks back while the short one goes on.
+    b.release(1);
+    let got_short_rest = decode(&mut b, 2, got_short.pop().unwrap(), 8 - got_short.len());
+    got_short.extend(got_short_rest);
+    assert_same_steps(&got_long, &want_long, "long sequence, chunked across layout growth vs alone");
+    assert_same_steps(&got_short, &want_short, "short sequence, cached while the layout grew and shrank vs alone");
+}
+
 #[test]
 fn chunked_prefill_gives_the_one_shot_logits() {
     let mut b = load(2, None);

@@ -28,13 +28,20 @@ pub(crate) struct Shared {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
     pub generated: AtomicU64,
+    /// Prompt tokens fed to the backend.
+    pub prompt_fed: AtomicU64,
+    /// Backend steps, and the nanoseconds spent in them.
+    pub steps: AtomicU64,
+    pub step_nanos: AtomicU64,
+    /// Nanoseconds spent after the steps: sampling, stop matching, detokenisation.
+    pub sample_nanos: AtomicU64,
     pub alive: AtomicBool,
     pub max_context: usize,
     pub vocab_size: usize,
 }
 
 /// A snapshot of the engine's load, for metrics and health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EngineStats {
     /// Sequences in the running batch (prefilling or decoding).
     pub running: usize,
@@ -42,6 +49,14 @@ pub struct EngineStats {
     pub waiting: usize,
     /// Tokens sampled since the engine started.
     pub generated_tokens: u64,
+    /// Prompt tokens run through the model since the engine started.
+    pub prompt_tokens: u64,
+    /// Forward steps since the engine started.
+    pub steps: u64,
+    /// Seconds spent in forward steps.
+    pub step_seconds: f64,
+    /// Seconds spent sampling and detokenising after the steps.
+    pub sample_seconds: f64,
 }
 
 /// Cheap, cloneable handle to one engine worker. Dropping every handle stops the worker once its
@@ -77,6 +92,10 @@ pub fn spawn(
         waiting: AtomicUsize::new(0),
         running: AtomicUsize::new(0),
         generated: AtomicU64::new(0),
+        prompt_fed: AtomicU64::new(0),
+        steps: AtomicU64::new(0),
+        step_nanos: AtomicU64::new(0),
+        sample_nanos: AtomicU64::new(0),
         alive: AtomicBool::new(true),
         max_context: backend.max_context(),
         vocab_size: backend.vocab_size(),
@@ -139,6 +158,10 @@ impl EngineHandle {
             running: self.shared.running.load(Ordering::SeqCst),
             waiting: self.shared.waiting.load(Ordering::SeqCst),
             generated_tokens: self.shared.generated.load(Ordering::Relaxed),
+            prompt_tokens: self.shared.prompt_fed.load(Ordering::Relaxed),
+            steps: self.shared.steps.load(Ordering::Relaxed),
+            step_seconds: self.shared.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            sample_seconds: self.shared.sample_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
         }
     }
 

@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 
@@ -256,9 +256,16 @@ impl Worker {
                     }
                 })
                 .collect();
+            let prompt: usize = rows.iter().filter(|r| self.running[r.idx].is_prefilling()).map(|r| r.n).sum();
+            self.shared.prompt_fed.fetch_add(prompt as u64, Ordering::Relaxed);
             let backend = &mut self.backend;
-            catch_unwind(AssertUnwindSafe(|| backend.step(&inputs)))
+            let t = Instant::now();
+            let r = catch_unwind(AssertUnwindSafe(|| backend.step(&inputs)));
+            self.shared.steps.fetch_add(1, Ordering::Relaxed);
+            self.shared.step_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            r
         };
+        let t = Instant::now();
         let outs = match result {
             Ok(Ok(outs)) if outs.len() == rows.len() => outs,
             Ok(Ok(outs)) => {
@@ -292,6 +299,7 @@ impl Worker {
                 None => s.fail("backend returned no logits for a row that asked for them"),
             }
         }
+        self.shared.sample_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     fn fail_rows(&mut self, rows: &[Row], msg: &str) {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 pub mod lora;
 pub mod messages;
+pub mod metrics;
 pub mod models;
 pub mod respond;
 pub mod sse;
@@ -40,7 +41,8 @@ pub use state::{AppState, Generator, Limits, ModelEntry};
 
 use extract::BodyLimit;
 
-/// The full router: `/v1/*` (behind the API key when one is set), `/health`, `/ready`, with JSON
+/// The full router: `/v1/*` (behind the API key when one is set), `/health`, `/ready`,
+/// `/metrics`, with JSON
 /// 404/405/413 and a panic guard.
 pub fn router(state: AppState) -> Router {
     let limit = state.limits.max_body_bytes;
@@ -57,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .merge(v1)
         .route("/health", get(models::health))
         .route("/ready", get(models::ready))
+        .route("/metrics", get(metrics::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

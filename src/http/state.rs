@@ -25,6 +25,10 @@ pub trait Generator: Send + Sync + 'static {
     fn vocab_size(&self) -> Option<usize> {
         None
     }
+    /// The worker's load and counters, for `GET /metrics`.
+    fn stats(&self) -> Option<crate::engine::EngineStats> {
+        None
+    }
 }
 
 /// One served model id.

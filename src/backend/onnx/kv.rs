@@ -1,5 +1,13 @@
 //! The KV cache of an ONNX decoder: per layer one key and one value buffer of shape
-//! `[slots, kv_heads, max_len, head_size]`, shared by every live sequence (one slot each).
+//! `[slots, kv_heads, cap, head_size]`, shared by every live sequence (one slot each).
+//!
+//! `cap` (positions per slot in the layout) follows the longest sequence: it starts at
+//! [`MIN_CAP`], doubles when a step needs more (up to `max_len`) and halves again when every
+//! sequence fits in a quarter. GroupQueryAttention's CPU kernel does work in proportion to the
+//! buffer's length for every row, layer and step (it clears the attention scores of the unused
+//! positions), so a 4096-position layout for 200-token chats cost ~10% of an 8-row decode step
+//! on Qwen2.5-0.5B (docs/perf-notes.md). A change of `cap` moves each slot's positions in use
+//! within the buffer (host memory; device buffers keep `cap = max_len`).
 //!
 //! The graph's GroupQueryAttention reads the past from these buffers and writes the new positions
 //! into the same memory (its shared past/present buffer mode), at each row's own length. So a
@@ -58,17 +66,16 @@ pub struct KvShape {
     pub elem_bytes: usize,
 }
 
+/// Smallest layout length (positions per slot).
+pub const MIN_CAP: usize = 256;
+
 impl KvShape {
-    /// Positions per slot in memory.
-    pub fn stride_len(&self) -> usize {
-        self.max_len
+    fn slot_bytes(&self, cap: usize) -> usize {
+        self.kv_heads * cap * self.head_size * self.elem_bytes
     }
-    fn slot_bytes(&self) -> usize {
-        self.kv_heads * self.stride_len() * self.head_size * self.elem_bytes
-    }
-    /// Bytes of all buffers together.
+    /// Bytes of all buffers together (allocated for `max_len`).
     pub fn total_bytes(&self) -> usize {
-        self.slot_bytes() * self.slots * self.layers * 2
+        self.slot_bytes(self.max_len) * self.slots * self.layers * 2
     }
 }
 
@@ -81,12 +88,14 @@ pub struct KvSlots {
     lens: Vec<usize>,
     owner: Vec<Option<SeqId>>,
     slot_of: HashMap<SeqId, usize>,
+    /// Positions per slot in the current layout.
+    cap: usize,
 }
 
 impl KvSlots {
     /// Allocates the buffers where `session` wants them: device memory for CUDA, host otherwise.
     pub fn new(shape: KvShape, session: &Session, cuda_device: Option<i32>) -> Result<KvSlots, String> {
-        let bytes = shape.slots * shape.slot_bytes();
+        let bytes = shape.slots * shape.slot_bytes(shape.max_len);
         let memory_info = match cuda_device {
             Some(id) => MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default),
             None => MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default),
@@ -121,7 +130,73 @@ impl KvSlots {
             lens: vec![0; shape.slots],
             owner: vec![None; shape.slots],
             slot_of: HashMap::new(),
+            cap: if cuda_device.is_some() { shape.max_len } else { MIN_CAP.min(shape.max_len) },
         })
+    }
+
+    /// Positions per slot in the current layout (the tensors' third dimension).
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    fn on_host(&self) -> bool {
+        self.buffers.iter().all(|(k, _)| matches!(k, Memory::Host(_)))
+    }
+
+    /// Makes the layout hold `need` positions per slot (`need <= max_len`): doubles `cap` as
+    /// often as needed.
+    pub fn reserve(&mut self, need: usize) {
+        assert!(need <= self.shape.max_len, "{need} positions exceed the cache's {}", self.shape.max_len);
+        if need <= self.cap {
+            return;
+        }
+        let mut cap = self.cap;
+        while cap < need {
+            cap *= 2;
+        }
+        self.relayout(cap.min(self.shape.max_len));
+    }
+
+    /// Halves `cap` (repeatedly) while every sequence, plus one position, fits in a quarter.
+    pub fn shrink(&mut self) {
+        let need = self.lens.iter().copied().max().unwrap_or(0) + 1;
+        let mut cap = self.cap;
+        while cap > MIN_CAP && need * 4 <= cap {
+            cap /= 2;
+        }
+        if cap != self.cap {
+            self.relayout(cap);
+        }
+    }
+
+    /// Moves every slot's positions in use to the layout of `cap` positions per slot.
+    fn relayout(&mut self, cap: usize) {
+        if !self.on_host() || cap == self.cap {
+            return; // device buffers are laid out for max_len from the start
+        }
+        let sh = self.shape;
+        let row = sh.head_size * sh.elem_bytes;
+        let old = self.cap;
+        // (slot, head) blocks in the order that never overwrites a block not yet moved.
+        let mut blocks: Vec<(usize, usize)> = (0..sh.slots).flat_map(|s| (0..sh.kv_heads).map(move |h| (s, h))).collect();
+        if cap > old {
+            blocks.reverse();
+        }
+        for (k, v) in &mut self.buffers {
+            for mem in [k, v] {
+                let base = mem.base();
+                for &(s, h) in &blocks {
+                    let n = self.lens[s].min(cap) * row;
+                    let (from, to) = ((s * sh.kv_heads + h) * old * row, (s * sh.kv_heads + h) * cap * row);
+                    if n > 0 && from != to {
+                        // SAFETY: both ranges lie in the buffer (allocated for max_len >= old, cap);
+                        // `copy` allows overlap, and the order keeps unmoved blocks intact.
+                        unsafe { std::ptr::copy(base.add(from), base.add(to), n) };
+                    }
+                }
+            }
+        }
+        self.cap = cap;
     }
 
     /// The slot of `seq`, taking the lowest free one for a new sequence (None when all are taken).
@@ -163,12 +238,12 @@ impl KvSlots {
         if a == b {
             return true;
         }
-        if !self.buffers.iter().all(|(k, _)| matches!(k, Memory::Host(_))) {
+        if !self.on_host() {
             return false;
         }
         let sh = self.shape;
         let n = self.lens[a].max(self.lens[b]) * sh.head_size * sh.elem_bytes;
-        let head_bytes = sh.stride_len() * sh.head_size * sh.elem_bytes;
+        let head_bytes = self.cap * sh.head_size * sh.elem_bytes;
         for layer in 0..sh.layers {
             for value in [false, true] {
                 let (pa, pb) = (self.slot_ptr(layer, value, a), self.slot_ptr(layer, value, b));
@@ -201,11 +276,11 @@ impl KvSlots {
     }
 
     /// Pointer to slot `first` of layer `layer`'s key (`value = false`) or value buffer; the slots
-    /// from `first` on are contiguous, so `[n, kv_heads, stride_len, head_size]` from here is a
-    /// valid tensor for any `first + n <= slots`.
+    /// from `first` on are contiguous, so `[n, kv_heads, cap, head_size]` from here is a valid
+    /// tensor for any `first + n <= slots`.
     pub fn slot_ptr(&mut self, layer: usize, value: bool, first: usize) -> *mut u8 {
         assert!(first < self.shape.slots);
-        let off = first * self.shape.slot_bytes();
+        let off = first * self.shape.slot_bytes(self.cap);
         let (k, v) = &mut self.buffers[layer];
         let base = if value { v.base() } else { k.base() };
         // SAFETY: `off` is inside the buffer (first < slots).
@@ -220,8 +295,101 @@ mod tests {
     #[test]
     fn shape_arithmetic() {
         let s = KvShape { layers: 24, kv_heads: 2, head_size: 64, max_len: 4096, slots: 8, elem_bytes: 4 };
-        assert_eq!(s.stride_len(), 4096);
-        assert_eq!(s.slot_bytes(), 2 * 4096 * 64 * 4);
+        assert_eq!(s.slot_bytes(4096), 2 * 4096 * 64 * 4);
         assert_eq!(s.total_bytes(), 8 * 2 * 4096 * 64 * 4 * 24 * 2);
+    }
+
+    /// A host cache without a session (the layout logic only; the memory info still needs the
+    /// ONNX Runtime library, which scripts/fetch_onnxruntime.sh installs).
+    fn host(slots: usize, max_len: usize) -> KvSlots {
+        super::super::runtime::environment(None).expect("ONNX Runtime library (run scripts/fetch_onnxruntime.sh)");
+        let shape = KvShape { layers: 2, kv_heads: 2, head_size: 3, max_len, slots, elem_bytes: 4 };
+        let bytes = slots * shape.slot_bytes(max_len);
+        let mem = || Memory::Host(vec![0u64; bytes.div_ceil(8)]);
+        KvSlots {
+            shape,
+            buffers: (0..2).map(|_| (mem(), mem())).collect(),
+            memory_info: MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).unwrap(),
+            lens: vec![0; slots],
+            owner: vec![None; slots],
+            slot_of: HashMap::new(),
+            cap: MIN_CAP.min(max_len),
+        }
+    }
+
+    /// Writes a distinct f32 at every position in use: (layer, k/v, slot, head, pos, dim).
+    fn fill(kv: &mut KvSlots) {
+        let (cap, sh) = (kv.cap, kv.shape);
+        for layer in 0..sh.layers {
+            for value in [false, true] {
+                let base = kv.slot_ptr(layer, value, 0).cast::<f32>();
+                for s in 0..sh.slots {
+                    for h in 0..sh.kv_heads {
+                        for p in 0..kv.lens[s] {
+                            for d in 0..sh.head_size {
+                                let x = (((((layer * 2 + value as usize) * 10 + s) * 10 + h) * 1000 + p) * 10 + d) as f32;
+                                // SAFETY: inside slot s, head h, position p < cap.
+                                unsafe { *base.add(((s * sh.kv_heads + h) * cap + p) * sh.head_size + d) = x };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks every position in use still holds what `fill` wrote, in the current layout.
+    fn check(kv: &mut KvSlots) {
+        let (cap, sh) = (kv.cap, kv.shape);
+        for layer in 0..sh.layers {
+            for value in [false, true] {
+                let base = kv.slot_ptr(layer, value, 0).cast::<f32>();
+                for s in 0..sh.slots {
+                    for h in 0..sh.kv_heads {
+                        for p in 0..kv.lens[s] {
+                            for d in 0..sh.head_size {
+                                let want = (((((layer * 2 + value as usize) * 10 + s) * 10 + h) * 1000 + p) * 10 + d) as f32;
+                                // SAFETY: as in fill.
+                                let got = unsafe { *base.add(((s * sh.kv_heads + h) * cap + p) * sh.head_size + d) };
+                                assert_eq!(got, want, "cap {cap}: layer {layer} slot {s} head {h} pos {p} dim {d}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn growing_and_shrinking_the_layout_keeps_every_position_in_use() {
+        let mut kv = host(3, 2048);
+        assert_eq!(kv.cap(), MIN_CAP);
+        kv.lens = vec![200, 0, 256];
+        fill(&mut kv);
+        kv.reserve(257);
+        assert_eq!(kv.cap(), 512);
+        check(&mut kv);
+        kv.lens = vec![200, 5, 500];
+        fill(&mut kv);
+        kv.reserve(1500);
+        assert_eq!(kv.cap(), 2048);
+        check(&mut kv);
+        kv.reserve(2048);
+        assert_eq!(kv.cap(), 2048);
+        // The longest sequence leaves: 200 + 1 positions fit in a quarter of 2048 and of 1024.
+        kv.lens = vec![200, 5, 0];
+        kv.shrink();
+        assert_eq!(kv.cap(), 512);
+        check(&mut kv);
+        kv.lens = vec![40, 5, 0];
+        kv.shrink();
+        assert_eq!(kv.cap(), 256, "never below MIN_CAP");
+        check(&mut kv);
+    }
+
+    #[test]
+    fn a_small_max_len_caps_the_layout() {
+        let kv = host(2, 100);
+        assert_eq!(kv.cap(), 100);
     }
 }

@@ -232,8 +232,8 @@ impl OnnxBackend {
     /// pruned graph) into `self.logits`.
     ///
     /// GroupQueryAttention takes each row's length from its mask (`seqlens_k = ones - 1`) and
-    /// writes the new K/V at that length; the mask's width must stay within the buffers and the
-    /// rotary cache (`max_len <= context_length`). A padding row of a full sequence therefore
+    /// writes the new K/V at that length; the mask's width must stay within the buffers' layout
+    /// (`kv.reserve` grows it) and the rotary cache (`max_len <= context_length`). A padding row of a full sequence therefore
     /// gets `max_len` ones and overwrites its own last position, which is never read again (a
     /// full sequence cannot step).
     fn forward(
@@ -249,6 +249,7 @@ impl OnnxBackend {
         let max_len = self.kv.shape.max_len;
         let ones: Vec<usize> = lens.iter().zip(new).map(|(&l, &n)| (l + n).min(max_len)).collect();
         let total = ones.iter().copied().max().unwrap_or(s);
+        self.kv.reserve(total);
         let mut mask = vec![0i64; b * total];
         for (r, &n) in ones.iter().enumerate() {
             mask[r * total..r * total + n].fill(1);
@@ -272,7 +273,7 @@ impl OnnxBackend {
         // SAFETY: the logits buffer holds b*rows*vocab elements of logits_dtype and outlives the run.
         let logits = unsafe { View::float(&self.host, self.logits_dtype, self.logits.as_mut_ptr().cast(), &[bi, rows as i64, vocab as i64]) }
             .map_err(e)?;
-        let kv_shape = [bi, self.kv.shape.kv_heads as i64, self.kv.shape.stride_len() as i64, self.kv.shape.head_size as i64];
+        let kv_shape = [bi, self.kv.shape.kv_heads as i64, self.kv.cap() as i64, self.kv.shape.head_size as i64];
         let mut kv_views = Vec::with_capacity(2 * self.cfg.num_layers);
         for layer in 0..self.cfg.num_layers {
             for value in [false, true] {
@@ -394,6 +395,7 @@ impl OnnxBackend {
     }
 
     fn step_inner(&mut self, inputs: &[StepInput<'_>], out: &mut [Option<Vec<f32>>]) -> Result<(), BackendError> {
+        self.kv.shrink();
         for inp in inputs {
             self.kv.slot_for(inp.seq).expect("check() counted the free slots");
         }
