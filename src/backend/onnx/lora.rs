@@ -3,11 +3,14 @@
 //! defaults are empty (rank 0: the base model).
 //!
 //! - Graphs with the row mask input `lora_mask` (`x A` is multiplied by it before `B`; every
-//!   export since the mask was added; a required input, fed on every run) run rows with different adapters in one `Run`: the
-//!   adapters in use are stacked along the rank axis into a [`Bank`] (A `[in, r1 + r2 + ..]`,
-//!   B likewise, zeros where an adapter lacks a module), and each row's mask is 1 on its own
-//!   adapter's columns and 0 elsewhere. A row's sums then hold exactly its own adapter's
-//!   terms plus exact zeros, so its result is bit-identical to a run of that adapter alone.
+//!   export since the mask was added; a required input, fed on every run) run rows with
+//!   different adapters in one `Run`: the adapters in use are stacked along the rank axis into
+//!   a [`Bank`] (A `[in, r1 + r2 + ..]`, B likewise, zeros where an adapter lacks a module), and
+//!   each row's mask is 1 on its own adapter's columns and 0 elsewhere. A row's sums then hold
+//!   exactly its own adapter's terms plus exact zeros: the same bits as that adapter alone in a
+//!   run of the same shape (ONNX Runtime's one-row MatMul kernel differs in the last bits).
+//!   The bank is a copy of its members' weights (not counted in `lora_budget_mb`), kept while
+//!   they live and rebuilt when a step needs an adapter it lacks.
 //! - Older graphs without the mask activate one adapter per `Run` by feeding its tensors
 //!   (exactly the parameters `inferd convert-adapter` writes to an `.onnx_adapter` file); a
 //!   step then runs one `Run` per adapter group.
