@@ -233,9 +233,9 @@ impl OnnxBackend {
     ///
     /// GroupQueryAttention takes each row's length from its mask (`seqlens_k = ones - 1`) and
     /// writes the new K/V at that length; the mask's width must stay within the buffers' layout
-    /// (`kv.reserve` grows it) and the rotary cache (`max_len <= context_length`). A padding row of a full sequence therefore
-    /// gets `max_len` ones and overwrites its own last position, which is never read again (a
-    /// full sequence cannot step).
+    /// (`kv.reserve` grows it) and the rotary cache (`max_len <= context_length`). A padding row
+    /// of a full sequence therefore gets `max_len` ones and overwrites its own last position,
+    /// which is never read again (a full sequence cannot step).
     fn forward(
         &mut self,
         first: usize,
