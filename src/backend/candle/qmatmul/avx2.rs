@@ -75,6 +75,7 @@ pub(crate) unsafe fn hsum(x: __m256) -> f32 {
 /// 8-lane accumulator, per block `acc = fma(d_x * d_y, float(lanes), acc)` in block order, then
 /// `hsum(acc) + summs`.
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn dot_tile<const KIND: u8, const R: usize>(w: &[u8], acts: &QActs, row0: usize, out: &mut [f32]) {
     let kind = Kind::from_u8(KIND);
     let (nb, k, bytes) = (acts.nb, acts.k, kind.bytes());
@@ -118,6 +119,33 @@ pub unsafe fn dot_rows(kind: Kind, w: &[u8], acts: &QActs, row0: usize, out: &mu
         Kind::Q5_0 => tiles::<{ Kind::Q5_0 as u8 }>(w, acts, row0, out),
         Kind::Q5_1 => tiles::<{ Kind::Q5_1 as u8 }>(w, acts, row0, out),
         Kind::Q8_0 => tiles::<{ Kind::Q8_0 as u8 }>(w, acts, row0, out),
+    }
+}
+
+/// One activation row (row 0 of `acts`) against weight rows `js` of `data`: `dst[j]` gets
+/// exactly what `dot_rows` gives for row j (the same `dot_tile::<_, 1>`), in one loop without a
+/// call per weight row. Decode steps of one sequence spend most of their time here.
+///
+/// # Safety
+/// As `dot_rows`; `data` holds at least `js.end` rows and `dst` at least `js.end` values, of
+/// which `js` belong to the caller alone.
+pub unsafe fn dot_range(kind: Kind, data: &[u8], js: std::ops::Range<usize>, acts: &QActs, dst: *mut f32) {
+    match kind {
+        Kind::Q4_0 => range::<{ Kind::Q4_0 as u8 }>(data, js, acts, dst),
+        Kind::Q4_1 => range::<{ Kind::Q4_1 as u8 }>(data, js, acts, dst),
+        Kind::Q5_0 => range::<{ Kind::Q5_0 as u8 }>(data, js, acts, dst),
+        Kind::Q5_1 => range::<{ Kind::Q5_1 as u8 }>(data, js, acts, dst),
+        Kind::Q8_0 => range::<{ Kind::Q8_0 as u8 }>(data, js, acts, dst),
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn range<const KIND: u8>(data: &[u8], js: std::ops::Range<usize>, acts: &QActs, dst: *mut f32) {
+    let row_bytes = acts.nb * Kind::from_u8(KIND).bytes();
+    let mut o = [0f32; 1];
+    for j in js {
+        dot_tile::<KIND, 1>(data.get_unchecked(j * row_bytes..(j + 1) * row_bytes), acts, 0, &mut o);
+        *dst.add(j) = o[0];
     }
 }
 

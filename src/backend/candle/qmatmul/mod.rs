@@ -207,6 +207,15 @@ impl QMatrix {
                     });
                     return out;
                 }
+                #[cfg(target_arch = "x86_64")]
+                if m == 1 && avx2::available() {
+                    pool.run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
+                        // SAFETY: AVX2 is present, `data` holds n whole rows and outputs `js`
+                        // (row 0 of the [1, n] output) belong to this range alone.
+                        unsafe { avx2::dot_range(*kind, data, js, &acts, dst.ptr()) }
+                    });
+                    return out;
+                }
                 let kernel = own_kernel();
                 pool.run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
                     tiles(js, m, n, row_bytes, dst, |j, r0, out| {
