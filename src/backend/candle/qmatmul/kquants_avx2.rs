@@ -54,6 +54,7 @@ fn q4k_scales_mins(x: &[u8]) -> [u32; 4] {
 }
 
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn q4k_tile<const R: usize>(w: &[u8], nsb: usize, acts: &[*const u8; 4], out: &mut [f32]) {
     let m4 = _mm256_set1_epi8(0xf);
     let mut acc = [_mm256_setzero_ps(); R];
@@ -106,6 +107,7 @@ unsafe fn q4k_tile<const R: usize>(w: &[u8], nsb: usize, acts: &[*const u8; 4], 
 }
 
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn q6k_tile<const R: usize>(w: &[u8], nsb: usize, acts: &[*const u8; 4], out: &mut [f32]) {
     let m3 = _mm256_set1_epi8(3);
     let m15 = _mm256_set1_epi8(15);
@@ -182,6 +184,37 @@ pub unsafe fn dot_rows(kind: KKind, w: &[u8], nsb: usize, acts: &[*const u8; 4],
         (KKind::Q6K, 2) => q6k_tile::<2>(w, nsb, acts, out),
         (KKind::Q6K, 3) => q6k_tile::<3>(w, nsb, acts, out),
         (KKind::Q6K, _) => q6k_tile::<4>(w, nsb, acts, out),
+    }
+}
+
+/// One activation row (`act`, `nsb` Q8_K blocks) against weight rows `js` of `data`: `dst[j]`
+/// gets exactly what `dot_rows` gives for row j, in one loop without a call per weight row.
+///
+/// # Safety
+/// As `dot_rows`; `data` holds at least `js.end` rows and `dst` at least `js.end` values, of
+/// which `js` belong to the caller alone.
+pub unsafe fn dot_range(kind: KKind, data: &[u8], js: std::ops::Range<usize>, nsb: usize, act: *const u8, dst: *mut f32) {
+    match kind {
+        KKind::Q4K => q4k_range(data, js, nsb, act, dst),
+        KKind::Q6K => q6k_range(data, js, nsb, act, dst),
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4k_range(data: &[u8], js: std::ops::Range<usize>, nsb: usize, act: *const u8, dst: *mut f32) {
+    let (row_bytes, acts, mut o) = (nsb * KKind::Q4K.bytes(), [act; 4], [0f32; 1]);
+    for j in js {
+        q4k_tile::<1>(data.get_unchecked(j * row_bytes..(j + 1) * row_bytes), nsb, &acts, &mut o);
+        *dst.add(j) = o[0];
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q6k_range(data: &[u8], js: std::ops::Range<usize>, nsb: usize, act: *const u8, dst: *mut f32) {
+    let (row_bytes, acts, mut o) = (nsb * KKind::Q6K.bytes(), [act; 4], [0f32; 1]);
+    for j in js {
+        q6k_tile::<1>(data.get_unchecked(j * row_bytes..(j + 1) * row_bytes), nsb, &acts, &mut o);
+        *dst.add(j) = o[0];
     }
 }
 

@@ -242,6 +242,14 @@ impl QMatrix {
                     });
                     return out;
                 }
+                if m == 1 {
+                    pool.run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
+                        // SAFETY: AVX2 was detected when this matrix was built; `data` holds n
+                        // whole rows, `acts` one row of nsb blocks, outputs `js` are this range's.
+                        unsafe { kquants_avx2::dot_range(*kind, data, js, nsb, acts.as_ptr() as *const u8, dst.ptr()) }
+                    });
+                    return out;
+                }
                 pool.run_ranges(n, RANGES_PER_THREAD, MIN_RANGE, &|js| {
                     let base = acts.as_ptr() as *const u8;
                     tiles(js, m, n, row_bytes, dst, |j, r0, out| {
