@@ -317,8 +317,9 @@ mod tests {
         }
     }
 
-    /// Writes a distinct f32 at every position in use: (layer, k/v, slot, head, pos, dim).
-    fn fill(kv: &mut KvSlots) {
+    /// Calls `f(pointer, value)` for every element of every position in use, in the current
+    /// layout, with a value unique to (layer, k/v, slot, head, position, dim).
+    fn each(kv: &mut KvSlots, mut f: impl FnMut(*mut f32, f32)) {
         let (cap, sh) = (kv.cap, kv.shape);
         for layer in 0..sh.layers {
             for value in [false, true] {
@@ -328,8 +329,8 @@ mod tests {
                         for p in 0..kv.lens[s] {
                             for d in 0..sh.head_size {
                                 let x = (((((layer * 2 + value as usize) * 10 + s) * 10 + h) * 1000 + p) * 10 + d) as f32;
-                                // SAFETY: inside slot s, head h, position p < cap.
-                                unsafe { *base.add(((s * sh.kv_heads + h) * cap + p) * sh.head_size + d) = x };
+                                // SAFETY: slot s, head h, position p < cap: inside the buffer.
+                                f(unsafe { base.add(((s * sh.kv_heads + h) * cap + p) * sh.head_size + d) }, x);
                             }
                         }
                     }
@@ -338,26 +339,16 @@ mod tests {
         }
     }
 
+    fn fill(kv: &mut KvSlots) {
+        // SAFETY: `each` hands out pointers into the buffers, one element each.
+        each(kv, |ptr, x| unsafe { *ptr = x });
+    }
+
     /// Checks every position in use still holds what `fill` wrote, in the current layout.
     fn check(kv: &mut KvSlots) {
-        let (cap, sh) = (kv.cap, kv.shape);
-        for layer in 0..sh.layers {
-            for value in [false, true] {
-                let base = kv.slot_ptr(layer, value, 0).cast::<f32>();
-                for s in 0..sh.slots {
-                    for h in 0..sh.kv_heads {
-                        for p in 0..kv.lens[s] {
-                            for d in 0..sh.head_size {
-                                let want = (((((layer * 2 + value as usize) * 10 + s) * 10 + h) * 1000 + p) * 10 + d) as f32;
-                                // SAFETY: as in fill.
-                                let got = unsafe { *base.add(((s * sh.kv_heads + h) * cap + p) * sh.head_size + d) };
-                                assert_eq!(got, want, "cap {cap}: layer {layer} slot {s} head {h} pos {p} dim {d}");
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        let cap = kv.cap;
+        // SAFETY: as in fill.
+        each(kv, |ptr, want| assert_eq!(unsafe { *ptr }, want, "cap {cap}: value {want} moved"));
     }
 
     #[test]
