@@ -59,27 +59,27 @@ impl Bank {
             members.push((Arc::downgrade(a), a.id, width, r));
             width += r;
         }
+        // Each member's tensors as `inferd convert-adapter` writes them (A [in, r], B [r, out]
+        // with the scale folded in), copied into its columns of A and rows of B.
+        let own: Vec<HashMap<String, Vec<f32>>> =
+            adapters.iter().map(|a| onnx_adapter::params(a).into_iter().map(|p| (p.name, p.data)).collect()).collect();
         let mut params = Vec::with_capacity(2 * graph.modules.len());
         for &(layer, m) in &graph.modules {
             let (fin, fout) = graph.dims.io(m);
+            let (a_name, b_name) = (param_name(layer, m, true), param_name(layer, m, false));
             let mut a_bank = vec![0f32; fin * width];
             let mut b_bank = vec![0f32; width * fout];
-            for (adapter, (_, _, off, _)) in adapters.iter().zip(&members) {
-                let Some(p) = adapter.get(layer, m) else { continue };
-                // The same layout and arithmetic as onnx_adapter::params: A transposed to
-                // [in, r], B to [r, out] with the scale folded in.
-                for k in 0..p.rank {
-                    for x in 0..fin {
-                        a_bank[x * width + off + k] = p.a[k * fin + x];
-                    }
-                    for y in 0..fout {
-                        b_bank[(off + k) * fout + y] = (p.scale * f64::from(p.b[y * p.rank + k])) as f32;
-                    }
+            for (tensors, &(_, _, off, _)) in own.iter().zip(&members) {
+                let (Some(a), Some(b)) = (tensors.get(&a_name), tensors.get(&b_name)) else { continue };
+                let r = a.len() / fin;
+                for (x, row) in a.chunks_exact(r).enumerate() {
+                    a_bank[x * width + off..x * width + off + r].copy_from_slice(row);
                 }
+                b_bank[off * fout..(off + r) * fout].copy_from_slice(b);
             }
             let w = width as i64;
-            params.push((cname(&param_name(layer, m, true))?, vec![fin as i64, w], a_bank));
-            params.push((cname(&param_name(layer, m, false))?, vec![w, fout as i64], b_bank));
+            params.push((cname(&a_name)?, vec![fin as i64, w], a_bank));
+            params.push((cname(&b_name)?, vec![w, fout as i64], b_bank));
         }
         Ok(Bank { members, width, params })
     }
