@@ -2,9 +2,11 @@
 """Benchmark inferd against llama.cpp's llama-server on the same GGUF, side by side.
 
 Why: inferd's performance goal is stated relative to llama.cpp on the same machine, model and
-thread count. This script starts each server in turn on its own port, runs identical streaming
-OpenAI requests, prints prefill / TTFT / decode / concurrent throughput with the ratio
-inferd/llama.cpp, and can append the figures to docs/benchmarks.md.
+thread count. Each round starts every engine on its own port, then takes each metric from each
+engine back to back (identical streaming OpenAI requests), so that the two figures of a ratio
+are measured seconds apart on this drifting shared machine. Prints prefill / TTFT / decode /
+concurrent throughput with the ratio inferd/llama.cpp, and can append the figures to
+docs/benchmarks.md.
 
 Usage:
   python3 bench/bench.py --llama-server /work/peers/llama-build/bin/llama-server \
@@ -18,12 +20,14 @@ Usage:
   leave it out to measure llama.cpp alone (the peer baseline).
 """
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,88 +54,142 @@ def long_prompt(base, n_tokens):
     return text, count
 
 
-def measure(base, name, args, prompt_text, extra):
-    """All metrics for one running server; extra is merged into each request body."""
-    chat = base + "/v1/chat/completions"
-    comp = base + "/v1/completions"
-    # OpenAI requires `model`; name the first (only) model the server lists.
-    model_id = http_json(base + "/v1/models", None)["data"][0]["id"]
-    greedy = {"model": model_id, "temperature": 0, "ignore_eos": True, **extra}
-    to = args.timeout
-    warm = stream(chat, {"messages": STD_MESSAGES, "max_tokens": 8, **greedy}, to)
-    if warm.error:
-        raise RuntimeError(f"{name}: warm-up failed: {warm.error}")
-    out, notes = {}, []
-    pf = []
-    for _ in range(args.repeats):
-        r = stream(comp, {"prompt": prompt_text, "max_tokens": 1, **greedy}, to)
-        if r.error or r.t_first is None:
-            raise RuntimeError(f"{name}: prefill request failed: {r.error}")
-        pf.append((r.prompt_tokens or args.prompt_tokens) / r.t_first)
-    out["prefill_tps"] = statistics.median(pf)
-    std = {"messages": STD_MESSAGES, "max_tokens": args.new_tokens, **greedy}
-    ttft, dec = [], []
-    for _ in range(args.repeats):
-        r = stream(chat, std, to)
-        if r.error or r.t_first is None:
-            raise RuntimeError(f"{name}: decode request failed: {r.error}")
-        n = r.completion_tokens or len(r.chunk_times)
-        if n != args.new_tokens:
-            notes.append(f"{name}: generated {n} tokens, expected {args.new_tokens}")
-        ttft.append(r.t_first * 1000)
-        dec.append((n - 1) / max(r.t_last - r.t_first, 1e-9))
-    out["ttft_ms"], out["decode_tps"] = statistics.median(ttft), statistics.median(dec)
-    for n in (4, 8):
-        results, wall = concurrent(chat, std, n, to)
+class HttpEngine:
+    """An OpenAI-compatible server (llama-server or inferd) measured over streaming HTTP."""
+
+    def __init__(self, name, base, args, prompt_text, extra):
+        self.name, self.args, self.prompt_text = name, args, prompt_text
+        self.chat, self.comp = base + "/v1/chat/completions", base + "/v1/completions"
+        # OpenAI requires `model`; name the first (only) model the server lists.
+        model_id = http_json(base + "/v1/models", None)["data"][0]["id"]
+        self.greedy = {"model": model_id, "temperature": 0, "ignore_eos": True, **extra}
+        self.std = {"messages": STD_MESSAGES, "max_tokens": args.new_tokens, **self.greedy}
+        self.notes = []
+        warm = stream(self.chat, {"messages": STD_MESSAGES, "max_tokens": 8, **self.greedy}, args.timeout)
+        if warm.error:
+            raise RuntimeError(f"{name}: warm-up failed: {warm.error}")
+
+    def prefill(self):
+        pf = []
+        for _ in range(self.args.repeats):
+            r = stream(self.comp, {"prompt": self.prompt_text, "max_tokens": 1, **self.greedy}, self.args.timeout)
+            if r.error or r.t_first is None:
+                raise RuntimeError(f"{self.name}: prefill request failed: {r.error}")
+            pf.append((r.prompt_tokens or self.args.prompt_tokens) / r.t_first)
+        return {"prefill_tps": statistics.median(pf)}
+
+    def single(self):
+        ttft, dec = [], []
+        for _ in range(self.args.repeats):
+            r = stream(self.chat, self.std, self.args.timeout)
+            if r.error or r.t_first is None:
+                raise RuntimeError(f"{self.name}: decode request failed: {r.error}")
+            n = r.completion_tokens or len(r.chunk_times)
+            if n != self.args.new_tokens:
+                self.notes.append(f"{self.name}: generated {n} tokens, expected {self.args.new_tokens}")
+            ttft.append(r.t_first * 1000)
+            dec.append((n - 1) / max(r.t_last - r.t_first, 1e-9))
+        return {"ttft_ms": statistics.median(ttft), "decode_tps": statistics.median(dec)}
+
+    def streams(self, n):
+        results, wall = concurrent(self.chat, self.std, n, self.args.timeout)
         errs = [r.error for r in results if r is None or r.error]
         if errs:
-            raise RuntimeError(f"{name}: {n} concurrent streams failed: {errs[0]}")
+            raise RuntimeError(f"{self.name}: {n} concurrent streams failed: {errs[0]}")
         total = sum(r.completion_tokens or len(r.chunk_times) for r in results)
-        out[f"c{n}_tps"] = total / wall
-    return out, notes
+        return {f"c{n}_tps": total / wall}
 
 
-def run_llama(args, logdir):
-    """Starts llama-server, builds the long prompt with its tokenizer, measures, stops it."""
-    port = args.port
-    argv = llama_server_argv(args.llama_server, args.model, port, args.threads, 8, args.ctx)
-    with Server("llama-server", argv, port, Path(logdir) / "llama.log",
-                ready_path="/health") as srv:
-        prompt_text, count = long_prompt(srv.base, args.prompt_tokens)
-        figures, notes = measure(srv.base, "llama.cpp", args, prompt_text, {"cache_prompt": False})
-    return figures, notes, prompt_text, count, " ".join(argv)
+class GenaiEngine:
+    """onnxruntime-genai's own generate loop on the ONNX export (bench/ort_genai_bench.py
+    --serve, run with a Python that has onnxruntime-genai): same threads, prompt sizes and new
+    tokens. Its 4/8-stream figures are static batches of 4/8 identical prompts (its best case)."""
+
+    name = "onnxruntime-genai"
+
+    def __init__(self, args, logdir):
+        self.args = args
+        self.cmd = [args.genai_python, str(ROOT / "bench" / "ort_genai_bench.py"), args.onnx_model,
+                    "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+                    "--prefill-tokens", str(args.prompt_tokens), "--serve"]
+        self.log = open(Path(logdir) / "genai.log", "ab")
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, start_new_session=True)
+        self.notes = []
+        if not json.loads(self.proc.stdout.readline() or "{}").get("ready"):
+            self.close()
+            raise RuntimeError("onnxruntime-genai worker did not start; see genai.log")
+
+    def call(self, req):
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("onnxruntime-genai worker exited; see genai.log")
+        return json.loads(line)
+
+    def prefill(self):
+        return {"prefill_tps": statistics.median(self.call({"op": "prefill"})["prefill_tps"]
+                                                 for _ in range(self.args.repeats))}
+
+    def single(self):
+        runs = [self.call({"op": "single"}) for _ in range(self.args.repeats)]
+        return {k: statistics.median(r[k] for r in runs) for k in ("ttft_ms", "decode_tps")}
+
+    def streams(self, n):
+        return {f"c{n}_tps": self.call({"op": "batch", "b": n})["total_tps"]}
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
 
 
-def run_inferd(args, logdir, prompt_text, model=None, extra_args=""):
-    """Measures inferd: a URL is used as is, anything else is started as a command."""
-    if args.inferd.startswith(("http://", "https://")):
-        return measure(args.inferd.rstrip("/"), "inferd", args, prompt_text, {}) + (args.inferd,)
-    port = args.port + 1
-    argv = inferd_argv(args.inferd, model or args.model, port, args.threads,
-                       f"{args.inferd_args} {extra_args}".strip())
-    # --threads sizes inferd's own pool; this caps candle's (dense weights only) the same way.
-    env = {"RAYON_NUM_THREADS": str(args.threads)}
-    with Server("inferd", argv, port, Path(logdir) / "inferd.log", ready_path=args.inferd_ready,
-                env=env) as srv:
-        figures, notes = measure(srv.base, "inferd", args, prompt_text, {})
-    return figures, notes, " ".join(argv)
-
-
-def run_genai(args, logdir):
-    """onnxruntime-genai's own generate loop on the ONNX export (bench/ort_genai_bench.py, run
-    with a Python that has onnxruntime-genai): same threads, prompt sizes and new tokens. Its
-    4/8-stream figures are static batches of 4/8 identical prompts (its best case)."""
-    out = Path(logdir) / "genai.json"
-    cmd = [args.genai_python, str(ROOT / "bench" / "ort_genai_bench.py"), args.onnx_model,
-           "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-           "--prefill-tokens", str(args.prompt_tokens), "--repeats", str(args.repeats),
-           "--batch-sizes", "4,8", "--json-out", str(out)]
-    with open(Path(logdir) / "genai.log", "ab") as log:
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=log, timeout=3600)
-    r = json.loads(out.read_text())
-    figures = {"prefill_tps": r["prefill_tps"], "ttft_ms": r["ttft_ms"], "decode_tps": r["decode_tps"],
-               "c4_tps": r["batches"]["4"]["total_tps"], "c8_tps": r["batches"]["8"]["total_tps"]}
-    return figures, " ".join(cmd[:3] + cmd[3:-2])
+def run_round(args, logdir, index):
+    """One round: every engine is started, then each metric is taken from each engine back to
+    back (the engines' order rotates with the round), so the figures compared in a ratio are
+    seconds apart instead of minutes. Idle engines use no CPU. Returns ({engine: figures},
+    notes, commands)."""
+    cmds = {}
+    with contextlib.ExitStack() as stack:
+        argv = llama_server_argv(args.llama_server, args.model, args.port, args.threads, 8, args.ctx)
+        cmds["llama.cpp"] = " ".join(argv)
+        llama = stack.enter_context(Server("llama-server", argv, args.port, Path(logdir) / "llama.log",
+                                           ready_path="/health"))
+        prompt_text, args.prompt_tokens = long_prompt(llama.base, args.prompt_tokens)
+        engines = [HttpEngine("llama.cpp", llama.base, args, prompt_text, {"cache_prompt": False})]
+        if args.onnx_model:
+            genai = GenaiEngine(args, logdir)
+            stack.callback(genai.close)
+            cmds["onnxruntime-genai"] = " ".join(genai.cmd[:3] + genai.cmd[3:-1])
+            engines.append(genai)
+        if args.inferd and args.inferd.startswith(("http://", "https://")):
+            cmds["inferd"] = args.inferd
+            engines.append(HttpEngine("inferd", args.inferd.rstrip("/"), args, prompt_text, {}))
+        elif args.inferd:
+            port = args.port + 1
+            extra = f"{args.inferd_args} {'--backend onnx' if args.onnx_model else ''}".strip()
+            argv = inferd_argv(args.inferd, args.onnx_model or args.model, port, args.threads, extra)
+            cmds["inferd"] = " ".join(argv)
+            # --threads sizes inferd's own pool; this caps candle's (dense weights only) the same way.
+            srv = stack.enter_context(Server("inferd", argv, port, Path(logdir) / "inferd.log",
+                                             ready_path=args.inferd_ready,
+                                             env={"RAYON_NUM_THREADS": str(args.threads)}))
+            engines.append(HttpEngine("inferd", srv.base, args, prompt_text, {}))
+        k = index % len(engines)
+        order = engines[k:] + engines[:k]
+        figures = {e.name: {} for e in engines}
+        for measure in (lambda e: e.prefill(), lambda e: e.single(),
+                        lambda e: e.streams(4), lambda e: e.streams(8)):
+            for e in order:
+                time.sleep(1.0)  # let the previous engine's spinning threads go idle
+                figures[e.name].update(measure(e))
+        notes = [n for e in engines for n in e.notes]
+        return figures, notes, cmds, " then ".join(e.name for e in order)
 
 
 def onnx_table(llama_runs, genai_runs, onnx_runs):
@@ -203,7 +261,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="runs of the single-stream tests")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="rounds of llama.cpp then inferd (alternating, so both see similar load)")
+                    help="rounds; in each, every metric is taken from every engine back to back")
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     ap.add_argument("--port", type=int, default=18090)
     ap.add_argument("--write-docs", action="store_true", help="append to docs/benchmarks.md")
@@ -217,38 +275,34 @@ def main():
     load_before = loadavg()
     with tempfile.TemporaryDirectory() as logdir:
         try:
-            llama_runs, inferd_runs, genai_runs, notes = [], [], [], []
-            inferd_cmd = genai_cmd = None
-            for _ in range(max(1, args.rounds)):
-                llama, n1, prompt_text, count, llama_cmd = run_llama(args, logdir)
-                llama_runs.append(llama)
-                notes += n1
-                args.prompt_tokens = count
-                if args.onnx_model:
-                    genai, genai_cmd = run_genai(args, logdir)
-                    genai_runs.append(genai)
-                    inferd, n2, inferd_cmd = run_inferd(args, logdir, prompt_text, args.onnx_model, "--backend onnx")
-                    inferd_runs.append(inferd)
-                    notes += n2
-                elif args.inferd:
-                    inferd, n2, inferd_cmd = run_inferd(args, logdir, prompt_text)
-                    inferd_runs.append(inferd)
-                    notes += n2
+            llama_runs, inferd_runs, genai_runs, notes, orders = [], [], [], [], []
+            for i in range(max(1, args.rounds)):
+                figures, n, cmds, order = run_round(args, logdir, i)
+                llama_runs.append(figures["llama.cpp"])
+                if "onnxruntime-genai" in figures:
+                    genai_runs.append(figures["onnxruntime-genai"])
+                if "inferd" in figures:
+                    inferd_runs.append(figures["inferd"])
+                notes += n
+                orders.append(order)
+                print(f"round {i + 1}: {json.dumps(figures)}", file=sys.stderr, flush=True)
         except Exception:
             for log in sorted(Path(logdir).glob("*.log")):
                 print(f"--- tail of {log.name} ---\n" + log.read_text(errors="replace")[-3000:],
                       file=sys.stderr)
             raise
+    count = args.prompt_tokens
+    llama_cmd, inferd_cmd, genai_cmd = cmds["llama.cpp"], cmds.get("inferd"), cmds.get("onnxruntime-genai")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = onnx_table(llama_runs, genai_runs, inferd_runs) if genai_runs else table(llama_runs, inferd_runs)
     title = (f"{Path(args.onnx_model).name}: inferd onnx vs onnxruntime-genai and llama.cpp ({Path(args.model).name})"
              if genai_runs else f"{Path(args.model).name}: {'inferd vs llama.cpp' if inferd_runs else 'llama.cpp peer baseline'}")
-    order = "llama.cpp, onnxruntime-genai, inferd" if genai_runs else "llama.cpp then inferd"
     head = (f"### {title}\n\n"
             f"- date: {when}; machine: {machine()}; inferd commit: {git_commit()}\n"
             f"- threads {args.threads}; prompt {count} tokens (prefill), {args.new_tokens} new "
-            f"tokens, greedy, ignore_eos; {len(llama_runs)} rounds ({order}), "
-            f"median of {args.repeats} single-stream runs per round; "
+            f"tokens, greedy, ignore_eos; {len(llama_runs)} rounds, each metric taken from every "
+            f"engine back to back (order per round: {'; '.join(orders)}), "
+            f"median of {args.repeats} single-stream runs per metric; "
             f"1-min load average {load_before} before, {loadavg()} after\n"
             f"- llama.cpp: `{llama_cmd}`" + (f"\n- inferd: `{inferd_cmd}`" if inferd_cmd else "")
             + (f"\n- onnxruntime-genai: `{genai_cmd}` (4/8 streams = static batches)" if genai_cmd else ""))

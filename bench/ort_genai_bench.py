@@ -12,6 +12,10 @@ Usage (needs onnxruntime-genai, e.g. the export venv):
       [--prefill-tokens 512] [--repeats 3] [--json-out FILE]
 Prints one JSON object on stdout (progress on stderr).
 
+With --serve it loads the model once and answers one JSON line per request line on stdin
+({"op": "prefill"}, {"op": "single"} or {"op": "batch", "b": 8}), so bench/bench.py can measure
+each metric right after (or before) inferd's, under the same machine conditions.
+
 Metrics (greedy, EOS ignored via min_length = max_length = prompt + new tokens, and
 search.max_length set per run so the shared KV buffer is sized to the request):
   prefill_tps   raw prompt of exactly --prefill-tokens ids (no template): ids / (time from
@@ -74,6 +78,49 @@ def run(model, ids_batch, new_tokens):
     return t0, t1, times, seqs
 
 
+def measure_prefill(model, long_ids):
+    t0, _, times, _ = run(model, [long_ids], 1)
+    return len(long_ids) / (times[0] - t0)
+
+
+def measure_single(model, chat_ids, new_tokens):
+    """(TTFT ms from tokenization on, decode tok/s, generated ids) of one templated request."""
+    ts = time.perf_counter()
+    ids = chat_ids()
+    _, _, times, seqs = run(model, [ids], new_tokens)
+    return (times[0] - ts) * 1000, (len(times) - 1) / (times[-1] - times[0]), seqs[0]
+
+
+def measure_batch(model, ids, b, new_tokens):
+    t0, _, times, seqs = run(model, [ids] * b, new_tokens)
+    wall = times[-1] - t0
+    return {
+        "total_tps": round(b * new_tokens / wall, 2),
+        "decode_tps": round(b * (new_tokens - 1) / (times[-1] - times[0]), 2),
+        "ttft_ms": round((times[0] - t0) * 1000, 1),
+        "wall_s": round(wall, 3),
+        "rows_identical": all(s == seqs[0] for s in seqs),
+    }
+
+
+def serve(model, chat_ids, long_ids, new_tokens):
+    """--serve: one JSON reply line per JSON request line on stdin, until EOF."""
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "prefill":
+            out = {"prefill_tps": measure_prefill(model, long_ids)}
+        elif req["op"] == "single":
+            ttft, decode, _ = measure_single(model, chat_ids, new_tokens)
+            out = {"ttft_ms": ttft, "decode_tps": decode}
+        elif req["op"] == "batch":
+            out = measure_batch(model, chat_ids(), int(req["b"]), new_tokens)
+        else:
+            out = {"error": f"unknown op {req['op']!r}"}
+        print(json.dumps(out), flush=True)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir")
@@ -84,6 +131,8 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json-out")
+    ap.add_argument("--serve", action="store_true",
+                    help="answer JSON requests on stdin (one per line) instead of a full run")
     args = ap.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
 
@@ -105,31 +154,21 @@ def main():
 
     log("warm-up")
     run(model, [std_ids], 8)
+    if args.serve:
+        return serve(model, chat_ids, long_ids, args.new_tokens)
 
     prefill, ttft, decode, sample = [], [], [], None
     for r in range(args.repeats):
-        t0, t1, times, _ = run(model, [long_ids], 1)
-        prefill.append(len(long_ids) / (times[0] - t0))
-        ts = time.perf_counter()
-        ids = chat_ids()
-        t0, t1, times, seqs = run(model, [ids], args.new_tokens)
-        ttft.append((times[0] - ts) * 1000)
-        decode.append((len(times) - 1) / (times[-1] - times[0]))
-        sample = seqs[0]
+        prefill.append(measure_prefill(model, long_ids))
+        t, d, sample = measure_single(model, chat_ids, args.new_tokens)
+        ttft.append(t)
+        decode.append(d)
         log(f"repeat {r + 1}: prefill {prefill[-1]:.1f} tok/s, TTFT {ttft[-1]:.1f} ms, "
             f"decode {decode[-1]:.2f} tok/s")
 
     res_b = {}
     for b in batches:
-        t0, t1, times, seqs = run(model, [std_ids] * b, args.new_tokens)
-        wall = times[-1] - t0
-        res_b[str(b)] = {
-            "total_tps": round(b * args.new_tokens / wall, 2),
-            "decode_tps": round(b * (args.new_tokens - 1) / (times[-1] - times[0]), 2),
-            "ttft_ms": round((times[0] - t0) * 1000, 1),
-            "wall_s": round(wall, 3),
-            "rows_identical": all(s == seqs[0] for s in seqs),
-        }
+        res_b[str(b)] = measure_batch(model, std_ids, b, args.new_tokens)
         log(f"batch {b}: {res_b[str(b)]}")
 
     out = {

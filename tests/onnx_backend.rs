@@ -76,7 +76,7 @@ fn logits_match_transformers_within_1e4_for_prefill_and_16_decode_steps() {
     eprintln!("onnx vs transformers: max |logit diff| {worst:e} over 3 prompts x 17 steps");
 }
 
-/// The KV layout starts at 256 positions per slot and grows (moving every slot's cached
+/// The KV layout starts at `MIN_CAP` (64) positions per slot and grows (moving every slot's cached
 /// positions) when a step needs more, then shrinks when the long sequence leaves: the sequences
 /// cached at those moments go on exactly as if nothing had moved.
 #[test]
@@ -104,7 +104,7 @@ fn growing_and_shrinking_the_kv_layout_keeps_every_cached_sequence() {
         decode(&mut b, 2, first, 8)
     };
     // The short sequence is cached first; the long prompt then arrives in chunks of 200, so the
-    // layout grows 256 -> 512 -> 1024 with both sequences' positions in it.
+    // layout grows 64 -> 256 -> 512 -> 1024 with both sequences' positions in it.
     let mut b = load(2, None);
     let s0 = one(&mut b, 2, &short);
     let mut got_short = vec![s0];

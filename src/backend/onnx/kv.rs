@@ -67,7 +67,7 @@ pub struct KvShape {
 }
 
 /// Smallest layout length (positions per slot).
-pub const MIN_CAP: usize = 256;
+pub const MIN_CAP: usize = 64;
 
 impl KvShape {
     fn slot_bytes(&self, cap: usize) -> usize {
@@ -355,16 +355,18 @@ mod tests {
     fn growing_and_shrinking_the_layout_keeps_every_position_in_use() {
         let mut kv = host(3, 2048);
         assert_eq!(kv.cap(), MIN_CAP);
-        kv.lens = vec![200, 0, 256];
+        kv.lens = vec![50, 0, 64];
         fill(&mut kv);
-        kv.reserve(257);
-        assert_eq!(kv.cap(), 512);
+        kv.reserve(65);
+        assert_eq!(kv.cap(), 128);
         check(&mut kv);
-        kv.lens = vec![200, 5, 500];
+        kv.lens = vec![50, 5, 120];
         fill(&mut kv);
         kv.reserve(1500);
         assert_eq!(kv.cap(), 2048);
         check(&mut kv);
+        kv.lens = vec![200, 5, 1400];
+        fill(&mut kv);
         kv.reserve(2048);
         assert_eq!(kv.cap(), 2048);
         // The longest sequence leaves: 200 + 1 positions fit in a quarter of 2048 and of 1024.
@@ -374,13 +376,21 @@ mod tests {
         check(&mut kv);
         kv.lens = vec![40, 5, 0];
         kv.shrink();
-        assert_eq!(kv.cap(), 256, "never below MIN_CAP");
+        assert_eq!(kv.cap(), 128);
+        check(&mut kv);
+        kv.lens = vec![10, 5, 0];
+        kv.shrink();
+        assert_eq!(kv.cap(), MIN_CAP, "never below MIN_CAP");
         check(&mut kv);
     }
 
     #[test]
     fn a_small_max_len_caps_the_layout() {
-        let kv = host(2, 100);
-        assert_eq!(kv.cap(), 100);
+        let kv = host(2, 40);
+        assert_eq!(kv.cap(), 40);
+        let mut kv = host(2, 100);
+        assert_eq!(kv.cap(), MIN_CAP);
+        kv.reserve(100);
+        assert_eq!(kv.cap(), 100, "doubling stops at max_len");
     }
 }
