@@ -104,7 +104,7 @@ fn growing_and_shrinking_the_kv_layout_keeps_every_cached_sequence() {
         decode(&mut b, 2, first, 8)
     };
     // The short sequence is cached first; the long prompt then arrives in chunks of 200, so the
-    // layout grows 64 -> 256 -> 512 -> 1024 with both sequences' positions in it.
+    // layout grows 64 -> 256 -> 448 -> 640 with both sequences' positions in it.
     let mut b = load(2, None);
     let s0 = one(&mut b, 2, &short);
     let mut got_short = vec![s0];

@@ -2,12 +2,14 @@
 //! `[slots, kv_heads, cap, head_size]`, shared by every live sequence (one slot each).
 //!
 //! `cap` (positions per slot in the layout) follows the longest sequence: it starts at
-//! [`MIN_CAP`], doubles when a step needs more (up to `max_len`) and halves again when every
-//! sequence fits in a quarter. GroupQueryAttention's CPU kernel does work in proportion to the
-//! buffer's length for every row, layer and step (it clears the attention scores of the unused
-//! positions), so a 4096-position layout for 200-token chats cost ~10% of an 8-row decode step
-//! on Qwen2.5-0.5B (docs/perf-notes.md). A change of `cap` moves each slot's positions in use
-//! within the buffer (host memory; device buffers keep `cap = max_len`).
+//! [`MIN_CAP`] and grows to the next multiple of [`MIN_CAP`] (or of an eighth of `cap`, once that
+//! is larger) when a step needs more, up to `max_len`; it shrinks back to fit when every sequence
+//! fits in half. GroupQueryAttention's CPU kernel does work in proportion to the buffer's length
+//! for every row, layer and step (it clears the attention scores of the unused positions): a
+//! 4096-position layout for 200-token chats cost ~10% of an 8-row decode step on Qwen2.5-0.5B,
+//! and the op alone takes 5.2 ms per 8-row step at 64 positions against 8.3 ms at 256
+//! (docs/perf-notes.md). A change of `cap` moves each slot's positions in use within the buffer
+//! (host memory; device buffers keep `cap = max_len`), so growth comes in steps, not per token.
 //!
 //! The graph's GroupQueryAttention reads the past from these buffers and writes the new positions
 //! into the same memory (its shared past/present buffer mode), at each row's own length. So a
@@ -143,29 +145,23 @@ impl KvSlots {
         self.buffers.iter().all(|(k, _)| matches!(k, Memory::Host(_)))
     }
 
-    /// Makes the layout hold `need` positions per slot (`need <= max_len`): doubles `cap` as
-    /// often as needed.
+    /// Makes the layout hold `need` positions per slot (`need <= max_len`): the next multiple of
+    /// the growth step ([`MIN_CAP`], or an eighth of the current `cap` rounded up to it).
     pub fn reserve(&mut self, need: usize) {
         assert!(need <= self.shape.max_len, "{need} positions exceed the cache's {}", self.shape.max_len);
         if need <= self.cap {
             return;
         }
-        let mut cap = self.cap;
-        while cap < need {
-            cap *= 2;
-        }
-        self.relayout(cap.min(self.shape.max_len));
+        let step = (self.cap / 8).next_multiple_of(MIN_CAP).max(MIN_CAP);
+        self.relayout(need.next_multiple_of(step).min(self.shape.max_len));
     }
 
-    /// Halves `cap` (repeatedly) while every sequence, plus one position, fits in a quarter.
+    /// Shrinks the layout to fit (a multiple of [`MIN_CAP`]) once every sequence, plus one
+    /// position, fits in half of it (each change copies every position in use, so not for less).
     pub fn shrink(&mut self) {
         let need = self.lens.iter().copied().max().unwrap_or(0) + 1;
-        let mut cap = self.cap;
-        while cap > MIN_CAP && need * 4 <= cap {
-            cap /= 2;
-        }
-        if cap != self.cap {
-            self.relayout(cap);
+        if self.cap > MIN_CAP && need * 2 <= self.cap {
+            self.relayout(need.next_multiple_of(MIN_CAP).min(self.cap));
         }
     }
 
@@ -358,25 +354,31 @@ mod tests {
         kv.lens = vec![50, 0, 64];
         fill(&mut kv);
         kv.reserve(65);
-        assert_eq!(kv.cap(), 128);
+        assert_eq!(kv.cap(), 128, "one step of MIN_CAP");
         check(&mut kv);
         kv.lens = vec![50, 5, 120];
         fill(&mut kv);
         kv.reserve(1500);
-        assert_eq!(kv.cap(), 2048);
+        assert_eq!(kv.cap(), 1536, "the next multiple of MIN_CAP");
         check(&mut kv);
         kv.lens = vec![200, 5, 1400];
         fill(&mut kv);
+        kv.reserve(1600);
+        assert_eq!(kv.cap(), 1728, "steps of an eighth of 1536 (192)");
+        check(&mut kv);
         kv.reserve(2048);
-        assert_eq!(kv.cap(), 2048);
-        // The longest sequence leaves: 200 + 1 positions fit in a quarter of 2048 and of 1024.
+        assert_eq!(kv.cap(), 2048, "never beyond max_len");
+        // The longest sequence leaves: 200 + 1 positions fit in half, so the layout fits them.
         kv.lens = vec![200, 5, 0];
         kv.shrink();
-        assert_eq!(kv.cap(), 512);
+        assert_eq!(kv.cap(), 256);
         check(&mut kv);
+        kv.lens = vec![150, 5, 0];
+        kv.shrink();
+        assert_eq!(kv.cap(), 256, "151 positions do not fit in half of 256: no copy");
         kv.lens = vec![40, 5, 0];
         kv.shrink();
-        assert_eq!(kv.cap(), 128);
+        assert_eq!(kv.cap(), MIN_CAP);
         check(&mut kv);
         kv.lens = vec![10, 5, 0];
         kv.shrink();
