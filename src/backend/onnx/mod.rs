@@ -17,6 +17,7 @@
 pub mod genai_config;
 pub mod kv;
 mod lora;
+mod prune;
 pub mod run;
 pub mod runtime;
 mod step;
@@ -58,6 +59,33 @@ struct Names {
     logits: CString,
     past: Vec<(CString, CString)>,
     present: Vec<(CString, CString)>,
+    /// The input added by [`prune`]: each row's position whose logits the graph returns.
+    logits_index: Option<CString>,
+}
+
+/// Opens the graph with its vocabulary projection limited to one position per row (`prune`),
+/// or as exported when the edit does not apply, is switched off (`INFERD_ONNX_FULL_LOGITS=1`,
+/// for A/B runs) or the edited graph does not load. Returns whether the edit is in use.
+fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &SessionSpec) -> Result<(Session, bool), BackendError> {
+    let edited = if std::env::var_os("INFERD_ONNX_FULL_LOGITS").is_some() {
+        None
+    } else {
+        let bytes = std::fs::read(&cfg.graph).map_err(|e| load_err(format!("cannot read {}: {e}", cfg.graph.display())))?;
+        match prune::logits_at_index(&bytes, &cfg.names.logits) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(graph = %cfg.graph.display(), "cannot edit the graph ({e}); running it as exported");
+                None
+            }
+        }
+    };
+    if let Some(bytes) = &edited {
+        match runtime::open_session(env, &cfg.graph, Some(bytes), spec) {
+            Ok(s) => return Ok((s, true)),
+            Err(e) => tracing::warn!(graph = %cfg.graph.display(), "the edited graph did not load ({e}); running it as exported"),
+        }
+    }
+    Ok((runtime::open_session(env, &cfg.graph, None, spec).map_err(load_err)?, false))
 }
 
 pub struct OnnxBackend {
@@ -99,7 +127,7 @@ impl OnnxBackend {
         if !cfg.graph.is_file() {
             return Err(load_err(format!("{} names {} which does not exist", dir.join("genai_config.json").display(), cfg.graph.display())));
         }
-        let session = runtime::open_session(env, &cfg.graph, &opts.session).map_err(load_err)?;
+        let (session, logits_index) = open_edited(env, &cfg, &opts.session)?;
         let provider = opts.session.provider_name();
 
         // Check the graph against genai_config.json before the first step, and learn dtypes.
@@ -119,8 +147,10 @@ impl OnnxBackend {
                 return Err(load_err(format!("the graph has no input '{name}' (named in genai_config.json)")));
             }
         }
-        // The LoRA row mask (a `--lora-inputs` export) is fed by the LoRA code.
+        // The LoRA row mask (a `--lora-inputs` export) is fed by the LoRA code; the logits index
+        // was added by `prune` and is fed by `forward`.
         known.insert("lora_mask");
+        known.insert(prune::INDEX_INPUT);
         if let Some(extra) = session.inputs().iter().find(|o| !known.contains(o.name())) {
             return Err(load_err(format!("the graph needs an input '{}' that this backend does not provide", extra.name())));
         }
@@ -133,10 +163,11 @@ impl OnnxBackend {
         }
         let kv_dtype = dtype_of(input(&cfg.names.past[0].0).and_then(|o| o.dtype().tensor_type()), "the KV cache")?;
         let logits_dtype = dtype_of(output(&cfg.names.logits).and_then(|o| o.dtype().tensor_type()), "the logits output")?;
-        let last_only = match output(&cfg.names.logits).map(|o| o.dtype()) {
-            Some(ort::value::ValueType::Tensor { shape, .. }) => shape.get(1) == Some(&1),
-            _ => false,
-        };
+        let last_only = logits_index
+            || match output(&cfg.names.logits).map(|o| o.dtype()) {
+                Some(ort::value::ValueType::Tensor { shape, .. }) => shape.get(1) == Some(&1),
+                _ => false,
+            };
 
         // KV buffers and GQA's scratch (`heads * chunk * max_len` floats per prefill run) grow
         // with max_len, so an unconfigured model gets at most DEFAULT_MAX_CONTEXT.
@@ -165,12 +196,13 @@ impl OnnxBackend {
             logits: c(&cfg.names.logits)?,
             past: cfg.names.past.iter().map(|(k, v)| Ok((c(k)?, c(v)?))).collect::<Result<_, BackendError>>()?,
             present: cfg.names.present.iter().map(|(k, v)| Ok((c(k)?, c(v)?))).collect::<Result<_, BackendError>>()?,
+            logits_index: if logits_index { Some(c(prune::INDEX_INPUT)?) } else { None },
         };
         let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(load_err)?;
         let lora = lora::GraphLora::detect(&session, &cfg);
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
-            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
         );
@@ -283,7 +315,16 @@ impl OnnxBackend {
                 kv_views.push(unsafe { View::float(&self.kv.memory_info, self.kv_dtype, ptr, &kv_shape) }.map_err(e)?);
             }
         }
+        // Each row's logits come from its last real position (rows are right-padded).
+        let mut index: Vec<i64> = new.iter().map(|&n| n.clamp(1, s) as i64 - 1).collect();
+        let index_v = match self.names.logits_index {
+            Some(_) => Some(View::ids(&self.host, &mut index, &[bi, 1]).map_err(e)?),
+            None => None,
+        };
         let mut inputs = vec![(self.names.input_ids.as_c_str(), &ids), (self.names.attention_mask.as_c_str(), &mask_v)];
+        if let (Some(n), Some(v)) = (&self.names.logits_index, &index_v) {
+            inputs.push((n.as_c_str(), v));
+        }
         if let (Some(p), Some(v)) = (&self.names.position_ids, &pos_v) {
             inputs.push((p.as_c_str(), v));
         }

@@ -104,9 +104,11 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
-/// Opens `graph` on the requested execution provider. A provider that cannot be registered (not
-/// compiled in, library without it, no device) is an error, never a silent fall-back to the CPU.
-pub fn open_session(env: &Environment, graph: &Path, spec: &SessionSpec) -> Result<Session, String> {
+/// Opens `graph` on the requested execution provider, or `edited` (the bytes of an edited copy of
+/// that file; its external weights are still read from the file's directory). A provider that
+/// cannot be registered (not compiled in, library without it, no device) is an error, never a
+/// silent fall-back to the CPU.
+pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec: &SessionSpec) -> Result<Session, String> {
     let builder = Session::builder(env).map_err(|e| format!("cannot create a session builder: {e}"))?;
     let builder = builder
         .with_intra_threads(spec.intra_op_threads.max(1))
@@ -118,9 +120,17 @@ pub fn open_session(env: &Environment, graph: &Path, spec: &SessionSpec) -> Resu
         Device::Cuda(id) => cuda(builder, id)?,
         Device::CoreMl => coreml(builder)?,
     };
-    builder
-        .commit_from_file(graph)
-        .map_err(|e| format!("cannot load {} on {}: {e}", graph.display(), spec.provider_name()))
+    let loaded = match edited {
+        None => builder.commit_from_file(graph),
+        Some(bytes) => {
+            let dir = graph.parent().unwrap_or(Path::new("."));
+            let mut builder = builder
+                .with_config_entry("session.model_external_initializers_file_folder_path", dir.to_string_lossy())
+                .map_err(err("external initializers folder"))?;
+            builder.commit_from_memory(bytes)
+        }
+    };
+    loaded.map_err(|e| format!("cannot load {} on {}: {e}", graph.display(), spec.provider_name()))
 }
 
 #[cfg(feature = "cuda")]

@@ -131,8 +131,9 @@ impl OnnxBackend {
         let mut single: Vec<usize> = Vec::new();
         let mut fresh: std::collections::BTreeMap<u64, Vec<usize>> = std::collections::BTreeMap::new();
         for i in (0..inputs.len()).filter(|&i| inputs[i].tokens.len() > 1) {
-            // A pruned graph returns the last position of the padded row, so it prefills alone.
-            if self.kv.lens()[slots[i]] == 0 && !self.last_only {
+            // A graph pruned by the builder returns the last position of the padded row, so it
+            // prefills alone; with the logits index (`prune`) each row names its own position.
+            if self.kv.lens()[slots[i]] == 0 && (!self.last_only || self.names.logits_index.is_some()) {
                 fresh.entry(self.group_of(inputs[i].adapter)).or_default().push(i);
             } else {
                 single.push(i);
