@@ -70,26 +70,21 @@ class HttpEngine:
             raise RuntimeError(f"{name}: warm-up failed: {warm.error}")
 
     def prefill(self):
-        pf = []
-        for _ in range(self.args.repeats):
-            r = stream(self.comp, {"prompt": self.prompt_text, "max_tokens": 1, **self.greedy}, self.args.timeout)
-            if r.error or r.t_first is None:
-                raise RuntimeError(f"{self.name}: prefill request failed: {r.error}")
-            pf.append((r.prompt_tokens or self.args.prompt_tokens) / r.t_first)
-        return {"prefill_tps": statistics.median(pf)}
+        """Prompt tokens per second of one `--prompt-tokens` completion with max_tokens 1."""
+        r = stream(self.comp, {"prompt": self.prompt_text, "max_tokens": 1, **self.greedy}, self.args.timeout)
+        if r.error or r.t_first is None:
+            raise RuntimeError(f"{self.name}: prefill request failed: {r.error}")
+        return {"prefill_tps": (r.prompt_tokens or self.args.prompt_tokens) / r.t_first}
 
     def single(self):
-        ttft, dec = [], []
-        for _ in range(self.args.repeats):
-            r = stream(self.chat, self.std, self.args.timeout)
-            if r.error or r.t_first is None:
-                raise RuntimeError(f"{self.name}: decode request failed: {r.error}")
-            n = r.completion_tokens or len(r.chunk_times)
-            if n != self.args.new_tokens:
-                self.notes.append(f"{self.name}: generated {n} tokens, expected {self.args.new_tokens}")
-            ttft.append(r.t_first * 1000)
-            dec.append((n - 1) / max(r.t_last - r.t_first, 1e-9))
-        return {"ttft_ms": statistics.median(ttft), "decode_tps": statistics.median(dec)}
+        """TTFT and decode rate of one standard chat request."""
+        r = stream(self.chat, self.std, self.args.timeout)
+        if r.error or r.t_first is None:
+            raise RuntimeError(f"{self.name}: decode request failed: {r.error}")
+        n = r.completion_tokens or len(r.chunk_times)
+        if n != self.args.new_tokens:
+            self.notes.append(f"{self.name}: generated {n} tokens, expected {self.args.new_tokens}")
+        return {"ttft_ms": r.t_first * 1000, "decode_tps": (n - 1) / max(r.t_last - r.t_first, 1e-9)}
 
     def streams(self, n):
         results, wall = concurrent(self.chat, self.std, n, self.args.timeout)
@@ -129,12 +124,11 @@ class GenaiEngine:
         return json.loads(line)
 
     def prefill(self):
-        return {"prefill_tps": statistics.median(self.call({"op": "prefill"})["prefill_tps"]
-                                                 for _ in range(self.args.repeats))}
+        return {"prefill_tps": self.call({"op": "prefill"})["prefill_tps"]}
 
     def single(self):
-        runs = [self.call({"op": "single"}) for _ in range(self.args.repeats)]
-        return {k: statistics.median(r[k] for r in runs) for k in ("ttft_ms", "decode_tps")}
+        r = self.call({"op": "single"})
+        return {"ttft_ms": r["ttft_ms"], "decode_tps": r["decode_tps"]}
 
     def streams(self, n):
         return {f"c{n}_tps": self.call({"op": "batch", "b": n})["total_tps"]}
@@ -151,8 +145,9 @@ class GenaiEngine:
 
 def run_round(args, logdir, index):
     """One round: every engine is started, then each metric is taken from each engine back to
-    back (the engines' order rotates with the round), so the figures compared in a ratio are
-    seconds apart instead of minutes. Idle engines use no CPU. Returns ({engine: figures},
+    back (single-stream runs alternate engine by engine, `--repeats` times; the engines' order
+    rotates with the round), so the figures compared in a ratio are seconds apart instead of
+    minutes. Idle engines use no CPU. Returns ({engine: figures},
     notes, commands)."""
     cmds = {}
     with contextlib.ExitStack() as stack:
@@ -183,11 +178,19 @@ def run_round(args, logdir, index):
         k = index % len(engines)
         order = engines[k:] + engines[:k]
         figures = {e.name: {} for e in engines}
-        for measure in (lambda e: e.prefill(), lambda e: e.single(),
-                        lambda e: e.streams(4), lambda e: e.streams(8)):
+        # Single runs alternate engine by engine; their median per engine is the round's figure.
+        for measure in (lambda e: e.prefill(), lambda e: e.single()):
+            runs = {e.name: [] for e in engines}
+            for _ in range(args.repeats):
+                for e in order:
+                    time.sleep(1.0)  # let the previous engine's spinning threads go idle
+                    runs[e.name].append(measure(e))
+            for name, rs in runs.items():
+                figures[name].update({k: statistics.median(r[k] for r in rs) for k in rs[0]})
+        for n in (4, 8):
             for e in order:
-                time.sleep(1.0)  # let the previous engine's spinning threads go idle
-                figures[e.name].update(measure(e))
+                time.sleep(1.0)
+                figures[e.name].update(e.streams(n))
         notes = [n for e in engines for n in e.notes]
         return figures, notes, cmds, " then ".join(e.name for e in order)
 
@@ -302,7 +305,7 @@ def main():
             f"- threads {args.threads}; prompt {count} tokens (prefill), {args.new_tokens} new "
             f"tokens, greedy, ignore_eos; {len(llama_runs)} rounds, each metric taken from every "
             f"engine back to back (order per round: {'; '.join(orders)}), "
-            f"median of {args.repeats} single-stream runs per metric; "
+            f"median of {args.repeats} single-stream runs per metric, alternating engines; "
             f"1-min load average {load_before} before, {loadavg()} after\n"
             f"- llama.cpp: `{llama_cmd}`" + (f"\n- inferd: `{inferd_cmd}`" if inferd_cmd else "")
             + (f"\n- onnxruntime-genai: `{genai_cmd}` (4/8 streams = static batches)" if genai_cmd else ""))
