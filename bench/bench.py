@@ -147,8 +147,8 @@ def run_round(args, logdir, index):
     """One round: every engine is started, then each metric is taken from each engine back to
     back (single-stream runs alternate engine by engine, `--repeats` times; the engines' order
     rotates with the round), so the figures compared in a ratio are seconds apart instead of
-    minutes. Idle engines use no CPU. Returns ({engine: figures},
-    notes, commands)."""
+    minutes. Idle engines use no CPU. Returns ({engine: figures}, notes, {engine: command},
+    the order the engines ran in)."""
     cmds = {}
     with contextlib.ExitStack() as stack:
         argv = llama_server_argv(args.llama_server, args.model, args.port, args.threads, 8, args.ctx)
@@ -175,8 +175,8 @@ def run_round(args, logdir, index):
                                              ready_path=args.inferd_ready,
                                              env={"RAYON_NUM_THREADS": str(args.threads)}))
             engines.append(HttpEngine("inferd", srv.base, args, prompt_text, {}))
-        k = index % len(engines)
-        order = engines[k:] + engines[:k]
+        first = index % len(engines)
+        order = engines[first:] + engines[:first]
         figures = {e.name: {} for e in engines}
         # Single runs alternate engine by engine; their median per engine is the round's figure.
         for measure in (lambda e: e.prefill(), lambda e: e.single()):
@@ -186,7 +186,7 @@ def run_round(args, logdir, index):
                     time.sleep(1.0)  # let the previous engine's spinning threads go idle
                     runs[e.name].append(measure(e))
             for name, rs in runs.items():
-                figures[name].update({k: statistics.median(r[k] for r in rs) for k in rs[0]})
+                figures[name].update({key: statistics.median(r[key] for r in rs) for key in rs[0]})
         for n in (4, 8):
             for e in order:
                 time.sleep(1.0)

@@ -64,10 +64,14 @@ struct Names {
 }
 
 /// Opens the graph with its vocabulary projection limited to one position per row (`prune`),
-/// or as exported when the edit does not apply, is switched off (`INFERD_ONNX_FULL_LOGITS=1`,
-/// for A/B runs) or the edited graph does not load. Returns whether the edit is in use.
+/// or as exported when the edit does not apply, the file holds its weights inline (over 256
+/// MiB), the edit is switched off (`INFERD_ONNX_FULL_LOGITS=1`, for A/B runs) or the edited
+/// graph does not load. Returns whether the edit is in use.
 fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &SessionSpec) -> Result<(Session, bool), BackendError> {
-    let edited = if std::env::var_os("INFERD_ONNX_FULL_LOGITS").is_some() {
+    // A graph file that holds its weights inline is not read twice into memory for the edit.
+    const MAX_EDITED_BYTES: u64 = 256 << 20;
+    let small = std::fs::metadata(&cfg.graph).is_ok_and(|m| m.len() <= MAX_EDITED_BYTES);
+    let edited = if std::env::var_os("INFERD_ONNX_FULL_LOGITS").is_some() || !small {
         None
     } else {
         let bytes = std::fs::read(&cfg.graph).map_err(|e| load_err(format!("cannot read {}: {e}", cfg.graph.display())))?;
@@ -98,8 +102,9 @@ pub struct OnnxBackend {
     host: MemoryInfo<'static>,
     /// Reused output buffer for logits (`[b, s, vocab]`, or `[b, 1, vocab]`), 8-byte aligned.
     logits: Vec<u64>,
-    /// The graph returns logits for the last position only (exported with `--prune-lm-head`),
-    /// which saves the vocabulary projection of every other prompt token.
+    /// The graph returns logits for one position per row: the last (exported with
+    /// `--prune-lm-head`) or the one `names.logits_index` names (edited at load, `prune`). This
+    /// saves the vocabulary projection of every other prompt token.
     last_only: bool,
     provider: String,
     /// The graph's LoRA inputs (exported with `--lora-inputs`), when it has any.

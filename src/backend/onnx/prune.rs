@@ -148,7 +148,7 @@ fn already_one_position(graph: &[Field<'_>], logits: &[u8]) -> Result<bool, Stri
             let dims = strings(&fields(shape)?, 1);
             let Some(d) = dims.get(1) else { return Ok(None) };
             let d = fields(d)?;
-            Ok(d.iter().find(|f| f.num == 1 && f.wire == 0).map(|f| varint(f.data, &mut 0)).transpose()?)
+            d.iter().find(|f| f.num == 1 && f.wire == 0).map(|f| varint(f.data, &mut 0)).transpose()
         })()?;
         return Ok(dim1 == Some(1));
     }
