@@ -8,10 +8,8 @@ use std::time::Instant;
 use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
 use inferd::backend::{Backend, StepInput};
 use inferd::config::Device;
-
-fn argmax(v: &[f32]) -> u32 {
-    (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best }) as u32
-}
+// The server's own greedy choice, so the timed step includes what serving adds per token.
+use inferd::engine::sampler::argmax;
 
 #[test]
 #[ignore]
