@@ -46,7 +46,8 @@ METRICS = [("prefill tok/s", "prefill_tps"), ("TTFT standard prompt (ms, lower i
 
 
 def long_prompt(base, n_tokens):
-    """A text of exactly n_tokens for this GGUF's tokenizer (via llama-server /tokenize)."""
+    """A text of exactly n_tokens for the model's tokenizer (llama-server's or inferd's /tokenize
+    and /detokenize)."""
     text = "".join(PARAGRAPH.format(i=i) for i in range(1, 60))
     ids = http_json(base + "/tokenize", {"content": text})["tokens"][:n_tokens]
     text = http_json(base + "/detokenize", {"tokens": ids})["content"]
@@ -151,20 +152,16 @@ def run_round(args, logdir, index):
     the order the engines ran in)."""
     cmds = {}
     with contextlib.ExitStack() as stack:
-        argv = llama_server_argv(args.llama_server, args.model, args.port, args.threads, 8, args.ctx)
-        cmds["llama.cpp"] = " ".join(argv)
-        llama = stack.enter_context(Server("llama-server", argv, args.port, Path(logdir) / "llama.log",
-                                           ready_path="/health"))
-        prompt_text, args.prompt_tokens = long_prompt(llama.base, args.prompt_tokens)
-        engines = [HttpEngine("llama.cpp", llama.base, args, prompt_text, {"cache_prompt": False})]
-        if args.onnx_model:
-            genai = GenaiEngine(args, logdir)
-            stack.callback(genai.close)
-            cmds["onnxruntime-genai"] = " ".join(genai.cmd[:3] + genai.cmd[3:-1])
-            engines.append(genai)
+        servers = []  # (name, base URL, extra request fields), started before any is measured
+        if args.llama_server:
+            argv = llama_server_argv(args.llama_server, args.model, args.port, args.threads, 8, args.ctx)
+            cmds["llama.cpp"] = " ".join(argv)
+            llama = stack.enter_context(Server("llama-server", argv, args.port, Path(logdir) / "llama.log",
+                                               ready_path="/health"))
+            servers.append(("llama.cpp", llama.base, {"cache_prompt": False}))
         if args.inferd and args.inferd.startswith(("http://", "https://")):
             cmds["inferd"] = args.inferd
-            engines.append(HttpEngine("inferd", args.inferd.rstrip("/"), args, prompt_text, {}))
+            servers.append(("inferd", args.inferd.rstrip("/"), {}))
         elif args.inferd:
             port = args.port + 1
             extra = f"{args.inferd_args} {'--backend onnx' if args.onnx_model else ''}".strip()
@@ -174,7 +171,15 @@ def run_round(args, logdir, index):
             srv = stack.enter_context(Server("inferd", argv, port, Path(logdir) / "inferd.log",
                                              ready_path=args.inferd_ready,
                                              env={"RAYON_NUM_THREADS": str(args.threads)}))
-            engines.append(HttpEngine("inferd", srv.base, args, prompt_text, {}))
+            servers.append(("inferd", srv.base, {}))
+        # The first server's tokenizer sizes the long prompt (both answer /tokenize).
+        prompt_text, args.prompt_tokens = long_prompt(servers[0][1], args.prompt_tokens)
+        engines = [HttpEngine(name, base, args, prompt_text, extra) for name, base, extra in servers]
+        if args.onnx_model:
+            genai = GenaiEngine(args, logdir)
+            stack.callback(genai.close)
+            cmds["onnxruntime-genai"] = " ".join(genai.cmd[:3] + genai.cmd[3:-1])
+            engines.insert(len(engines) - 1, genai)
         first = index % len(engines)
         order = engines[first:] + engines[:first]
         figures = {e.name: {} for e in engines}
@@ -196,16 +201,19 @@ def run_round(args, logdir, index):
 
 
 def onnx_table(llama_runs, genai_runs, onnx_runs):
-    """inferd --backend onnx against onnxruntime-genai (same files) and llama.cpp (the GGUF)."""
-    rows = ["| metric | llama.cpp | onnxruntime-genai | inferd onnx | inferd / genai | "
-            "inferd / llama.cpp | per-round inferd / genai |",
-            "|---|---:|---:|---:|---:|---:|---|"]
+    """inferd --backend onnx against onnxruntime-genai (same files) and, when it ran, llama.cpp
+    (the GGUF)."""
+    ll = bool(llama_runs)
+    rows = ["| metric |" + (" llama.cpp |" if ll else "") + " onnxruntime-genai | inferd onnx | inferd / genai | "
+            + ("inferd / llama.cpp | " if ll else "") + "per-round inferd / genai |",
+            "|---|" + ("---:|" if ll else "") + "---:|---:|---:|" + ("---:|" if ll else "") + "---|"]
     for label, key in METRICS:
         med = lambda runs: statistics.median(r[key] for r in runs)  # noqa: E731
         vs_g = [o[key] / g[key] for g, o in zip(genai_runs, onnx_runs)]
         vs_l = [o[key] / l[key] for l, o in zip(llama_runs, onnx_runs)]
-        rows.append(f"| {label} | {med(llama_runs):.1f} | {med(genai_runs):.1f} | {med(onnx_runs):.1f} | "
-                    f"{statistics.median(vs_g):.2f} | {statistics.median(vs_l):.2f} | "
+        rows.append(f"| {label} | " + (f"{med(llama_runs):.1f} | " if ll else "")
+                    + f"{med(genai_runs):.1f} | {med(onnx_runs):.1f} | {statistics.median(vs_g):.2f} | "
+                    + (f"{statistics.median(vs_l):.2f} | " if ll else "")
                     + ", ".join(f"{x:.2f}" for x in vs_g) + " |")
     return "\n".join(rows)
 
@@ -217,7 +225,14 @@ def machine():
     for line in out.splitlines():
         k, _, v = line.partition(":")
         info[k.strip()] = v.strip()
-    return f"{info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs"
+    gpus = ""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        gpus = f", GPU {', '.join(out.splitlines())}" if out else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs{gpus}"
 
 
 def loadavg():
@@ -253,11 +268,12 @@ def table(llama_runs, inferd_runs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--llama-server", required=True, help="path to llama-server")
+    ap.add_argument("--llama-server", help="path to llama-server (left out: no llama.cpp column; "
+                    "then --inferd and --onnx-model are needed, e.g. on a GPU machine)")
     ap.add_argument("--inferd", help="inferd binary/command prefix, or URL of a running server")
     ap.add_argument("--inferd-args", default="", help="extra args for `inferd serve`")
     ap.add_argument("--inferd-ready", default="/health", help="readiness path on inferd")
-    ap.add_argument("--model", required=True, help="GGUF path")
+    ap.add_argument("--model", help="GGUF path (for llama.cpp, and inferd's candle backend)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=2048, help="context per slot")
     ap.add_argument("--prompt-tokens", type=int, default=512)
@@ -275,13 +291,18 @@ def main():
     args = ap.parse_args()
     if args.onnx_model and not args.inferd:
         ap.error("--onnx-model needs --inferd")
+    if not args.llama_server and not args.onnx_model:
+        ap.error("--llama-server is needed unless --onnx-model compares inferd with onnxruntime-genai")
+    if not args.model and not args.onnx_model or args.llama_server and not args.model:
+        ap.error("--model (the GGUF) is needed")
     load_before = loadavg()
     with tempfile.TemporaryDirectory() as logdir:
         try:
             llama_runs, inferd_runs, genai_runs, notes, orders = [], [], [], [], []
             for i in range(max(1, args.rounds)):
                 figures, n, cmds, order = run_round(args, logdir, i)
-                llama_runs.append(figures["llama.cpp"])
+                if "llama.cpp" in figures:
+                    llama_runs.append(figures["llama.cpp"])
                 if "onnxruntime-genai" in figures:
                     genai_runs.append(figures["onnxruntime-genai"])
                 if "inferd" in figures:
@@ -295,19 +316,21 @@ def main():
                       file=sys.stderr)
             raise
     count = args.prompt_tokens
-    llama_cmd, inferd_cmd, genai_cmd = cmds["llama.cpp"], cmds.get("inferd"), cmds.get("onnxruntime-genai")
+    llama_cmd, inferd_cmd, genai_cmd = cmds.get("llama.cpp"), cmds.get("inferd"), cmds.get("onnxruntime-genai")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = onnx_table(llama_runs, genai_runs, inferd_runs) if genai_runs else table(llama_runs, inferd_runs)
-    title = (f"{Path(args.onnx_model).name}: inferd onnx vs onnxruntime-genai and llama.cpp ({Path(args.model).name})"
+    title = (f"{Path(args.onnx_model).name}: inferd onnx vs onnxruntime-genai"
+             + (f" and llama.cpp ({Path(args.model).name})" if llama_runs else "")
              if genai_runs else f"{Path(args.model).name}: {'inferd vs llama.cpp' if inferd_runs else 'llama.cpp peer baseline'}")
     head = (f"### {title}\n\n"
             f"- date: {when}; machine: {machine()}; inferd commit: {git_commit()}\n"
             f"- threads {args.threads}; prompt {count} tokens (prefill), {args.new_tokens} new "
-            f"tokens, greedy, ignore_eos; {len(llama_runs)} rounds, each metric taken from every "
+            f"tokens, greedy, ignore_eos; {len(genai_runs or llama_runs)} rounds, each metric taken from every "
             f"engine back to back (order per round: {'; '.join(orders)}), "
             f"median of {args.repeats} single-stream runs per metric, alternating engines; "
             f"1-min load average {load_before} before, {loadavg()} after\n"
-            f"- llama.cpp: `{llama_cmd}`" + (f"\n- inferd: `{inferd_cmd}`" if inferd_cmd else "")
+            + (f"- llama.cpp: `{llama_cmd}`\n" if llama_cmd else "")
+            + (f"- inferd: `{inferd_cmd}`" if inferd_cmd else "")
             + (f"\n- onnxruntime-genai: `{genai_cmd}` (4/8 streams = static batches)" if genai_cmd else ""))
     if notes:
         head += "\n- notes: " + "; ".join(sorted(set(notes)))

@@ -88,6 +88,8 @@ pub fn load_model(
                 session: SessionSpec { device, intra_op_threads: threads, inter_op_threads: m.inter_op_threads },
                 max_batch: m.max_batch,
                 max_context: m.context_length,
+                // INFERD_ONNX_FIXED_SHAPES=0|1 overrides the provider's default (A/B runs).
+                fixed_shapes: std::env::var("INFERD_ONNX_FIXED_SHAPES").ok().map(|v| v != "0"),
             };
             Box::new(OnnxBackend::load(dir, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
         }

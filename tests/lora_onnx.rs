@@ -26,6 +26,7 @@ fn load_graph(graph: &str, max_batch: usize) -> OnnxBackend {
         session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
         max_batch,
         max_context: None,
+        fixed_shapes: None,
     };
     OnnxBackend::load(&root().join(graph), &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
 }

@@ -21,11 +21,16 @@ fn load(max_batch: usize, max_context: Option<usize>) -> OnnxBackend {
 }
 
 fn load_dir(dir: &std::path::Path, max_batch: usize, max_context: Option<usize>) -> OnnxBackend {
+    load_shaped(dir, max_batch, max_context, None)
+}
+
+fn load_shaped(dir: &std::path::Path, max_batch: usize, max_context: Option<usize>, fixed_shapes: Option<bool>) -> OnnxBackend {
     let opts = OnnxOptions {
         library: None,
         session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
         max_batch,
         max_context,
+        fixed_shapes,
     };
     OnnxBackend::load(dir, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
 }
@@ -297,5 +302,55 @@ fn new_prompts_prefilled_together_give_what_each_gives_alone() {
     for i in 0..4 {
         assert_eq!(b.cached_len(i as SeqId), prompts[i].len() + 1);
         assert_same_steps(&[firsts[i].clone(), seconds[i].clone()], &[alone[i].0.clone(), alone[i].1.clone()], &format!("prompt {i}: joint prefill vs alone"));
+    }
+}
+
+/// Fixed run shapes (on by default on CUDA; forced on here): padded prompt chunks, first
+/// chunks split into power-of-two groups and decode ranges widened to a power of two give the
+/// logits transformers gives (1e-4), and what each sequence gives alone without them.
+#[test]
+fn fixed_run_shapes_give_the_logits_of_exact_shapes() {
+    let cases = reference();
+    let mut b = load_shaped(&fixture(), 8, None, Some(true));
+    // Prompts alone (padded to 16/32/..), in chunks of 5 (each padded to 16), then decode.
+    for (i, case) in cases.iter().enumerate() {
+        for (chunks, seq) in [(vec![], 10 + i as SeqId), (vec![5, 5], 20 + i as SeqId)] {
+            let got = run_alone(&mut b, seq, case, &chunks);
+            for (step, (g, r)) in got.iter().zip(&case.steps).enumerate() {
+                let d = max_abs_diff(g, r);
+                assert!(d < 1e-4, "{} (chunks {chunks:?}): step {step} differs from transformers by {d}", case.name);
+            }
+            b.release(seq);
+        }
+    }
+    // Three new prompts in one step (a group of 2 and one of 1), then three decode rows on
+    // slots 0..3 (a range widened to 4 slots), against each alone on exact shapes.
+    let prompts: Vec<Vec<u32>> = vec![cases[0].prompt.clone(), cases[1].prompt[..7].to_vec(), cases[2].prompt.clone()];
+    let alone: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|p| {
+            let mut e = load_shaped(&fixture(), 1, None, Some(false));
+            let mut l = vec![one(&mut e, 0, p)];
+            for _ in 0..4 {
+                let t = argmax(l.last().unwrap());
+                l.push(one(&mut e, 0, &[t]));
+            }
+            l
+        })
+        .collect();
+    let inputs: Vec<StepInput> =
+        prompts.iter().enumerate().map(|(i, p)| StepInput { seq: i as SeqId, tokens: p, adapter: None, want_logits: true }).collect();
+    let mut got: Vec<Vec<Vec<f32>>> = b.step(&inputs).expect("joint prefill").into_iter().map(|l| vec![l.unwrap()]).collect();
+    for _ in 0..4 {
+        let toks: Vec<[u32; 1]> = got.iter().map(|l| [argmax(l.last().unwrap())]).collect();
+        let inputs: Vec<StepInput> =
+            toks.iter().enumerate().map(|(i, t)| StepInput { seq: i as SeqId, tokens: t, adapter: None, want_logits: true }).collect();
+        for (g, l) in got.iter_mut().zip(b.step(&inputs).expect("decode")) {
+            g.push(l.unwrap());
+        }
+    }
+    for i in 0..3 {
+        assert_eq!(b.cached_len(i as SeqId), prompts[i].len() + 4, "prompt {i}: only real tokens are cached");
+        assert_same_steps(&got[i], &alone[i], &format!("prompt {i}: fixed shapes in a batch vs exact shapes alone"));
     }
 }

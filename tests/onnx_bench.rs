@@ -23,6 +23,7 @@ fn decode_throughput_onnx() {
         session: SessionSpec { device: Device::Cpu, intra_op_threads: 2, inter_op_threads: 1 },
         max_batch: 8,
         max_context: None,
+        fixed_shapes: None,
     };
     let mut b = OnnxBackend::load(std::path::Path::new(&dir), &opts).expect("load");
     let prompt: Vec<u32> = (0..30u32).map(|i| 1000 + i * 7).collect();

@@ -15,6 +15,7 @@ pub mod models;
 pub mod respond;
 pub mod sse;
 pub mod state;
+pub mod tokenize;
 pub mod types;
 pub mod validate;
 
@@ -41,9 +42,8 @@ pub use state::{AppState, Generator, Limits, ModelEntry};
 
 use extract::BodyLimit;
 
-/// The full router: `/v1/*` (behind the API key when one is set), `/health`, `/ready`,
-/// `/metrics`, with JSON
-/// 404/405/413 and a panic guard.
+/// The full router: `/v1/*`, `/tokenize` and `/detokenize` (behind the API key when one is
+/// set), `/health`, `/ready`, `/metrics`, with JSON 404/405/413 and a panic guard.
 pub fn router(state: AppState) -> Router {
     let limit = state.limits.max_body_bytes;
     let v1 = Router::new()
@@ -54,6 +54,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/load_lora_adapter", post(lora::load))
         .route("/v1/unload_lora_adapter", post(lora::unload))
         .route("/v1/lora_adapters", get(lora::list))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .merge(v1)

@@ -129,8 +129,8 @@ pub fn validate_completion(req: &CompletionRequest, model: &ModelEntry, max_n: u
         None => return Err(ValidationError::new("Missing required parameter: 'prompt'.", "prompt")),
         Some(PromptInput::Text(s)) => encode(model, s, true, "prompt")?,
         Some(PromptInput::Texts(v)) if v.len() == 1 => encode(model, &v[0], true, "prompt")?,
-        Some(PromptInput::Tokens(ids)) => token_ids(ids, model)?,
-        Some(PromptInput::TokenLists(v)) if v.len() == 1 => token_ids(&v[0], model)?,
+        Some(PromptInput::Tokens(ids)) => token_ids(ids, model, "prompt")?,
+        Some(PromptInput::TokenLists(v)) if v.len() == 1 => token_ids(&v[0], model, "prompt")?,
         Some(_) => {
             return Err(ValidationError::new(
                 "Batched prompts are not supported: send one prompt per request (use 'n' for several choices).",
@@ -312,7 +312,7 @@ fn stops(stop: Option<&StopSpec>) -> VResult<Vec<String>> {
 }
 
 /// Tokenises text (`special`: let the tokenizer add BOS and the like).
-fn encode(model: &ModelEntry, text: &str, special: bool, param: &str) -> VResult<Vec<u32>> {
+pub(crate) fn encode(model: &ModelEntry, text: &str, special: bool, param: &str) -> VResult<Vec<u32>> {
     let enc = model
         .tokenizer
         .encode(text, special)
@@ -320,13 +320,13 @@ fn encode(model: &ModelEntry, text: &str, special: bool, param: &str) -> VResult
     Ok(enc.get_ids().to_vec())
 }
 
-/// A token-id prompt: every id must be in the vocabulary.
-fn token_ids(ids: &[i64], model: &ModelEntry) -> VResult<Vec<u32>> {
+/// Token ids a client sent (`param` names the field): every id must be in the vocabulary.
+pub(crate) fn token_ids(ids: &[i64], model: &ModelEntry, param: &str) -> VResult<Vec<u32>> {
     let vocab = model.vocab_limit();
     ids.iter()
         .map(|&id| {
             u32::try_from(id).ok().filter(|&t| (t as usize) < vocab).ok_or_else(|| {
-                ValidationError::new(format!("Invalid token id {id} in 'prompt' (vocabulary size {vocab})."), "prompt")
+                ValidationError::new(format!("Invalid token id {id} in '{param}' (vocabulary size {vocab})."), param)
             })
         })
         .collect()

@@ -20,6 +20,7 @@ mod lora;
 mod prune;
 pub mod run;
 pub mod runtime;
+mod shapes;
 mod step;
 
 use std::collections::HashSet;
@@ -50,6 +51,10 @@ pub struct OnnxOptions {
     pub max_batch: usize,
     /// Cap on positions per sequence (None: [`DEFAULT_MAX_CONTEXT`]); never above the model's.
     pub max_context: Option<usize>,
+    /// Run shapes from a fixed set, warmed up at load ([`shapes`]). None: on for CUDA (where
+    /// every new shape costs its first run 50-190 ms), off elsewhere. Needs the logits-index
+    /// edit (`prune`); ignored without it.
+    pub fixed_shapes: Option<bool>,
 }
 
 struct Names {
@@ -111,6 +116,8 @@ pub struct OnnxBackend {
     lora: Option<lora::GraphLora>,
     /// The adapter (its id; 0 = base model) each sequence last stepped with.
     adapter_of: std::collections::HashMap<SeqId, u64>,
+    /// Runs take shapes from a fixed set ([`shapes`]).
+    fixed_shapes: bool,
 }
 
 fn load_err(e: impl std::fmt::Display) -> BackendError {
@@ -205,13 +212,22 @@ impl OnnxBackend {
         };
         let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(load_err)?;
         let lora = lora::GraphLora::detect(&session, &cfg);
+        let fixed_shapes = logits_index && opts.fixed_shapes.unwrap_or(cuda.is_some());
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
-            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, fixed_shapes,
+            lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
         );
-        Ok(OnnxBackend { session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora, adapter_of: Default::default() })
+        let mut backend = OnnxBackend {
+            session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora,
+            adapter_of: Default::default(), fixed_shapes,
+        };
+        if fixed_shapes {
+            backend.warm_up()?;
+        }
+        Ok(backend)
     }
 
     /// The execution provider this backend's session was opened on ("cpu", "cuda:0", ...).
@@ -284,7 +300,21 @@ impl OnnxBackend {
         extra: &[(CString, View)],
     ) -> Result<(), BackendError> {
         let max_len = self.kv.shape.max_len;
-        let ones: Vec<usize> = lens.iter().zip(new).map(|(&l, &n)| (l + n).min(max_len)).collect();
+        // Fixed shapes: the chunk is padded; its padding positions count as tokens in this run
+        // (each row's real length is what the caller records afterwards).
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let sp = if self.fixed_shapes { shapes::chunk_len(s, max_len - longest.min(max_len)) } else { s };
+        let mut padded;
+        let (s, tokens, padding) = if sp == s {
+            (s, tokens, None)
+        } else {
+            padded = vec![0i64; b * sp];
+            for r in 0..b {
+                padded[r * sp..r * sp + s].copy_from_slice(&tokens[r * s..(r + 1) * s]);
+            }
+            (sp, &mut padded[..], Some(sp))
+        };
+        let ones: Vec<usize> = lens.iter().zip(new).map(|(&l, &n)| (l + padding.unwrap_or(n)).min(max_len)).collect();
         let total = ones.iter().copied().max().unwrap_or(s);
         self.kv.reserve(total);
         let mut mask = vec![0i64; b * total];

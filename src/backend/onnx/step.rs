@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::sync::Arc;
 
 use super::run::View;
-use super::OnnxBackend;
+use super::{shapes, OnnxBackend};
 use crate::backend::{BackendError, SeqId, StepInput};
 use crate::lora::LoraAdapter;
 
@@ -107,8 +107,8 @@ impl OnnxBackend {
         for rows in groups.values() {
             let lo = rows.iter().map(|&i| slots[i]).min().expect("groups are not empty");
             let hi = rows.iter().map(|&i| slots[i]).max().expect("groups are not empty");
-            let b = hi - lo + 1;
-            let lens: Vec<usize> = self.kv.lens()[lo..=hi].to_vec();
+            let (lo, b) = if self.fixed_shapes { shapes::decode_range(lo, hi, self.kv.shape.slots) } else { (lo, hi - lo + 1) };
+            let lens: Vec<usize> = self.kv.lens()[lo..lo + b].to_vec();
             let mut tokens = vec![0i64; b];
             let mut adapters = vec![None; b];
             for &i in rows {
@@ -149,6 +149,13 @@ impl OnnxBackend {
                 }
                 match &rows[start..end] {
                     [one] => single.push(*one),
+                    run if self.fixed_shapes => {
+                        let mut at = 0;
+                        for n in shapes::pow2_parts(run.len()) {
+                            self.prefill_together(inputs, &slots, &run[at..at + n], out)?;
+                            at += n;
+                        }
+                    }
                     run => self.prefill_together(inputs, &slots, run, out)?,
                 }
                 start = end;

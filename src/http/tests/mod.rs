@@ -3,5 +3,6 @@ mod errors;
 mod routes;
 mod sse_machine;
 mod streaming;
+mod tokenize;
 pub(crate) mod support;
 mod validation;
