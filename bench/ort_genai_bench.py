@@ -13,7 +13,8 @@ Usage (needs onnxruntime-genai, e.g. the export venv):
 Prints one JSON object on stdout (progress on stderr).
 
 With --serve it loads the model once and answers one JSON line per request line on stdin
-({"op": "prefill"}, {"op": "single"} or {"op": "batch", "b": 8}), so bench/bench.py can measure
+({"op": "prefill"}, {"op": "single"}, {"op": "batch", "b": 8} or {"op": "ttft_ids", "ids": [..]}:
+the time to the first token of a raw id prompt), so bench/bench.py can measure
 each metric right after (or before) inferd's, under the same machine conditions.
 
 Metrics (greedy, EOS ignored via min_length = max_length = prompt + new tokens, and
@@ -110,6 +111,9 @@ def serve(model, chat_ids, long_ids, new_tokens):
         req = json.loads(line)
         if req["op"] == "prefill":
             out = {"prefill_tps": measure_prefill(model, long_ids)}
+        elif req["op"] == "ttft_ids":
+            t0, _, times, _ = run(model, [req["ids"]], 1)
+            out = {"ttft_ms": (times[0] - t0) * 1000}
         elif req["op"] == "single":
             ttft, decode, _ = measure_single(model, chat_ids, new_tokens)
             out = {"ttft_ms": ttft, "decode_tps": decode}

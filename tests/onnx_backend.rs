@@ -312,6 +312,7 @@ fn new_prompts_prefilled_together_give_what_each_gives_alone() {
 fn fixed_run_shapes_give_the_logits_of_exact_shapes() {
     let cases = reference();
     let mut b = load_shaped(&fixture(), 8, None, Some(true));
+    b.prepare().expect("warm-up of the fixed shapes");
     // Prompts alone (padded to 16/32/..), in chunks of 5 (each padded to 16), then decode.
     for (i, case) in cases.iter().enumerate() {
         for (chunks, seq) in [(vec![], 10 + i as SeqId), (vec![5, 5], 20 + i as SeqId)] {

@@ -48,4 +48,10 @@ pub trait Backend: Send {
     fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
         None
     }
+    /// Called once on the thread that runs every step, before the first. A backend whose
+    /// runtime keeps state per thread (ONNX Runtime's CUDA provider caches its per-shape set-up
+    /// per thread) warms it up here.
+    fn prepare(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

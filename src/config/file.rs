@@ -137,6 +137,6 @@ fn model_from_file(m: FileModel, base: Option<&Path>) -> Result<ModelConfig, Con
     cfg.inter_op_threads = m.inter_op_threads.unwrap_or(1).max(1);
     cfg.max_batch = m.max_batch.unwrap_or(cfg.max_batch);
     cfg.context_length = m.context_length;
-    cfg.prefill_chunk = m.prefill_chunk.unwrap_or(cfg.prefill_chunk);
+    cfg.prefill_chunk = m.prefill_chunk.or(cfg.prefill_chunk);
     Ok(cfg)
 }

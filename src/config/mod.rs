@@ -97,7 +97,7 @@ fn model_from_spec(spec: &str, id: Option<&str>) -> ModelConfig {
         device: Device::Cpu,
         max_batch: d.max_batch,
         context_length: None,
-        prefill_chunk: d.prefill_chunk,
+        prefill_chunk: None,
         intra_op_threads: None,
         inter_op_threads: 1,
     }
@@ -142,7 +142,7 @@ fn check(server: &ServerConfig, models: &[ModelConfig], adapters: &[AdapterConfi
         if models[..i].iter().any(|o| o.id == m.id) {
             return Err(ConfigError::Invalid(format!("duplicate model id '{}'", m.id)));
         }
-        if m.max_batch == 0 || m.prefill_chunk == 0 {
+        if m.max_batch == 0 || m.prefill_chunk == Some(0) {
             return Err(ConfigError::Invalid(format!("model '{}': max_batch and prefill_chunk must be at least 1", m.id)));
         }
         if m.context_length.is_some_and(|c| c < 2) {

@@ -135,7 +135,10 @@ pub struct ModelConfig {
     pub device: Device,
     pub max_batch: usize,
     pub context_length: Option<usize>,
-    pub prefill_chunk: usize,
+    /// Prompt tokens per step; None: [`ModelConfig::DEFAULT_PREFILL_CHUNK_CPU`] on the CPU,
+    /// [`ModelConfig::DEFAULT_PREFILL_CHUNK_GPU`] on a GPU (a chunk of that size takes a few ms
+    /// there, and every extra chunk is another pass over the weights).
+    pub prefill_chunk: Option<usize>,
     /// ONNX Runtime threads inside one operator (None: the server's `threads`).
     pub intra_op_threads: Option<usize>,
     /// ONNX Runtime threads running independent operators in parallel.
@@ -143,12 +146,23 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    pub const DEFAULT_PREFILL_CHUNK_CPU: usize = 256;
+    pub const DEFAULT_PREFILL_CHUNK_GPU: usize = 2048;
+
+    /// Prompt tokens per step on this model's device.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk.unwrap_or(match self.device {
+            Device::Cuda(_) => Self::DEFAULT_PREFILL_CHUNK_GPU,
+            _ => Self::DEFAULT_PREFILL_CHUNK_CPU,
+        })
+    }
+
     /// The engine knobs for this model.
     pub fn engine_config(&self, server: &ServerConfig) -> EngineConfig {
         EngineConfig {
             max_batch: self.max_batch,
             max_waiting: server.max_waiting,
-            prefill_chunk: self.prefill_chunk,
+            prefill_chunk: self.prefill_chunk(),
             ..EngineConfig::default()
         }
     }

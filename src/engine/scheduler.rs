@@ -79,6 +79,9 @@ impl Worker {
 
     /// Runs until every handle is dropped and all sequences are done.
     pub fn run(mut self) {
+        if let Err(e) = self.backend.prepare() {
+            tracing::warn!(error = %e, "the backend's warm-up failed; serving without it");
+        }
         loop {
             if !self.intake() {
                 break;

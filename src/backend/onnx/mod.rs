@@ -220,14 +220,10 @@ impl OnnxBackend {
             lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
         );
-        let mut backend = OnnxBackend {
+        Ok(OnnxBackend {
             session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora,
             adapter_of: Default::default(), fixed_shapes,
-        };
-        if fixed_shapes {
-            backend.warm_up()?;
-        }
-        Ok(backend)
+        })
     }
 
     /// The execution provider this backend's session was opened on ("cpu", "cuda:0", ...).
@@ -436,5 +432,12 @@ impl Backend for OnnxBackend {
 
     fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
         self.lora.as_ref().map(|g| g.dims)
+    }
+
+    fn prepare(&mut self) -> Result<(), BackendError> {
+        if self.fixed_shapes {
+            self.warm_up()?;
+        }
+        Ok(())
     }
 }

@@ -10,15 +10,20 @@
 //! - splits first chunks run together into groups of power-of-two sizes;
 //! - widens a decode run's slot range to a power of two (the extra slots ride along as the
 //!   in-between slots already do);
-//! - runs each of those shapes once when it loads ([`OnnxBackend::warm_up`]).
+//! - runs each of those shapes once before serving ([`OnnxBackend::warm_up`], from
+//!   `Backend::prepare` on the engine's thread: the provider's per-shape set-up is kept per
+//!   thread, so shapes warmed up on the loading thread still cost the engine's first runs).
 use super::OnnxBackend;
 use crate::backend::BackendError;
 
 /// The shortest padded prompt chunk.
 pub const MIN_CHUNK: usize = 16;
-/// Prompt chunk lengths warmed up at load (longer chunks, from a larger `prefill_chunk`, pay
-/// their first run once).
-pub const MAX_WARM_CHUNK: usize = 512;
+/// Prompt chunk lengths warmed up (longer chunks, from a larger `prefill_chunk`, pay their
+/// first run once).
+pub const MAX_WARM_CHUNK: usize = 2048;
+/// Rows x chunk length warmed up (first chunks of many long prompts arriving together are rare;
+/// GroupQueryAttention's scratch grows with both).
+pub const MAX_WARM_TOKENS: usize = 8192;
 
 /// The padded length of a chunk of `s` tokens when `room` positions are left in the layout
 /// (`s` itself when `s` is 1 or the bucket does not fit).
@@ -65,7 +70,7 @@ impl OnnxBackend {
             self.forward(0, b, 1, &mut tokens, &vec![0; b], &vec![1; b], &extra)?;
             runs += 1;
             let mut s = MIN_CHUNK;
-            while s <= MAX_WARM_CHUNK.min(max_len) && b.is_power_of_two() {
+            while s <= MAX_WARM_CHUNK.min(max_len) && b * s <= MAX_WARM_TOKENS && b.is_power_of_two() {
                 let mut tokens = vec![0i64; b * s];
                 self.forward(0, b, s, &mut tokens, &vec![0; b], &vec![s; b], &extra)?;
                 runs += 1;
