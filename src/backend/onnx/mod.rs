@@ -51,7 +51,7 @@ pub struct OnnxOptions {
     pub max_batch: usize,
     /// Cap on positions per sequence (None: [`DEFAULT_MAX_CONTEXT`]); never above the model's.
     pub max_context: Option<usize>,
-    /// Run shapes from a fixed set, warmed up at load ([`shapes`]). None: on for CUDA (where
+    /// Run shapes from a fixed set, warmed up before serving ([`shapes`]). None: on for CUDA (where
     /// every new shape costs its first run 50-190 ms), off elsewhere. Needs the logits-index
     /// edit (`prune`); ignored without it.
     pub fixed_shapes: Option<bool>,
