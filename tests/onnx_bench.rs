@@ -26,6 +26,7 @@ fn decode_throughput_onnx() {
         fixed_shapes: None,
     };
     let mut b = OnnxBackend::load(std::path::Path::new(&dir), &opts).expect("load");
+    b.prepare().expect("prepare");
     let prompt: Vec<u32> = (0..30u32).map(|i| 1000 + i * 7).collect();
     for batch in [1usize, 8] {
         for round in 0..3 {
