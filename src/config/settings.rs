@@ -135,9 +135,10 @@ pub struct ModelConfig {
     pub device: Device,
     pub max_batch: usize,
     pub context_length: Option<usize>,
-    /// Prompt tokens per step; None: [`ModelConfig::DEFAULT_PREFILL_CHUNK_CPU`] on the CPU,
-    /// [`ModelConfig::DEFAULT_PREFILL_CHUNK_GPU`] on a GPU (a chunk of that size takes a few ms
-    /// there, and every extra chunk is another pass over the weights).
+    /// Prompt tokens per step; None: [`ModelConfig::DEFAULT_PREFILL_CHUNK_GPU`] for an onnx
+    /// model on a GPU (a chunk of that size takes a few ms there, and every extra chunk is
+    /// another pass over the weights; measured on an H100, docs/cuda.md), else
+    /// [`ModelConfig::DEFAULT_PREFILL_CHUNK_CPU`].
     pub prefill_chunk: Option<usize>,
     /// ONNX Runtime threads inside one operator (None: the server's `threads`).
     pub intra_op_threads: Option<usize>,
@@ -151,8 +152,8 @@ impl ModelConfig {
 
     /// Prompt tokens per step on this model's device.
     pub fn prefill_chunk(&self) -> usize {
-        self.prefill_chunk.unwrap_or(match self.device {
-            Device::Cuda(_) => Self::DEFAULT_PREFILL_CHUNK_GPU,
+        self.prefill_chunk.unwrap_or(match (self.backend, self.device) {
+            (BackendKind::Onnx, Device::Cuda(_)) => Self::DEFAULT_PREFILL_CHUNK_GPU,
             _ => Self::DEFAULT_PREFILL_CHUNK_CPU,
         })
     }
