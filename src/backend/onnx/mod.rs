@@ -14,6 +14,9 @@
 //!   own, on its own slot.
 //!
 //! Sequences keep their slot for life, so joining and leaving the batch copies nothing.
+//!
+//! On CUDA the runs take their shapes from a fixed set warmed up before serving ([`shapes`]):
+//! ONNX Runtime's CUDA provider pays 50-190 ms for the first run of every new input shape.
 pub mod genai_config;
 pub mod kv;
 mod lora;
