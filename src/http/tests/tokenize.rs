@@ -19,7 +19,7 @@ async fn tokenize_prompt_content_and_messages() {
     // llama.cpp's field, model left out (one model served).
     let (s, v) = json_of(send(one(), post_json("/tokenize", &json!({"content": "Hello world"}))).await).await;
     assert_eq!((s, v["tokens"].clone()), (StatusCode::OK, json!([9707, 1879])));
-    // Special-token text is parsed as special tokens when add_special_tokens (the default).
+    // Special-token text is read as the special token (Qwen's tokenizer adds no BOS of its own).
     let (_, v) = json_of(send(one(), post_json("/tokenize", &json!({"prompt": "<|im_end|>"}))).await).await;
     assert_eq!(v["tokens"], json!([151645]));
     // Chat messages through the model's template (ChatML), with the generation prompt.
