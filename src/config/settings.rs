@@ -137,8 +137,8 @@ pub struct ModelConfig {
     pub context_length: Option<usize>,
     /// Prompt tokens per step; None: [`ModelConfig::DEFAULT_PREFILL_CHUNK_GPU`] for an onnx
     /// model on a GPU (a chunk of that size takes a few ms there, and every extra chunk is
-    /// another pass over the weights; measured on an H100, docs/cuda.md), else
-    /// [`ModelConfig::DEFAULT_PREFILL_CHUNK_CPU`].
+    /// another pass over the weights; measured on an H100, docs/cuda.md), else the engine's
+    /// default.
     pub prefill_chunk: Option<usize>,
     /// ONNX Runtime threads inside one operator (None: the server's `threads`).
     pub intra_op_threads: Option<usize>,
@@ -147,14 +147,13 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    pub const DEFAULT_PREFILL_CHUNK_CPU: usize = 256;
     pub const DEFAULT_PREFILL_CHUNK_GPU: usize = 2048;
 
     /// Prompt tokens per step on this model's device.
     pub fn prefill_chunk(&self) -> usize {
         self.prefill_chunk.unwrap_or(match (self.backend, self.device) {
             (BackendKind::Onnx, Device::Cuda(_)) => Self::DEFAULT_PREFILL_CHUNK_GPU,
-            _ => Self::DEFAULT_PREFILL_CHUNK_CPU,
+            _ => EngineConfig::default().prefill_chunk,
         })
     }
 

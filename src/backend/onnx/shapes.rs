@@ -65,7 +65,7 @@ impl OnnxBackend {
         let mut sizes: Vec<usize> = (0..usize::BITS).map(|i| 1usize << i).take_while(|&b| b < slots).collect();
         sizes.push(slots);
         for b in sizes {
-            let extra = self.no_lora_inputs(b)?;
+            let extra = self.adapter_inputs(&vec![None; b])?;
             let mut tokens = vec![0i64; b];
             self.forward(0, b, 1, &mut tokens, &vec![0; b], &vec![1; b], &extra)?;
             runs += 1;
@@ -79,14 +79,6 @@ impl OnnxBackend {
         }
         tracing::info!(runs, ms = t.elapsed().as_millis() as u64, "ONNX run shapes warmed up");
         Ok(())
-    }
-
-    /// LoRA inputs of a run whose `b` rows all use the base model.
-    fn no_lora_inputs(&mut self, b: usize) -> Result<Vec<(std::ffi::CString, super::run::View)>, BackendError> {
-        match self.lora.as_mut() {
-            Some(g) => g.run_inputs(&vec![None; b], &self.host).map_err(BackendError::Compute),
-            None => Ok(Vec::new()),
-        }
     }
 }
 

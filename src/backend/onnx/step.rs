@@ -12,7 +12,7 @@ use crate::lora::LoraAdapter;
 impl OnnxBackend {
     /// The LoRA inputs for one run whose batch row `i` uses adapter `rows[i]` (none, or only
     /// the row mask, when every row runs the base model).
-    fn adapter_inputs(&mut self, rows: &[Option<&Arc<LoraAdapter>>]) -> Result<Vec<(CString, View)>, BackendError> {
+    pub(super) fn adapter_inputs(&mut self, rows: &[Option<&Arc<LoraAdapter>>]) -> Result<Vec<(CString, View)>, BackendError> {
         match self.lora.as_mut() {
             Some(g) => g.run_inputs(rows, &self.host).map_err(BackendError::Compute),
             None => Ok(Vec::new()),
