@@ -7,8 +7,6 @@ Writes:
                                               tokenizer.json, tokenizer_config.json)
   tests/fixtures/onnx/tiny-qwen2-pruned/      the same export with --prune-lm-head (logits of the
                                               last position only; same weights file)
-  tests/fixtures/onnx/tiny-qwen2-int4/        the same model exported -p int4 -e cpu (MatMulNBits,
-                                              accuracy level 4): the int4 graph edits' tests
   tests/fixtures/onnx/tiny-qwen2-reference.json  transformers (fp32, eager) greedy continuations
                                               with full logits, for fixed prompt token ids
 Then checks the ONNX model against the reference with onnxruntime, driving it the way inferd's
@@ -166,10 +164,6 @@ def main() -> int:
             return rc
         rc = export_onnx.main([str(args.hf_dir), str(args.out_dir / "tiny-qwen2-pruned"), "-p", "fp32",
                                "-e", "cpu", "--prune-lm-head", "--force"])
-        if rc:
-            return rc
-        rc = export_onnx.main([str(args.hf_dir), str(args.out_dir / "tiny-qwen2-int4"), "-p", "int4",
-                               "-e", "cpu", "--force"])
         if rc:
             return rc
         ref = reference(args.hf_dir)

@@ -90,8 +90,6 @@ pub fn load_model(
                 max_context: m.context_length,
                 // INFERD_ONNX_FIXED_SHAPES=0|1 overrides the provider's default (A/B runs).
                 fixed_shapes: std::env::var("INFERD_ONNX_FIXED_SHAPES").ok().map(|v| v != "0"),
-                // INFERD_ONNX_FUSE=0 keeps the exported projections apart (A/B runs).
-                fuse_projections: std::env::var("INFERD_ONNX_FUSE").ok().map(|v| v != "0"),
             };
             Box::new(OnnxBackend::load(dir, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
         }

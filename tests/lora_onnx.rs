@@ -27,7 +27,6 @@ fn load_graph(graph: &str, max_batch: usize) -> OnnxBackend {
         max_batch,
         max_context: None,
         fixed_shapes: None,
-        fuse_projections: None,
     };
     OnnxBackend::load(&root().join(graph), &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
 }

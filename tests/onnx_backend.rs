@@ -31,7 +31,6 @@ fn load_shaped(dir: &std::path::Path, max_batch: usize, max_context: Option<usiz
         max_batch,
         max_context,
         fixed_shapes,
-        fuse_projections: None,
     };
     OnnxBackend::load(dir, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
 }
@@ -355,47 +354,4 @@ fn fixed_run_shapes_give_the_logits_of_exact_shapes() {
         assert_eq!(b.cached_len(i as SeqId), prompts[i].len() + 4, "prompt {i}: only real tokens are cached");
         assert_same_steps(&got[i], &alone[i], &format!("prompt {i}: fixed shapes in a batch vs exact shapes alone"));
     }
-}
-
-/// The load-time merge of int4 projections on a shared input (`fuse`, on by default) on the
-/// int4 export of the tiny model: gate and up of both layers run as one node each, and every
-/// step's logits equal those of the graph as exported (CPU: bit for bit), alone and in a batch.
-#[test]
-fn merged_int4_projections_give_the_logits_of_the_exported_graph() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/tiny-qwen2-int4");
-    let open = |fuse: Option<bool>, max_batch: usize| {
-        let opts = OnnxOptions {
-            library: None,
-            session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
-            max_batch,
-            max_context: None,
-            fixed_shapes: None,
-            fuse_projections: fuse,
-        };
-        OnnxBackend::load(&dir, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
-    };
-    let (mut merged, mut exported) = (open(None, 4), open(Some(false), 4));
-    assert_eq!((merged.fused_groups(), exported.fused_groups()), (2, 0));
-    let cases = reference();
-    for (i, case) in cases.iter().enumerate() {
-        let (a, b) = (run_alone(&mut merged, i as SeqId, case, &[]), run_alone(&mut exported, i as SeqId, case, &[]));
-        assert_same_steps(&a, &b, &format!("{}: merged vs exported graph, alone", case.name));
-        assert!(a.iter().all(|l| l.iter().all(|x| x.is_finite())));
-        merged.release(i as SeqId);
-        exported.release(i as SeqId);
-    }
-    // All three prompts in one prefill step, then 8 decode steps of 3 rows.
-    let mut steps = |b: &mut OnnxBackend| {
-        let inputs: Vec<StepInput> =
-            cases.iter().enumerate().map(|(i, c)| StepInput { seq: i as SeqId, tokens: &c.prompt, adapter: None, want_logits: true }).collect();
-        let mut out: Vec<Vec<f32>> = b.step(&inputs).expect("prefill").into_iter().map(|l| l.unwrap()).collect();
-        for k in 0..8 {
-            let toks: Vec<[u32; 1]> = cases.iter().map(|c| [c.greedy[k]]).collect();
-            let inputs: Vec<StepInput> =
-                toks.iter().enumerate().map(|(i, t)| StepInput { seq: i as SeqId, tokens: t, adapter: None, want_logits: true }).collect();
-            out.extend(b.step(&inputs).expect("decode").into_iter().map(|l| l.unwrap()));
-        }
-        out
-    };
-    assert_same_steps(&steps(&mut merged), &steps(&mut exported), "merged vs exported graph, 3 rows per step");
 }

@@ -20,9 +20,7 @@
 pub mod genai_config;
 pub mod kv;
 mod lora;
-mod proto;
 mod prune;
-mod fuse;
 pub mod run;
 pub mod runtime;
 mod shapes;
@@ -60,9 +58,6 @@ pub struct OnnxOptions {
     /// every new shape costs its first run 50-190 ms), off elsewhere. Needs the logits-index
     /// edit (`prune`); ignored without it.
     pub fixed_shapes: Option<bool>,
-    /// Merge int4 projections that read the same input (gate + up) into one node at load time
-    /// ([`fuse`]). None: on.
-    pub fuse_projections: Option<bool>,
 }
 
 struct Names {
@@ -76,62 +71,33 @@ struct Names {
     logits_index: Option<CString>,
 }
 
-/// Inline weight bytes the projection merge ([`fuse`]) may add to the edited graph: the edited
-/// bytes are parsed by ONNX Runtime (a protobuf message is limited to 2 GiB) and briefly held in
-/// memory twice, so larger models merge only their first layers.
-const MAX_FUSED_INLINE: usize = 512 << 20;
-
-/// Opens the graph with the load-time edits that apply to it, falling back edit by edit when
-/// the edited graph does not load:
-/// - `prune`: the vocabulary projection limited to one position per row (switched off by
-///   `INFERD_ONNX_FULL_LOGITS=1`, for A/B runs);
-/// - `fuse`: int4 projections on the same input merged (`opts.fuse_projections`).
-///
-/// A graph file that holds its weights inline (over 256 MiB) is opened as exported. Returns
-/// whether the logits-index edit is in use and the number of merged groups.
-fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, opts: &OnnxOptions) -> Result<(Session, bool, usize), BackendError> {
+/// Opens the graph with its vocabulary projection limited to one position per row (`prune`),
+/// or as exported when the edit does not apply, the file holds its weights inline (over 256
+/// MiB), the edit is switched off (`INFERD_ONNX_FULL_LOGITS=1`, for A/B runs) or the edited
+/// graph does not load. Returns whether the edit is in use.
+fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &SessionSpec) -> Result<(Session, bool), BackendError> {
+    // A graph file that holds its weights inline is not read twice into memory for the edit.
     const MAX_EDITED_BYTES: u64 = 256 << 20;
-    let spec = &opts.session;
     let small = std::fs::metadata(&cfg.graph).is_ok_and(|m| m.len() <= MAX_EDITED_BYTES);
-    if !small {
-        return Ok((runtime::open_session(env, &cfg.graph, None, spec).map_err(load_err)?, false, 0));
-    }
-    let bytes = std::fs::read(&cfg.graph).map_err(|e| load_err(format!("cannot read {}: {e}", cfg.graph.display())))?;
-    let warn = |what: &str, e: &str| tracing::warn!(graph = %cfg.graph.display(), "{what} ({e}); running without it");
-    let pruned = if std::env::var_os("INFERD_ONNX_FULL_LOGITS").is_some() {
+    let edited = if std::env::var_os("INFERD_ONNX_FULL_LOGITS").is_some() || !small {
         None
     } else {
-        prune::logits_at_index(&bytes, &cfg.names.logits).unwrap_or_else(|e| {
-            warn("cannot limit the logits to one position", &e);
-            None
-        })
-    };
-    let dir = cfg.graph.parent().unwrap_or(Path::new("."));
-    let fused = if opts.fuse_projections.unwrap_or(true) {
-        fuse::fuse_shared_input(pruned.as_deref().unwrap_or(&bytes), dir, MAX_FUSED_INLINE).unwrap_or_else(|e| {
-            warn("cannot merge the projections", &e);
-            None
-        })
-    } else {
-        None
-    };
-    drop(bytes);
-    if let Some(f) = fused {
-        match runtime::open_session(env, &cfg.graph, Some(&f.bytes), spec) {
-            Ok(s) => {
-                tracing::info!(groups = f.groups, nodes = f.nodes, inline_mib = f.inline_bytes >> 20, "merged int4 projections on shared inputs");
-                return Ok((s, pruned.is_some(), f.groups));
+        let bytes = std::fs::read(&cfg.graph).map_err(|e| load_err(format!("cannot read {}: {e}", cfg.graph.display())))?;
+        match prune::logits_at_index(&bytes, &cfg.names.logits) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(graph = %cfg.graph.display(), "cannot edit the graph ({e}); running it as exported");
+                None
             }
-            Err(e) => warn("the graph with merged projections did not load", &e),
+        }
+    };
+    if let Some(bytes) = &edited {
+        match runtime::open_session(env, &cfg.graph, Some(bytes), spec) {
+            Ok(s) => return Ok((s, true)),
+            Err(e) => tracing::warn!(graph = %cfg.graph.display(), "the edited graph did not load ({e}); running it as exported"),
         }
     }
-    if let Some(p) = &pruned {
-        match runtime::open_session(env, &cfg.graph, Some(p), spec) {
-            Ok(s) => return Ok((s, true, 0)),
-            Err(e) => warn("the graph with one logits position per row did not load", &e),
-        }
-    }
-    Ok((runtime::open_session(env, &cfg.graph, None, spec).map_err(load_err)?, false, 0))
+    Ok((runtime::open_session(env, &cfg.graph, None, spec).map_err(load_err)?, false))
 }
 
 pub struct OnnxBackend {
@@ -155,8 +121,6 @@ pub struct OnnxBackend {
     adapter_of: std::collections::HashMap<SeqId, u64>,
     /// Runs take shapes from a fixed set ([`shapes`]).
     fixed_shapes: bool,
-    /// Groups of int4 projections merged at load ([`fuse`]).
-    fused_groups: usize,
 }
 
 fn load_err(e: impl std::fmt::Display) -> BackendError {
@@ -178,7 +142,7 @@ impl OnnxBackend {
         if !cfg.graph.is_file() {
             return Err(load_err(format!("{} names {} which does not exist", dir.join("genai_config.json").display(), cfg.graph.display())));
         }
-        let (session, logits_index, fused_groups) = open_edited(env, &cfg, opts)?;
+        let (session, logits_index) = open_edited(env, &cfg, &opts.session)?;
         let provider = opts.session.provider_name();
 
         // Check the graph against genai_config.json before the first step, and learn dtypes.
@@ -254,25 +218,20 @@ impl OnnxBackend {
         let fixed_shapes = logits_index && opts.fixed_shapes.unwrap_or(cuda.is_some());
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
-            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, fixed_shapes, fused_groups,
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, fixed_shapes,
             lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
         );
         Ok(OnnxBackend {
             session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora,
-            adapter_of: Default::default(), fixed_shapes, fused_groups,
+            adapter_of: Default::default(), fixed_shapes,
         })
     }
 
     /// The execution provider this backend's session was opened on ("cpu", "cuda:0", ...).
     pub fn provider(&self) -> &str {
         &self.provider
-    }
-
-    /// Groups of int4 projections on a shared input that run as one node ([`fuse`]).
-    pub fn fused_groups(&self) -> usize {
-        self.fused_groups
     }
 
     /// Whether one `Run` serves rows with different LoRA adapters (the graph has the row mask).
