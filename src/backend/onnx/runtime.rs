@@ -104,21 +104,39 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
+/// Why a session did not open.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The execution provider could not be registered (not compiled in, library without it, no
+    /// device): the same for any graph.
+    Provider(String),
+    /// The graph did not load on a registered provider.
+    Graph(String),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Provider(e) | OpenError::Graph(e) => f.write_str(e),
+        }
+    }
+}
+
 /// Opens `graph` on the requested execution provider, or `edited` (the bytes of an edited copy of
 /// that file; its external weights are still read from the file's directory). A provider that
 /// cannot be registered (not compiled in, library without it, no device) is an error, never a
 /// silent fall-back to the CPU.
-pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec: &SessionSpec) -> Result<Session, String> {
-    let builder = Session::builder(env).map_err(|e| format!("cannot create a session builder: {e}"))?;
+pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec: &SessionSpec) -> Result<Session, OpenError> {
+    let builder = Session::builder(env).map_err(|e| OpenError::Provider(format!("cannot create a session builder: {e}")))?;
     let builder = builder
         .with_intra_threads(spec.intra_op_threads.max(1))
-        .map_err(err("intra_op_threads"))?
-        .with_inter_threads(spec.inter_op_threads.max(1))
-        .map_err(err("inter_op_threads"))?;
+        .map_err(err("intra_op_threads"))
+        .and_then(|b| b.with_inter_threads(spec.inter_op_threads.max(1)).map_err(err("inter_op_threads")))
+        .map_err(OpenError::Provider)?;
     let mut builder = match spec.device {
         Device::Cpu => builder,
-        Device::Cuda(id) => cuda(builder, id)?,
-        Device::CoreMl => coreml(builder)?,
+        Device::Cuda(id) => cuda(builder, id).map_err(OpenError::Provider)?,
+        Device::CoreMl => coreml(builder).map_err(OpenError::Provider)?,
     };
     let loaded = match edited {
         None => builder.commit_from_file(graph),
@@ -126,11 +144,12 @@ pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec
             let dir = graph.parent().unwrap_or(Path::new("."));
             let mut builder = builder
                 .with_config_entry("session.model_external_initializers_file_folder_path", dir.to_string_lossy())
-                .map_err(err("external initializers folder"))?;
+                .map_err(err("external initializers folder"))
+                .map_err(OpenError::Graph)?;
             builder.commit_from_memory(bytes)
         }
     };
-    loaded.map_err(|e| format!("cannot load {} on {}: {e}", graph.display(), spec.provider_name()))
+    loaded.map_err(|e| OpenError::Graph(format!("cannot load {} on {}: {e}", graph.display(), spec.provider_name())))
 }
 
 #[cfg(feature = "cuda")]
