@@ -24,7 +24,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let http_threads = cfg.server.http_threads.unwrap_or_else(config::default_http_threads);
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(http_threads).enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("inferd: cannot start the async runtime: {e}");

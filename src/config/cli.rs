@@ -69,4 +69,7 @@ pub struct ServeArgs {
     /// every CPU this process may use).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Threads serving HTTP (env INFERD_HTTP_THREADS; default: one per 8 CPUs, at least one).
+    #[arg(long)]
+    pub http_threads: Option<usize>,
 }

@@ -35,6 +35,7 @@ struct FileServer {
     max_waiting: Option<usize>,
     api_key: Option<String>,
     threads: Option<usize>,
+    http_threads: Option<usize>,
     onnxruntime_library: Option<PathBuf>,
     lora_runtime_loading: Option<bool>,
     lora_root: Option<PathBuf>,
@@ -70,6 +71,7 @@ pub(super) fn read(path: Option<&Path>) -> Result<(ServerConfig, Vec<ModelConfig
         max_waiting: file.server.max_waiting.unwrap_or(EngineConfig::default().max_waiting),
         api_key: file.server.api_key.filter(|k| !k.is_empty()),
         threads: file.server.threads.filter(|&n| n > 0),
+        http_threads: file.server.http_threads.filter(|&n| n > 0),
         onnxruntime_library: file.server.onnxruntime_library.map(|p| relative_to(&base, p)),
         lora_root: match (file.server.lora_runtime_loading.unwrap_or(false), file.server.lora_root) {
             (true, Some(root)) => Some(relative_to(&base, root)),

@@ -10,7 +10,7 @@ mod settings;
 use std::path::{Path, PathBuf};
 
 pub use cli::{Cli, Command, ConvertArgs, ServeArgs};
-pub use settings::{AdapterConfig, BackendKind, Config, ConfigError, Device, ModelConfig, ServerConfig};
+pub use settings::{default_http_threads, AdapterConfig, BackendKind, Config, ConfigError, Device, ModelConfig, ServerConfig};
 
 use crate::engine::EngineConfig;
 
@@ -54,6 +54,14 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
         })?;
         server.threads = Some(n).filter(|&n| n > 0);
     }
+    if let Some(t) = env("INFERD_HTTP_THREADS") {
+        let n: usize = t.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Value {
+            name: "INFERD_HTTP_THREADS".into(),
+            value: t.clone(),
+            reason: e.to_string(),
+        })?;
+        server.http_threads = Some(n).filter(|&n| n > 0);
+    }
     if let Some(spec) = env("INFERD_MODEL") {
         models = vec![model_from_spec(&spec, None)];
     }
@@ -69,6 +77,9 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     }
     if let Some(t) = args.threads {
         server.threads = Some(t).filter(|&n| n > 0);
+    }
+    if let Some(t) = args.http_threads {
+        server.http_threads = Some(t).filter(|&n| n > 0);
     }
     if let Some(spec) = &args.model {
         models = vec![model_from_spec(spec, args.model_id.as_deref())];

@@ -103,6 +103,8 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// CPU threads of the forward pass (None: every CPU this process may use).
     pub threads: Option<usize>,
+    /// Threads of the async runtime that serves HTTP (None: [`default_http_threads`]).
+    pub http_threads: Option<usize>,
     /// The ONNX Runtime shared library for onnx models (None: `ORT_DYLIB_PATH`, then the copy
     /// `scripts/fetch_onnxruntime.sh` installs under `runtimes/`).
     pub onnxruntime_library: Option<PathBuf>,
@@ -185,4 +187,12 @@ pub enum ConfigError {
     NoModels,
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Threads of the HTTP runtime when none are configured: one per 8 CPUs, at least one. The HTTP
+/// side (parsing, SSE chunks) takes a few tens of microseconds per token; every further thread
+/// that wakes per token competes with the forward pass on small machines (on 2 CPUs, 1 thread
+/// instead of tokio's default 2 decoded 1.5-4% faster: docs/perf-notes.md, session 7).
+pub fn default_http_threads() -> usize {
+    (std::thread::available_parallelism().map_or(1, |n| n.get()) / 8).max(1)
 }

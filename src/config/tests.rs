@@ -92,6 +92,24 @@ fn threads_come_from_env_then_flag_and_zero_means_all_cpus() {
 }
 
 #[test]
+fn http_threads_come_from_the_file_then_env_then_flag() {
+    let f = file(FILE);
+    let c = load_with_env(&args_with(&f), &env_of(&[])).expect("config loads");
+    assert_eq!(c.server.http_threads, None, "unset: the default applies");
+    assert!(crate::config::default_http_threads() >= 1);
+    let f = file(&FILE.replacen("[server]\n", "[server]\nhttp_threads = 3\n", 1));
+    assert_eq!(load_with_env(&args_with(&f), &env_of(&[])).expect("config loads").server.http_threads, Some(3));
+    let env = env_of(&[("INFERD_HTTP_THREADS", "2")]);
+    assert_eq!(load_with_env(&args_with(&f), &env).expect("config loads").server.http_threads, Some(2));
+    let args = ServeArgs { http_threads: Some(1), ..args_with(&f) };
+    assert_eq!(load_with_env(&args, &env).expect("config loads").server.http_threads, Some(1));
+    let args = ServeArgs { http_threads: Some(0), ..args_with(&f) };
+    assert_eq!(load_with_env(&args, &env).expect("config loads").server.http_threads, None, "0 means the default");
+    let bad = env_of(&[("INFERD_HTTP_THREADS", "lots")]);
+    assert!(load_with_env(&args_with(&f), &bad).unwrap_err().to_string().contains("INFERD_HTTP_THREADS"));
+}
+
+#[test]
 fn model_flag_replaces_the_list_and_beats_env_model() {
     let f = file(FILE);
     let env = env_of(&[("INFERD_MODEL", "org/from-env")]);

@@ -94,8 +94,8 @@ fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &Se
     if let Some(bytes) = &edited {
         match runtime::open_session(env, &cfg.graph, Some(bytes), spec) {
             Ok(s) => return Ok((s, true)),
-            // The provider fails the same way for the graph as exported.
-            Err(e @ runtime::OpenError::Provider(_)) => return Err(load_err(e)),
+            // Set-up (the provider) fails the same way for the graph as exported.
+            Err(e @ runtime::OpenError::Setup(_)) => return Err(load_err(e)),
             Err(e) => tracing::warn!(graph = %cfg.graph.display(), "the edited graph did not load ({e}); running it as exported"),
         }
     }

@@ -107,9 +107,9 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
 /// Why a session did not open.
 #[derive(Debug)]
 pub enum OpenError {
-    /// The execution provider could not be registered (not compiled in, library without it, no
-    /// device): the same for any graph.
-    Provider(String),
+    /// Set-up that fails the same way for any graph: the session options, or an execution
+    /// provider that cannot be registered (not compiled in, library without it, no device).
+    Setup(String),
     /// The graph did not load on a registered provider.
     Graph(String),
 }
@@ -117,7 +117,7 @@ pub enum OpenError {
 impl std::fmt::Display for OpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            OpenError::Provider(e) | OpenError::Graph(e) => f.write_str(e),
+            OpenError::Setup(e) | OpenError::Graph(e) => f.write_str(e),
         }
     }
 }
@@ -127,16 +127,16 @@ impl std::fmt::Display for OpenError {
 /// cannot be registered (not compiled in, library without it, no device) is an error, never a
 /// silent fall-back to the CPU.
 pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec: &SessionSpec) -> Result<Session, OpenError> {
-    let builder = Session::builder(env).map_err(|e| OpenError::Provider(format!("cannot create a session builder: {e}")))?;
+    let builder = Session::builder(env).map_err(|e| OpenError::Setup(format!("cannot create a session builder: {e}")))?;
     let builder = builder
         .with_intra_threads(spec.intra_op_threads.max(1))
         .map_err(err("intra_op_threads"))
         .and_then(|b| b.with_inter_threads(spec.inter_op_threads.max(1)).map_err(err("inter_op_threads")))
-        .map_err(OpenError::Provider)?;
+        .map_err(OpenError::Setup)?;
     let mut builder = match spec.device {
         Device::Cpu => builder,
-        Device::Cuda(id) => cuda(builder, id).map_err(OpenError::Provider)?,
-        Device::CoreMl => coreml(builder).map_err(OpenError::Provider)?,
+        Device::Cuda(id) => cuda(builder, id).map_err(OpenError::Setup)?,
+        Device::CoreMl => coreml(builder).map_err(OpenError::Setup)?,
     };
     let loaded = match edited {
         None => builder.commit_from_file(graph),
