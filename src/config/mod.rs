@@ -46,21 +46,24 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
             reason: e.to_string(),
         })?;
     }
-    if let Some(t) = env("INFERD_THREADS") {
-        let n: usize = t.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Value {
-            name: "INFERD_THREADS".into(),
-            value: t.clone(),
-            reason: e.to_string(),
-        })?;
-        server.threads = Some(n).filter(|&n| n > 0);
+    // Thread counts: 0 means the default.
+    let count = |name: &str| -> Result<Option<Option<usize>>, ConfigError> {
+        env(name)
+            .map(|t| {
+                let n: usize = t.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Value {
+                    name: name.into(),
+                    value: t.clone(),
+                    reason: e.to_string(),
+                })?;
+                Ok(Some(n).filter(|&n| n > 0))
+            })
+            .transpose()
+    };
+    if let Some(n) = count("INFERD_THREADS")? {
+        server.threads = n;
     }
-    if let Some(t) = env("INFERD_HTTP_THREADS") {
-        let n: usize = t.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Value {
-            name: "INFERD_HTTP_THREADS".into(),
-            value: t.clone(),
-            reason: e.to_string(),
-        })?;
-        server.http_threads = Some(n).filter(|&n| n > 0);
+    if let Some(n) = count("INFERD_HTTP_THREADS")? {
+        server.http_threads = n;
     }
     if let Some(spec) = env("INFERD_MODEL") {
         models = vec![model_from_spec(&spec, None)];
