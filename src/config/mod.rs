@@ -21,6 +21,18 @@ pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
     load_with_env(args, &|k| std::env::var(k).ok())
 }
 
+/// The environment variable `name` as an unsigned number, when set.
+fn number<T: std::str::FromStr<Err = std::num::ParseIntError>>(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+) -> Result<Option<T>, ConfigError> {
+    env(name)
+        .map(|v| {
+            v.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Value { name: name.into(), value: v.clone(), reason: e.to_string() })
+        })
+        .transpose()
+}
+
 /// `load` with an injected environment (tests).
 pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let explicit = args.config.clone().or_else(|| env("INFERD_CONFIG").map(PathBuf::from));
@@ -39,31 +51,15 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     if let Some(h) = env("INFERD_HOST") {
         server.host = h;
     }
-    if let Some(p) = env("INFERD_PORT") {
-        server.port = p.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Value {
-            name: "INFERD_PORT".into(),
-            value: p.clone(),
-            reason: e.to_string(),
-        })?;
+    if let Some(p) = number::<u16>(env, "INFERD_PORT")? {
+        server.port = p;
     }
     // Thread counts: 0 means the default.
-    let count = |name: &str| -> Result<Option<Option<usize>>, ConfigError> {
-        env(name)
-            .map(|t| {
-                let n: usize = t.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Value {
-                    name: name.into(),
-                    value: t.clone(),
-                    reason: e.to_string(),
-                })?;
-                Ok(Some(n).filter(|&n| n > 0))
-            })
-            .transpose()
-    };
-    if let Some(n) = count("INFERD_THREADS")? {
-        server.threads = n;
+    if let Some(n) = number::<usize>(env, "INFERD_THREADS")? {
+        server.threads = Some(n).filter(|&n| n > 0);
     }
-    if let Some(n) = count("INFERD_HTTP_THREADS")? {
-        server.http_threads = n;
+    if let Some(n) = number::<usize>(env, "INFERD_HTTP_THREADS")? {
+        server.http_threads = Some(n).filter(|&n| n > 0);
     }
     if let Some(spec) = env("INFERD_MODEL") {
         models = vec![model_from_spec(&spec, None)];
