@@ -9,7 +9,7 @@ figure to quote, with the pairs beside it.
 Usage:
   python3 bench/ab.py --inferd target/release/inferd \
       --model models/qwen2.5-coder-0.5b-instruct-onnx-int4 --args "--backend onnx" \
-      --a "" --b "INFERD_ONNX_FUSE=0" [--pairs 12] [--streams 1]
+      --a "" --b "INFERD_HTTP_THREADS=2" [--pairs 12] [--streams 1]
 --a/--b: space-separated VAR=value settings for that server's environment, then optionally
 "--" and extra `inferd serve` arguments ("INFERD_X=1 -- --max-batch 8").
 Metric: total decode tok/s of --streams concurrent standard chat requests (128 new tokens,
