@@ -125,10 +125,20 @@ fn attend_one(q: &[f32], k: &[f32], v: &[f32], pos: usize, kv_head: usize, s: He
     });
 }
 
+/// How `attend_with` spreads its work: `spread(items, work, run)` runs `run` over `0..items`
+/// (in ranges, on any threads), where `work` is the multiply-adds of all items together.
+pub type Spread<'a> = &'a dyn Fn(usize, usize, &(dyn Fn(std::ops::Range<usize>) + Sync));
+
 /// Attention for all rows of a step. `q` is [rows][num_heads][head_dim] (already rotated),
 /// `caches[seq]` holds that sequence's K and V including this step's rows, `out` receives
 /// [rows][num_heads][head_dim]. Work is split over the CPU pool by (row, head).
 pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadShape, out: &mut [f32]) {
+    attend_with(q, rows, caches, s, out, &spread)
+}
+
+/// `attend` with the work spread by `spread` instead of the candle backend's pool (the onnx
+/// backend's attention op runs it on ONNX Runtime's threads, `backend::onnx::gqa`).
+pub fn attend_with(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadShape, out: &mut [f32], spread: Spread<'_>) {
     let d = s.head_dim;
     let group = s.num_heads / s.num_kv_heads;
     let items = rows.len() * s.num_heads;
@@ -142,7 +152,7 @@ pub fn attend(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadSh
     }
     #[cfg(target_arch = "x86_64")]
     if super::attention_avx2::available() && d % 8 == 0 {
-        attend_parts(q, rows, caches, s, out);
+        attend_parts(q, rows, caches, s, out, spread);
         return;
     }
     let run = |range: std::ops::Range<usize>| {
@@ -183,7 +193,7 @@ struct Part {
 /// The AVX2 path of `attend`: every (row, KV head) is split into parts of `PART` positions,
 /// computed over the pool, then merged with the usual max/sum rescaling.
 #[cfg(target_arch = "x86_64")]
-fn attend_parts(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadShape, out: &mut [f32]) {
+fn attend_parts(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: HeadShape, out: &mut [f32], spread: Spread<'_>) {
     use super::attention_avx2::{attend_part, PART};
     use super::pool::SharedMut;
     let (d, nh, nkv) = (s.head_dim, s.num_heads, s.num_kv_heads);

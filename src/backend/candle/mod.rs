@@ -5,7 +5,7 @@
 //! sequence's first step and freed by `release`.
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
-mod attention_avx2;
+pub(crate) mod attention_avx2;
 pub mod config;
 pub mod kv_cache;
 pub mod linear;

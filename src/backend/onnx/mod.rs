@@ -18,8 +18,11 @@
 //! On CUDA the runs take their shapes from a fixed set warmed up before serving ([`shapes`]):
 //! ONNX Runtime's CUDA provider pays 50-190 ms for the first run of every new input shape.
 pub mod genai_config;
+pub mod gqa;
+pub mod gqa_edit;
 pub mod kv;
 mod lora;
+mod proto;
 mod prune;
 pub mod run;
 pub mod runtime;
@@ -71,35 +74,66 @@ struct Names {
     logits_index: Option<CString>,
 }
 
-/// Opens the graph with its vocabulary projection limited to one position per row (`prune`),
-/// or as exported when the edit does not apply, the file holds its weights inline (over 256
-/// MiB), the edit is switched off (`INFERD_ONNX_FULL_LOGITS=1`, for A/B runs) or the edited
-/// graph does not load. Returns whether the edit is in use.
-fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &SessionSpec) -> Result<(Session, bool), BackendError> {
-    // A graph file that holds its weights inline is not read twice into memory for the edit.
+/// The load-time edits in use on a session's graph.
+#[derive(Debug, Clone, Copy, Default)]
+struct Edits {
+    /// The vocabulary projection reads one position per row ([`prune`]).
+    logits_index: bool,
+    /// `GroupQueryAttention` nodes on inferd's kernel ([`gqa`]).
+    attention_nodes: usize,
+}
+
+/// Opens the graph with the load-time edits that apply to it, dropping them one by one when an
+/// edited graph does not load:
+/// - [`prune`]: the vocabulary projection limited to one position per row (off with
+///   `INFERD_ONNX_FULL_LOGITS=1`, for A/B runs);
+/// - [`gqa_edit`]: attention on inferd's CPU kernel, on the CPU provider only (off with
+///   `INFERD_ONNX_ORT_ATTENTION=1`).
+///
+/// A graph file that holds its weights inline (over 256 MiB) is opened as exported: it is not
+/// read twice into memory for the edits.
+fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &SessionSpec) -> Result<(Session, Edits), BackendError> {
     const MAX_EDITED_BYTES: u64 = 256 << 20;
-    let small = std::fs::metadata(&cfg.graph).is_ok_and(|m| m.len() <= MAX_EDITED_BYTES);
-    let edited = if std::env::var_os("INFERD_ONNX_FULL_LOGITS").is_some() || !small {
+    let open = |bytes: Option<&[u8]>, ops: bool| runtime::open_session(env, &cfg.graph, bytes, spec, ops);
+    if !std::fs::metadata(&cfg.graph).is_ok_and(|m| m.len() <= MAX_EDITED_BYTES) {
+        return Ok((open(None, false).map_err(load_err)?, Edits::default()));
+    }
+    let bytes = std::fs::read(&cfg.graph).map_err(|e| load_err(format!("cannot read {}: {e}", cfg.graph.display())))?;
+    let warn = |what: &str, e: &dyn std::fmt::Display| tracing::warn!(graph = %cfg.graph.display(), "{what} ({e}); running without it");
+    let pruned = if std::env::var_os("INFERD_ONNX_FULL_LOGITS").is_some() {
         None
     } else {
-        let bytes = std::fs::read(&cfg.graph).map_err(|e| load_err(format!("cannot read {}: {e}", cfg.graph.display())))?;
-        match prune::logits_at_index(&bytes, &cfg.names.logits) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(graph = %cfg.graph.display(), "cannot edit the graph ({e}); running it as exported");
-                None
-            }
-        }
+        prune::logits_at_index(&bytes, &cfg.names.logits).unwrap_or_else(|e| {
+            warn("cannot limit the logits to one position", &e);
+            None
+        })
     };
-    if let Some(bytes) = &edited {
-        match runtime::open_session(env, &cfg.graph, Some(bytes), spec) {
-            Ok(s) => return Ok((s, true)),
+    let rerouted = if spec.device == Device::Cpu && std::env::var_os("INFERD_ONNX_ORT_ATTENTION").is_none() {
+        gqa_edit::reroute(pruned.as_deref().unwrap_or(&bytes)).unwrap_or_else(|e| {
+            warn("cannot move attention to inferd's kernel", &e);
+            None
+        })
+    } else {
+        None
+    };
+    drop(bytes);
+    let logits_index = pruned.is_some();
+    if let Some((graph, n)) = &rerouted {
+        match open(Some(graph), true) {
+            Ok(s) => return Ok((s, Edits { logits_index, attention_nodes: *n })),
             // Set-up (the provider) fails the same way for the graph as exported.
             Err(e @ runtime::OpenError::Setup(_)) => return Err(load_err(e)),
-            Err(e) => tracing::warn!(graph = %cfg.graph.display(), "the edited graph did not load ({e}); running it as exported"),
+            Err(e) => warn("the graph with inferd's attention kernel did not load", &e),
         }
     }
-    Ok((runtime::open_session(env, &cfg.graph, None, spec).map_err(load_err)?, false))
+    if let Some(graph) = &pruned {
+        match open(Some(graph), false) {
+            Ok(s) => return Ok((s, Edits { logits_index, attention_nodes: 0 })),
+            Err(e @ runtime::OpenError::Setup(_)) => return Err(load_err(e)),
+            Err(e) => warn("the graph with one logits position per row did not load", &e),
+        }
+    }
+    Ok((open(None, false).map_err(load_err)?, Edits::default()))
 }
 
 pub struct OnnxBackend {
@@ -144,7 +178,8 @@ impl OnnxBackend {
         if !cfg.graph.is_file() {
             return Err(load_err(format!("{} names {} which does not exist", dir.join("genai_config.json").display(), cfg.graph.display())));
         }
-        let (session, logits_index) = open_edited(env, &cfg, &opts.session)?;
+        let (session, edits) = open_edited(env, &cfg, &opts.session)?;
+        let logits_index = edits.logits_index;
         let provider = opts.session.provider_name();
 
         // Check the graph against genai_config.json before the first step, and learn dtypes.
@@ -220,7 +255,7 @@ impl OnnxBackend {
         let fixed_shapes = logits_index && opts.fixed_shapes.unwrap_or(cuda.is_some());
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
-            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, fixed_shapes,
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, attention_on_inferd = edits.attention_nodes, fixed_shapes,
             lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"

@@ -16,6 +16,8 @@
 //! directly: every field it does not touch is copied byte for byte.
 use std::collections::HashMap;
 
+use super::proto::{encode, fields, int64_tensor, node, put_bytes, put_int, strings, varint, Field, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_NODE, GRAPH_OUTPUT, MODEL_GRAPH, NODE_INPUT, NODE_OP_TYPE, NODE_OUTPUT};
+
 /// Name of the added graph input: `[batch, 1]` int64, the position whose logits each row gets.
 pub const INDEX_INPUT: &str = "inferd_logits_index";
 
@@ -28,102 +30,6 @@ const AXES: &str = "inferd/axis_1";
 const PER_POSITION: [&str; 5] = ["Cast", "Add", "Mul", "Div", "Identity"];
 /// Ops that can be the vocabulary projection.
 const PROJECTION: [&str; 4] = ["MatMul", "MatMulNBits", "Gemm", "MatMulInteger"];
-
-/// One protobuf field: its number, wire type and payload (the raw bytes of a varint or fixed
-/// value, or the contents of a length-delimited field).
-#[derive(Clone, Debug)]
-struct Field<'a> {
-    num: u64,
-    wire: u8,
-    data: &'a [u8],
-}
-
-fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, String> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let b = *buf.get(*pos).ok_or("truncated varint")?;
-        *pos += 1;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err("varint longer than 10 bytes".into())
-}
-
-fn fields(buf: &[u8]) -> Result<Vec<Field<'_>>, String> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < buf.len() {
-        let key = varint(buf, &mut pos)?;
-        let (num, wire) = (key >> 3, (key & 7) as u8);
-        let start = pos;
-        let end = match wire {
-            0 => {
-                varint(buf, &mut pos)?;
-                pos
-            }
-            1 => pos + 8,
-            2 => {
-                let len = varint(buf, &mut pos)? as usize;
-                let s = pos;
-                pos = s.checked_add(len).ok_or("length overflow")?;
-                out.push(Field { num, wire, data: buf.get(s..pos).ok_or("truncated field")? });
-                continue;
-            }
-            5 => pos + 4,
-            w => return Err(format!("unsupported wire type {w}")),
-        };
-        out.push(Field { num, wire, data: buf.get(start..end).ok_or("truncated field")? });
-        pos = end;
-    }
-    Ok(out)
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn put_bytes(out: &mut Vec<u8>, num: u64, data: &[u8]) {
-    put_varint(out, (num << 3) | 2);
-    put_varint(out, data.len() as u64);
-    out.extend_from_slice(data);
-}
-
-fn put_int(out: &mut Vec<u8>, num: u64, v: u64) {
-    put_varint(out, num << 3);
-    put_varint(out, v);
-}
-
-fn encode(fs: &[Field<'_>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for f in fs {
-        put_varint(&mut out, (f.num << 3) | u64::from(f.wire));
-        if f.wire == 2 {
-            put_varint(&mut out, f.data.len() as u64);
-        }
-        out.extend_from_slice(f.data);
-    }
-    out
-}
-
-fn strings<'a>(fs: &[Field<'a>], num: u64) -> Vec<&'a [u8]> {
-    fs.iter().filter(|f| f.num == num && f.wire == 2).map(|f| f.data).collect()
-}
-
-// Field numbers of onnx.proto.
-const MODEL_GRAPH: u64 = 7;
-const GRAPH_NODE: u64 = 1;
-const GRAPH_INITIALIZER: u64 = 5;
-const GRAPH_INPUT: u64 = 11;
-const GRAPH_OUTPUT: u64 = 12;
-const NODE_INPUT: u64 = 1;
-const NODE_OUTPUT: u64 = 2;
-const NODE_OP_TYPE: u64 = 4;
 
 /// A node of the graph: its index among the graph's fields, inputs, outputs and op type.
 struct Node<'a> {
@@ -208,9 +114,9 @@ pub fn logits_at_index(model: &[u8], logits: &str) -> Result<Option<Vec<u8>>, St
     let new_proj = encode(&node_fields);
     graph[nodes[proj].field] = Field { num: GRAPH_NODE, wire: 2, data: &new_proj };
 
-    let gather = node(&[&hidden, INDEX_INPUT.as_bytes()], GATHERED, "inferd/gather_logits_rows", "GatherND", Some(("batch_dims", 1)));
-    let unsqueeze = node(&[GATHERED.as_bytes(), AXES.as_bytes()], UNSQUEEZED, "inferd/unsqueeze_logits_rows", "Unsqueeze", None);
-    let axes = int64_tensor(AXES, 1);
+    let gather = node(&[&hidden, INDEX_INPUT.as_bytes()], &[GATHERED.as_bytes()], "inferd/gather_logits_rows", "GatherND", Some(("batch_dims", 1)));
+    let unsqueeze = node(&[GATHERED.as_bytes(), AXES.as_bytes()], &[UNSQUEEZED.as_bytes()], "inferd/unsqueeze_logits_rows", "Unsqueeze", None);
+    let axes = int64_tensor(AXES, &[1]);
     let input = index_input();
     // Nodes need not be in order in the file: ONNX Runtime sorts the graph when it loads it.
     graph.push(Field { num: GRAPH_NODE, wire: 2, data: &gather });
@@ -221,36 +127,6 @@ pub fn logits_at_index(model: &[u8], logits: &str) -> Result<Option<Vec<u8>>, St
     let mut top = top;
     top[gi].data = &new_graph;
     Ok(Some(encode(&top)))
-}
-
-/// A NodeProto in the default domain, with at most one int attribute.
-fn node(inputs: &[&[u8]], output: &str, name: &str, op: &str, attr: Option<(&str, u64)>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for i in inputs {
-        put_bytes(&mut out, NODE_INPUT, i);
-    }
-    put_bytes(&mut out, NODE_OUTPUT, output.as_bytes());
-    put_bytes(&mut out, 3, name.as_bytes());
-    put_bytes(&mut out, NODE_OP_TYPE, op.as_bytes());
-    if let Some((n, v)) = attr {
-        // AttributeProto: name(1), i(3), type(20) = INT(2).
-        let mut a = Vec::new();
-        put_bytes(&mut a, 1, n.as_bytes());
-        put_int(&mut a, 3, v);
-        put_int(&mut a, 20, 2);
-        put_bytes(&mut out, 5, &a);
-    }
-    out
-}
-
-/// A TensorProto initializer: int64 of shape [1].
-fn int64_tensor(name: &str, v: i64) -> Vec<u8> {
-    let mut out = Vec::new();
-    put_int(&mut out, 1, 1); // dims = [1]
-    put_int(&mut out, 2, 7); // data_type = INT64
-    put_bytes(&mut out, 8, name.as_bytes());
-    put_bytes(&mut out, 9, &v.to_le_bytes()); // raw_data
-    out
 }
 
 /// The ValueInfoProto of [`INDEX_INPUT`]: int64 `[batch_size, 1]`.
@@ -271,22 +147,6 @@ fn index_input() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn varints_and_fields_round_trip() {
-        let mut buf = Vec::new();
-        put_int(&mut buf, 3, 300);
-        put_bytes(&mut buf, 12, b"logits");
-        put_varint(&mut buf, (5 << 3) | 5);
-        buf.extend_from_slice(&[1, 2, 3, 4]);
-        let fs = fields(&buf).unwrap();
-        assert_eq!(fs.len(), 3);
-        assert_eq!((fs[0].num, varint(fs[0].data, &mut 0).unwrap()), (3, 300));
-        assert_eq!((fs[1].num, fs[1].data), (12, &b"logits"[..]));
-        assert_eq!((fs[2].num, fs[2].wire, fs[2].data), (5, 5, &[1u8, 2, 3, 4][..]));
-        assert_eq!(encode(&fs), buf, "unchanged fields are written back byte for byte");
-        assert!(fields(&buf[..buf.len() - 1]).is_err(), "a truncated message is an error, not a panic");
-    }
 
     fn fixture(name: &str) -> Vec<u8> {
         std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(name).join("model.onnx")).unwrap()

@@ -126,7 +126,9 @@ impl std::fmt::Display for OpenError {
 /// that file; its external weights are still read from the file's directory). A provider that
 /// cannot be registered (not compiled in, library without it, no device) is an error, never a
 /// silent fall-back to the CPU.
-pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec: &SessionSpec) -> Result<Session, OpenError> {
+///
+/// `inferd_ops`: register inferd's own kernels ([`super::gqa`]) for a graph that uses them.
+pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec: &SessionSpec, inferd_ops: bool) -> Result<Session, OpenError> {
     let builder = Session::builder(env).map_err(|e| OpenError::Setup(format!("cannot create a session builder: {e}")))?;
     let builder = builder
         .with_intra_threads(spec.intra_op_threads.max(1))
@@ -138,6 +140,10 @@ pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec
         Device::Cuda(id) => cuda(builder, id).map_err(OpenError::Setup)?,
         Device::CoreMl => coreml(builder).map_err(OpenError::Setup)?,
     };
+    if inferd_ops {
+        let domain = super::gqa::domain().map_err(|e| OpenError::Setup(format!("cannot create inferd's operator domain: {e}")))?;
+        builder = builder.with_operators(domain).map_err(|e| OpenError::Setup(format!("cannot register inferd's operators: {e}")))?;
+    }
     let loaded = match edited {
         None => builder.commit_from_file(graph),
         Some(bytes) => {

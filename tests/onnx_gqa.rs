@@ -1,0 +1,149 @@
+//! inferd's GroupQueryAttention kernel (src/backend/onnx/gqa.rs) against ONNX Runtime's own, on
+//! one-node graphs (tests/fixtures/onnx/gqa, written by scripts/make_gqa_fixture.py) and random
+//! inputs: decode rows of different lengths, a right-padded first prompt, a later prompt chunk;
+//! packed and separate q/k/v, both rotary layouts, the default and an explicit scale.
+//!
+//! The server binds each past buffer as its present output (the kernels then write in place);
+//! here ONNX Runtime allocates the present outputs, so both kernels also copy the past. That
+//! in-place mode is covered end to end by tests/onnx_backend.rs (logits against transformers).
+use std::path::{Path, PathBuf};
+
+use inferd::backend::onnx::runtime::{environment, open_session, SessionSpec};
+use inferd::backend::onnx::gqa_edit;
+use inferd::config::Device;
+use ort::session::Session;
+use ort::value::Tensor;
+
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD: usize = 16;
+const POSITIONS: usize = 32;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/gqa").join(format!("{name}.onnx"))
+}
+
+/// The graph on ONNX Runtime's kernel and on inferd's.
+fn sessions(name: &str) -> (Session, Session) {
+    let env = environment(None).expect("ONNX Runtime (scripts/fetch_onnxruntime.sh)");
+    let spec = SessionSpec { device: Device::Cpu, intra_op_threads: 2, inter_op_threads: 1 };
+    let path = fixture(name);
+    let bytes = std::fs::read(&path).unwrap();
+    let (edited, n) = gqa_edit::reroute(&bytes).unwrap().expect("the node moves to inferd's kernel");
+    assert_eq!(n, 1);
+    let ort_kernel = open_session(env, &path, None, &spec, false).unwrap_or_else(|e| panic!("{e}"));
+    let ours = open_session(env, &path, Some(&edited), &spec, true).unwrap_or_else(|e| panic!("{e}"));
+    (ort_kernel, ours)
+}
+
+/// A small deterministic generator (xorshift), values in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+/// One step: `b` rows of `s` new positions, a past buffer of `past` positions, row totals
+/// (seqlens_k + 1) and the mask width `total`.
+struct Case {
+    name: &'static str,
+    b: usize,
+    s: usize,
+    past: usize,
+    row_totals: Vec<usize>,
+    total: usize,
+    /// First prompt: the query positions that count in each row are those below its total.
+    first_prompt: bool,
+}
+
+struct Outputs {
+    output: Vec<f32>,
+    present_key: Vec<f32>,
+    present_value: Vec<f32>,
+    present_len: usize,
+}
+
+fn run(session: &mut Session, packed: bool, c: &Case, seed: u64) -> Outputs {
+    let mut rng = Rng(seed);
+    let (b, s) = (c.b, c.s);
+    let width = if packed { (HEADS + 2 * KV_HEADS) * HEAD } else { HEADS * HEAD };
+    let t = |shape: Vec<usize>, data: Vec<f32>| Tensor::from_array((shape, data)).unwrap();
+    let mut inputs = ort::inputs![
+        "query" => t(vec![b, s, width], rng.vec(b * s * width)),
+        "past_key" => t(vec![b, KV_HEADS, c.past, HEAD], rng.vec(b * KV_HEADS * c.past * HEAD)),
+        "past_value" => t(vec![b, KV_HEADS, c.past, HEAD], rng.vec(b * KV_HEADS * c.past * HEAD)),
+        "seqlens_k" => Tensor::from_array((vec![b], c.row_totals.iter().map(|&n| n as i32 - 1).collect::<Vec<i32>>())).unwrap(),
+        "total_sequence_length" => Tensor::from_array((vec![1usize], vec![c.total as i32])).unwrap(),
+        "cos_cache" => t(vec![POSITIONS, HEAD / 2], (0..POSITIONS * HEAD / 2).map(|i| ((i / 8) as f32 * 0.37 / (1 + i % 8) as f32).cos()).collect()),
+        "sin_cache" => t(vec![POSITIONS, HEAD / 2], (0..POSITIONS * HEAD / 2).map(|i| ((i / 8) as f32 * 0.37 / (1 + i % 8) as f32).sin()).collect()),
+    ];
+    if !packed {
+        inputs.push(("key".into(), t(vec![b, s, KV_HEADS * HEAD], rng.vec(b * s * KV_HEADS * HEAD)).into()));
+        inputs.push(("value".into(), t(vec![b, s, KV_HEADS * HEAD], rng.vec(b * s * KV_HEADS * HEAD)).into()));
+    }
+    let out = session.run(inputs).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let get = |n: &str| out[n].try_extract_tensor::<f32>().unwrap().1.to_vec();
+    let (shape, _) = out["present_key"].try_extract_tensor::<f32>().unwrap();
+    Outputs { output: get("output"), present_key: get("present_key"), present_value: get("present_value"), present_len: shape[2] as usize }
+}
+
+fn compare(packed: bool, name: &str, c: &Case) {
+    let (mut ort_kernel, mut ours) = sessions(name);
+    let (want, got) = (run(&mut ort_kernel, packed, c, 7), run(&mut ours, packed, c, 7));
+    assert_eq!(want.present_len, got.present_len, "{}", c.name);
+    let mut worst = 0f32;
+    for row in 0..c.b {
+        let row_total = c.row_totals[row];
+        // Outputs of the positions that count (a first prompt's padding positions do not).
+        for j in 0..c.s {
+            if c.first_prompt && j >= row_total {
+                continue;
+            }
+            let at = (row * c.s + j) * HEADS * HEAD;
+            for i in at..at + HEADS * HEAD {
+                worst = worst.max((want.output[i] - got.output[i]).abs());
+            }
+        }
+        // Cached positions in use, with this step's new ones.
+        for g in 0..KV_HEADS {
+            let at = (row * KV_HEADS + g) * want.present_len * HEAD;
+            for i in at..at + row_total * HEAD {
+                worst = worst.max((want.present_key[i] - got.present_key[i]).abs());
+                worst = worst.max((want.present_value[i] - got.present_value[i]).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-5, "{} ({name}): largest difference {worst}", c.name);
+    assert!(got.output.iter().all(|x| x.is_finite()), "{}: non-finite output", c.name);
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case { name: "decode, 3 rows of different lengths", b: 3, s: 1, past: 16, row_totals: vec![5, 12, 8], total: 12, first_prompt: false },
+        Case { name: "decode, one row at the end of its buffer", b: 1, s: 1, past: 16, row_totals: vec![16], total: 16, first_prompt: false },
+        Case { name: "first prompt, right-padded rows", b: 2, s: 6, past: 8, row_totals: vec![6, 4], total: 6, first_prompt: true },
+        Case { name: "later prompt chunk", b: 1, s: 4, past: 12, row_totals: vec![9], total: 9, first_prompt: false },
+    ]
+}
+
+#[test]
+fn packed_qkv_matches_onnx_runtime_kernel() {
+    for c in cases() {
+        compare(true, "packed", &c);
+    }
+}
+
+#[test]
+fn separate_qkv_interleaved_rotary_and_scale_match_onnx_runtime_kernel() {
+    for c in cases() {
+        compare(false, "separate", &c);
+    }
+}
