@@ -377,6 +377,9 @@ impl Kernel for GqaKernel {
             return Ok(());
         }
 
+        // Prompt chunks (and decode without AVX2): every query position alone, over the
+        // positions it sees, so that its result does not depend on how the prompt was chunked or
+        // batched (tests/onnx_backend.rs asserts this to the bit).
         // Queries, rotated and grouped by KV head: [(row, kv head, position)][group][head].
         let items = b * nkv * s;
         let mut q = vec![0f32; items * group * h];
