@@ -91,9 +91,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// A stacked unit's queries, outputs, maxima and sums (`attend_parts`).
-    #[allow(clippy::type_complexity)]
-    static STACKED: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// One (row, head) of attention: softmax(q . K[0..=pos] / sqrt(d)) V, written to `out`.
@@ -217,70 +214,29 @@ fn attend_parts(q: &[f32], rows: &[RowRef], caches: &[(&[f32], &[f32])], s: Head
         }
     }
     first.push(parts.len());
-    // Units of work: up to STACK full parts of one sequence's KV head over the same positions
-    // (the rows of a prompt chunk) go through `attend_part` together, their query heads stacked,
-    // so each cached key and value is read once for all of them. Each head's result is computed
-    // alone either way, so stacking changes no bit of it.
-    const STACK: usize = 16;
-    let mut units: Vec<std::ops::Range<usize>> = Vec::new();
-    let mut order: Vec<usize> = (0..parts.len()).collect();
-    order.sort_by_key(|&i| {
-        let p = &parts[i];
-        (rows[p.row].seq, p.kv_head, p.p0, p.p1, i)
-    });
-    let mut i = 0;
-    while i < order.len() {
-        let p = &parts[order[i]];
-        let key = (rows[p.row].seq, p.kv_head, p.p0, p.p1);
-        let mut j = i + 1;
-        while j < order.len() && j - i < STACK && p.p1 - p.p0 == PART && {
-            let q = &parts[order[j]];
-            (rows[q.row].seq, q.kv_head, q.p0, q.p1) == key
-        } {
-            j += 1;
-        }
-        units.push(i..j);
-        i = j;
-    }
     let mut pout = vec![0f32; parts.len() * gd];
     let mut pmax = vec![0f32; parts.len() * group];
     let mut psum = vec![0f32; parts.len() * group];
     let (po, pm, ps) = (SharedMut(pout.as_mut_ptr()), SharedMut(pmax.as_mut_ptr()), SharedMut(psum.as_mut_ptr()));
     let run = |range: std::ops::Range<usize>| {
-        for unit in &units[range] {
-            let members = &order[unit.clone()];
-            let first_part = &parts[members[0]];
-            let (k, v) = caches[rows[first_part.row].seq];
-            let n = members.len();
-            STACKED.with(|st| {
-                let (sq, so, sm, ss) = &mut *st.borrow_mut();
-                sq.clear();
-                for &pi in members {
-                    let qoff = (parts[pi].row * nh + first_part.kv_head * group) * d;
-                    sq.extend_from_slice(&q[qoff..qoff + gd]);
-                }
-                so.resize(n * gd, 0.0);
-                sm.resize(n * group, 0.0);
-                ss.resize(n * group, 0.0);
-                let shape = HeadShape { num_heads: n * nh, num_kv_heads: nkv, head_dim: d };
-                // SAFETY: AVX2/FMA were detected, d is a multiple of 8 and the caches hold every
-                // position below p1 (asserted in `attend`); part pi's slots of the three buffers
-                // are written by this unit alone and outlive the pool job.
-                unsafe {
-                    SCORES.with(|c| {
-                        attend_part(sq, k, v, (first_part.p0, first_part.p1), first_part.kv_head, shape, &mut c.borrow_mut(), so, sm, ss)
-                    });
-                    for (m, &pi) in members.iter().enumerate() {
-                        std::ptr::copy_nonoverlapping(so.as_ptr().add(m * gd), po.ptr().add(pi * gd), gd);
-                        std::ptr::copy_nonoverlapping(sm.as_ptr().add(m * group), pm.ptr().add(pi * group), group);
-                        std::ptr::copy_nonoverlapping(ss.as_ptr().add(m * group), ps.ptr().add(pi * group), group);
-                    }
-                }
-            });
+        for (i, pt) in parts.iter().enumerate().take(range.end).skip(range.start) {
+            let (k, v) = caches[rows[pt.row].seq];
+            let qoff = (pt.row * nh + pt.kv_head * group) * d;
+            // SAFETY: part i writes only its own slots of the three buffers, which outlive the
+            // pool job; AVX2/FMA were detected, d is a multiple of 8 and the caches hold every
+            // position below p1 (asserted in `attend`).
+            unsafe {
+                let o = std::slice::from_raw_parts_mut(po.ptr().add(i * gd), gd);
+                let m = std::slice::from_raw_parts_mut(pm.ptr().add(i * group), group);
+                let su = std::slice::from_raw_parts_mut(ps.ptr().add(i * group), group);
+                SCORES.with(|c| {
+                    attend_part(&q[qoff..qoff + gd], k, v, (pt.p0, pt.p1), pt.kv_head, s, &mut c.borrow_mut(), o, m, su)
+                });
+            }
         }
     };
     let work: usize = parts.iter().map(|p| p.p1 - p.p0).sum::<usize>() * nh * d;
-    spread(units.len(), work, &run);
+    spread(parts.len(), work, &run);
     // Merge the parts of each (row, KV head).
     for (i, w) in first.windows(2).enumerate() {
         let (r, kv_head) = (i / nkv, i % nkv);
