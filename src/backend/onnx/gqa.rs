@@ -205,7 +205,8 @@ impl Kernel for GqaKernel {
         let total = {
             let v = ctx.input(6)?.ok_or_else(|| bad("no total_sequence_length".into()))?;
             let (_, data) = v.try_extract_tensor::<i32>()?;
-            *data.first().ok_or_else(|| bad("empty total_sequence_length".into()))? as usize
+            let t = *data.first().ok_or_else(|| bad("empty total_sequence_length".into()))?;
+            usize::try_from(t).ok().filter(|&t| t > 0).ok_or_else(|| bad(format!("total_sequence_length {t}")))?
         };
         if seqlens.len() != b {
             return Err(bad(format!("seqlens_k has {} rows; the query {b}", seqlens.len())));
