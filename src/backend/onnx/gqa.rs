@@ -19,7 +19,7 @@
 //! - rotary embedding (`do_rotary`) from `cos_cache`/`sin_cache`, halves or interleaved pairs.
 //!
 //! Results differ from ONNX Runtime's in the last bits (another summation order and `exp`);
-//! `tests/onnx_gqa.rs` compares the two kernels on the three kinds of step.
+//! `tests/onnx_ops.rs` compares the two kernels on the three kinds of step.
 use std::ops::Range;
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
@@ -38,9 +38,10 @@ pub const OP: &str = "GroupQueryAttention";
 /// of ~3 us each to ONNX Runtime's pool costs about what it saves.
 const INLINE_WORK: usize = 256 * 1024;
 
-/// The operator domain to register on a session whose graph went through [`super::gqa_edit`].
+/// The operator domain of inferd's kernels (this one and [`super::silu_mul`]), to register on a
+/// session whose graph went through [`super::gqa_edit`] or [`super::silu_edit`].
 pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(GqaOp)
+    OperatorDomain::new(DOMAIN)?.add(GqaOp)?.add(super::silu_mul::SiluMulOp)
 }
 
 struct GqaOp;

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Writes the one-node GroupQueryAttention graphs of tests/onnx_gqa.rs (tests/fixtures/onnx/gqa/).
+"""Writes the one-node GroupQueryAttention graphs of tests/onnx_ops.rs (tests/fixtures/onnx/ops/).
 
-Why: tests/onnx_gqa.rs runs each graph on ONNX Runtime's own GroupQueryAttention kernel and, after
+Why: tests/onnx_ops.rs runs each graph on ONNX Runtime's own GroupQueryAttention kernel and, after
 src/backend/onnx/gqa_edit.rs, on inferd's (src/backend/onnx/gqa.rs), and compares the two.
 - packed.onnx:   query = packed q/k/v, rotary on rotated halves, default scale
 - separate.onnx: query, key and value apart, interleaved rotary, scale 0.3
 4 query heads, 2 KV heads, head size 16; cos/sin caches are graph inputs ([positions, 8]).
-Usage: .venv-export/bin/python scripts/make_gqa_fixture.py  (needs the onnx package)
+Usage: .venv-export/bin/python scripts/make_op_fixtures.py  (needs the onnx package)
 """
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper
 
 HEADS, KV_HEADS, HEAD = 4, 2, 16
-OUT = Path(__file__).resolve().parent.parent / "tests/fixtures/onnx/gqa"
+OUT = Path(__file__).resolve().parent.parent / "tests/fixtures/onnx/ops"
 
 
 def graph(packed):

@@ -1,5 +1,5 @@
 //! inferd's GroupQueryAttention kernel (src/backend/onnx/gqa.rs) against ONNX Runtime's own, on
-//! one-node graphs (tests/fixtures/onnx/gqa, written by scripts/make_gqa_fixture.py) and random
+//! one-node graphs (tests/fixtures/onnx/ops, written by scripts/make_op_fixtures.py) and random
 //! inputs: decode rows of different lengths, a right-padded first prompt, a later prompt chunk;
 //! packed and separate q/k/v, both rotary layouts, the default and an explicit scale.
 //!
@@ -20,7 +20,7 @@ const HEAD: usize = 16;
 const POSITIONS: usize = 32;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/gqa").join(format!("{name}.onnx"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/ops").join(format!("{name}.onnx"))
 }
 
 /// The graph on ONNX Runtime's kernel and on inferd's.
