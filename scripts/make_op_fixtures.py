@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Writes the one-node GroupQueryAttention graphs of tests/onnx_ops.rs (tests/fixtures/onnx/ops/).
+"""Writes the small graphs of tests/onnx_ops.rs (tests/fixtures/onnx/ops/).
 
-Why: tests/onnx_ops.rs runs each graph on ONNX Runtime's own GroupQueryAttention kernel and, after
-src/backend/onnx/gqa_edit.rs, on inferd's (src/backend/onnx/gqa.rs), and compares the two.
+Why: tests/onnx_ops.rs runs each graph on ONNX Runtime's own kernel and, after the load-time
+edit (src/backend/onnx/gqa_edit.rs), on inferd's (src/backend/onnx/gqa.rs), and compares the two.
 - packed.onnx:   query = packed q/k/v, rotary on rotated halves, default scale
 - separate.onnx: query, key and value apart, interleaved rotary, scale 0.3
 4 query heads, 2 KV heads, head size 16; cos/sin caches are graph inputs ([positions, 8]).

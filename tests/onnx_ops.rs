@@ -1,7 +1,9 @@
-//! inferd's GroupQueryAttention kernel (src/backend/onnx/gqa.rs) against ONNX Runtime's own, on
-//! one-node graphs (tests/fixtures/onnx/ops, written by scripts/make_op_fixtures.py) and random
-//! inputs: decode rows of different lengths, a right-padded first prompt, a later prompt chunk;
-//! packed and separate q/k/v, both rotary layouts, the default and an explicit scale.
+//! inferd's CPU kernels against ONNX Runtime's own on small graphs (tests/fixtures/onnx/ops,
+//! written by scripts/make_op_fixtures.py).
+//!
+//! GroupQueryAttention (src/backend/onnx/gqa.rs) on one-node graphs and random inputs: decode
+//! rows of different lengths, a right-padded first prompt, a later prompt chunk; packed and
+//! separate q/k/v, both rotary layouts, the default and an explicit scale.
 //!
 //! The server binds each past buffer as its present output (the kernels then write in place);
 //! here ONNX Runtime allocates the present outputs, so both kernels also copy the past. That
@@ -147,3 +149,4 @@ fn separate_qkv_interleaved_rotary_and_scale_match_onnx_runtime_kernel() {
         compare(false, "separate", &c);
     }
 }
+

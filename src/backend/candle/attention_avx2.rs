@@ -170,27 +170,3 @@ pub unsafe fn attend_part(
         pb = pe;
     }
 }
-
-/// `out[i] = gate[i] * sigmoid(gate[i]) * up[i]` (the onnx backend's `SiluMul` op), with
-/// `exp8` for the sigmoid.
-///
-/// # Safety
-/// AVX2 and FMA must be present (`available()`).
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    let n = out.len().min(gate.len()).min(up.len());
-    let one = _mm256_set1_ps(1.0);
-    let mut i = 0;
-    while i + 8 <= n {
-        let g = _mm256_loadu_ps(gate.as_ptr().add(i));
-        let e = exp8(_mm256_xor_ps(g, _mm256_set1_ps(-0.0)));
-        let s = _mm256_div_ps(one, _mm256_add_ps(one, e));
-        let r = _mm256_mul_ps(_mm256_mul_ps(g, s), _mm256_loadu_ps(up.as_ptr().add(i)));
-        _mm256_storeu_ps(out.as_mut_ptr().add(i), r);
-        i += 8;
-    }
-    for j in i..n {
-        let g = gate[j];
-        out[j] = g * (1.0 / (1.0 + (-g).exp())) * up[j];
-    }
-}

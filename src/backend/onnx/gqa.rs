@@ -38,10 +38,9 @@ pub const OP: &str = "GroupQueryAttention";
 /// of ~3 us each to ONNX Runtime's pool costs about what it saves.
 const INLINE_WORK: usize = 256 * 1024;
 
-/// The operator domain of inferd's kernels (this one and [`super::silu_mul`]), to register on a
-/// session whose graph went through [`super::gqa_edit`] or [`super::silu_edit`].
+/// The operator domain to register on a session whose graph went through [`super::gqa_edit`].
 pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(GqaOp)?.add(super::silu_mul::SiluMulOp)
+    OperatorDomain::new(DOMAIN)?.add(GqaOp)
 }
 
 struct GqaOp;

@@ -24,8 +24,6 @@ pub mod kv;
 mod lora;
 mod proto;
 mod prune;
-pub mod silu_edit;
-pub mod silu_mul;
 pub mod run;
 pub mod runtime;
 mod shapes;
@@ -83,8 +81,6 @@ struct Edits {
     logits_index: bool,
     /// `GroupQueryAttention` nodes on inferd's kernel ([`gqa`]).
     attention_nodes: usize,
-    /// Gated MLP activations fused into one `SiluMul` node each ([`silu_mul`]).
-    silu_nodes: usize,
 }
 
 /// Opens the graph with the load-time edits that apply to it, dropping them one by one when an
@@ -92,9 +88,7 @@ struct Edits {
 /// - [`prune`]: the vocabulary projection limited to one position per row (off with
 ///   `INFERD_ONNX_FULL_LOGITS=1`, for A/B runs);
 /// - [`gqa_edit`]: attention on inferd's CPU kernel, on the CPU provider only (off with
-///   `INFERD_ONNX_ORT_ATTENTION=1`);
-/// - [`silu_edit`]: each MLP's `Sigmoid`/`Mul`/`Mul` as one `SiluMul` node on inferd's kernel,
-///   on the CPU provider only (off with `INFERD_ONNX_ORT_SILU=1`).
+///   `INFERD_ONNX_ORT_ATTENTION=1`).
 ///
 /// A graph file that holds its weights inline (over 256 MiB) is opened as exported: it is not
 /// read twice into memory for the edits.
@@ -122,29 +116,11 @@ fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &Se
     } else {
         None
     };
-    let on_cpu = |var: &str| spec.device == Device::Cpu && std::env::var_os(var).is_none();
-    let base = rerouted.as_ref().map(|r| r.0.as_slice()).or(pruned.as_deref()).unwrap_or(&bytes);
-    let fused = if on_cpu("INFERD_ONNX_ORT_SILU") {
-        silu_edit::fuse(base).unwrap_or_else(|e| {
-            warn("cannot fuse the MLP activations", &e);
-            None
-        })
-    } else {
-        None
-    };
     drop(bytes);
     let logits_index = pruned.is_some();
-    let attention_nodes = rerouted.as_ref().map_or(0, |r| r.1);
-    if let Some((graph, n)) = &fused {
-        match open(Some(graph), true) {
-            Ok(s) => return Ok((s, Edits { logits_index, attention_nodes, silu_nodes: *n })),
-            Err(e @ runtime::OpenError::Setup(_)) => return Err(load_err(e)),
-            Err(e) => warn("the graph with fused MLP activations did not load", &e),
-        }
-    }
     if let Some((graph, n)) = &rerouted {
         match open(Some(graph), true) {
-            Ok(s) => return Ok((s, Edits { logits_index, attention_nodes: *n, silu_nodes: 0 })),
+            Ok(s) => return Ok((s, Edits { logits_index, attention_nodes: *n })),
             // Set-up (the provider) fails the same way for the graph as exported.
             Err(e @ runtime::OpenError::Setup(_)) => return Err(load_err(e)),
             Err(e) => warn("the graph with inferd's attention kernel did not load", &e),
@@ -279,7 +255,7 @@ impl OnnxBackend {
         let fixed_shapes = logits_index && opts.fixed_shapes.unwrap_or(cuda.is_some());
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
-            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, attention_on_inferd = edits.attention_nodes, silu_mul_on_inferd = edits.silu_nodes, fixed_shapes,
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, attention_on_inferd = edits.attention_nodes, fixed_shapes,
             lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
