@@ -3,10 +3,13 @@
 //! when the model loads on the CPU provider.
 //!
 //! Why: ONNX Runtime's CPU kernel calls its SGEMM twice per (row, head), with the keys and values
-//! packed into SGEMM's layout on every call. For one decode row of Qwen2.5-0.5B at 100 cached
-//! positions that is ~40 us per layer, ~1 ms (7%) of a 13 ms step. This kernel computes the same
-//! thing with the candle backend's AVX2 attention (`backend::candle::attention`): each cached key
-//! and value row is read in place once per group of query heads that share it.
+//! packed into SGEMM's layout on every call, so each KV head's cache is read and copied once for
+//! each of the query heads that share it. This kernel computes the same thing with the candle
+//! backend's AVX2 attention (`backend::candle::attention`): a decode row reads each cached key
+//! and value once per group of query heads. On Qwen2.5-0.5B (2 CPUs) decode is 1.13x as fast at
+//! 500 positions and 1.33x at 2000; at ~100 positions both kernels take ~20 us per layer.
+//! Prompt chunks run each query position alone (see below), slower than SGEMM's tiles: the first
+//! token after a 2000-token prompt comes 15% later (docs/perf-notes.md, session 8).
 //!
 //! Semantics follow ONNX Runtime's CPU kernel (`group_query_attention_helper.h`,
 //! `gqa_attention_base.h`), for the inputs and attributes [`super::gqa_edit`] lets through:
@@ -380,7 +383,7 @@ impl Kernel for GqaKernel {
 
         // Prompt chunks (and decode without AVX2): every query position alone, over the
         // positions it sees, so that its result does not depend on how the prompt was chunked or
-        // batched (tests/onnx_backend.rs asserts this to the bit).
+        // batched (tests/onnx_backend.rs asserts this to the bit; SGEMM-style tiles would not).
         // Queries, rotated and grouped by KV head: [(row, kv head, position)][group][head].
         let items = b * nkv * s;
         let mut q = vec![0f32; items * group * h];
