@@ -39,20 +39,28 @@ impl RopeTable {
         let cos = &self.cos[pos * half..(pos + 1) * half];
         let sin = &self.sin[pos * half..(pos + 1) * half];
         for head in x.chunks_exact_mut(2 * half) {
-            if self.interleaved {
-                for i in 0..half {
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = a * cos[i] - b * sin[i];
-                    head[2 * i + 1] = a * sin[i] + b * cos[i];
-                }
-            } else {
-                let (lo, hi) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (lo[i], hi[i]);
-                    lo[i] = a * cos[i] - b * sin[i];
-                    hi[i] = a * sin[i] + b * cos[i];
-                }
-            }
+            rotate_head(head, cos, sin, self.interleaved);
+        }
+    }
+}
+
+/// Rotates the first `2 * cos.len()` dims of one head by one position's tables: pairs
+/// `(2i, 2i + 1)` when `interleaved`, else `(i, i + half)` (the onnx backend's attention op
+/// uses it too, with ONNX Runtime's cos/sin caches).
+pub fn rotate_head(head: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = cos.len();
+    if interleaved {
+        for i in 0..half {
+            let (a, b) = (head[2 * i], head[2 * i + 1]);
+            head[2 * i] = a * cos[i] - b * sin[i];
+            head[2 * i + 1] = a * sin[i] + b * cos[i];
+        }
+    } else {
+        let (lo, hi) = head.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (lo[i], hi[i]);
+            lo[i] = a * cos[i] - b * sin[i];
+            hi[i] = a * sin[i] + b * cos[i];
         }
     }
 }

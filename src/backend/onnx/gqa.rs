@@ -28,7 +28,8 @@ use std::ops::Range;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
-use crate::backend::candle::attention::{attend_with, HeadShape, RowRef};
+use crate::backend::candle::attention::{attend_with, rotate_head, HeadShape, RowRef};
+use crate::backend::candle::pool::SharedMut;
 #[cfg(target_arch = "x86_64")]
 use crate::backend::candle::attention_avx2;
 
@@ -114,20 +115,6 @@ thread_local! {
     static DECODE_SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// A raw pointer the pool's closures may share (each writes its own disjoint part).
-#[derive(Clone, Copy)]
-struct Raw(*mut f32);
-// SAFETY: see each use; the pointee outlives the kernel call.
-unsafe impl Send for Raw {}
-unsafe impl Sync for Raw {}
-
-impl Raw {
-    /// The pointer (a method, so that closures capture the `Sync` wrapper, not the raw field).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 fn bad(msg: String) -> ort::Error {
     ort::Error::new(format!("{DOMAIN}.{OP}: {msg}"))
 }
@@ -140,21 +127,15 @@ fn float_input(ctx: &ComputeContext, i: usize) -> ort::Result<Option<(Vec<i64>, 
     Ok(Some((shape.to_vec(), data.as_ptr(), data.len())))
 }
 
-/// Rotates the first `2 * cos.len()` dims of one head for the position whose tables are given.
-fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
-    let half = cos.len();
-    if interleaved {
-        for i in 0..half {
-            let (a, b) = (x[2 * i], x[2 * i + 1]);
-            x[2 * i] = a * cos[i] - b * sin[i];
-            x[2 * i + 1] = a * sin[i] + b * cos[i];
-        }
-    } else {
-        for i in 0..half {
-            let (a, b) = (x[i], x[i + half]);
-            x[i] = a * cos[i] - b * sin[i];
-            x[i + half] = b * cos[i] + a * sin[i];
-        }
+/// One query head for the attention kernels: `src` rotated by the position's tables, if any,
+/// and scaled by `extra` (the kernels themselves scale by 1/sqrt(head)).
+fn query_head(dst: &mut [f32], src: &[f32], tables: Option<(&[f32], &[f32])>, interleaved: bool, extra: f32) {
+    dst.copy_from_slice(src);
+    if let Some((cos, sin)) = tables {
+        rotate_head(dst, cos, sin, interleaved);
+    }
+    if extra != 1.0 {
+        dst.iter_mut().for_each(|x| *x *= extra);
     }
 }
 
@@ -251,9 +232,9 @@ impl Kernel for GqaKernel {
 
         let mut out = ctx.output(0, [b as i64, s as i64, (n * h) as i64])?.ok_or_else(|| bad("no output".into()))?;
         let present_shape = [b as i64, nkv as i64, present_len as i64, h as i64];
-        let present_ptr = |i: usize| -> ort::Result<Option<Raw>> {
+        let present_ptr = |i: usize| -> ort::Result<Option<SharedMut<f32>>> {
             Ok(match ctx.output(i, present_shape)? {
-                Some(mut v) => Some(Raw(v.try_extract_tensor_mut::<f32>()?.1.as_mut_ptr())),
+                Some(mut v) => Some(SharedMut(v.try_extract_tensor_mut::<f32>()?.1.as_mut_ptr())),
                 None => None,
             })
         };
@@ -267,13 +248,13 @@ impl Kernel for GqaKernel {
                 scratch.resize(2 * cache_len, 0f32);
                 let base = scratch.as_mut_ptr();
                 // SAFETY: the second half of `scratch`.
-                (Raw(base), Raw(unsafe { base.add(cache_len) }))
+                (SharedMut(base), SharedMut(unsafe { base.add(cache_len) }))
             }
         };
         // SAFETY: each present buffer holds cache_len floats (the shape asked of ONNX Runtime) and
         // nothing else refers to it during the call except the past input of the same memory,
         // which is read through these slices only.
-        let (present_k, present_v) = unsafe { (std::slice::from_raw_parts_mut(pk.0, cache_len), std::slice::from_raw_parts_mut(pv.0, cache_len)) };
+        let (present_k, present_v) = unsafe { (std::slice::from_raw_parts_mut(pk.ptr(), cache_len), std::slice::from_raw_parts_mut(pv.ptr(), cache_len)) };
         // The past, when it lives in other memory: its positions in use move to the present.
         for (src, dst) in [(&past_k, &mut *present_k), (&past_v, &mut *present_v)] {
             let Some((_, ptr, len)) = src else { continue };
@@ -323,7 +304,7 @@ impl Kernel for GqaKernel {
                     let (src, off) = kv_at(row, j, g, false);
                     present_k[dst..dst + h].copy_from_slice(&src[off..off + h]);
                     if let Some((cos, sin)) = t {
-                        rotate(&mut present_k[dst..dst + h], cos, sin, self.interleaved);
+                        rotate_head(&mut present_k[dst..dst + h], cos, sin, self.interleaved);
                     }
                     let (src, off) = kv_at(row, j, g, true);
                     present_v[dst..dst + h].copy_from_slice(&src[off..off + h]);
@@ -331,13 +312,13 @@ impl Kernel for GqaKernel {
             }
         }
 
-        // The kernels scale q.k by 1/sqrt(head); another scale is folded into q.
+        // The kernels scale q.k by 1/sqrt(head); another scale is folded into q (`query_head`).
         let extra = if self.scale == 0.0 { 1.0 } else { self.scale * (h as f32).sqrt() };
         #[cfg(target_arch = "x86_64")]
         if s == 1 && h % 8 == 0 && attention_avx2::available() {
             let tables: Vec<_> = (0..b).map(|row| tables(position(row, 0))).collect::<ort::Result<_>>()?;
             let (_, out) = out.try_extract_tensor_mut::<f32>()?;
-            let (op, kp, vp) = (Raw(out.as_mut_ptr()), Raw(present_k.as_mut_ptr()), Raw(present_v.as_mut_ptr()));
+            let (op, kp, vp) = (SharedMut(out.as_mut_ptr()), SharedMut(present_k.as_mut_ptr()), SharedMut(present_v.as_mut_ptr()));
             let shape = HeadShape { num_heads: group, num_kv_heads: 1, head_dim: h };
             let item = |i: usize| {
                 let (row, g) = (i / nkv, i % nkv);
@@ -346,15 +327,9 @@ impl Kernel for GqaKernel {
                 let first_q = q_at(row, 0, g * group);
                 DECODE_SCRATCH.with(|cell| {
                     let Scratch { q, scores, maxes, sums } = &mut *cell.borrow_mut();
-                    q.clear();
-                    q.extend_from_slice(&q_all[first_q..first_q + group * h]);
-                    for head in q.chunks_exact_mut(h) {
-                        if let Some((cos, sin)) = tables[row] {
-                            rotate(head, cos, sin, self.interleaved);
-                        }
-                        if extra != 1.0 {
-                            head.iter_mut().for_each(|x| *x *= extra);
-                        }
+                    q.resize(group * h, 0.0);
+                    for (head, src) in q.chunks_exact_mut(h).zip(q_all[first_q..first_q + group * h].chunks_exact(h)) {
+                        query_head(head, src, tables[row], self.interleaved, extra);
                     }
                     maxes.resize(group, 0.0);
                     sums.resize(group, 0.0);
@@ -394,15 +369,8 @@ impl Kernel for GqaKernel {
                     let t = tables(position(row, j))?;
                     let item = (row * nkv + g) * s + j;
                     for i in 0..group {
-                        let dst = &mut q[(item * group + i) * h..][..h];
                         let off = q_at(row, j, g * group + i);
-                        dst.copy_from_slice(&q_all[off..off + h]);
-                        if let Some((cos, sin)) = t {
-                            rotate(dst, cos, sin, self.interleaved);
-                        }
-                        if extra != 1.0 {
-                            dst.iter_mut().for_each(|x| *x *= extra);
-                        }
+                        query_head(&mut q[(item * group + i) * h..][..h], &q_all[off..off + h], t, self.interleaved, extra);
                     }
                     // Causal: positions up to this one, within the row's length.
                     let seen = if first { j + 1 } else { past + j + 1 }.min(row_total);

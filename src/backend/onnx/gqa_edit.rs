@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use super::gqa::{DOMAIN, OP};
-use super::proto::{encode, fields, put_bytes, put_int, strings, varint, Field, ATTRIBUTE_FLOAT, ATTRIBUTE_INT, ATTRIBUTE_NAME, GRAPH_INPUT, GRAPH_NODE, MODEL_GRAPH, MODEL_OPSET_IMPORT, NODE_ATTRIBUTE, NODE_DOMAIN, NODE_INPUT, NODE_OP_TYPE};
+use super::proto::{encode, fields, graph_field, put_bytes, put_int, strings, varint, Field, ATTRIBUTE_FLOAT, ATTRIBUTE_INT, ATTRIBUTE_NAME, GRAPH_INPUT, GRAPH_NODE, MODEL_OPSET_IMPORT, NODE_ATTRIBUTE, NODE_DOMAIN, NODE_INPUT, NODE_OP_TYPE};
 
 /// Attributes the kernel reads; any other makes the node stay on ONNX Runtime's kernel unless
 /// it has the value that means "off".
@@ -114,10 +114,7 @@ fn reroute_node(data: &[u8], types: &HashMap<Vec<u8>, u64>) -> Result<Option<Vec
 /// `Ok(None)` when there is none.
 pub fn reroute(model: &[u8]) -> Result<Option<(Vec<u8>, usize)>, String> {
     let top = fields(model)?;
-    let gi = match top.iter().enumerate().filter(|(_, f)| f.num == MODEL_GRAPH).map(|(i, _)| i).collect::<Vec<_>>()[..] {
-        [i] => i,
-        _ => return Err("the model does not have exactly one graph".into()),
-    };
+    let gi = graph_field(&top)?;
     let graph = fields(top[gi].data)?;
     let types = input_types(&graph)?;
     let mut rerouted: Vec<(usize, Vec<u8>)> = Vec::new();
@@ -150,6 +147,7 @@ pub fn reroute(model: &[u8]) -> Result<Option<(Vec<u8>, usize)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::onnx::proto::MODEL_GRAPH;
 
     fn fixture(name: &str) -> Vec<u8> {
         std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(name).join("model.onnx")).unwrap()

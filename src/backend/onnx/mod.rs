@@ -118,19 +118,17 @@ fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &Se
     };
     drop(bytes);
     let logits_index = pruned.is_some();
-    if let Some((graph, n)) = &rerouted {
-        match open(Some(graph), true) {
-            Ok(s) => return Ok((s, Edits { logits_index, attention_nodes: *n })),
+    // Most edited first; each candidate that does not load leaves the next one to try.
+    let candidates = [
+        rerouted.as_ref().map(|(g, n)| (g, Edits { logits_index, attention_nodes: *n }, "the graph with inferd's attention kernel")),
+        pruned.as_ref().map(|g| (g, Edits { logits_index, attention_nodes: 0 }, "the graph with one logits position per row")),
+    ];
+    for (graph, edits, what) in candidates.into_iter().flatten() {
+        match open(Some(graph), edits.attention_nodes > 0) {
+            Ok(s) => return Ok((s, edits)),
             // Set-up (the provider) fails the same way for the graph as exported.
             Err(e @ runtime::OpenError::Setup(_)) => return Err(load_err(e)),
-            Err(e) => warn("the graph with inferd's attention kernel did not load", &e),
-        }
-    }
-    if let Some(graph) = &pruned {
-        match open(Some(graph), false) {
-            Ok(s) => return Ok((s, Edits { logits_index, ..Edits::default() })),
-            Err(e @ runtime::OpenError::Setup(_)) => return Err(load_err(e)),
-            Err(e) => warn("the graph with one logits position per row did not load", &e),
+            Err(e) => warn(&format!("{what} did not load"), &e),
         }
     }
     Ok((open(None, false).map_err(load_err)?, Edits::default()))

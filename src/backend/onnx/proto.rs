@@ -88,6 +88,14 @@ pub fn strings<'a>(fs: &[Field<'a>], num: u64) -> Vec<&'a [u8]> {
     fs.iter().filter(|f| f.num == num && f.wire == 2).map(|f| f.data).collect()
 }
 
+/// The index among a ModelProto's fields of its one graph.
+pub fn graph_field(model: &[Field<'_>]) -> Result<usize, String> {
+    match model.iter().enumerate().filter(|(_, f)| f.num == MODEL_GRAPH).map(|(i, _)| i).collect::<Vec<_>>()[..] {
+        [i] => Ok(i),
+        _ => Err("the model does not have exactly one graph".into()),
+    }
+}
+
 // Field numbers of onnx.proto.
 pub const MODEL_GRAPH: u64 = 7;
 pub const GRAPH_NODE: u64 = 1;

@@ -16,7 +16,7 @@
 //! directly: every field it does not touch is copied byte for byte.
 use std::collections::HashMap;
 
-use super::proto::{encode, fields, int64_tensor, node, put_bytes, put_int, strings, varint, Field, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_NODE, GRAPH_OUTPUT, MODEL_GRAPH, NODE_INPUT, NODE_OP_TYPE, NODE_OUTPUT};
+use super::proto::{encode, fields, graph_field, int64_tensor, node, put_bytes, put_int, strings, varint, Field, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_NODE, GRAPH_OUTPUT, NODE_INPUT, NODE_OP_TYPE, NODE_OUTPUT};
 
 /// Name of the added graph input: `[batch, 1]` int64, the position whose logits each row gets.
 pub const INDEX_INPUT: &str = "inferd_logits_index";
@@ -67,10 +67,7 @@ fn already_one_position(graph: &[Field<'_>], logits: &[u8]) -> Result<bool, Stri
 /// recognises (the graph is then used as it is).
 pub fn logits_at_index(model: &[u8], logits: &str) -> Result<Option<Vec<u8>>, String> {
     let top = fields(model)?;
-    let gi = match top.iter().enumerate().filter(|(_, f)| f.num == MODEL_GRAPH).map(|(i, _)| i).collect::<Vec<_>>()[..] {
-        [i] => i,
-        _ => return Err("the model does not have exactly one graph".into()),
-    };
+    let gi = graph_field(&top)?;
     let mut graph = fields(top[gi].data)?;
     let logits = logits.as_bytes();
     if already_one_position(&graph, logits)? {
@@ -147,6 +144,7 @@ fn index_input() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::onnx::proto::MODEL_GRAPH;
 
     fn fixture(name: &str) -> Vec<u8> {
         std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(name).join("model.onnx")).unwrap()
