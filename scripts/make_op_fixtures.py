@@ -2,16 +2,21 @@
 """Writes the small graphs of tests/onnx_ops.rs (tests/fixtures/onnx/ops/).
 
 Why: tests/onnx_ops.rs runs each graph on ONNX Runtime's own kernel and, after the load-time
-edit (src/backend/onnx/gqa_edit.rs), on inferd's (src/backend/onnx/gqa.rs), and compares the two.
+edit (src/backend/onnx/op_edit.rs), on inferd's, and compares the two.
+GroupQueryAttention (src/backend/onnx/gqa.rs), 4 query heads, 2 KV heads, head size 16; cos/sin
+caches are graph inputs ([positions, 8]):
 - packed.onnx:   query = packed q/k/v, rotary on rotated halves, default scale
 - separate.onnx: query, key and value apart, interleaved rotary, scale 0.3
-4 query heads, 2 KV heads, head size 16; cos/sin caches are graph inputs ([positions, 8]).
+MatMulNBits (src/backend/onnx/nbits.rs), int4, blocks of 32, accuracy_level 4, no zero points,
+random but fixed weights and scales as initializers (as the exports have them):
+- matmul_k96.onnx:  K 96 (3 blocks: a trailing single one), N 37
+- matmul_k896.onnx: K 896 (28 blocks, Qwen2.5-0.5B's hidden size), N 22
 Usage: .venv-export/bin/python scripts/make_op_fixtures.py  (needs the onnx package)
 """
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 HEADS, KV_HEADS, HEAD = 4, 2, 16
 OUT = Path(__file__).resolve().parent.parent / "tests/fixtures/onnx/ops"
@@ -41,8 +46,25 @@ def graph(packed):
                              ir_version=9)
 
 
+def matmul(k, n, seed):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, size=(n, k // 32, 16), dtype=np.uint8)
+    scales = (rng.random((n, k // 32), dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["a", "b", "scales"], ["y"], name="mm", domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=32, accuracy_level=4)
+    g = helper.make_graph([node], "matmul", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+                          [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales, "scales")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=9)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     for name, packed in (("packed", True), ("separate", False)):
         onnx.save(graph(packed), OUT / f"{name}.onnx")
         print("wrote", OUT / f"{name}.onnx")
+    for k, n, seed in ((96, 37, 1), (896, 22, 2)):
+        onnx.save(matmul(k, n, seed), OUT / f"matmul_k{k}.onnx")
+        print("wrote", OUT / f"matmul_k{k}.onnx")

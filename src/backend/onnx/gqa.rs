@@ -1,5 +1,5 @@
 //! inferd's own CPU kernel for ONNX Runtime's `GroupQueryAttention` (com.microsoft), registered
-//! as a custom op in the domain [`DOMAIN`]; [`super::gqa_edit`] moves the graph's nodes onto it
+//! as a custom op in the domain [`DOMAIN`]; [`super::op_edit`] moves the graph's nodes onto it
 //! when the model loads on the CPU provider.
 //!
 //! Why: ONNX Runtime's CPU kernel calls its SGEMM twice per (row, head), with the keys and values
@@ -12,7 +12,7 @@
 //! token after a 2000-token prompt comes 15% later (docs/perf-notes.md, session 8).
 //!
 //! Semantics follow ONNX Runtime's CPU kernel (`group_query_attention_helper.h`,
-//! `gqa_attention_base.h`), for the inputs and attributes [`super::gqa_edit`] lets through:
+//! `gqa_attention_base.h`), for the inputs and attributes [`super::op_edit`] lets through:
 //! - query `[B, S, D]`, packed `(num_heads + 2 kv_num_heads) x head` or with key/value apart;
 //! - past key/value `[B, kv_heads, L, head]`; present `[B, kv_heads, max(L, total), head]`,
 //!   in the same memory as the past when the caller binds it so (the server does);
@@ -25,16 +25,15 @@
 //! `tests/onnx_ops.rs` compares the two kernels on the three kinds of step.
 use std::ops::Range;
 
-use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
+use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
 use crate::backend::candle::attention::{attend_with, rotate_head, HeadShape, RowRef};
+use super::op_edit::DOMAIN;
 use crate::backend::candle::pool::SharedMut;
 #[cfg(target_arch = "x86_64")]
 use crate::backend::candle::attention_avx2;
 
-/// The custom op domain of inferd's kernels.
-pub const DOMAIN: &str = "ai.inferd";
 /// The op's name (the same as ONNX Runtime's, so that the edit only changes the node's domain).
 pub const OP: &str = "GroupQueryAttention";
 
@@ -42,12 +41,7 @@ pub const OP: &str = "GroupQueryAttention";
 /// of ~3 us each to ONNX Runtime's pool costs about what it saves.
 const INLINE_WORK: usize = 256 * 1024;
 
-/// The operator domain to register on a session whose graph went through [`super::gqa_edit`].
-pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(GqaOp)
-}
-
-struct GqaOp;
+pub struct GqaOp;
 
 impl Operator for GqaOp {
     type Kernel<'attr> = GqaKernel;

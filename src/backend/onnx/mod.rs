@@ -19,9 +19,13 @@
 //! ONNX Runtime's CUDA provider pays 50-190 ms for the first run of every new input shape.
 pub mod genai_config;
 pub mod gqa;
-pub mod gqa_edit;
 pub mod kv;
 mod lora;
+#[cfg(target_arch = "x86_64")]
+pub mod nbits;
+#[cfg(target_arch = "x86_64")]
+mod nbits_avx2;
+pub mod op_edit;
 mod proto;
 mod prune;
 pub mod run;
@@ -79,16 +83,16 @@ struct Names {
 struct Edits {
     /// The vocabulary projection reads one position per row ([`prune`]).
     logits_index: bool,
-    /// `GroupQueryAttention` nodes on inferd's kernel ([`gqa`]).
-    attention_nodes: usize,
+    /// Nodes on inferd's kernels ([`op_edit`]).
+    on_inferd: op_edit::Moved,
 }
 
 /// Opens the graph with the load-time edits that apply to it, dropping them one by one when an
 /// edited graph does not load:
 /// - [`prune`]: the vocabulary projection limited to one position per row (off with
 ///   `INFERD_ONNX_FULL_LOGITS=1`, for A/B runs);
-/// - [`gqa_edit`]: attention on inferd's CPU kernel, on the CPU provider only (off with
-///   `INFERD_ONNX_ORT_ATTENTION=1`).
+/// - [`op_edit`]: attention ([`gqa`]) and int4 matmuls ([`nbits`]) on inferd's CPU kernels, on
+///   the CPU provider only (off with `INFERD_ONNX_ORT_ATTENTION=1` and `INFERD_ONNX_ORT_MATMUL=1`).
 ///
 /// A graph file that holds its weights inline (over 256 MiB) is opened as exported: it is not
 /// read twice into memory for the edits.
@@ -108,9 +112,14 @@ fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &Se
             None
         })
     };
-    let rerouted = if spec.device == Device::Cpu && std::env::var_os("INFERD_ONNX_ORT_ATTENTION").is_none() {
-        gqa_edit::reroute(pruned.as_deref().unwrap_or(&bytes)).unwrap_or_else(|e| {
-            warn("cannot move attention to inferd's kernel", &e);
+    let cpu = spec.device == Device::Cpu;
+    let kernels = op_edit::Kernels {
+        attention: cpu && std::env::var_os("INFERD_ONNX_ORT_ATTENTION").is_none(),
+        matmul: cpu && op_edit::matmul_kernel_available() && std::env::var_os("INFERD_ONNX_ORT_MATMUL").is_none(),
+    };
+    let rerouted = if kernels.attention || kernels.matmul {
+        op_edit::reroute(pruned.as_deref().unwrap_or(&bytes), kernels).unwrap_or_else(|e| {
+            warn("cannot move nodes to inferd's kernels", &e);
             None
         })
     } else {
@@ -120,11 +129,11 @@ fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &Se
     let logits_index = pruned.is_some();
     // Most edited first; each candidate that does not load leaves the next one to try.
     let candidates = [
-        rerouted.as_ref().map(|(g, n)| (g, Edits { logits_index, attention_nodes: *n }, "the graph with inferd's attention kernel")),
-        pruned.as_ref().map(|g| (g, Edits { logits_index, attention_nodes: 0 }, "the graph with one logits position per row")),
+        rerouted.as_ref().map(|(g, moved)| (g, Edits { logits_index, on_inferd: *moved }, "the graph with inferd's kernels")),
+        pruned.as_ref().map(|g| (g, Edits { logits_index, on_inferd: op_edit::Moved::default() }, "the graph with one logits position per row")),
     ];
     for (graph, edits, what) in candidates.into_iter().flatten() {
-        match open(Some(graph), edits.attention_nodes > 0) {
+        match open(Some(graph), edits.on_inferd != op_edit::Moved::default()) {
             Ok(s) => return Ok((s, edits)),
             // Set-up (the provider) fails the same way for the graph as exported.
             Err(e @ runtime::OpenError::Setup(_)) => return Err(load_err(e)),
@@ -253,7 +262,7 @@ impl OnnxBackend {
         let fixed_shapes = logits_index && opts.fixed_shapes.unwrap_or(cuda.is_some());
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
-            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, attention_on_inferd = edits.attention_nodes, fixed_shapes,
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, attention_on_inferd = edits.on_inferd.attention, matmuls_on_inferd = edits.on_inferd.matmul, fixed_shapes,
             lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"

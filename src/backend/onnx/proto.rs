@@ -1,5 +1,5 @@
 //! The protobuf wire format of ONNX files, as much as the load-time graph edits need
-//! ([`super::prune`], [`super::gqa_edit`]): a message is a list of fields, and every field an edit
+//! ([`super::prune`], [`super::op_edit`]): a message is a list of fields, and every field an edit
 //! does not touch is written back byte for byte.
 
 /// One protobuf field: its number, wire type and payload (the raw bytes of a varint or fixed

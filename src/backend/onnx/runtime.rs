@@ -127,7 +127,7 @@ impl std::fmt::Display for OpenError {
 /// cannot be registered (not compiled in, library without it, no device) is an error, never a
 /// silent fall-back to the CPU.
 ///
-/// `inferd_ops`: register inferd's own kernels ([`super::gqa`]) for a graph that uses them.
+/// `inferd_ops`: register inferd's own kernels ([`super::op_edit`]) for a graph that uses them.
 pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec: &SessionSpec, inferd_ops: bool) -> Result<Session, OpenError> {
     let builder = Session::builder(env).map_err(|e| OpenError::Setup(format!("cannot create a session builder: {e}")))?;
     let builder = builder
@@ -141,7 +141,7 @@ pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec
         Device::CoreMl => coreml(builder).map_err(OpenError::Setup)?,
     };
     if inferd_ops {
-        let domain = super::gqa::domain().map_err(|e| OpenError::Setup(format!("cannot create inferd's operator domain: {e}")))?;
+        let domain = super::op_edit::domain().map_err(|e| OpenError::Setup(format!("cannot create inferd's operator domain: {e}")))?;
         builder = builder.with_operators(domain).map_err(|e| OpenError::Setup(format!("cannot register inferd's operators: {e}")))?;
     }
     let loaded = match edited {
