@@ -219,3 +219,46 @@ fn int4_matmul_rows_do_not_depend_on_the_rest_of_the_run() {
         }
     }
 }
+
+/// Timing of the int4 kernel against ONNX Runtime's on graphs from INFERD_NBITS_BENCH_DIR
+/// (mm_N_K.onnx), 1 and 8 rows, sessions alternating. Not a test: `cargo test --release --test
+/// onnx_ops nbits_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn nbits_timing() {
+    let Ok(dir) = std::env::var("INFERD_NBITS_BENCH_DIR") else { return };
+    let env = environment(None).unwrap();
+    let spec = SessionSpec { device: Device::Cpu, intra_op_threads: 2, inter_op_threads: 1 };
+    let only = std::env::var("INFERD_NBITS_BENCH_ONLY").ok();
+    for (n, k) in [(4864, 896), (896, 4864), (1152, 896), (151936, 896), (0, 896)] {
+        let name = if n == 0 { format!("mm_chain_{k}") } else { format!("mm_{n}_{k}") };
+        if only.as_ref().is_some_and(|o| *o != name) {
+            continue;
+        }
+        let path = PathBuf::from(&dir).join(format!("{name}.onnx"));
+        let bytes = std::fs::read(&path).unwrap();
+        let (edited, _) = op_edit::reroute(&bytes, Kernels { attention: true, matmul: true }).unwrap().unwrap();
+        let mut theirs = open_session(env, &path, None, &spec, false).unwrap();
+        let mut ours = open_session(env, &path, Some(&edited), &spec, true).unwrap();
+        for m in [1usize, 8] {
+            let a = Tensor::from_array((vec![m, k], activations(&mut Rng(3), m, k).concat())).unwrap();
+            let reps = if n > 100000 || n == 0 { 3 } else { 40 };
+            let (mut t_ours, mut t_theirs) = (Vec::new(), Vec::new());
+            for _ in 0..30 {
+                for (s, t) in [(&mut ours, &mut t_ours), (&mut theirs, &mut t_theirs)] {
+                    let start = std::time::Instant::now();
+                    for _ in 0..reps {
+                        s.run(ort::inputs!["A" => a.view()]).unwrap();
+                    }
+                    t.push(start.elapsed().as_secs_f64() / reps as f64);
+                }
+            }
+            let mut ratios: Vec<f64> = t_theirs.iter().zip(&t_ours).map(|(t, o)| t / o).collect();
+            ratios.sort_by(f64::total_cmp);
+            t_ours.sort_by(f64::total_cmp);
+            t_theirs.sort_by(f64::total_cmp);
+            let faster = ratios.iter().filter(|&&r| r > 1.0).count();
+            eprintln!("{name} M {m}: inferd {:.1} us, ONNX Runtime {:.1} us (medians); speed-up per pair: median {:.3}, {faster}/30 faster", t_ours[15] * 1e6, t_theirs[15] * 1e6, ratios[15]);
+        }
+    }
+}

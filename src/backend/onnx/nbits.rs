@@ -17,7 +17,7 @@
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
-use super::nbits_avx2::{self as avx2, PairAct, Rows, BLOCK};
+use super::nbits_avx2::{self as avx2, ActRow, GroupAct, PairAct, Rows, BLOCK};
 pub use super::nbits_avx2::available;
 use super::op_edit::{DOMAIN, MATMUL_OP as OP};
 use crate::backend::candle::pool::SharedMut;
@@ -72,7 +72,7 @@ fn bad(msg: String) -> ort::Error {
 }
 
 thread_local! {
-    static ACTS: std::cell::RefCell<Vec<PairAct>> = const { std::cell::RefCell::new(Vec::new()) };
+    static ACTS: std::cell::RefCell<(Vec<PairAct>, Vec<GroupAct>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 impl Kernel for NBitsKernel {
@@ -100,16 +100,17 @@ impl Kernel for NBitsKernel {
             return Ok(());
         }
         let w = Rows { weights, scales, blocks };
-        let pairs = avx2::pairs(k);
+        let (pairs, groups) = (avx2::pairs(k), avx2::groups(k));
         ACTS.with(|cell| {
-            let acts = &mut *cell.borrow_mut();
-            acts.resize(rows * pairs, PairAct::default());
-            for (row, dst) in a.chunks_exact(k).zip(acts.chunks_exact_mut(pairs)) {
+            let (pair_acts, group_acts) = &mut *cell.borrow_mut();
+            pair_acts.resize(rows * pairs, PairAct::default());
+            group_acts.resize(rows * groups, GroupAct::default());
+            for (m, row) in a.chunks_exact(k).enumerate() {
                 // SAFETY: `available()` was checked when the kernel was created.
-                unsafe { avx2::quantize_row(row, dst) };
+                unsafe { avx2::quantize_row(row, &mut pair_acts[m * pairs..(m + 1) * pairs], &mut group_acts[m * groups..(m + 1) * groups]) };
             }
-            let acts: Vec<&[PairAct]> = acts.chunks_exact(pairs).collect();
-            let per_item = ITEM_WORK.div_ceil(k * rows).next_multiple_of(4).max(if rows >= 16 { 32 } else { 8 });
+            let acts: Vec<ActRow> = (0..rows).map(|m| ActRow { pairs: &pair_acts[m * pairs..(m + 1) * pairs], groups: &group_acts[m * groups..(m + 1) * groups] }).collect();
+            let per_item = ITEM_WORK.div_ceil(k * rows).max(if rows >= 16 { 32 } else { 8 });
             let items = n.div_ceil(per_item);
             let yp = SharedMut(y.as_mut_ptr());
             let item = |i: usize| {
@@ -126,48 +127,36 @@ impl Kernel for NBitsKernel {
     }
 }
 
-/// `y[m][cols] = acts[m] . w[cols]` for every activation row m, by tiles of weight rows x
-/// activation rows.
+/// `y[m][cols] = acts[m] . w[cols]` for every activation row m: each weight row once per four
+/// activation rows, one weight row at a time (one sequential stream for the prefetchers).
 ///
 /// # Safety
 /// AVX2 and FMA available; `y` points to `acts.len()` rows of `stride` floats, columns `cols`
 /// writable by this caller alone; `cols` are rows of `w`.
-unsafe fn product(w: &Rows<'_>, cols: std::ops::Range<usize>, acts: &[&[PairAct]], y: *mut f32, stride: usize) {
+unsafe fn product(w: &Rows<'_>, cols: std::ops::Range<usize>, acts: &[ActRow<'_>], y: *mut f32, stride: usize) {
     let mut m = 0;
     while m < acts.len() {
         let left = acts.len() - m;
         match left {
-            1 => columns::<4, 1>(w, cols.clone(), [acts[m]], m, y, stride),
-            2 => columns::<2, 2>(w, cols.clone(), [acts[m], acts[m + 1]], m, y, stride),
-            3 => columns::<2, 3>(w, cols.clone(), [acts[m], acts[m + 1], acts[m + 2]], m, y, stride),
-            _ => columns::<2, 4>(w, cols.clone(), [acts[m], acts[m + 1], acts[m + 2], acts[m + 3]], m, y, stride),
+            1 => columns::<1>(w, cols.clone(), [acts[m]], m, y, stride),
+            2 => columns::<2>(w, cols.clone(), [acts[m], acts[m + 1]], m, y, stride),
+            3 => columns::<3>(w, cols.clone(), [acts[m], acts[m + 1], acts[m + 2]], m, y, stride),
+            _ => columns::<4>(w, cols.clone(), [acts[m], acts[m + 1], acts[m + 2], acts[m + 3]], m, y, stride),
         }
         m += left.min(4);
     }
 }
 
-/// One tile of `M` activation rows (from row `m0`) over weight rows `cols`, `R` at a time (the
-/// last few one at a time).
+/// `M` activation rows (from row `m0`) over weight rows `cols`.
 ///
 /// # Safety
 /// As [`product`].
-unsafe fn columns<const R: usize, const M: usize>(w: &Rows<'_>, cols: std::ops::Range<usize>, acts: [&[PairAct]; M], m0: usize, y: *mut f32, stride: usize) {
-    let mut c = cols.start;
-    while c < cols.end {
-        if cols.end - c >= R {
-            let mut out = [[0f32; R]; M];
-            avx2::tile::<R, M>(w, c, acts, &mut out);
-            for (m, row) in out.iter().enumerate() {
-                std::ptr::copy_nonoverlapping(row.as_ptr(), y.add((m0 + m) * stride + c), R);
-            }
-            c += R;
-        } else {
-            let mut out = [[0f32; 1]; M];
-            avx2::tile::<1, M>(w, c, acts, &mut out);
-            for (m, row) in out.iter().enumerate() {
-                *y.add((m0 + m) * stride + c) = row[0];
-            }
-            c += 1;
+unsafe fn columns<const M: usize>(w: &Rows<'_>, cols: std::ops::Range<usize>, acts: [ActRow<'_>; M], m0: usize, y: *mut f32, stride: usize) {
+    for c in cols {
+        let mut out = [0f32; M];
+        avx2::tile::<M>(w, c, acts, &mut out);
+        for (m, v) in out.into_iter().enumerate() {
+            *y.add((m0 + m) * stride + c) = v;
         }
     }
 }

@@ -31,6 +31,33 @@ pub struct PairAct {
     scale: [f32; 8],
 }
 
+/// Eight blocks (four pairs) of a quantised activation row, in the lane order in which
+/// [`tile`] reduces them: blocks 0, 2, 4, 6, 1, 3, 5, 7.
+#[repr(C, align(32))]
+#[derive(Clone, Copy, Default)]
+pub struct GroupAct {
+    /// `8 * sum(q)` of each block.
+    corr: [i32; 8],
+    /// Each block's activation scale.
+    scale: [f32; 8],
+}
+
+/// The lane order of a [`GroupAct`]: block `GROUP_ORDER[lane]` of the eight.
+const GROUP_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+
+/// A quantised activation row: its pairs of blocks and, for each full eight blocks, their
+/// group terms ([`quantize_row`]).
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub pairs: &'a [PairAct],
+    pub groups: &'a [GroupAct],
+}
+
+/// Groups of eight blocks per row of `k` elements.
+pub fn groups(k: usize) -> usize {
+    k / (8 * BLOCK)
+}
+
 /// Pairs of blocks per row of `k` elements (a trailing single block counts as a pair whose
 /// second block is zero).
 pub fn pairs(k: usize) -> usize {
@@ -42,12 +69,13 @@ pub fn available() -> bool {
 }
 
 /// Quantises one activation row of `k = a.len()` (a multiple of [`BLOCK`]) into `out`
-/// ([`pairs`]`(k)` long): per block, scale = max|a| / 127 and q = round(a / scale).
+/// ([`pairs`]`(k)` long) and `group_out` ([`groups`]`(k)` long): per block, scale = max|a| /
+/// 127 and q = round(a / scale).
 ///
 /// # Safety
 /// AVX2 and FMA must be available.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn quantize_row(a: &[f32], out: &mut [PairAct]) {
+pub unsafe fn quantize_row(a: &[f32], out: &mut [PairAct], group_out: &mut [GroupAct]) {
     let blocks = a.len() / BLOCK;
     debug_assert_eq!(out.len(), pairs(a.len()));
     // packs_epi32/packs_epi16 interleave 128-bit lanes; this restores the element order.
@@ -87,80 +115,181 @@ pub unsafe fn quantize_row(a: &[f32], out: &mut [PairAct]) {
             pair.scale[4 * half..4 * half + 4].fill(scale);
         }
     }
+    debug_assert_eq!(group_out.len(), groups(a.len()));
+    for (g, group) in group_out.iter_mut().enumerate() {
+        for (lane, &b) in GROUP_ORDER.iter().enumerate() {
+            let pair = &out[4 * g + b / 2];
+            group.corr[lane] = pair.corr[4 * (b % 2)];
+            group.scale[lane] = pair.scale[4 * (b % 2)];
+        }
+    }
 }
 
-/// Weight rows of one tile: `R` rows of `blocks` blocks from `weights` and `scales`.
+/// The weights of a node: `blocks` blocks per row.
 pub struct Rows<'a> {
     pub weights: &'a [u8],
     pub scales: &'a [f32],
     pub blocks: usize,
 }
 
-/// `out[m][r] = sum over k of act[m][k] * w[r][k]` for the `R` weight rows starting at `first`
-/// and the `M` activation rows `acts` (each [`pairs`]`(k)` long).
+/// How far ahead (bytes) of the block pair in use the weight row is prefetched. One row at a
+/// time and this prefetch made the difference between 0.94x and 1.1-1.3x ONNX Runtime's kernel
+/// on a chain of Qwen-sized projections streamed from memory (docs/perf-notes.md, session 9).
+const PREFETCH: usize = 1024;
+
+/// `out[m] = sum over k of act[m][k] * w[row][k]` for the `M` activation rows `acts`.
+///
+/// Each group of eight blocks is reduced to one vector of eight block sums (one lane per block,
+/// in [`GROUP_ORDER`]) before its scales apply: one conversion, one scale product and one FMA
+/// per eight blocks. Blocks after the last full group go pair by pair.
 ///
 /// # Safety
-/// AVX2 and FMA must be available; rows `first..first + R` must exist in `w`.
+/// AVX2 and FMA must be available; `row` must be a row of `w`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn tile<const R: usize, const M: usize>(w: &Rows<'_>, first: usize, acts: [&[PairAct]; M], out: &mut [[f32; R]; M]) {
+pub unsafe fn tile<const M: usize>(w: &Rows<'_>, row: usize, acts: [ActRow<'_>; M], out: &mut [f32; M]) {
     let nb = w.blocks;
     let full = nb / 2;
-    let low4 = _mm256_set1_epi8(0x0f);
+    let order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     let halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    let wrow: [*const u8; R] = std::array::from_fn(|r| w.weights.as_ptr().add((first + r) * nb * 16));
-    let srow: [*const f32; R] = std::array::from_fn(|r| w.scales.as_ptr().add((first + r) * nb));
-    let mut acc = [[_mm256_setzero_ps(); M]; R];
-    for p in 0..full {
-        let mut lo = [_mm256_setzero_si256(); R];
-        let mut hi = [_mm256_setzero_si256(); R];
-        let mut sw = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            let v = _mm256_loadu_si256(wrow[r].add(32 * p) as *const __m256i);
-            lo[r] = _mm256_and_si256(v, low4);
-            hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            let s = _mm_castpd_ps(_mm_load_sd(srow[r].add(2 * p) as *const f64));
-            sw[r] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s), halves);
+    let wrow = w.weights.as_ptr().add(row * nb * 16);
+    let srow = w.scales.as_ptr().add(row * nb);
+    let pair_acts: [&[PairAct]; M] = std::array::from_fn(|m| acts[m].pairs);
+    let mut acc = [_mm256_setzero_ps(); M];
+    let groups = nb / 8;
+    for g in 0..groups {
+        let p = 4 * g;
+        _mm_prefetch::<_MM_HINT_T0>(wrow.add(128 * g + PREFETCH) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(wrow.add(128 * g + PREFETCH + 64) as *const i8);
+        let d0 = pair_dots(wrow, &pair_acts, p);
+        let d1 = pair_dots(wrow, &pair_acts, p + 1);
+        let t0: [__m256i; M] = std::array::from_fn(|m| fold32(d0[m], d1[m]));
+        let d2 = pair_dots(wrow, &pair_acts, p + 2);
+        let d3 = pair_dots(wrow, &pair_acts, p + 3);
+        let sw = _mm256_permutevar8x32_ps(_mm256_loadu_ps(srow.add(8 * g)), order);
+        for m in 0..M {
+            let ga = acts[m].groups.as_ptr().add(g);
+            let t1 = fold32(d2[m], d3[m]);
+            let u = _mm256_add_epi32(_mm256_unpacklo_epi64(t0[m], t1), _mm256_unpackhi_epi64(t0[m], t1));
+            let dot = _mm256_sub_epi32(u, _mm256_load_si256((*ga).corr.as_ptr() as *const __m256i));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, _mm256_load_ps((*ga).scale.as_ptr())), acc[m]);
         }
-        accumulate(&mut acc, &acts, p, lo, hi, sw);
     }
-    if nb % 2 == 1 {
-        // The last block alone: its activation pair's second half is zero.
-        let mut lo = [_mm256_setzero_si256(); R];
-        let mut hi = [_mm256_setzero_si256(); R];
-        let mut sw = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            let v = _mm256_zextsi128_si256(_mm_loadu_si128(wrow[r].add(32 * full) as *const __m128i));
-            lo[r] = _mm256_and_si256(v, low4);
-            hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            sw[r] = _mm256_set1_ps(*srow[r].add(2 * full));
+    // The remaining pairs; a last single block pairs with zeros (its activation pair's second
+    // half is zero, and only 16 bytes of weights are read).
+    for p in 4 * groups..nb.div_ceil(2) {
+        let (d, sw) = if p < full {
+            let s = _mm_castpd_ps(_mm_load_sd(srow.add(2 * p) as *const f64));
+            (pair_dots(wrow, &pair_acts, p), _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s), halves))
+        } else {
+            let v = _mm256_zextsi128_si256(_mm_loadu_si128(wrow.add(32 * p) as *const __m128i));
+            (nibble_dots(v, &pair_acts, p), _mm256_set1_ps(*srow.add(2 * p)))
+        };
+        for m in 0..M {
+            let a = pair_acts[m].as_ptr().add(p);
+            let dot = _mm256_sub_epi32(d[m], _mm256_load_si256((*a).corr.as_ptr() as *const __m256i));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, _mm256_load_ps((*a).scale.as_ptr())), acc[m]);
         }
-        accumulate(&mut acc, &acts, full, lo, hi, sw);
     }
     for m in 0..M {
-        for r in 0..R {
-            let v = acc[r][m];
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            out[m][r] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-        }
+        let v = acc[m];
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        out[m] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
     }
 }
 
-/// One pair of blocks of `R` weight rows (split into low and high nibbles, with their scales)
-/// into the accumulators of the `M` activation rows.
+/// The integer dot products of pair `p` of a weight row with each activation row: eight i32
+/// lanes, four partial sums of the pair's first block, then four of its second.
 #[inline(always)]
-unsafe fn accumulate<const R: usize, const M: usize>(acc: &mut [[__m256; M]; R], acts: &[&[PairAct]; M], p: usize, lo: [__m256i; R], hi: [__m256i; R], sw: [__m256; R]) {
+unsafe fn pair_dots<const M: usize>(wrow: *const u8, acts: &[&[PairAct]; M], p: usize) -> [__m256i; M] {
+    nibble_dots(_mm256_loadu_si256(wrow.add(32 * p) as *const __m256i), acts, p)
+}
+
+/// [`pair_dots`] of the 32 weight bytes `v`.
+#[inline(always)]
+unsafe fn nibble_dots<const M: usize>(v: __m256i, acts: &[&[PairAct]; M], p: usize) -> [__m256i; M] {
+    let low4 = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
-    for m in 0..M {
+    let lo = _mm256_and_si256(v, low4);
+    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    std::array::from_fn(|m| {
         let a = acts[m].as_ptr().add(p);
         let alo = _mm256_load_si256((*a).lo.as_ptr() as *const __m256i);
         let ahi = _mm256_load_si256((*a).hi.as_ptr() as *const __m256i);
-        let corr = _mm256_load_si256((*a).corr.as_ptr() as *const __m256i);
-        let sa = _mm256_load_ps((*a).scale.as_ptr());
-        for r in 0..R {
-            let prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], alo), _mm256_maddubs_epi16(hi[r], ahi));
-            let dot = _mm256_sub_epi32(_mm256_madd_epi16(prod, ones), corr);
-            acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw[r], sa), acc[r][m]);
+        _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi)), ones)
+    })
+}
+
+/// Two pairs' dot products (blocks a0 a1 and b0 b1, four lanes each) folded to two lanes per
+/// block: `[a0, b0, a0, b0 | a1, b1, a1, b1]`.
+#[inline(always)]
+unsafe fn fold32(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Single-thread speed of the tiles on a matrix larger than the caches (timing only:
+    /// `cargo test --release --lib nbits_avx2 -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn tile_speed() {
+        if !available() {
+            return;
         }
+        let (n, k) = (151936 / 4, 896);
+        let blocks = k / BLOCK;
+        let weights: Vec<u8> = (0..n * blocks * 16).map(|i| (i * 2654435761usize >> 13) as u8).collect();
+        let scales: Vec<f32> = (0..n * blocks).map(|i| 0.01 + (i % 7) as f32 * 0.001).collect();
+        let w = Rows { weights: &weights, scales: &scales, blocks };
+        let a: Vec<f32> = (0..8 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02).collect();
+        let (np, ng) = (pairs(k), groups(k));
+        let mut acts = vec![PairAct::default(); 8 * np];
+        let mut gs = vec![GroupAct::default(); 8 * ng];
+        for (m, row) in a.chunks_exact(k).enumerate() {
+            unsafe { quantize_row(row, &mut acts[m * np..(m + 1) * np], &mut gs[m * ng..(m + 1) * ng]) };
+        }
+        let r: Vec<ActRow> = (0..8).map(|m| ActRow { pairs: &acts[m * np..(m + 1) * np], groups: &gs[m * ng..(m + 1) * ng] }).collect();
+        let bytes = (n * blocks * 20) as f64;
+        // Fastest of 15 interleaved rounds (the VM's speed drifts from second to second).
+        let (mut one, mut four, mut l2, mut read) = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+        let mut sink = 0f32;
+        for _ in 0..15 {
+            let t = std::time::Instant::now();
+            for c in 0..n {
+                let mut out = [0f32; 1];
+                unsafe { tile::<1>(&w, c, [r[0]], &mut out) };
+                sink += out[0];
+            }
+            one = one.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for c in 0..n {
+                let mut out = [0f32; 4];
+                unsafe { tile::<4>(&w, c, [r[0], r[1], r[2], r[3]], &mut out) };
+                sink += out[0];
+            }
+            four = four.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for _ in 0..74 {
+                for c in 0..512 {
+                    let mut out = [0f32; 1];
+                    unsafe { tile::<1>(&w, c, [r[0]], &mut out) };
+                    sink += out[0];
+                }
+            }
+            l2 = l2.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            let mut acc = unsafe { _mm256_setzero_si256() };
+            for c in weights.chunks_exact(32) {
+                acc = unsafe { _mm256_add_epi8(acc, _mm256_loadu_si256(c.as_ptr() as *const __m256i)) };
+            }
+            let mut tmp = [0u8; 32];
+            unsafe { _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, acc) };
+            sink += tmp[3] as f32;
+            read = read.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!("1 row {:.1} GB/s, in L2 {:.1} GB/s-eq, 4 rows {:.1} GMAC/s; bare read of the weights {:.1} GB/s ({sink})", bytes / one / 1e9, (74 * 512 * blocks * 20) as f64 / l2 / 1e9, (4 * n * k) as f64 / four / 1e9, weights.len() as f64 / read / 1e9);
     }
 }

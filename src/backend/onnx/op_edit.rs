@@ -140,7 +140,9 @@ fn kernel_for(nf: &[Field<'_>], types: &HashMap<Vec<u8>, u64>, kernels: Kernels)
             b"K" | b"N" => matches!(value, Value::Int(v) if *v > 0),
             _ => false,
         };
-        let level = attributes.iter().any(|(n, _)| n.as_slice() == b"accuracy_level");
+        // `bits` defaults to 4; `accuracy_level` to 0 (fp32 compute, not this kernel's).
+        let given = |name: &[u8]| attributes.iter().any(|(n, _)| n.as_slice() == name);
+        let level = [&b"K"[..], b"N", b"block_size", b"accuracy_level"].into_iter().all(given);
         // Scales in f32 (the activations' type too); no zero points, group index or bias.
         let f32_scales = inputs.get(2).is_some_and(|s| types.get(*s) == Some(&1));
         let supported = level && attributes.iter().all(|(n, v)| fits(n, v)) && inputs.len() >= MATMUL_INPUTS && inputs.iter().skip(MATMUL_INPUTS).all(|i| i.is_empty()) && f32_scales;
