@@ -102,7 +102,13 @@ impl Kernel for NBitsKernel {
         let w = Rows { weights, scales, blocks };
         let (pairs, groups) = (avx2::pairs(k), avx2::groups(k));
         ACTS.with(|cell| {
-            let (pair_acts, group_acts) = &mut *cell.borrow_mut();
+            // The thread's buffers, or fresh ones should a call ever nest in another on this thread.
+            let mut fresh = (Vec::new(), Vec::new());
+            let mut held = cell.try_borrow_mut();
+            let (pair_acts, group_acts) = match held.as_deref_mut() {
+                Ok(buffers) => buffers,
+                Err(_) => &mut fresh,
+            };
             pair_acts.resize(rows * pairs, PairAct::default());
             group_acts.resize(rows * groups, GroupAct::default());
             for (m, row) in a.chunks_exact(k).enumerate() {
