@@ -12,6 +12,10 @@ random but fixed weights and scales as initializers (as the exports have them):
 - matmul_k96.onnx:  K 96 (3 blocks: a trailing single one), N 37
 - matmul_k896.onnx: K 896 (28 blocks, Qwen2.5-0.5B's hidden size), N 22
 Usage: .venv-export/bin/python scripts/make_op_fixtures.py  (needs the onnx package)
+       .venv-export/bin/python scripts/make_op_fixtures.py --timing-graphs DIR
+         writes the large graphs of tests/onnx_ops.rs::nbits_timing to DIR instead (not fixtures:
+         mm_N_K.onnx for Qwen2.5-0.5B's projection shapes, 0.6-85 MB, and mm_chain_896.onnx,
+         30 MLP up/down pairs, 163 MB)
 """
 from pathlib import Path
 
@@ -46,21 +50,52 @@ def graph(packed):
                              ir_version=9)
 
 
-def matmul(k, n, seed):
+def matmul_node(rng, x, y, k, n, suffix=""):
+    """A MatMulNBits node y = x W (random int4 weights, scales) and its two initializers."""
     import numpy as np
-    rng = np.random.default_rng(seed)
     b = rng.integers(0, 256, size=(n, k // 32, 16), dtype=np.uint8)
     scales = (rng.random((n, k // 32), dtype=np.float32) * 0.02 + 0.001).astype(np.float32)
-    node = helper.make_node("MatMulNBits", ["a", "b", "scales"], ["y"], name="mm", domain="com.microsoft",
-                            K=k, N=n, bits=4, block_size=32, accuracy_level=4)
-    g = helper.make_graph([node], "matmul", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
-                          [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales, "scales")])
+    node = helper.make_node("MatMulNBits", [x, "b" + suffix, "scales" + suffix], [y], name="mm" + suffix,
+                            domain="com.microsoft", K=k, N=n, bits=4, block_size=32, accuracy_level=4)
+    return node, [numpy_helper.from_array(b, "b" + suffix), numpy_helper.from_array(scales, "scales" + suffix)]
+
+
+def matmul_model(nodes, inits, a, k, y, n):
+    g = helper.make_graph(nodes, "matmul", [helper.make_tensor_value_info(a, TensorProto.FLOAT, ["m", k])],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["m", n])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                              ir_version=9)
 
 
+def matmul(k, n, seed):
+    import numpy as np
+    node, inits = matmul_node(np.random.default_rng(seed), "a", "y", k, n)
+    return matmul_model([node], inits, "a", k, "y", n)
+
+
+def timing_graphs(out):
+    import numpy as np
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for n, k in ((4864, 896), (896, 4864), (1152, 896), (151936, 896)):
+        node, inits = matmul_node(rng, "A", "Y", k, n)
+        onnx.save(matmul_model([node], inits, "A", k, "Y", n), out / f"mm_{n}_{k}.onnx")
+    nodes, inits, x = [], [], "A"
+    for i in range(30):
+        for j, (n, k) in enumerate(((4864, 896), (896, 4864))):
+            node, ws = matmul_node(rng, x, f"y{i}_{j}", k, n, f"{i}_{j}")
+            nodes.append(node)
+            inits += ws
+            x = f"y{i}_{j}"
+    onnx.save(matmul_model(nodes, inits, "A", 896, x, 896), out / "mm_chain_896.onnx")
+    print("wrote the timing graphs to", out)
+
+
 if __name__ == "__main__":
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "--timing-graphs":
+        timing_graphs(Path(sys.argv[2]))
+        sys.exit(0)
     OUT.mkdir(parents=True, exist_ok=True)
     for name, packed in (("packed", True), ("separate", False)):
         onnx.save(graph(packed), OUT / f"{name}.onnx")

@@ -51,7 +51,8 @@ impl Operator for NBitsOp {
     fn create_kernel<'attr>(&self, k: &KernelContext<'attr>) -> ort::Result<NBitsKernel> {
         let int = |name: &str| k.get::<i64>(name).ok_or_else(|| bad(format!("no attribute {name}")));
         let (n, kk) = (int("N")?, int("K")?);
-        let (bits, block, level) = (int("bits")?, int("block_size")?, int("accuracy_level").unwrap_or(0));
+        // Defaults as in ONNX Runtime's schema: 4 bits, accuracy level 0.
+        let (bits, block, level) = (k.get::<i64>("bits").unwrap_or(4), int("block_size")?, k.get::<i64>("accuracy_level").unwrap_or(0));
         if bits != 4 || block != BLOCK as i64 || level != 4 || n <= 0 || kk <= 0 || kk % BLOCK as i64 != 0 {
             return Err(bad(format!("unsupported node: bits {bits}, block_size {block}, accuracy_level {level}, N {n}, K {kk}")));
         }
