@@ -28,8 +28,8 @@ use std::ops::Range;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
-use crate::backend::candle::attention::{attend_with, rotate_head, HeadShape, RowRef};
 use super::op_edit::DOMAIN;
+use crate::backend::candle::attention::{attend_with, rotate_head, HeadShape, RowRef};
 use crate::backend::candle::pool::SharedMut;
 #[cfg(target_arch = "x86_64")]
 use crate::backend::candle::attention_avx2;

@@ -4,8 +4,8 @@
 //! - `GroupQueryAttention` ([`super::gqa`]), unless the node uses something the kernel does not
 //!   implement: a local window, softcap, smooth softmax, the QK output, inputs after `sin_cache`
 //!   (position ids, attention bias, head sinks) or a past cache that is not f32;
-//! - `MatMulNBits` ([`super::nbits`], x86-64 with AVX2 and FMA) at 4 bits, blocks of 32, `accuracy_level` 4, with f32
-//!   scales and no zero points, group index or bias.
+//! - `MatMulNBits` ([`super::nbits`], x86-64 with AVX2 and FMA) at 4 bits, blocks of 32,
+//!   `accuracy_level` 4, with f32 scales and no zero points, group index or bias.
 use std::collections::HashMap;
 
 use ort::operator::OperatorDomain;
