@@ -14,6 +14,8 @@
 //! call (batch invariance; `tests/onnx_ops.rs`).
 use std::arch::x86_64::*;
 
+use crate::backend::candle::qmatmul::avx2::hsum;
+
 /// Elements per quantisation block.
 pub const BLOCK: usize = 32;
 
@@ -170,8 +172,7 @@ pub unsafe fn tile<const M: usize>(w: &Rows<'_>, row: usize, acts: [ActRow<'_>; 
             let ga = acts[m].groups.as_ptr().add(g);
             let t1 = fold32(d2[m], d3[m]);
             let u = _mm256_add_epi32(_mm256_unpacklo_epi64(t0[m], t1), _mm256_unpackhi_epi64(t0[m], t1));
-            let dot = _mm256_sub_epi32(u, _mm256_load_si256((*ga).corr.as_ptr() as *const __m256i));
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, _mm256_load_ps((*ga).scale.as_ptr())), acc[m]);
+            acc[m] = scaled(acc[m], u, (*ga).corr.as_ptr(), sw, (*ga).scale.as_ptr());
         }
     }
     // The remaining pairs; a last single block pairs with zeros (its activation pair's second
@@ -186,16 +187,20 @@ pub unsafe fn tile<const M: usize>(w: &Rows<'_>, row: usize, acts: [ActRow<'_>; 
         };
         for m in 0..M {
             let a = pair_acts[m].as_ptr().add(p);
-            let dot = _mm256_sub_epi32(d[m], _mm256_load_si256((*a).corr.as_ptr() as *const __m256i));
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, _mm256_load_ps((*a).scale.as_ptr())), acc[m]);
+            acc[m] = scaled(acc[m], d[m], (*a).corr.as_ptr(), sw, (*a).scale.as_ptr());
         }
     }
     for m in 0..M {
-        let v = acc[m];
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        out[m] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+        out[m] = hsum(acc[m]);
     }
+}
+
+/// `acc + float(dots - corr) * sw * sa`: eight lanes of integer block sums (the group's or the
+/// pair's), their zero-point terms `corr`, weight scales `sw` and activation scales `sa`.
+#[inline(always)]
+unsafe fn scaled(acc: __m256, dots: __m256i, corr: *const i32, sw: __m256, sa: *const f32) -> __m256 {
+    let dot = _mm256_sub_epi32(dots, _mm256_load_si256(corr as *const __m256i));
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(sw, _mm256_load_ps(sa)), acc)
 }
 
 /// The integer dot products of pair `p` of a weight row with each activation row: eight i32
