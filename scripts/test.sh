@@ -29,6 +29,7 @@ scripts/fetch_onnxruntime.sh
 
 step "tiny generated models"
 "$PYTHON" scripts/make_tiny_model.py tests/fixtures/generated
+if [ "${INFERD_SKIP_REAL_MODELS:-0}" != 1 ] && [ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then "$PYTHON" scripts/make_test_adapters.py; fi  # SmolLM2 LoRA adapters (e2e_lora_mixed)
 
 step "build (release, once)"
 cargo build --release --locked --all-targets
