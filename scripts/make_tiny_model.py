@@ -6,6 +6,11 @@ builds a byte-level BPE tokenizer and random-weight Qwen2/Llama models small eno
 milliseconds, in both Hugging Face (safetensors) and GGUF (f32 + quantised) form, with the same
 weights, so backends can be compared against each other and against llama.cpp.
 
+The Llama weights are drawn directly in GGUF layout (q/k rows already in llama.cpp's
+interleaved-rotary order); tiny-llama/ (Hugging Face layout) holds them with llama.cpp's
+permute() undone on attn_q/attn_k, so transformers' LlamaForCausalLM (rotate-half rope) on
+tiny-llama/ computes the same function as llama.cpp on tiny-llama.f32.gguf.
+
 Deterministic: fixed seeds, no timestamps; re-running produces byte-identical files.
 Usage: python scripts/make_tiny_model.py [OUT_DIR]   (default: tests/fixtures/generated/)
 Deps: scripts/requirements-test.txt
@@ -293,6 +298,91 @@ def write_hf_dir(out: Path, tok: Tokenizer, vocab, weights: dict) -> None:
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
+def write_llama_hf_dir(out: Path, tok: Tokenizer, vocab, weights: dict) -> None:
+    """Writes a Hugging Face Llama directory (LlamaForCausalLM, tied embeddings, no biases,
+    SmolLM2's chat template) holding `weights` (HF names, HF q/k row order)."""
+    out.mkdir(parents=True, exist_ok=True)
+    eot, ims, ime = (vocab[s] for s in SPECIALS)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": eot,
+        "eos_token_id": ime, "head_dim": HEAD_DIM, "hidden_act": "silu", "hidden_size": HIDDEN,
+        "initializer_range": 0.02, "intermediate_size": FFN, "max_position_embeddings": CTX,
+        "mlp_bias": False, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS,
+        "num_key_value_heads": KV_HEADS, "pad_token_id": eot, "pretraining_tp": 1,
+        "rms_norm_eps": RMS_EPS, "rope_scaling": None, "rope_theta": ROPE_THETA,
+        "tie_word_embeddings": True, "torch_dtype": "float32", "use_cache": True,
+        "vocab_size": len(vocab),
+    }
+    dump = lambda obj: json.dumps(obj, indent=2, ensure_ascii=False) + "\n"  # noqa: E731
+    (out / "config.json").write_text(dump(config), encoding="utf-8")
+    (out / "generation_config.json").write_text(dump({
+        "bos_token_id": eot, "eos_token_id": ime, "pad_token_id": eot, "do_sample": False}),
+        encoding="utf-8")
+    tok.save(str(out / "tokenizer.json"))
+    added = {str(vocab[s]): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                             "single_word": False, "special": True} for s in SPECIALS}
+    # Special tokens as in the GGUF (bos/pad <|endoftext|>, eos <|im_end|>, no BOS added).
+    (out / "tokenizer_config.json").write_text(dump({
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+        "added_tokens_decoder": added, "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": "<|endoftext|>", "chat_template": LLAMA_TEMPLATE,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>",
+        "model_max_length": CTX, "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": None}), encoding="utf-8")
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp convert_hf_to_gguf.py's LlamaModel.permute(w, n_head, n_head_kv)
+    (called with n_head for attn_q, n_head_kv for attn_k), which reorders each head's rows from
+    HF's rotate-half order [2, d/2] to ggml's interleaved order [d/2, 2]:
+        permute(w)  = w.reshape(n, 2, d // 2, in).swapaxes(1, 2).reshape(w.shape)
+        unpermute(w) = w.reshape(n, d // 2, 2, in).swapaxes(1, 2).reshape(w.shape)
+    Pure row reordering: values are copied bit for bit."""
+    d = w.shape[0] // n_head
+    return np.ascontiguousarray(
+        w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permute (HF row order -> GGUF row order); inverse of unpermute_rope_rows."""
+    d = w.shape[0] // n_head
+    return np.ascontiguousarray(
+        w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+GGUF_TO_HF = {v: k for k, v in HF_TO_GGUF.items()}
+
+
+def llama_hf_weights(gguf_tensors: dict) -> dict:
+    """The tiny-llama GGUF tensors under HF names, in HF layout: attn_q / attn_k rows un-permuted
+    (n_head resp. n_head_kv heads), everything else as is; tied, so no lm_head.weight."""
+    out = {}
+    for k, v in gguf_tensors.items():
+        if k == "token_embd.weight":
+            out["model.embed_tokens.weight"] = v
+        elif k == "output_norm.weight":
+            out["model.norm.weight"] = v
+        else:
+            _, layer, rest = k.split(".", 2)
+            hf = f"model.layers.{layer}." + GGUF_TO_HF[rest]
+            if rest == "attn_q.weight":
+                v = unpermute_rope_rows(v, HEADS)
+            elif rest == "attn_k.weight":
+                v = unpermute_rope_rows(v, KV_HEADS)
+            out[hf] = v
+    assert "output.weight" not in gguf_tensors  # tied embeddings
+    for k, v in out.items():  # round trip: permuting back gives the GGUF bytes
+        g = gguf_tensors[gguf_name(k)]
+        if k.endswith("q_proj.weight"):
+            v = permute_rope_rows(v, HEADS)
+        elif k.endswith("k_proj.weight"):
+            v = permute_rope_rows(v, KV_HEADS)
+        assert v.tobytes() == g.tobytes(), k
+    return out
+
+
 def llama_weights(qwen: dict, rng: np.random.Generator) -> dict:
     """Llama GGUF tensors: fresh random weights, no biases, tied embeddings (no output.weight)."""
     out = {}
@@ -329,6 +419,7 @@ def generate(out: Path) -> dict:
     for qtype, suffix in [(QT.F32, "f32"), (QT.Q4_1, "q4_1")]:
         write_gguf(out / f"tiny-llama.{suffix}.gguf", "llama", "tiny-llama", lg,
                    tokens, merges, vocab, LLAMA_TEMPLATE, qtype)
+    write_llama_hf_dir(out / "tiny-llama", tok, vocab, llama_hf_weights(lg))
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file()}
 
