@@ -341,6 +341,19 @@ def lora_constants_to_inputs(out: Path, expect_layers: int, targets: list, mask:
         missing = sorted(want - set(found))[:5]
         raise ExportError(f"the builder's graph lacks LoRA weights for {missing} (found "
                           f"{len(found)} of {len(want)}): is the model a Llama/Qwen2-style one?")
+    # The builder's value_info still gives each LoRA A output the template's rank as a fixed
+    # dim ([batch, seq, 1]). ONNX Runtime's memory planner trusts it: it shares one buffer
+    # between A outputs of different modules, so a run whose modules have different ranks
+    # (e.g. an adapter on q_proj and k_proj only, the other modules left at their empty
+    # default) failed with "Shape mismatch attempting to re-use buffer. {1,16,0} != {1,16,4}".
+    # Give those outputs their real, symbolic rank dim.
+    rank_of = {f"/model/layers.{l}/{'attn' if t in LORA_MODULES[:4] else 'mlp'}/{t}/lora_A/MatMul/output_0":
+               f"lora_rank.{l}.{t}" for (l, t, w) in found if w == "A"}
+    for vi in g.value_info:
+        if vi.name in rank_of:
+            dim = vi.type.tensor_type.shape.dim[-1]
+            dim.Clear()
+            dim.dim_param = rank_of[vi.name]
     del g.node[:]
     if mask:
         # The mask is a required input (no default) read through an Identity: on ONNX Runtime's
