@@ -12,9 +12,10 @@ lora_B [out, r] (torch Linear layout). PEFT computes y = W x + scale * B (A x).
 
 The model's shapes are read from (and checked against) the GGUF's metadata and tensors. A ~
 N(0, 1/in); B ~ N(0, b_std) with b_std chosen so that scale * B @ A has an element std of
-DELTA_FRAC times the std of the base weight it is added to (dequantized from the GGUF, rounded
-to 4 significant digits): large enough to change greedy answers from the first tokens, small
-enough that the text stays text.
+a fraction (qv 0.2, all 0.08) of the std of the base weight it is added to (dequantized from the
+GGUF, rounded to 4 significant digits): enough to change greedy answers within the first few
+tokens while the text stays text (qv 0.25 or all 0.2 already turn many answers into lists of
+"-" or newlines over the 30 layers).
 
 Deterministic: fixed seed, no timestamps; re-running gives byte-identical files.
 Usage: python scripts/make_test_adapters.py [--model GGUF] [OUT_DIR]
@@ -45,8 +46,8 @@ GGUF_NAME = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj
              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 # name -> (r, lora_alpha, target modules, relative size of the delta vs the base weight's std)
 ADAPTERS = {
-    "qv": (8, 16, ("q_proj", "v_proj"), 0.5),
-    "all": (16, 32, ATTN + MLP, 0.2),
+    "qv": (8, 16, ("q_proj", "v_proj"), 0.2),
+    "all": (16, 32, ATTN + MLP, 0.08),
 }
 
 
