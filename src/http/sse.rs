@@ -8,6 +8,7 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::error::ApiError;
 use super::types::{
     ChatLogprobs, ChatTokenLogprob, ChunkChoice, CompletionLogprobs, Delta, Envelope, TextChoice, TopLogprob, Usage,
 };
@@ -108,7 +109,7 @@ impl StreamAssembler {
                 }
                 out.push(match self.mode {
                     Mode::Chat => {
-                        let lps = lp.map(|e| ChatLogprobs { content: vec![chat_logprob(&e)] });
+                        let lps = lp.map(|e| ChatLogprobs::content(vec![chat_logprob(&e)]));
                         self.chat_chunk(index, Delta { role: None, content: Some(text) }, lps, None)
                     }
                     Mode::Text => {
@@ -159,8 +160,7 @@ impl StreamAssembler {
             return Vec::new();
         }
         self.ended = true;
-        let err = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
-        vec![Frame::Data(err), Frame::Done]
+        vec![Frame::Data(ApiError::internal(message).body()), Frame::Done]
     }
 
     /// Token counts so far.
@@ -169,6 +169,7 @@ impl StreamAssembler {
         usage(self.prompt_tokens, completion)
     }
 
+    /// Chat chunks: `usage: null` with `include_usage` (OpenAI's chunk schema has it nullable).
     fn usage_field(&self) -> Option<Option<Usage>> {
         self.include_usage.then_some(None)
     }
@@ -178,9 +179,11 @@ impl StreamAssembler {
         self.frame("chat.completion.chunk", vec![choice], self.usage_field())
     }
 
+    /// Text chunks never carry `usage: null`: OpenAI's `CreateCompletionResponse` (which streamed
+    /// text chunks share) has a non-nullable `usage`, so it is left out until the usage chunk.
     fn text_chunk(&self, index: usize, text: String, logprobs: Option<CompletionLogprobs>, finish: Option<&'static str>) -> Frame {
         let choice = TextChoice { text, index, logprobs, finish_reason: finish };
-        self.frame("text_completion", vec![choice], self.usage_field())
+        self.frame("text_completion", vec![choice], None)
     }
 
     fn frame<C: Serialize>(&self, object: &'static str, choices: Vec<C>, usage: Option<Option<Usage>>) -> Frame {

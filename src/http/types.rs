@@ -113,10 +113,19 @@ pub struct ChatTokenLogprob {
     pub top_logprobs: Vec<TopLogprob>,
 }
 
-/// Chat `logprobs`: `{"content":[...]}`.
+/// Chat `logprobs`: `{"content":[...],"refusal":null}`. OpenAI's `ChoiceLogprobs` requires both
+/// keys; this server never refuses, so `refusal` is always null.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
+    pub refusal: Option<Vec<ChatTokenLogprob>>,
+}
+
+impl ChatLogprobs {
+    /// Logprobs of these content tokens (no refusal).
+    pub fn content(content: Vec<ChatTokenLogprob>) -> Self {
+        Self { content, refusal: None }
+    }
 }
 
 /// Text-completion `logprobs`: parallel arrays, one entry per generated token.
@@ -178,8 +187,9 @@ pub struct TextChoice {
 /// What every completion object shares, whole or streamed; only the choice type differs:
 /// `chat.completion` (`ChatChoice`), `chat.completion.chunk` (`ChunkChoice`) and
 /// `text_completion` (`TextChoice`, whole and as a stream chunk).
-/// `usage` is omitted when `None` (stream chunks without `include_usage`), `null` when
-/// `Some(None)` (every chunk but the last with `include_usage`), and set on whole responses.
+/// `usage` is omitted when `None` (stream chunks without `include_usage`, and every text chunk but
+/// the usage chunk), `null` when `Some(None)` (every chat chunk but the last with
+/// `include_usage`), and set on whole responses.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Envelope<C> {
     pub id: String,

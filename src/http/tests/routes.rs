@@ -80,7 +80,8 @@ async fn chat_logprobs_shape() {
     let (_, v) = json_of(send(app(g.clone()), post_json("/v1/chat/completions", &body)).await).await;
     assert_eq!(g.seen()[0].logprobs, Some(2));
     assert_eq!(v["choices"][0]["logprobs"], json!({"content": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105],
-        "top_logprobs": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105]}, {"token": "Hey", "logprob": -1.5, "bytes": [72, 101, 121]}]}]}));
+        "top_logprobs": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105]}, {"token": "Hey", "logprob": -1.5, "bytes": [72, 101, 121]}]}],
+        "refusal": null}));
 }
 
 #[tokio::test]

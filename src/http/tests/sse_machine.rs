@@ -1,7 +1,7 @@
 //! The chunk state machine alone, without a server.
 use serde_json::json;
 
-use super::support::{done, tok};
+use super::support::{done, tok, tok_lp};
 use crate::engine::{Event, FinishReason};
 use crate::http::sse::{Frame, Mode, ResponseMeta, StreamAssembler};
 
@@ -65,4 +65,35 @@ fn errors_and_closed_channels_end_the_stream_once() {
     let mut c = StreamAssembler::new(meta(), Mode::Chat, 1, 3, false, false);
     c.push(0, done(FinishReason::Stop, 3, 0));
     assert!(c.closed(0).is_empty(), "a finished choice closing is normal");
+}
+
+#[test]
+fn chat_chunk_logprobs_have_content_and_null_refusal() {
+    // OpenAI's ChoiceLogprobs requires both keys (tests/python/test_openai_schema.py checks the
+    // whole chunk against the published schema).
+    let mut a = StreamAssembler::new(meta(), Mode::Chat, 1, 3, false, true);
+    let f = a.push(0, tok_lp("Hi", 7, -0.25, &[("Hi", 7, -0.25)]));
+    assert_eq!(data(&f[1])["choices"][0]["logprobs"], json!({"content": [{"token": "Hi", "logprob": -0.25,
+        "bytes": [72, 105], "top_logprobs": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105]}]}], "refusal": null}));
+}
+
+#[test]
+fn stream_error_event_is_the_api_error_body() {
+    let mut a = StreamAssembler::new(meta(), Mode::Text, 1, 3, false, false);
+    let f = a.push(0, Event::Error("boom".into()));
+    assert_eq!(data(&f[0]), crate::http::ApiError::internal("boom").body());
+    assert_eq!(data(&f[0]), json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}));
+}
+
+#[test]
+fn text_chunks_leave_usage_out_until_the_usage_chunk() {
+    // OpenAI's CreateCompletionResponse (shared by streamed text chunks) has a non-nullable usage.
+    let mut a = StreamAssembler::new(meta(), Mode::Text, 1, 3, true, false);
+    let f = a.push(0, tok("x", 1));
+    assert!(data(&f[0]).get("usage").is_none());
+    let f = a.push(0, done(FinishReason::Stop, 3, 1));
+    assert_eq!(f.len(), 3);
+    assert!(data(&f[0]).get("usage").is_none());
+    assert_eq!(data(&f[1])["choices"], json!([]));
+    assert_eq!(data(&f[1])["usage"], json!({"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}));
 }
