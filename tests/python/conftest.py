@@ -36,10 +36,10 @@ def free_port() -> int:
 class Server:
     """A running `inferd serve`; `stop()` kills it. stderr goes to a file for diagnostics."""
 
-    def __init__(self, model: Path, model_id: str, extra=()):
+    def __init__(self, model: Path, model_id: str, extra=(), config_text: str = "[server]\n"):
         self.dir = tempfile.TemporaryDirectory(prefix="inferd-e2e-")
         config = Path(self.dir.name) / "config.toml"
-        config.write_text("[server]\n")
+        config.write_text(config_text)
         self.stderr_path = Path(self.dir.name) / "stderr.log"
         self.model_id = model_id
         last = ""
@@ -59,6 +59,10 @@ class Server:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def _wait_healthy(self):
         deadline = time.monotonic() + START_TIMEOUT_S
