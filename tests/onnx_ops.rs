@@ -35,7 +35,7 @@ fn sessions(name: &str, moved: Moved) -> (Session, Session) {
     let spec = SessionSpec { device: Device::Cpu, intra_op_threads: 2, inter_op_threads: 1 };
     let path = fixture(name);
     let bytes = std::fs::read(&path).unwrap();
-    let all = Kernels { attention: true, matmul: true };
+    let all = Kernels { attention: true, matmul: true, lora: true };
     let (edited, n) = op_edit::reroute(&bytes, all).unwrap().expect("the node moves to inferd's kernel");
     assert_eq!(n, moved);
     let ort_kernel = open_session(env, &path, None, &spec, false).unwrap_or_else(|e| panic!("{e}"));
@@ -103,7 +103,7 @@ fn run(session: &mut Session, packed: bool, c: &Case, seed: u64) -> Outputs {
 }
 
 fn compare(packed: bool, name: &str, c: &Case) {
-    let (mut ort_kernel, mut ours) = sessions(name, Moved { attention: 1, matmul: 0 });
+    let (mut ort_kernel, mut ours) = sessions(name, Moved { attention: 1, matmul: 0, lora: 0 });
     let (want, got) = (run(&mut ort_kernel, packed, c, 7), run(&mut ours, packed, c, 7));
     assert_eq!(want.present_len, got.present_len, "{}", c.name);
     let mut worst = 0f32;
@@ -178,7 +178,7 @@ fn int4_sessions(name: &str) -> Option<(Session, Session)> {
         eprintln!("skipped: inferd's int4 kernel needs x86-64 with AVX2 and FMA");
         return None;
     }
-    Some(sessions(name, Moved { attention: 0, matmul: 1 }))
+    Some(sessions(name, Moved { attention: 0, matmul: 1, lora: 0 }))
 }
 
 #[test]
@@ -239,7 +239,7 @@ fn nbits_timing() {
         }
         let path = PathBuf::from(&dir).join(format!("{name}.onnx"));
         let bytes = std::fs::read(&path).unwrap();
-        let (edited, _) = op_edit::reroute(&bytes, Kernels { attention: true, matmul: true }).unwrap().unwrap();
+        let (edited, _) = op_edit::reroute(&bytes, Kernels { attention: true, matmul: true, lora: true }).unwrap().unwrap();
         let mut theirs = open_session(env, &path, None, &spec, false).unwrap();
         let mut ours = open_session(env, &path, Some(&edited), &spec, true).unwrap();
         for m in [1usize, 8] {

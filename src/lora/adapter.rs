@@ -49,7 +49,38 @@ impl Module {
     }
 }
 
-/// The base model's projection sizes an adapter must fit.
+/// The order of the output rows of a base model's `q_proj` and `k_proj`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QkRows {
+    /// As in Hugging Face checkpoints: each head's first half of rows, then its second half
+    /// (rotary pairs (i, i + d/2)). PEFT and mlx-lm adapters are trained in this order.
+    #[default]
+    Hf,
+    /// llama.cpp's `llama` GGUF order: its converter interleaves each head's two halves
+    /// (row i of the first half goes to 2i, row i of the second half to 2i + 1) so that rotary
+    /// pairs are adjacent. An adapter's `B` rows must be moved the same way.
+    Interleaved { head_dim: usize },
+}
+
+impl QkRows {
+    /// Moves the rows of `b` (`[out, rank]`, HF order) into this order.
+    fn arrange(self, b: &[f32], rank: usize) -> Vec<f32> {
+        let QkRows::Interleaved { head_dim } = self else { return b.to_vec() };
+        let half = head_dim / 2;
+        let mut out = vec![0f32; b.len()];
+        for (head_out, head_in) in out.chunks_exact_mut(head_dim * rank).zip(b.chunks_exact(head_dim * rank)) {
+            for i in 0..half {
+                for (j, src_row) in [i, half + i].into_iter().enumerate() {
+                    let dst_row = 2 * i + j;
+                    head_out[dst_row * rank..(dst_row + 1) * rank].copy_from_slice(&head_in[src_row * rank..(src_row + 1) * rank]);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The base model's projection sizes an adapter must fit, and the row order of its q and k.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BaseDims {
     pub layers: usize,
@@ -57,6 +88,7 @@ pub struct BaseDims {
     pub q_dim: usize,
     pub kv_dim: usize,
     pub intermediate: usize,
+    pub qk_rows: QkRows,
 }
 
 impl BaseDims {
@@ -153,6 +185,9 @@ pub struct LoraAdapter {
     pub path: PathBuf,
     /// "peft" or "mlx".
     pub format: &'static str,
+    /// The row order of its q and k `B` matrices: Hugging Face's as read, the base model's once
+    /// bound to it (`bind`).
+    pub qk_rows: QkRows,
     /// Largest rank of its modules.
     pub rank: usize,
     pub modules: BTreeMap<(usize, Module), LoraPair>,
@@ -168,6 +203,7 @@ impl LoraAdapter {
             name: name.to_string(),
             path,
             format,
+            qk_rows: QkRows::Hf,
             rank: modules.values().map(|p| p.rank).max().unwrap_or(0),
             modules,
             bytes,
@@ -182,10 +218,45 @@ impl LoraAdapter {
         self.modules.get(&(layer, m))
     }
 
-    /// Checks every module against the base model's sizes: a clear sentence on mismatch.
+    /// Checks the adapter against `base` and puts its weights in the base's row order: what
+    /// every adapter goes through before a backend applies it (the registry binds each load).
+    pub fn bind(mut self, base: &BaseDims) -> Result<LoraAdapter, String> {
+        self.check_sizes(base)?;
+        if self.qk_rows != base.qk_rows {
+            if self.qk_rows != QkRows::Hf {
+                return Err("the adapter is already bound to a base model with another q/k row order".into());
+            }
+            for (&(_, m), p) in self.modules.iter_mut() {
+                if matches!(m, Module::Q | Module::K) {
+                    p.b = base.qk_rows.arrange(&p.b, p.rank);
+                }
+            }
+            self.qk_rows = base.qk_rows;
+        }
+        Ok(self)
+    }
+
+    /// Checks that a bound adapter fits `base`: its sizes and its q/k row order (see `bind`).
     pub fn check_fits(&self, base: &BaseDims) -> Result<(), String> {
+        self.check_sizes(base)?;
+        if self.qk_rows != base.qk_rows {
+            return Err(format!(
+                "its q/k rows are in {:?} order but the base model's are in {:?} order (bind the adapter to the base first)",
+                self.qk_rows, base.qk_rows
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks every module against the base model's sizes: a clear sentence on mismatch.
+    fn check_sizes(&self, base: &BaseDims) -> Result<(), String> {
         if self.modules.is_empty() {
             return Err("the adapter has no LoRA weights".into());
+        }
+        if let QkRows::Interleaved { head_dim } = base.qk_rows {
+            if head_dim == 0 || head_dim % 2 != 0 || base.q_dim % head_dim != 0 || base.kv_dim % head_dim != 0 {
+                return Err(format!("the base model's head size {head_dim} does not divide its q/k widths into even heads"));
+            }
         }
         for (&(layer, m), p) in &self.modules {
             if layer >= base.layers {
@@ -231,7 +302,7 @@ mod tests {
     fn shapes_and_bytes_are_checked_and_counted() {
         assert!(LoraPair::new(vec![0.; 3], vec![0.; 6], 2, 2, 3, 1.0).is_err());
         assert!(LoraPair::new(vec![f32::NAN; 4], vec![0.; 6], 2, 2, 3, 1.0).is_err());
-        let base = BaseDims { layers: 2, hidden: 2, q_dim: 3, kv_dim: 2, intermediate: 4 };
+        let base = BaseDims { layers: 2, hidden: 2, q_dim: 3, kv_dim: 2, intermediate: 4, qk_rows: QkRows::Hf };
         let mut m = BTreeMap::new();
         m.insert((0, Module::Q), LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, 1.0).unwrap());
         let before = live_bytes();
@@ -246,5 +317,27 @@ mod tests {
         m.insert((0, Module::K), LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, 1.0).unwrap());
         let e = LoraAdapter::new("c", PathBuf::from("x"), "peft", m).check_fits(&base).unwrap_err();
         assert!(e.contains("k_proj") && e.contains("different base model"), "{e}");
+    }
+
+    #[test]
+    fn binding_to_a_llama_gguf_base_interleaves_each_heads_q_and_k_rows_like_llama_cpp() {
+        // Two heads of 4 rows, rank 1: B rows 0..8 hold their own index.
+        let base = BaseDims { layers: 1, hidden: 2, q_dim: 8, kv_dim: 4, intermediate: 2, qk_rows: QkRows::Interleaved { head_dim: 4 } };
+        let rows: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let mut m = BTreeMap::new();
+        m.insert((0, Module::Q), LoraPair::new(vec![1., 1.], rows.clone(), 1, 2, 8, 1.0).unwrap());
+        m.insert((0, Module::K), LoraPair::new(vec![1., 1.], rows[..4].to_vec(), 1, 2, 4, 1.0).unwrap());
+        m.insert((0, Module::V), LoraPair::new(vec![1., 1.], rows[..4].to_vec(), 1, 2, 4, 1.0).unwrap());
+        let a = LoraAdapter::new("a", PathBuf::from("x"), "peft", m);
+        let e = a.check_fits(&base).unwrap_err();
+        assert!(e.contains("bind"), "{e}");
+        let a = a.bind(&base).unwrap();
+        // llama.cpp: w.reshape(n_head, 2, d / 2, ..).swapaxes(1, 2): (h, i, j) <- (h, j, i).
+        assert_eq!(a.get(0, Module::Q).unwrap().b, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(a.get(0, Module::K).unwrap().b, vec![0., 2., 1., 3.]);
+        assert_eq!(a.get(0, Module::V).unwrap().b, vec![0., 1., 2., 3.], "v keeps its order");
+        assert!(a.check_fits(&base).is_ok());
+        let hf = BaseDims { qk_rows: QkRows::Hf, ..base };
+        assert!(a.bind(&hf).is_err(), "a bound adapter cannot be re-bound to another order");
     }
 }

@@ -6,7 +6,7 @@ pub mod formats;
 pub mod onnx_adapter;
 pub mod registry;
 
-pub use adapter::{BaseDims, LoraAdapter, LoraPair, Module};
+pub use adapter::{BaseDims, LoraAdapter, LoraPair, Module, QkRows};
 pub use formats::read_adapter;
 
 /// `inferd convert-adapter`: reads a PEFT or mlx-lm adapter and writes its `.onnx_adapter`.

@@ -153,7 +153,7 @@ impl AdapterRegistry {
             return Err(LoraError::bad(format!("the adapter '{name}' is already loaded (pass load_inplace: true to replace it)")));
         }
         let adapter = read_adapter(name, dir).map_err(|e| LoraError::bad(format!("adapter '{name}': {e}")))?;
-        adapter.check_fits(&dims).map_err(|e| LoraError::bad(format!("adapter '{name}' does not fit '{base}': {e}")))?;
+        let adapter = adapter.bind(&dims).map_err(|e| LoraError::bad(format!("adapter '{name}' does not fit '{base}': {e}")))?;
         // live_bytes() already counts the new adapter; a version this load replaces stays counted
         // until the last request holding it ends.
         if live_bytes() > self.cfg.budget_bytes {

@@ -52,6 +52,9 @@ impl ModelConfig {
             "qwen2" => Arch::Qwen2,
             other => return Err(load_err(format!("unsupported GGUF architecture '{other}'"))),
         };
+        if ct.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(load_err("rotary frequency factors (rope_freqs.weight, llama 3 scaling) are not supported"));
+        }
         let get = |key: &str| {
             ct.metadata
                 .get(&format!("{arch_name}.{key}"))
@@ -109,18 +112,25 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Reads a Hugging Face `config.json` (qwen2 only). Accepts both `rope_theta` and the
+    /// Reads a Hugging Face `config.json` (qwen2 and llama). Accepts both `rope_theta` and the
     /// transformers 5 `rope_parameters: {rope_theta}` form; `sliding_window` may be null.
+    /// Rotary scaling (llama 3's, YaRN, ...) is refused rather than silently ignored.
     pub fn from_hf_json(json: &Value) -> Result<Self, BackendError> {
         let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or("");
         let arch = match model_type {
             "qwen2" => Arch::Qwen2,
+            "llama" => Arch::Llama,
             other => {
                 return Err(load_err(format!(
-                    "unsupported safetensors model_type '{other}' (only qwen2)"
+                    "unsupported safetensors model_type '{other}' (qwen2 and llama are served)"
                 )))
             }
         };
+        let scaling = json.get("rope_scaling").or_else(|| json.get("rope_parameters"));
+        let rope_type = scaling.and_then(|s| s.get("rope_type").or_else(|| s.get("type"))).and_then(Value::as_str);
+        if let Some(t) = rope_type.filter(|t| *t != "default") {
+            return Err(load_err(format!("rotary scaling '{t}' is not supported")));
+        }
         let get_usize = |key: &str| -> Result<usize, BackendError> {
             json.get(key)
                 .and_then(Value::as_u64)
@@ -199,6 +209,21 @@ mod tests {
         assert_eq!(cfg.head_dim, 16);
         assert!(cfg.tie_word_embeddings);
         assert!(!cfg.rope_interleaved);
+    }
+
+    #[test]
+    fn hf_llama_config_keeps_the_hf_rotary_layout_and_refuses_rope_scaling() {
+        let mut json: Value = serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 300,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "rope_scaling": null, "tie_word_embeddings": true
+        });
+        let cfg = ModelConfig::from_hf_json(&json).expect("valid config");
+        assert_eq!((cfg.arch, cfg.rope_interleaved, cfg.head_dim), (Arch::Llama, false, 16));
+        json["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+        let Err(BackendError::Load(e)) = ModelConfig::from_hf_json(&json) else { panic!("llama3 scaling must be refused") };
+        assert!(e.contains("llama3"), "{e}");
     }
 
     #[test]

@@ -4,13 +4,16 @@
 //! Quantized weights run through `qmatmul::QMatrix`, which reads each weight block once for
 //! several activation rows: this is what makes batching many sequences per step pay off. Fusing
 //! projections that read the same input saves one activation quantization and one pool job per
-//! part. Dense weights use candle's matmul.
+//! part. Dense weights run through `dense::DenseMatrix`. Both compute every row the same way
+//! whatever the batch (candle's own matmul does not), so no row's result depends on its
+//! neighbours.
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::dense::DenseMatrix;
 use super::qmatmul::QMatrix;
 
 /// `y = x W^T (+ b)` for an activation `x` of shape [rows, in_features].
@@ -24,7 +27,7 @@ pub struct Linear {
 enum Weight {
     Quantized(Arc<QMatrix>),
     /// [out, in], f32.
-    Dense(Tensor),
+    Dense(Arc<DenseMatrix>),
 }
 
 /// A weight as loaded: a GGUF tensor or a dense [out, in] matrix, plus optional bias.
@@ -64,9 +67,10 @@ impl Linear {
 
     /// From a dense weight of shape [out_features, in_features] (converted to f32).
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let (n, k) = weight.dims2()?;
+        let data = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-        Ok(Self { weight: Weight::Dense(weight), bias })
+        Ok(Self { weight: Weight::Dense(Arc::new(DenseMatrix::new(data, n, k))), bias })
     }
 
     /// Rows `ids` of the weight matrix (as an embedding table), [ids.len(), in_features].
@@ -76,29 +80,33 @@ impl Linear {
                 Tensor::from_vec(q.dequantize_rows(ids)?, (ids.len(), q.cols()), &Device::Cpu)
             }
             Weight::Dense(w) => {
-                let idx = Tensor::from_slice(ids, ids.len(), w.device())?;
-                w.index_select(&idx, 0)
+                let mut rows = Vec::with_capacity(ids.len() * w.cols());
+                for &id in ids {
+                    if id as usize >= w.rows() {
+                        candle_core::bail!("row {id} is outside a matrix of {} rows", w.rows());
+                    }
+                    rows.extend_from_slice(w.row(id as usize));
+                }
+                Tensor::from_vec(rows, (ids.len(), w.cols()), &Device::Cpu)
             }
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            Weight::Quantized(q) => {
-                let rows = x.dim(0)?;
-                let x = x.to_dtype(DType::F32)?.contiguous()?;
-                let y = {
-                    let (guard, layout) = x.storage_and_layout();
-                    let candle_core::Storage::Cpu(cpu) = &*guard else {
-                        candle_core::bail!("quantized matmuls run on the CPU only");
-                    };
-                    let start = layout.start_offset();
-                    q.matmul(&cpu.as_slice::<f32>()?[start..start + rows * q.cols()])
-                };
-                Tensor::from_vec(y, (rows, q.rows()), &Device::Cpu)?
+        let rows = x.dim(0)?;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let (y, n) = {
+            let (guard, layout) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*guard else {
+                candle_core::bail!("the candle backend's matmuls run on the CPU only");
+            };
+            let start = layout.start_offset();
+            match &self.weight {
+                Weight::Quantized(q) => (q.matmul(&cpu.as_slice::<f32>()?[start..start + rows * q.cols()]), q.rows()),
+                Weight::Dense(w) => (w.matmul(&cpu.as_slice::<f32>()?[start..start + rows * w.cols()]), w.rows()),
             }
-            Weight::Dense(w) => x.matmul(&w.t()?)?,
         };
+        let y = Tensor::from_vec(y, (rows, n), &Device::Cpu)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

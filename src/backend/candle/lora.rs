@@ -13,12 +13,24 @@ use crate::lora::{LoraAdapter, Module};
 /// Which rows of the step use which adapter.
 pub struct RowAdapters<'a> {
     spans: Vec<(Range<usize>, &'a LoraAdapter)>,
+    /// All rows of the step, base-model rows included: the row width of every activation.
+    n_rows: usize,
 }
 
 impl<'a> RowAdapters<'a> {
-    /// `spans`: each sequence's rows and its adapter; base-model sequences are left out.
-    pub fn new(spans: Vec<(Range<usize>, &'a LoraAdapter)>) -> Self {
-        Self { spans }
+    /// `spans`: each adapted sequence's rows and its adapter (base-model sequences are left
+    /// out, so the spans need not reach the last row); `n_rows`: the step's row count.
+    pub fn new(spans: Vec<(Range<usize>, &'a LoraAdapter)>, n_rows: usize) -> Self {
+        debug_assert!(spans.iter().all(|(r, _)| r.start < r.end && r.end <= n_rows), "a span outside the step's {n_rows} rows");
+        debug_assert!(
+            {
+                let mut sorted: Vec<&Range<usize>> = spans.iter().map(|(r, _)| r).collect();
+                sorted.sort_by_key(|r| r.start);
+                sorted.windows(2).all(|w| w[0].end <= w[1].start)
+            },
+            "adapter spans overlap"
+        );
+        Self { spans, n_rows }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -32,11 +44,13 @@ impl<'a> RowAdapters<'a> {
 
     /// Adds the updates of `(layer, m)` to `out` (`[rows, out_dim]`) for input `x` (`[rows, in]`).
     pub fn apply(&self, layer: usize, m: Module, x: &[f32], out: &mut [f32]) {
-        let n_rows = self.spans.iter().map(|(r, _)| r.end).max().unwrap_or(0);
-        if n_rows == 0 {
+        let n_rows = self.n_rows;
+        if n_rows == 0 || self.spans.is_empty() {
             return;
         }
-        let (in_dim, out_dim) = (x.len() / n_rows.max(1), out.len() / n_rows.max(1));
+        let (in_dim, out_dim) = (x.len() / n_rows, out.len() / n_rows);
+        debug_assert_eq!(x.len(), n_rows * in_dim, "input of {} values is not {n_rows} rows", x.len());
+        debug_assert_eq!(out.len(), n_rows * out_dim, "output of {} values is not {n_rows} rows", out.len());
         let work: Vec<(usize, &crate::lora::LoraPair)> = self
             .spans
             .iter()

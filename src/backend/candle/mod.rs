@@ -7,6 +7,7 @@ pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod attention_avx2;
 pub mod config;
+pub mod dense;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
@@ -23,6 +24,7 @@ use candle_core::Device;
 use self::kv_cache::SeqCache;
 use self::model::{SeqWork, Transformer};
 use crate::backend::{Backend, BackendError, SeqId, StepInput};
+use crate::lora::QkRows;
 use crate::model::WeightsFormat;
 
 pub use self::config::{Arch, ModelConfig};
@@ -89,6 +91,7 @@ impl CandleBackend {
             q_dim: c.num_heads * c.head_dim,
             kv_dim: c.num_kv_heads * c.head_dim,
             intermediate: self.model.intermediate_size(),
+            qk_rows: if c.rope_interleaved { QkRows::Interleaved { head_dim: c.head_dim } } else { QkRows::Hf },
         }
     }
 

@@ -70,6 +70,7 @@ impl Transformer {
         let n_rows = ids.len();
         let lora = RowAdapters::new(
             work.iter().zip(&spans).filter_map(|(w, s)| w.adapter.map(|a| (s.clone(), a))).collect(),
+            n_rows,
         );
         let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
         let mut x = self.weights.embed.embedding(&ids)?;

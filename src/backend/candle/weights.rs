@@ -114,41 +114,40 @@ pub fn load_safetensors(
             .map_err(|e| load_err(format!("{}: {e}", f.display())))?;
         all.extend(part);
     }
-    let mut take = |name: &str| -> Result<Tensor, BackendError> {
+    let take = |all: &mut HashMap<String, Tensor>, name: &str| -> Result<Tensor, BackendError> {
         let t = all
             .remove(name)
             .ok_or_else(|| load_err(format!("safetensors lack tensor {name}")))?;
         t.to_dtype(DType::F32).map_err(load_err)
     };
-    let embed_dense = take("model.embed_tokens.weight")?.contiguous().map_err(load_err)?;
+    let embed_dense = take(&mut all, "model.embed_tokens.weight")?.contiguous().map_err(load_err)?;
     let embed = Linear::from_dense(embed_dense.clone(), None).map_err(load_err)?;
-    let final_norm = take("model.norm.weight")?;
+    let final_norm = take(&mut all, "model.norm.weight")?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
-        let mut raw = |name: &str, bias: bool| -> Result<RawWeight, BackendError> {
-            let w = take(&format!("{p}.{name}.weight"))?;
-            let b = if bias { Some(take(&format!("{p}.{name}.bias"))?) } else { None };
+        // qwen2 has q/k/v biases; llama has none unless `attention_bias` / `mlp_bias` say so:
+        // a bias is used when the checkpoint has one.
+        let mut raw = |name: &str| -> Result<RawWeight, BackendError> {
+            let w = take(&mut all, &format!("{p}.{name}.weight"))?;
+            let bias_name = format!("{p}.{name}.bias");
+            let b = if all.contains_key(&bias_name) { Some(take(&mut all, &bias_name)?) } else { None };
             Ok(RawWeight::Dense(w, b))
         };
-        let qkv = vec![
-            raw("self_attn.q_proj", true)?,
-            raw("self_attn.k_proj", true)?,
-            raw("self_attn.v_proj", true)?,
-        ];
-        let gate_up = vec![raw("mlp.gate_proj", false)?, raw("mlp.up_proj", false)?];
-        let wo = raw("self_attn.o_proj", false)?.into_linear().map_err(load_err)?;
-        let w_down = raw("mlp.down_proj", false)?.into_linear().map_err(load_err)?;
+        let qkv = vec![raw("self_attn.q_proj")?, raw("self_attn.k_proj")?, raw("self_attn.v_proj")?];
+        let gate_up = vec![raw("mlp.gate_proj")?, raw("mlp.up_proj")?];
+        let wo = raw("self_attn.o_proj")?.into_linear().map_err(load_err)?;
+        let w_down = raw("mlp.down_proj")?.into_linear().map_err(load_err)?;
         layers.push(LayerWeights {
             qkv: MultiLinear::new(qkv).map_err(load_err)?,
             wo,
             gate_up: MultiLinear::new(gate_up).map_err(load_err)?,
             w_down,
-            attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
-            ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            attn_norm: take(&mut all, &format!("{p}.input_layernorm.weight"))?,
+            ffn_norm: take(&mut all, &format!("{p}.post_attention_layernorm.weight"))?,
         });
     }
-    let lm_head = match (cfg.tie_word_embeddings, take("lm_head.weight")) {
+    let lm_head = match (cfg.tie_word_embeddings, take(&mut all, "lm_head.weight")) {
         (false, Ok(w)) => Linear::from_dense(w, None).map_err(load_err)?,
         _ => embed.clone(),
     };

@@ -29,7 +29,7 @@ use ort::value::ValueType;
 use super::genai_config::GenaiConfig;
 use super::run::{cname, Dtype, View};
 use crate::lora::onnx_adapter::{self, param_name};
-use crate::lora::{BaseDims, LoraAdapter, Module};
+use crate::lora::{BaseDims, LoraAdapter, Module, QkRows};
 
 struct Prepared {
     adapter: Weak<LoraAdapter>,
@@ -142,6 +142,8 @@ impl GraphLora {
             q_dim: cfg.num_heads * cfg.head_size,
             kv_dim: cfg.num_kv_heads * cfg.head_size,
             intermediate,
+            // genai's builder exports Hugging Face's layout (rotary on the halves of each head).
+            qk_rows: QkRows::Hf,
         };
         // The row mask is a plain (required) input: see scripts/export_onnx.py for why.
         let mask = session.inputs().iter().any(|i| i.name() == MASK).then(|| cname(MASK).ok()).flatten();

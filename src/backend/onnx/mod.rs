@@ -21,6 +21,7 @@ pub mod genai_config;
 pub mod gqa;
 pub mod kv;
 mod lora;
+pub mod lora_matmul;
 #[cfg(target_arch = "x86_64")]
 pub mod nbits;
 #[cfg(target_arch = "x86_64")]
@@ -91,8 +92,9 @@ struct Edits {
 /// edited graph does not load:
 /// - [`prune`]: the vocabulary projection limited to one position per row (off with
 ///   `INFERD_ONNX_FULL_LOGITS=1`, for A/B runs);
-/// - [`op_edit`]: attention ([`gqa`]) and int4 matmuls ([`nbits`]) on inferd's CPU kernels, on
-///   the CPU provider only (off with `INFERD_ONNX_ORT_ATTENTION=1` and `INFERD_ONNX_ORT_MATMUL=1`).
+/// - [`op_edit`]: attention ([`gqa`]), int4 matmuls ([`nbits`]) and the LoRA branches' matmuls
+///   ([`lora_matmul`]) on inferd's CPU kernels, on the CPU provider only (off with
+///   `INFERD_ONNX_ORT_ATTENTION=1`, `INFERD_ONNX_ORT_MATMUL=1` and `INFERD_ONNX_ORT_LORA=1`).
 ///
 /// A graph file that holds its weights inline (over 256 MiB) is opened as exported: it is not
 /// read twice into memory for the edits.
@@ -116,8 +118,9 @@ fn open_edited(env: &ort::environment::Environment, cfg: &GenaiConfig, spec: &Se
     let kernels = op_edit::Kernels {
         attention: cpu && std::env::var_os("INFERD_ONNX_ORT_ATTENTION").is_none(),
         matmul: cpu && op_edit::matmul_kernel_available() && std::env::var_os("INFERD_ONNX_ORT_MATMUL").is_none(),
+        lora: cpu && std::env::var_os("INFERD_ONNX_ORT_LORA").is_none(),
     };
-    let rerouted = if kernels.attention || kernels.matmul {
+    let rerouted = if kernels.attention || kernels.matmul || kernels.lora {
         op_edit::reroute(pruned.as_deref().unwrap_or(&bytes), kernels).unwrap_or_else(|e| {
             warn("cannot move nodes to inferd's kernels", &e);
             None
@@ -262,7 +265,7 @@ impl OnnxBackend {
         let fixed_shapes = logits_index && opts.fixed_shapes.unwrap_or(cuda.is_some());
         tracing::info!(
             model = %dir.display(), model_type = %cfg.model_type, provider = %provider,
-            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, attention_on_inferd = edits.on_inferd.attention, matmuls_on_inferd = edits.on_inferd.matmul, fixed_shapes,
+            kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, attention_on_inferd = edits.on_inferd.attention, matmuls_on_inferd = edits.on_inferd.matmul, lora_matmuls_on_inferd = edits.on_inferd.lora, fixed_shapes,
             lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
             kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"

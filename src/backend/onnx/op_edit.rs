@@ -5,20 +5,22 @@
 //!   implement: a local window, softcap, smooth softmax, the QK output, inputs after `sin_cache`
 //!   (position ids, attention bias, head sinks) or a past cache that is not f32;
 //! - `MatMulNBits` ([`super::nbits`], x86-64 with AVX2 and FMA) at 4 bits, blocks of 32,
-//!   `accuracy_level` 4, with f32 scales and no zero points, group index or bias.
+//!   `accuracy_level` 4, with f32 scales and no zero points, group index or bias;
+//! - the standard `MatMul`s of the LoRA branches (second input a LoRA weight,
+//!   `*.lora_A.MatMul.weight` / `*.lora_B.MatMul.weight`, f32) onto [`super::lora_matmul`].
 use std::collections::HashMap;
 
 use ort::operator::OperatorDomain;
 
 use super::proto::{encode, fields, graph_field, put_bytes, put_int, strings, varint, Field, ATTRIBUTE_FLOAT, ATTRIBUTE_INT, ATTRIBUTE_NAME, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_NODE, MODEL_OPSET_IMPORT, NODE_ATTRIBUTE, NODE_DOMAIN, NODE_INPUT, NODE_OP_TYPE, TENSOR_DATA_TYPE, TENSOR_NAME};
-use super::gqa;
+use super::{gqa, lora_matmul};
 
 /// The custom op domain of inferd's kernels.
 pub const DOMAIN: &str = "ai.inferd";
 
 /// The operator domain to register on a session whose graph went through [`reroute`].
 pub fn domain() -> ort::Result<OperatorDomain> {
-    let domain = OperatorDomain::new(DOMAIN)?.add(gqa::GqaOp)?;
+    let domain = OperatorDomain::new(DOMAIN)?.add(gqa::GqaOp)?.add(lora_matmul::LoraMatMulOp)?;
     #[cfg(target_arch = "x86_64")]
     let domain = domain.add(super::nbits::NBitsOp)?;
     Ok(domain)
@@ -40,6 +42,7 @@ pub fn matmul_kernel_available() -> bool {
 pub struct Kernels {
     pub attention: bool,
     pub matmul: bool,
+    pub lora: bool,
 }
 
 /// How many nodes a [`reroute`] moved, per kernel.
@@ -47,6 +50,7 @@ pub struct Kernels {
 pub struct Moved {
     pub attention: usize,
     pub matmul: usize,
+    pub lora: usize,
 }
 
 /// Attributes the attention kernel reads; any other makes the node stay on ONNX Runtime's kernel
@@ -119,11 +123,17 @@ fn value_types(graph: &[Field<'_>]) -> Result<HashMap<Vec<u8>, u64>, String> {
 /// Which kernel takes a node (its fields), and how many of its inputs it keeps; None when
 /// neither supports it.
 fn kernel_for(nf: &[Field<'_>], types: &HashMap<Vec<u8>, u64>, kernels: Kernels) -> Result<Option<(&'static str, usize)>, String> {
-    if strings(nf, NODE_DOMAIN).first().copied() != Some(&b"com.microsoft"[..]) {
-        return Ok(None);
-    }
     let op = strings(nf, NODE_OP_TYPE).first().copied().unwrap_or_default();
     let inputs = strings(nf, NODE_INPUT);
+    let domain = strings(nf, NODE_DOMAIN).first().copied().unwrap_or_default();
+    if kernels.lora && op == b"MatMul" && (domain.is_empty() || domain == b"ai.onnx") {
+        // The LoRA weights are f32 graph inputs named by the export (scripts/export_onnx.py).
+        let lora_weight = inputs.get(1).is_some_and(|w| (w.ends_with(b".lora_A.MatMul.weight") || w.ends_with(b".lora_B.MatMul.weight")) && types.get(*w) == Some(&1));
+        return Ok((lora_weight && inputs.len() == 2).then_some((lora_matmul::OP, 2)));
+    }
+    if domain != b"com.microsoft" {
+        return Ok(None);
+    }
     let attributes = strings(nf, NODE_ATTRIBUTE).into_iter().map(attribute).collect::<Result<Vec<_>, _>>()?;
     if kernels.attention && op == gqa::OP.as_bytes() {
         let known = |name: &[u8], value: &Value| ATTENTION_ATTRIBUTES.iter().any(|n| n.as_bytes() == name) || off(name, value);
@@ -151,8 +161,9 @@ fn kernel_for(nf: &[Field<'_>], types: &HashMap<Vec<u8>, u64>, kernels: Kernels)
     Ok(None)
 }
 
-/// The node (its NodeProto bytes) moved to [`DOMAIN`] with its first `keep` inputs.
-fn moved_node(nf: &[Field<'_>], keep: usize) -> Vec<u8> {
+/// The node (its NodeProto bytes) moved to [`DOMAIN`] as operator `op` with its first `keep`
+/// inputs (a node of the default domain has no domain field: one is added).
+fn moved_node(nf: &[Field<'_>], op: &str, keep: usize) -> Vec<u8> {
     let mut out = Vec::new();
     let mut seen_inputs = 0;
     for f in nf.iter() {
@@ -162,12 +173,13 @@ fn moved_node(nf: &[Field<'_>], keep: usize) -> Vec<u8> {
                 continue;
             }
         }
-        if f.num == NODE_DOMAIN {
-            put_bytes(&mut out, NODE_DOMAIN, DOMAIN.as_bytes());
-            continue;
+        match f.num {
+            NODE_DOMAIN => continue,
+            NODE_OP_TYPE => put_bytes(&mut out, NODE_OP_TYPE, op.as_bytes()),
+            _ => out.extend_from_slice(&encode(std::slice::from_ref(f))),
         }
-        out.extend_from_slice(&encode(std::slice::from_ref(f)));
     }
+    put_bytes(&mut out, NODE_DOMAIN, DOMAIN.as_bytes());
     out
 }
 
@@ -183,8 +195,12 @@ pub fn reroute(model: &[u8], kernels: Kernels) -> Result<Option<(Vec<u8>, Moved)
     for (i, f) in graph.iter().enumerate().filter(|(_, f)| f.num == GRAPH_NODE) {
         let nf = fields(f.data)?;
         if let Some((op, keep)) = kernel_for(&nf, &types, kernels)? {
-            *if op == gqa::OP { &mut moved.attention } else { &mut moved.matmul } += 1;
-            rerouted.push((i, moved_node(&nf, keep)));
+            *match op {
+                gqa::OP => &mut moved.attention,
+                lora_matmul::OP => &mut moved.lora,
+                _ => &mut moved.matmul,
+            } += 1;
+            rerouted.push((i, moved_node(&nf, op, keep)));
         }
     }
     if rerouted.is_empty() {
@@ -213,7 +229,7 @@ mod tests {
     use super::*;
     use crate::backend::onnx::proto::MODEL_GRAPH;
 
-    const ALL: Kernels = Kernels { attention: true, matmul: true };
+    const ALL: Kernels = Kernels { attention: true, matmul: true, lora: true };
 
     fn fixture(name: &str) -> Vec<u8> {
         std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(name).join("model.onnx")).unwrap()
@@ -271,7 +287,7 @@ mod tests {
     /// Where the node goes: the kernel and the kept inputs, or None.
     fn route(node: &[u8], types: &HashMap<Vec<u8>, u64>) -> Option<(&'static str, Vec<u8>)> {
         let nf = fields(node).unwrap();
-        kernel_for(&nf, types, ALL).unwrap().map(|(op, keep)| (op, moved_node(&nf, keep)))
+        kernel_for(&nf, types, ALL).unwrap().map(|(op, keep)| (op, moved_node(&nf, op, keep)))
     }
 
     #[test]
@@ -285,7 +301,7 @@ mod tests {
         assert!(route(&gqa_node(128), &f32_past).is_none(), "a local window stays");
         let f16_past = HashMap::from([(b"past".to_vec(), 10u64)]);
         assert!(route(&gqa_node(-1), &f16_past).is_none(), "an fp16 cache stays");
-        let kernels = Kernels { attention: false, matmul: true };
+        let kernels = Kernels { attention: false, matmul: true, lora: true };
         assert!(kernel_for(&fields(&gqa_node(-1)).unwrap(), &f32_past, kernels).unwrap().is_none(), "attention not asked for");
     }
 
@@ -323,6 +339,34 @@ mod tests {
         assert!(route(&matmul_node(&["a", "b", "s", "", "", "bias"], &attrs), &f32_scales).is_none(), "a bias stays");
         let f16_scales = HashMap::from([(b"s".to_vec(), 10u64)]);
         assert!(route(&matmul_node(&["a", "b", "s"], &attrs), &f16_scales).is_none(), "fp16 scales stay");
-        assert!(kernel_for(&fields(&matmul_node(&["a", "b", "s"], &attrs)).unwrap(), &f32_scales, Kernels { attention: true, matmul: false }).unwrap().is_none());
+        assert!(kernel_for(&fields(&matmul_node(&["a", "b", "s"], &attrs)).unwrap(), &f32_scales, Kernels { attention: true, matmul: false, lora: true }).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_lora_branch_matmuls_move_to_the_lora_kernel_and_other_matmuls_stay() {
+        let node = |inputs: &[&str]| {
+            let mut node = Vec::new();
+            for i in inputs {
+                put_bytes(&mut node, NODE_INPUT, i.as_bytes());
+            }
+            put_bytes(&mut node, NODE_OP_TYPE, b"MatMul");
+            node
+        };
+        let a = "model.layers.0.attn.q_proj.lora_A.MatMul.weight";
+        let b = "model.layers.0.mlp.down_proj.lora_B.MatMul.weight";
+        let types = HashMap::from([(a.as_bytes().to_vec(), 1u64), (b.as_bytes().to_vec(), 1u64), (b"w".to_vec(), 1u64), (b"h".to_vec(), 10u64)]);
+        for w in [a, b] {
+            let (op, moved) = route(&node(&["x", w]), &types).expect("a LoRA matmul moves");
+            assert_eq!(op, lora_matmul::OP);
+            let nf = fields(&moved).unwrap();
+            assert_eq!(strings(&nf, NODE_DOMAIN), vec![DOMAIN.as_bytes()], "the default domain becomes inferd's");
+            assert_eq!(strings(&nf, NODE_OP_TYPE), vec![lora_matmul::OP.as_bytes()]);
+            assert_eq!(strings(&nf, NODE_INPUT), vec![&b"x"[..], w.as_bytes()]);
+        }
+        assert!(route(&node(&["x", "w"]), &types).is_none(), "a base matmul stays on ONNX Runtime's kernel");
+        let f16 = HashMap::from([(a.as_bytes().to_vec(), 10u64)]);
+        assert!(route(&node(&["x", a]), &f16).is_none(), "an fp16 LoRA weight stays");
+        let off = Kernels { attention: true, matmul: true, lora: false };
+        assert!(kernel_for(&fields(&node(&["x", a])).unwrap(), &types, off).unwrap().is_none(), "the LoRA kernel not asked for");
     }
 }
