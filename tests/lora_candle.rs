@@ -1,6 +1,7 @@
 //! LoRA on the candle backend with the tiny adapters of tests/fixtures/lora (scripts/make_tiny_lora.py):
-//! logits against transformers + PEFT, mlx-lm's format against PEFT's, a mixed batch (base, A
-//! and B rows in one step) against each alone, and the errors bad adapters give.
+//! logits against transformers + PEFT (tiny qwen2; tiny llama as GGUF, whose q/k rows llama.cpp
+//! permutes, and as safetensors), mlx-lm's format against PEFT's, a mixed batch (base, A and B rows
+//! in one step) against each alone, and the errors bad adapters give.
 mod reference_common;
 
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use inferd::backend::candle::CandleBackend;
 use inferd::backend::{Backend, SeqId, StepInput};
 use inferd::lora::{read_adapter, LoraAdapter};
 use inferd::model::WeightsFormat;
-use reference_common::{argmax, lora_reference as reference, max_abs_diff, Case};
+use reference_common::{argmax, lora_reference as reference, lora_reference_file, max_abs_diff, Case};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -27,6 +28,68 @@ fn base() -> Option<CandleBackend> {
 
 fn adapter(name: &str) -> Arc<LoraAdapter> {
     Arc::new(read_adapter(name, &root().join("tests/fixtures/lora").join(name)).expect("adapter reads"))
+}
+
+/// An adapter bound to `b`'s base, as the server's registry binds every load.
+fn bound(b: &CandleBackend, name: &str) -> Arc<LoraAdapter> {
+    let a = read_adapter(name, &root().join("tests/fixtures/lora").join(name)).expect("adapter reads");
+    Arc::new(a.bind(&b.lora_dims().expect("candle applies adapters")).expect("the adapter fits"))
+}
+
+fn generated(name: &str) -> PathBuf {
+    let p = root().join("tests/fixtures/generated").join(name);
+    assert!(p.exists(), "{} is missing (run scripts/make_tiny_model.py)", p.display());
+    p
+}
+
+/// Worst |logit diff| of `b` with each reference case's adapter (by name; `mlx` swaps in the
+/// mlx-lm copy of llama-adapter-all) against the reference, over every step; also checks the
+/// greedy tokens when `exact_tokens`.
+fn llama_vs_reference(b: &mut CandleBackend, cases: &[Case], mlx: bool, exact_tokens: bool) -> f32 {
+    let mut worst = 0f32;
+    for (i, case) in cases.iter().enumerate() {
+        let lease = case.adapter.as_deref().map(|n| bound(b, if mlx && n == "llama-adapter-all" { "llama-adapter-all-mlx" } else { n }));
+        let got = run(b, 500 + i as SeqId, case, lease.as_ref());
+        for (s, (g, r)) in got.iter().zip(&case.steps).enumerate() {
+            worst = worst.max(max_abs_diff(g, r));
+            if exact_tokens {
+                if let Some(&want) = case.greedy.get(s) {
+                    assert_eq!(argmax(g), want, "{:?} {} greedy token {s}", case.adapter, case.name);
+                }
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn llama_gguf_and_safetensors_with_adapters_on_all_seven_modules_match_transformers_and_peft_within_1e4() {
+    // tiny-llama.f32.gguf holds q/k rows in llama.cpp's interleaved order; the adapters' lora_B
+    // rows are in Hugging Face's. The safetensors directory holds the same weights in HF order.
+    let cases = lora_reference_file("llama-reference.json");
+    assert!(cases.iter().any(|c| c.adapter.as_deref() == Some("llama-adapter-all")) && cases.iter().any(|c| c.adapter.as_deref() == Some("llama-adapter-qk")));
+    for model in ["tiny-llama.f32.gguf", "tiny-llama"] {
+        let path = generated(model);
+        let w = if path.is_dir() { WeightsFormat::Safetensors { dir: path } } else { WeightsFormat::Gguf(path) };
+        let mut b = CandleBackend::load(&w, &candle_core::Device::Cpu, None).expect("load");
+        for mlx in [false, true] {
+            let d = llama_vs_reference(&mut b, &cases, mlx, true);
+            eprintln!("{model} ({}): max |logit diff| vs transformers + PEFT {d:e}", if mlx { "mlx-lm copy" } else { "PEFT" });
+            assert!(d < 1e-4, "{model} ({}): {d} from transformers + PEFT", if mlx { "mlx-lm copy" } else { "PEFT" });
+        }
+    }
+}
+
+#[test]
+fn llama_q4_1_gguf_with_adapters_stays_within_the_activation_rounding_of_its_own_reference() {
+    // Q4_1 matmuls round the activations to 8 bits (as ggml does), which moves this model's logits
+    // by up to ~0.6 against an exact product of the dequantised weights (tests/fixtures/lora/
+    // README.md); an adapter applied in the wrong q/k row order moves them by ~18.
+    let cases = lora_reference_file("llama-q4_1-reference.json");
+    let mut b = CandleBackend::load(&WeightsFormat::Gguf(generated("tiny-llama.q4_1.gguf")), &candle_core::Device::Cpu, None).expect("load");
+    let d = llama_vs_reference(&mut b, &cases, false, false);
+    eprintln!("tiny-llama.q4_1.gguf: max |logit diff| vs transformers + PEFT on its dequantised weights {d:e}");
+    assert!(d < 1.5, "{d} from transformers + PEFT on the dequantised Q4_1 weights");
 }
 
 

@@ -49,7 +49,14 @@ pub fn onnx_reference() -> Vec<Case> {
 
 /// tests/fixtures/lora/reference.json: base, adapter-a and adapter-b, 2 prompts each, 8 steps.
 pub fn lora_reference() -> Vec<Case> {
-    let v = read("tests/fixtures/lora/reference.json");
+    lora_reference_file("reference.json")
+}
+
+/// A reference of tests/fixtures/lora in the same schema (`llama-reference.json`: tiny llama with
+/// no adapter, llama-adapter-all and llama-adapter-qk; `llama-q4_1-reference.json`: the same on the
+/// Q4_1 GGUF's dequantised weights).
+pub fn lora_reference_file(name: &str) -> Vec<Case> {
+    let v = read(&format!("tests/fixtures/lora/{name}"));
     let mut out = Vec::new();
     for m in v["models"].as_array().unwrap() {
         let adapter = m["adapter"].as_str().map(str::to_string);
