@@ -140,7 +140,8 @@ impl LoraPair {
     /// (`[rows, out]`), in f32 with a fixed order of operations per row.
     pub fn apply(&self, x: &[f32], out: &mut [f32]) {
         let rows = x.len() / self.in_dim;
-        debug_assert_eq!(out.len(), rows * self.out_dim);
+        debug_assert_eq!(x.len(), rows * self.in_dim, "input is not whole rows of {}", self.in_dim);
+        debug_assert_eq!(out.len(), rows * self.out_dim, "output is not {rows} rows of {}", self.out_dim);
         let mut t = vec![0f32; self.rank];
         let scale = self.scale as f32;
         for (xr, or) in x.chunks_exact(self.in_dim).zip(out.chunks_exact_mut(self.out_dim)) {

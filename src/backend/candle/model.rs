@@ -133,6 +133,7 @@ impl Transformer {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
             let inter = gate.len() / n_rows;
+            debug_assert_eq!(gate.len(), n_rows * inter, "the MLP activation is not {n_rows} rows");
             let down_lora = lora.targets(li, Module::Down).then(|| gate.clone());
             let act = Tensor::from_vec(gate, (n_rows, inter), &self.device)?;
             clk.mark(8);

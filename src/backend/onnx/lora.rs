@@ -12,12 +12,11 @@
 //!   The bank is a copy of its members' weights (not counted in `lora_budget_mb`), kept while
 //!   they live and rebuilt when a step needs an adapter it lacks.
 //! - Older graphs without the mask activate one adapter per `Run` by feeding its tensors
-//!   (exactly the parameters `inferd convert-adapter` writes to an `.onnx_adapter` file); a
-//!   step then runs one `Run` per adapter group.
+//!   (the parameters `inferd convert-adapter` writes to an `.onnx_adapter` file, widened to one
+//!   rank for every module of the graph); a step then runs one `Run` per adapter group.
 //!
 //! Tensors are prepared once per adapter version (or set of versions, for a bank) and dropped
 //! when no request holds a version any more.
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
 use std::sync::{Arc, Weak};
@@ -72,6 +71,7 @@ impl Bank {
             for (tensors, &(_, _, off, _)) in own.iter().zip(&members) {
                 let (Some(a), Some(b)) = (tensors.get(&a_name), tensors.get(&b_name)) else { continue };
                 let r = a.len() / fin;
+                debug_assert_eq!((a.len(), b.len()), (fin * r, r * fout), "{a_name}: A and B of rank {r}");
                 for (x, row) in a.chunks_exact(r).enumerate() {
                     a_bank[x * width + off..x * width + off + r].copy_from_slice(row);
                 }
@@ -223,18 +223,18 @@ impl GraphLora {
         Ok(out)
     }
 
-    /// Views of `a`'s tensors for one run (prepared on first use).
+    /// Views of `a`'s tensors for one run (prepared on first use): every LoRA input of the graph
+    /// at `a`'s largest rank, zeros where `a` lacks a module or has a smaller rank (a bank of
+    /// one). Zero columns add exact zeros; feeding one rank everywhere keeps graphs exported
+    /// before `--lora-inputs` gave each module's A output its own rank dimension working: their
+    /// shape information lets ONNX Runtime share one buffer between modules, which fails when a
+    /// run feeds modules of different ranks.
     fn inputs(&mut self, a: &Arc<LoraAdapter>, host: &MemoryInfo) -> Result<Vec<(CString, View)>, String> {
-        let prepared = match self.prepared.entry(a.id) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                let params = onnx_adapter::params(a)
-                    .into_iter()
-                    .map(|p| Ok((cname(&p.name)?, p.dims, p.data)))
-                    .collect::<Result<Vec<_>, String>>()?;
-                e.insert(Prepared { adapter: Arc::downgrade(a), params })
-            }
-        };
+        if !self.prepared.contains_key(&a.id) {
+            let params = Bank::build(self, &[a])?.params;
+            self.prepared.insert(a.id, Prepared { adapter: Arc::downgrade(a), params });
+        }
+        let prepared = self.prepared.get_mut(&a.id).expect("prepared above");
         prepared
             .params
             .iter_mut()

@@ -72,10 +72,11 @@ impl Kernel for LoraMatMulKernel {
         let mut out = ctx.output(0, oshape)?.ok_or_else(|| bad("no output".into()))?;
         let (_, y) = out.try_extract_tensor_mut::<f32>()?;
         y.fill(0.0);
-        let rows = if k == 0 { y.len() / n.max(1) } else { a.len() / k };
-        if k == 0 || n == 0 || rows == 0 {
+        if k == 0 || n == 0 {
             return Ok(());
         }
+        let rows = a.len() / k;
+        debug_assert_eq!((a.len(), y.len()), (rows * k, rows * n), "A and Y are not {rows} rows");
         let chunks = n.div_ceil(COLUMNS_PER_ITEM);
         let yp = SharedMut(y.as_mut_ptr());
         let item = |i: usize| {
