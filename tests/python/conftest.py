@@ -1,6 +1,6 @@
 """Fixtures of the OpenAI SDK tests: the real `inferd` binary started on a free port.
 
-INFERD_BIN names the binary (default target/release/inferd, as scripts/test.sh builds it); the
+INFERD_BIN names the binary (scripts/test.sh sets target/checked/inferd; default target/release/inferd); the
 tests skip with a message when it or a model file is missing.
 """
 import os
