@@ -60,15 +60,22 @@ pub fn load_model(
         (BackendKind::Candle, Device::Cpu) => {
             let device = candle_core::Device::Cpu;
             let ctx = m.context_length.or(assets.context_length);
-            Box::new(
-                CandleBackend::load(&assets.weights, &device, ctx)
-                    .map_err(|source| StartError::Backend { id: m.id.clone(), source })?,
-            )
+            let mut b = CandleBackend::load(&assets.weights, &device, ctx).map_err(|source| StartError::Backend { id: m.id.clone(), source })?;
+            if let Some(mb) = m.kv_cache_mb {
+                b.set_kv_cache_bytes(Some(mb << 20)).map_err(|source| StartError::Backend { id: m.id.clone(), source })?;
+            }
+            Box::new(b)
         }
         (BackendKind::Candle, Device::Cuda(_) | Device::CoreMl) => {
             return Err(StartError::Unsupported {
                 id: m.id.clone(),
                 message: "the candle backend runs on the CPU only in this build; use device = \"cpu\" (or backend = \"onnx\")".into(),
+            })
+        }
+        (BackendKind::Onnx, _) if m.kv_cache_mb.is_some() => {
+            return Err(StartError::Unsupported {
+                id: m.id.clone(),
+                message: "kv_cache_mb applies to the candle backend; the onnx backend sizes its cache by max_batch and context_length".into(),
             })
         }
         (BackendKind::Onnx, device) => {

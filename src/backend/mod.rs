@@ -1,7 +1,17 @@
 //! Backends run the model's forward pass. The trait is synchronous and owned by one worker thread;
 //! the engine's scheduler decides what goes into each step.
+//!
+//! The engine talks to a backend through [`Backend::step_and_sample`]: each row that finishes
+//! its input carries what decides its next token ([`SampleSpec`]) and gets the token back with
+//! its logprobs ([`Sampled`]), so a backend can keep logits and sampling on its device. The CPU
+//! backends compute logits ([`Backend::step`]) and sample on the host with the engine's sampler.
+//! A backend whose KV cache is bounded reports its room ([`Backend::kv_capacity`]); the scheduler
+//! admits and preempts sequences by it, and [`BackendError::KvFull`] names the one sequence a
+//! step could not fit.
 pub mod candle;
 pub mod onnx;
+
+pub use crate::engine::sampler::{SampleSpec, Sampled, TokenLogprobs};
 
 /// Identifies one sequence (one choice of one request) for its whole life inside a backend.
 pub type SeqId = u64;
@@ -17,6 +27,26 @@ pub enum BackendError {
     /// A sequence would grow past the backend's context length.
     #[error("sequence {seq} would exceed the context length of {max} tokens")]
     ContextFull { seq: SeqId, max: usize },
+    /// The KV cache has no room for this sequence's new tokens. The step changed no cache; the
+    /// engine preempts that sequence (frees its cache and runs it again later) and steps the rest.
+    #[error("the KV cache has no room for sequence {seq}")]
+    KvFull { seq: SeqId },
+}
+
+/// The room in a bounded KV cache, in blocks of `block_size` positions: a sequence holding `n`
+/// positions holds `n.div_ceil(block_size)` blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCapacity {
+    pub block_size: usize,
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+}
+
+impl KvCapacity {
+    /// Blocks a sequence holds with `positions` cached positions.
+    pub fn blocks(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block_size.max(1))
+    }
 }
 
 /// One sequence's share of a step: the tokens to append to its KV cache (one token while decoding,
@@ -39,8 +69,29 @@ pub trait Backend: Send {
     fn max_context(&self) -> usize;
     /// Runs one forward step over all inputs together: the linear layers see every input's tokens at
     /// once, attention is per sequence. Returns, per input and in order, the logits of its last token
-    /// when `want_logits` was set.
+    /// when `want_logits` was set. (Tests and diagnostics; a GPU backend copies them to the host.)
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Option<Vec<f32>>>, BackendError>;
+    /// Runs one step and samples the next token of every row with `want_logits`, from
+    /// `samples[i]` (Some exactly for those rows). What the engine calls. The default samples
+    /// [`Backend::step`]'s logits on the host.
+    fn step_and_sample(&mut self, inputs: &[StepInput<'_>], samples: &[Option<SampleSpec<'_>>]) -> Result<Vec<Option<Sampled>>, BackendError> {
+        debug_assert_eq!(inputs.len(), samples.len(), "one sampling spec per row");
+        let vocab = self.vocab_size();
+        let logits = self.step(inputs)?;
+        if let Some(l) = logits.iter().flatten().find(|l| l.len() != vocab) {
+            return Err(BackendError::Compute(format!("the step returned {} logits, expected {vocab}", l.len())));
+        }
+        Ok(logits
+            .into_iter()
+            .zip(samples)
+            .map(|(l, spec)| l.zip(spec.as_ref()).map(|(l, spec)| crate::engine::sampler::sample(l, spec)))
+            .collect())
+    }
+    /// The room left in the KV cache, when it is bounded (None: each sequence's cache grows up to
+    /// the context length as needed).
+    fn kv_capacity(&self) -> Option<KvCapacity> {
+        None
+    }
     /// Frees a sequence's KV cache. Unknown ids are ignored.
     fn release(&mut self, seq: SeqId);
     /// The projection sizes LoRA adapters must fit, or None when this backend (or this model)

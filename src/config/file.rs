@@ -54,6 +54,7 @@ struct FileModel {
     max_batch: Option<usize>,
     context_length: Option<usize>,
     prefill_chunk: Option<usize>,
+    kv_cache_mb: Option<usize>,
     intra_op_threads: Option<usize>,
     inter_op_threads: Option<usize>,
 }
@@ -140,5 +141,6 @@ fn model_from_file(m: FileModel, base: Option<&Path>) -> Result<ModelConfig, Con
     cfg.max_batch = m.max_batch.unwrap_or(cfg.max_batch);
     cfg.context_length = m.context_length;
     cfg.prefill_chunk = m.prefill_chunk.or(cfg.prefill_chunk);
+    cfg.kv_cache_mb = m.kv_cache_mb;
     Ok(cfg)
 }

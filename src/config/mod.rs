@@ -108,6 +108,7 @@ fn model_from_spec(spec: &str, id: Option<&str>) -> ModelConfig {
         max_batch: d.max_batch,
         context_length: None,
         prefill_chunk: None,
+        kv_cache_mb: None,
         intra_op_threads: None,
         inter_op_threads: 1,
     }
@@ -152,8 +153,8 @@ fn check(server: &ServerConfig, models: &[ModelConfig], adapters: &[AdapterConfi
         if models[..i].iter().any(|o| o.id == m.id) {
             return Err(ConfigError::Invalid(format!("duplicate model id '{}'", m.id)));
         }
-        if m.max_batch == 0 || m.prefill_chunk == Some(0) {
-            return Err(ConfigError::Invalid(format!("model '{}': max_batch and prefill_chunk must be at least 1", m.id)));
+        if m.max_batch == 0 || m.prefill_chunk == Some(0) || m.kv_cache_mb == Some(0) {
+            return Err(ConfigError::Invalid(format!("model '{}': max_batch, prefill_chunk and kv_cache_mb must be at least 1", m.id)));
         }
         if m.context_length.is_some_and(|c| c < 2) {
             return Err(ConfigError::Invalid(format!("model '{}': context_length must be at least 2", m.id)));

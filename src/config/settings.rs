@@ -142,6 +142,10 @@ pub struct ModelConfig {
     /// another pass over the weights; measured on an H100, docs/cuda.md), else the engine's
     /// default.
     pub prefill_chunk: Option<usize>,
+    /// Most MiB all sequences' KV caches may take together (candle on the CPU; None: each
+    /// sequence's cache grows up to the context length). When it is full, the engine preempts
+    /// the latest admitted sequence instead of failing a step.
+    pub kv_cache_mb: Option<usize>,
     /// ONNX Runtime threads inside one operator (None: the server's `threads`).
     pub intra_op_threads: Option<usize>,
     /// ONNX Runtime threads running independent operators in parallel.

@@ -35,6 +35,11 @@ pub(crate) struct Shared {
     pub step_nanos: AtomicU64,
     /// Nanoseconds spent after the steps: sampling, stop matching, detokenisation.
     pub sample_nanos: AtomicU64,
+    /// Sequences put back in the queue because the KV cache was full.
+    pub preemptions: AtomicU64,
+    /// KV cache blocks in use and in all (0 and 0 when the cache is unbounded).
+    pub kv_used_blocks: AtomicUsize,
+    pub kv_total_blocks: AtomicUsize,
     pub alive: AtomicBool,
     pub max_context: usize,
     pub vocab_size: usize,
@@ -57,6 +62,10 @@ pub struct EngineStats {
     pub step_seconds: f64,
     /// Seconds spent sampling and detokenising after the steps.
     pub sample_seconds: f64,
+    /// Sequences preempted (KV cache full) since the engine started.
+    pub preemptions: u64,
+    /// Fraction of the KV cache in use, in [0, 1] (0 when the cache is unbounded).
+    pub kv_cache_usage: f64,
 }
 
 /// Cheap, cloneable handle to one engine worker. Dropping every handle stops the worker once its
@@ -96,6 +105,9 @@ pub fn spawn(
         steps: AtomicU64::new(0),
         step_nanos: AtomicU64::new(0),
         sample_nanos: AtomicU64::new(0),
+        preemptions: AtomicU64::new(0),
+        kv_used_blocks: AtomicUsize::new(0),
+        kv_total_blocks: AtomicUsize::new(0),
         alive: AtomicBool::new(true),
         max_context: backend.max_context(),
         vocab_size: backend.vocab_size(),
@@ -162,6 +174,11 @@ impl EngineHandle {
             steps: self.shared.steps.load(Ordering::Relaxed),
             step_seconds: self.shared.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             sample_seconds: self.shared.sample_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            preemptions: self.shared.preemptions.load(Ordering::Relaxed),
+            kv_cache_usage: match self.shared.kv_total_blocks.load(Ordering::Relaxed) {
+                0 => 0.0,
+                total => self.shared.kv_used_blocks.load(Ordering::Relaxed) as f64 / total as f64,
+            },
         }
     }
 

@@ -1,4 +1,5 @@
-//! Turning one sequence's logits into the next token.
+//! Turning one sequence's logits into the next token: the host implementation of the backend
+//! contract's sampling ([`SampleSpec`] in, [`Sampled`] out), which the CPU backends use.
 //!
 //! The order follows vLLM and llama.cpp: `logit_bias`, repetition penalty (prompt + output),
 //! presence and frequency penalties (output only), then temperature. Temperature 0 is greedy argmax
@@ -10,9 +11,6 @@
 //! model's distribution, not the truncated sampling one). That keeps them comparable across
 //! temperatures and sums to 1 over the whole vocabulary.
 use std::collections::HashMap;
-
-use rand::rngs::StdRng;
-use rand::Rng;
 
 use super::request::SamplingParams;
 
@@ -203,9 +201,9 @@ pub fn filtered_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u3
     keep.into_iter().map(|i| (i, (w[i as usize] as f64 / kept_total) as f32)).collect()
 }
 
-/// Draws from a distribution of (token, probability) pairs summing to ~1.
-pub fn draw(dist: &[(u32, f32)], rng: &mut StdRng) -> u32 {
-    let u: f64 = rng.random::<f64>();
+/// Draws from a distribution of (token, probability) pairs summing to ~1, with `u` uniform in
+/// [0, 1) (the sequence's own generator's next value).
+pub fn draw(dist: &[(u32, f32)], u: f64) -> u32 {
     let mut cum = 0.0f64;
     for &(id, p) in dist {
         cum += p as f64;
@@ -216,36 +214,59 @@ pub fn draw(dist: &[(u32, f32)], rng: &mut StdRng) -> u32 {
     dist.last().map(|&(id, _)| id).unwrap_or(0)
 }
 
-/// What the sampler decided for one step of one sequence.
-#[derive(Debug, Clone)]
+/// What one row of a step asks the backend to sample: everything that decides the next token,
+/// so that a backend can sample where its logits are (on a GPU, only the token ids and the
+/// requested logprobs need to cross to the host).
+#[derive(Debug, Clone, Copy)]
+pub struct SampleSpec<'a> {
+    pub params: &'a SamplingParams,
+    /// The sequence's prompt and output tokens, for the penalties.
+    pub counts: &'a TokenCounts,
+    /// A uniform value in [0, 1) from the sequence's own generator, drawn by the engine when the
+    /// temperature is above 0 (None: greedy). Sampling with it is what makes a seed give the same
+    /// tokens whatever else shares the batch.
+    pub uniform: Option<f64>,
+    /// Some(k): the chosen token's logprob and the k most likely alternatives (k may be 0).
+    pub logprobs: Option<usize>,
+}
+
+/// Logprobs of one sampled token: log-softmax of the processed logits (before temperature).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub chosen: f32,
+    /// The k most likely tokens and their logprobs, most likely first (ties: lower id first).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What the sampler decided for one row of a step.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    /// Log-softmax of the processed logits (before temperature), when logprobs were asked for.
-    pub logprobs: Option<Vec<f32>>,
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// Picks the next token: penalties, optional logprobs, then greedy or filtered sampling.
-pub fn sample(
-    mut logits: Vec<f32>,
-    params: &SamplingParams,
-    counts: &TokenCounts,
-    want_logprobs: bool,
-    rng: &mut StdRng,
-) -> Sampled {
-    apply_penalties(&mut logits, params, counts);
-    let logprobs = want_logprobs.then(|| log_softmax(&logits));
-    let token = if params.temperature <= 0.0 {
-        argmax(&logits)
-    } else {
-        draw(&filtered_distribution(&logits, params), rng)
+pub fn sample(mut logits: Vec<f32>, spec: &SampleSpec<'_>) -> Sampled {
+    let params = spec.params;
+    apply_penalties(&mut logits, params, spec.counts);
+    let lp = spec.logprobs.map(|_| log_softmax(&logits));
+    debug_assert_eq!(spec.uniform.is_some(), params.temperature > 0.0, "a uniform draw exactly when sampling");
+    let token = match spec.uniform {
+        Some(u) if params.temperature > 0.0 => draw(&filtered_distribution(&logits, params), u),
+        _ => argmax(&logits),
     };
+    let logprobs = lp.zip(spec.logprobs).map(|(lp, k)| TokenLogprobs {
+        chosen: lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+        top: top_indices(&lp, k).into_iter().map(|id| (id, lp[id as usize])).collect(),
+    });
     Sampled { token, logprobs }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     fn params() -> SamplingParams {
         SamplingParams::default()
@@ -390,15 +411,35 @@ mod tests {
         assert!((s - 1.0).abs() < 1e-4, "{s}");
     }
 
+    fn spec<'a>(p: &'a SamplingParams, counts: &'a TokenCounts, rng: &mut StdRng, logprobs: Option<usize>) -> SampleSpec<'a> {
+        SampleSpec { params: p, counts, uniform: (p.temperature > 0.0).then(|| rng.random::<f64>()), logprobs }
+    }
+
     #[test]
     fn logprobs_are_before_temperature() {
         let mut p = params();
         p.temperature = 0.01;
         p.logit_bias.insert(0, 1.0);
         let mut rng = StdRng::seed_from_u64(1);
-        let s = sample(vec![0.0, 1.0], &p, &TokenCounts::default(), true, &mut rng);
+        let counts = TokenCounts::default();
+        let s = sample(vec![0.0, 1.0], &spec(&p, &counts, &mut rng, Some(2)));
         let lp = s.logprobs.unwrap();
-        assert!(close(lp[0], 0.5f32.ln()) && close(lp[1], 0.5f32.ln()));
+        assert!(close(lp.chosen, 0.5f32.ln()), "{lp:?}");
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1], "a tie goes to the lower id first");
+        assert!(lp.top.iter().all(|t| close(t.1, 0.5f32.ln())));
+    }
+
+    #[test]
+    fn greedy_logprobs_report_the_chosen_token_and_the_top_k() {
+        let p = SamplingParams { temperature: 0.0, ..params() };
+        let counts = TokenCounts::default();
+        let l = vec![1.0, 3.0, 2.0, 0.0];
+        let s = sample(l.clone(), &SampleSpec { params: &p, counts: &counts, uniform: None, logprobs: Some(2) });
+        let lp = log_softmax(&l);
+        assert_eq!(s.token, 1);
+        assert_eq!(s.logprobs, Some(TokenLogprobs { chosen: lp[1], top: vec![(1, lp[1]), (2, lp[2])] }));
+        let none = sample(l, &SampleSpec { params: &p, counts: &counts, uniform: None, logprobs: None });
+        assert_eq!(none, Sampled { token: 1, logprobs: None });
     }
 
     #[test]
@@ -406,9 +447,10 @@ mod tests {
         let mut p = params();
         p.seed = Some(7);
         let l = [0.25f32.ln(), 0.75f32.ln()];
+        let counts = TokenCounts::default();
         let run = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..4000).map(|_| sample(l.to_vec(), &p, &TokenCounts::default(), false, &mut rng).token).collect::<Vec<_>>()
+            (0..4000).map(|_| sample(l.to_vec(), &spec(&p, &counts, &mut rng, None)).token).collect::<Vec<_>>()
         };
         let a = run(7);
         assert_eq!(a, run(7));

@@ -6,9 +6,19 @@
 //! `prefill_chunk` prompt tokens (earliest admitted first). A sequence whose channel is full sits
 //! out until the client catches up, so one slow reader never stalls the batch.
 //!
+//! The backend samples each row's next token (`Backend::step_and_sample`) from what the sequence
+//! decides it with (`Sequence::sample_spec`); the worker turns tokens into events.
+//!
+//! KV memory: when the backend's cache is bounded (`Backend::kv_capacity`), a waiting sequence
+//! is admitted only when its tokens fit beside what the running ones need for their next token,
+//! and before each step the running sequences' new tokens are fitted into the free blocks: prompt
+//! chunks shrink to fit, and when decode rows do not fit the latest admitted sequence is
+//! preempted (its cache freed, its output kept; it goes back to the front of the queue and feeds
+//! its tokens again when there is room), as vLLM does.
+//!
 //! A failed step is assumed to have changed no KV cache: `ContextFull` ends the named sequence with
-//! `Length` and the others simply run again next step; any other error (or a backend panic) fails
-//! every sequence in that step and the worker carries on.
+//! `Length`, `KvFull` preempts it, and the others simply run again next step; any other error (or
+//! a backend panic) fails every sequence in that step and the worker carries on.
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -22,7 +32,7 @@ use super::handle::{Admission, Shared};
 use super::request::FinishReason;
 use super::sequence::{Sequence, TokenContext};
 use super::EngineConfig;
-use crate::backend::{Backend, BackendError, SeqId, StepInput};
+use crate::backend::{Backend, BackendError, KvCapacity, SeqId, StepInput};
 
 /// How long the worker waits for news when every live sequence is blocked on a slow client.
 const IDLE_POLL: Duration = Duration::from_millis(1);
@@ -42,6 +52,10 @@ pub(crate) struct Worker {
     /// Finished sequences whose last events the client has not taken yet.
     draining: Vec<Sequence>,
     disconnected: bool,
+    /// Set when the backend refused a step with `KvFull` although its reported room let the
+    /// step through: no admission until a running sequence has finished and freed its cache,
+    /// so the preempted sequence does not come straight back into the same full cache.
+    kv_hold: bool,
 }
 
 /// One row of a planned step: index into `running`, tokens to feed, whether logits are needed.
@@ -74,6 +88,7 @@ impl Worker {
             running: Vec::new(),
             draining: Vec::new(),
             disconnected: false,
+            kv_hold: false,
         }
     }
 
@@ -90,6 +105,7 @@ impl Worker {
             self.admit();
             self.publish();
             let rows = self.plan();
+            let rows = self.fit_kv(rows);
             if rows.is_empty() {
                 if self.running.is_empty() && self.waiting.is_empty() && self.draining.is_empty() {
                     continue; // intake blocks next time
@@ -155,6 +171,16 @@ impl Worker {
         } else {
             None
         };
+        let problem = problem.or_else(|| {
+            let cap = self.backend.kv_capacity()?;
+            let need = cap.blocks(seq.tokens.len() + 1);
+            (need > cap.total_blocks).then(|| {
+                format!(
+                    "the prompt needs {need} KV cache blocks of {} positions but the whole cache holds {}",
+                    cap.block_size, cap.total_blocks
+                )
+            })
+        });
         if let Some(msg) = problem {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             seq.fail(msg);
@@ -189,6 +215,7 @@ impl Worker {
             if s.cancelled || s.finished {
                 let s = self.running.remove(i);
                 self.backend.release(s.id);
+                self.kv_hold = false;
                 if !s.is_drained() {
                     self.draining.push(s);
                 }
@@ -211,16 +238,88 @@ impl Worker {
         }
     }
 
+    /// Blocks the running sequences need for their next token beyond what they hold.
+    fn decode_reserve(&self, cap: &KvCapacity) -> usize {
+        self.running.iter().filter(|s| !s.finished && !s.cancelled).map(|s| cap.blocks(s.tokens.len()) - cap.blocks(s.fed).min(cap.blocks(s.tokens.len()))).sum()
+    }
+
     fn admit(&mut self) {
+        if self.kv_hold && !self.running.is_empty() {
+            return;
+        }
+        self.kv_hold = false;
+        let cap = self.backend.kv_capacity();
+        // vLLM's watermark: keep 1% of the cache free at admission, so that a new sequence does
+        // not force a preemption at the very next step.
+        let mut room = cap.map(|c| c.free_blocks.saturating_sub(self.decode_reserve(&c) + c.total_blocks / 100));
         while self.running.len() < self.cfg.max_batch.max(1) {
-            let Some(s) = self.waiting.pop_front() else { break };
+            let Some(s) = self.waiting.front() else { break };
+            if let (Some(c), Some(r)) = (cap, room.as_mut()) {
+                let need = c.blocks(s.tokens.len() + 1);
+                if need > *r && !self.running.is_empty() {
+                    break;
+                }
+                *r = r.saturating_sub(need);
+            }
+            let s = self.waiting.pop_front().expect("front exists");
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             self.running.push(s);
         }
     }
 
+    /// Puts the running sequence at `idx` back at the front of the queue without its KV cache.
+    fn preempt(&mut self, idx: usize) {
+        let mut s = self.running.remove(idx);
+        self.backend.release(s.id);
+        s.preempted();
+        self.shared.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        tracing::debug!(seq = s.id, tokens = s.tokens.len(), "preempted: the KV cache is full");
+        self.waiting.push_front(s);
+    }
+
+    /// Fits this step's rows into the free KV blocks (bounded caches only): decode rows first,
+    /// preempting the latest admitted sequences until they fit, then prompt chunks, shrunk to fit.
+    fn fit_kv(&mut self, mut rows: Vec<Row>) -> Vec<Row> {
+        let Some(mut cap) = self.backend.kv_capacity() else { return rows };
+        let need = |s: &Sequence, n: usize, cap: &KvCapacity| cap.blocks(s.fed + n) - cap.blocks(s.fed);
+        loop {
+            let decode: usize = rows.iter().filter(|r| !self.running[r.idx].is_prefilling()).map(|r| need(&self.running[r.idx], r.n, &cap)).sum();
+            if decode <= cap.free_blocks || self.running.len() <= 1 {
+                break;
+            }
+            self.preempt(self.running.len() - 1);
+            rows = self.plan();
+            cap = self.backend.kv_capacity().expect("a bounded cache stays bounded");
+        }
+        let mut free = cap.free_blocks;
+        for r in rows.iter().filter(|r| !self.running[r.idx].is_prefilling()) {
+            free = free.saturating_sub(need(&self.running[r.idx], r.n, &cap));
+        }
+        rows.retain_mut(|r| {
+            let s = &self.running[r.idx];
+            if !s.is_prefilling() {
+                return true;
+            }
+            let held = cap.blocks(s.fed);
+            let fit = ((held + free) * cap.block_size).saturating_sub(s.fed).min(r.n);
+            if fit == 0 {
+                return false;
+            }
+            free -= cap.blocks(s.fed + fit) - held;
+            r.want_logits = fit == s.unfed();
+            r.n = fit;
+            true
+        });
+        rows
+    }
+
     fn publish(&self) {
         self.shared.running.store(self.running.len(), Ordering::SeqCst);
+        if let Some(c) = self.backend.kv_capacity() {
+            self.shared.kv_used_blocks.store(c.total_blocks - c.free_blocks.min(c.total_blocks), Ordering::Relaxed);
+            self.shared.kv_total_blocks.store(c.total_blocks, Ordering::Relaxed);
+        }
     }
 
     /// Chooses this step's rows: every decoding sequence, plus prompt chunks within the budget.
@@ -246,7 +345,19 @@ impl Worker {
     }
 
     fn step(&mut self, rows: Vec<Row>) {
+        let mut rngs = Vec::with_capacity(rows.len());
         let result = {
+            let mut samples = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let (spec, rng) = if r.want_logits {
+                    let (spec, rng) = self.running[r.idx].sample_spec();
+                    (Some(spec), rng)
+                } else {
+                    (None, None)
+                };
+                samples.push(spec);
+                rngs.push(rng);
+            }
             let inputs: Vec<StepInput<'_>> = rows
                 .iter()
                 .map(|r| {
@@ -263,7 +374,7 @@ impl Worker {
             self.shared.prompt_fed.fetch_add(prompt as u64, Ordering::Relaxed);
             let backend = &mut self.backend;
             let t = Instant::now();
-            let r = catch_unwind(AssertUnwindSafe(|| backend.step(&inputs)));
+            let r = catch_unwind(AssertUnwindSafe(|| backend.step_and_sample(&inputs, &samples)));
             self.shared.steps.fetch_add(1, Ordering::Relaxed);
             self.shared.step_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             r
@@ -276,6 +387,17 @@ impl Worker {
                 return self.fail_rows(&rows, &msg);
             }
             Ok(Err(BackendError::ContextFull { seq, .. })) => return self.context_full(&rows, seq),
+            Ok(Err(BackendError::KvFull { seq })) => {
+                return match self.running.iter().position(|s| s.id == seq) {
+                    // Alone in the cache and still no room: it can never fit.
+                    Some(idx) if self.running.len() == 1 => self.running[idx].fail("the KV cache cannot hold this sequence"),
+                    Some(idx) => {
+                        self.kv_hold = true;
+                        self.preempt(idx);
+                    }
+                    None => self.fail_rows(&rows, "backend reported a full KV cache for an unknown sequence"),
+                };
+            }
             Ok(Err(e)) => return self.fail_rows(&rows, &e.to_string()),
             Err(_) => return self.fail_rows(&rows, "the model backend panicked during a forward pass"),
         };
@@ -286,20 +408,20 @@ impl Worker {
             byte_level: self.byte_level,
             max_context: self.backend.max_context(),
         };
-        for (row, out) in rows.iter().zip(outs) {
+        for ((row, out), rng) in rows.iter().zip(outs).zip(rngs) {
             let s = &mut self.running[row.idx];
             s.fed += row.n;
             if !row.want_logits {
                 continue;
             }
             match out {
-                Some(logits) if logits.len() == vocab => {
+                Some(sampled) if (sampled.token as usize) < vocab => {
                     // Counted before the events go out, so a client that saw `Done` sees the count.
                     self.shared.generated.fetch_add(1, Ordering::Relaxed);
-                    s.on_logits(logits, &ctx);
+                    s.on_sampled(sampled, rng, &ctx);
                 }
-                Some(logits) => s.fail(format!("backend returned {} logits, expected {vocab}", logits.len())),
-                None => s.fail("backend returned no logits for a row that asked for them"),
+                Some(sampled) => s.fail(format!("backend sampled token {} outside the vocabulary of {vocab}", sampled.token)),
+                None => s.fail("backend sampled no token for a row that asked for one"),
             }
         }
         self.shared.sample_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -11,7 +11,9 @@ use tokio::sync::mpsc::Sender;
 
 use super::detok::{token_bytes, IncrementalDetokenizer};
 use super::request::{Event, FinishReason, GenRequest, LogprobEntry, TokenLogprob};
-use super::sampler::{sample, top_indices, TokenCounts};
+use rand::Rng;
+
+use super::sampler::{SampleSpec, Sampled, TokenCounts};
 use super::stop::StopMatcher;
 use crate::backend::SeqId;
 
@@ -71,9 +73,16 @@ impl Sequence {
         self.tokens.len() - self.fed
     }
 
-    /// Still in prompt prefill (more than one token to feed).
+    /// Still in prefill: the prompt is not all in the KV cache, or more than one token is unfed
+    /// (a preempted sequence feeds its prompt and output again before it samples more).
     pub fn is_prefilling(&self) -> bool {
-        self.fed < self.req.prompt_tokens.len()
+        self.fed < self.req.prompt_tokens.len() || self.unfed() > 1
+    }
+
+    /// Forgets the KV cache (the backend released it): the sequence feeds all its tokens again
+    /// when it next runs, and its output so far stands.
+    pub fn preempted(&mut self) {
+        self.fed = 0;
     }
 
     /// May take part in the next step: alive, not finished, and no undelivered events.
@@ -144,15 +153,32 @@ impl Sequence {
         self.flush();
     }
 
-    /// Samples the next token from the logits of the last fed token and queues its events.
-    /// Returns the sampled token.
+    /// What decides this sequence's next token, for a step that samples it, and the state of its
+    /// generator after the uniform draw (when sampling at a temperature above 0). The caller
+    /// keeps that state only once the step has succeeded (`on_sampled`), so a failed or retried
+    /// step never shifts a seeded sequence's draws.
+    pub fn sample_spec(&self) -> (SampleSpec<'_>, Option<StdRng>) {
+        let (uniform, rng) = if self.req.sampling.temperature > 0.0 {
+            let mut rng = self.rng.clone();
+            (Some(rng.random::<f64>()), Some(rng))
+        } else {
+            (None, None)
+        };
+        let spec = SampleSpec { params: &self.req.sampling, counts: &self.counts, uniform, logprobs: self.req.logprobs };
+        (spec, rng)
+    }
+
+    /// Takes the token the backend sampled for the last fed token (with `rng`, the generator's
+    /// state after its draw, from `sample_spec`) and queues its events. Returns the token.
     ///
     /// EOS tokens are never masked. With `ignore_eos` they are ordinary tokens (their text is
     /// empty after skip_special_tokens); otherwise sampling one ends the sequence with `Stop` and
     /// it counts in `completion_tokens` (as in vLLM) but gets no `Token` event of its own, except
     /// one carrying held-back text (a partial stop string) when there is any.
-    pub fn on_logits(&mut self, logits: Vec<f32>, ctx: &TokenContext<'_>) -> u32 {
-        let s = sample(logits, &self.req.sampling, &self.counts, self.req.logprobs.is_some(), &mut self.rng);
+    pub fn on_sampled(&mut self, s: Sampled, rng: Option<StdRng>, ctx: &TokenContext<'_>) -> u32 {
+        if let Some(rng) = rng {
+            self.rng = rng;
+        }
         let token = s.token;
         self.tokens.push(token);
         self.counts.push_output(token);
@@ -164,7 +190,7 @@ impl Sequence {
             return token;
         }
         let logprob = match (&s.logprobs, self.req.logprobs) {
-            (Some(lp), Some(k)) => Some(self.logprob_entry(lp, token, k, ctx)),
+            (Some(lp), Some(_)) => Some(self.logprob_entry(lp, token, ctx)),
             _ => None,
         };
         let piece = self.detok.push(ctx.tokenizer, token);
@@ -191,16 +217,11 @@ impl Sequence {
         token
     }
 
-    fn logprob_entry(&self, lp: &[f32], token: u32, k: usize, ctx: &TokenContext<'_>) -> LogprobEntry {
-        let entry = |id: u32| {
+    fn logprob_entry(&self, lp: &super::sampler::TokenLogprobs, token: u32, ctx: &TokenContext<'_>) -> LogprobEntry {
+        let entry = |id: u32, logprob: f32| {
             let bytes = token_bytes(ctx.tokenizer, id, ctx.byte_level);
-            TokenLogprob {
-                token_id: id,
-                token: String::from_utf8_lossy(&bytes).into_owned(),
-                bytes,
-                logprob: lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY),
-            }
+            TokenLogprob { token_id: id, token: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob }
         };
-        LogprobEntry { chosen: entry(token), top: top_indices(lp, k).into_iter().map(entry).collect() }
+        LogprobEntry { chosen: entry(token, lp.chosen), top: lp.top.iter().map(|&(id, l)| entry(id, l)).collect() }
     }
 }

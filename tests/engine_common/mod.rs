@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use inferd::backend::{Backend, BackendError, SeqId, StepInput};
+use inferd::backend::{Backend, BackendError, KvCapacity, SeqId, StepInput};
 use inferd::engine::{Event, FinishReason, GenRequest, SamplingParams};
 use tokenizers::Tokenizer;
 
@@ -86,6 +86,10 @@ pub struct MockBackend {
     /// Step numbers (0-based) that panic.
     pub panic_steps: Vec<usize>,
     pub delay: Duration,
+    /// A bounded KV cache: (block size, total blocks); None: unbounded.
+    pub kv: Option<(usize, usize)>,
+    /// Blocks `kv_capacity` claims free beyond the truth (exercises `BackendError::KvFull`).
+    pub kv_overstate: usize,
     pub log: Arc<Mutex<MockLog>>,
     hist: HashMap<SeqId, (usize, Vec<u32>)>,
 }
@@ -103,6 +107,8 @@ impl MockBackend {
             fail_steps: Vec::new(),
             panic_steps: Vec::new(),
             delay: Duration::ZERO,
+            kv: None,
+            kv_overstate: 0,
             log: Arc::clone(&log),
             hist: HashMap::new(),
         };
@@ -152,6 +158,14 @@ impl Backend for MockBackend {
                 return Err(BackendError::ContextFull { seq: i.seq, max: self.hard_limit });
             }
         }
+        if let Some((bs, total)) = self.kv {
+            let mut free = total - self.blocks_used(bs);
+            for i in inputs {
+                let have = self.hist.get(&i.seq).map_or(0, |h| h.1.len());
+                let need = (have + i.tokens.len()).div_ceil(bs) - have.div_ceil(bs);
+                free = free.checked_sub(need).ok_or(BackendError::KvFull { seq: i.seq })?;
+            }
+        }
         let mut out = Vec::new();
         for i in inputs {
             let e = self.hist.entry(i.seq).or_insert_with(|| (i.tokens.len(), Vec::new()));
@@ -172,11 +186,21 @@ impl Backend for MockBackend {
         }
         Ok(out)
     }
+    fn kv_capacity(&self) -> Option<KvCapacity> {
+        let (bs, total) = self.kv?;
+        Some(KvCapacity { block_size: bs, free_blocks: (total - self.blocks_used(bs) + self.kv_overstate).min(total), total_blocks: total })
+    }
     fn release(&mut self, seq: SeqId) {
         self.hist.remove(&seq);
         let mut log = self.log.lock().unwrap();
         let n = log.steps.len();
         log.releases.push((n, seq));
+    }
+}
+
+impl MockBackend {
+    fn blocks_used(&self, bs: usize) -> usize {
+        self.hist.values().map(|h| h.1.len().div_ceil(bs)).sum()
     }
 }
 

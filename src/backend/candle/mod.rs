@@ -23,7 +23,7 @@ use candle_core::Device;
 
 use self::kv_cache::SeqCache;
 use self::model::{SeqWork, Transformer};
-use crate::backend::{Backend, BackendError, SeqId, StepInput};
+use crate::backend::{Backend, BackendError, KvCapacity, SeqId, StepInput};
 use crate::lora::QkRows;
 use crate::model::WeightsFormat;
 
@@ -34,7 +34,12 @@ pub struct CandleBackend {
     model: Transformer,
     caches: HashMap<SeqId, SeqCache>,
     max_context: usize,
+    /// Most KV blocks of [`KV_BLOCK`] positions all caches may hold together (None: unbounded).
+    kv_blocks: Option<usize>,
 }
+
+/// Positions per KV block in the accounting of a bounded cache (`set_kv_cache_bytes`).
+pub const KV_BLOCK: usize = 16;
 
 impl CandleBackend {
     /// Loads `weights` on `device`. `max_context` caps the per-sequence context length (None = the
@@ -70,7 +75,35 @@ impl CandleBackend {
             model: Transformer::new(cfg, w, max_context, device.clone()),
             caches: HashMap::new(),
             max_context,
+            kv_blocks: None,
         })
+    }
+
+    /// Bytes one cached position takes (keys and values of every layer, f32).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.model.cfg.num_layers * self.model.kv_dim() * std::mem::size_of::<f32>()
+    }
+
+    /// Bounds all sequences' KV caches together to `bytes` (None: unbounded). The engine then
+    /// admits and preempts by the room left ([`Backend::kv_capacity`]). Refused when the bound
+    /// cannot hold one block.
+    pub fn set_kv_cache_bytes(&mut self, bytes: Option<usize>) -> Result<(), BackendError> {
+        self.kv_blocks = match bytes {
+            None => None,
+            Some(b) => {
+                let block = KV_BLOCK * self.kv_bytes_per_position();
+                match b / block {
+                    0 => return Err(BackendError::Load(format!("a KV cache of {b} bytes cannot hold one block of {KV_BLOCK} positions ({block} bytes)"))),
+                    n => Some(n),
+                }
+            }
+        };
+        Ok(())
+    }
+
+    /// KV blocks all live sequences hold.
+    fn kv_blocks_used(&self) -> usize {
+        self.caches.values().map(|c| c.len.div_ceil(KV_BLOCK)).sum()
     }
 
     /// The model's hyper-parameters.
@@ -119,6 +152,14 @@ impl CandleBackend {
             }
             if self.cached_len(inp.seq) + inp.tokens.len() > self.max_context {
                 return Err(BackendError::ContextFull { seq: inp.seq, max: self.max_context });
+            }
+        }
+        if let Some(total) = self.kv_blocks {
+            let mut free = total.saturating_sub(self.kv_blocks_used());
+            for inp in inputs {
+                let len = self.cached_len(inp.seq);
+                let need = (len + inp.tokens.len()).div_ceil(KV_BLOCK) - len.div_ceil(KV_BLOCK);
+                free = free.checked_sub(need).ok_or(BackendError::KvFull { seq: inp.seq })?;
             }
         }
         Ok(())
@@ -181,5 +222,10 @@ impl Backend for CandleBackend {
 
     fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
         Some(self.lora_base())
+    }
+
+    fn kv_capacity(&self) -> Option<KvCapacity> {
+        let total = self.kv_blocks?;
+        Some(KvCapacity { block_size: KV_BLOCK, free_blocks: total.saturating_sub(self.kv_blocks_used()), total_blocks: total })
     }
 }
