@@ -6,6 +6,8 @@
 #   3. the tiny generated models under tests/fixtures/generated/
 #   4. one build in the `checked` profile (release with inferd's debug assertions on, Cargo.toml);
 #      Rust unit + integration tests; the OpenAI SDK and schema tests against that binary
+#   5. the `cuda` feature type-checks and its kernels compile (nvcc from PyPI; no GPU needed;
+#      the GPU tests themselves run on a GPU machine: scripts/cuda_check.sh)
 # Set INFERD_SKIP_REAL_MODELS=1 to skip fetching the real models (their tests then skip).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -41,3 +43,6 @@ cargo test --profile checked --locked --no-fail-fast -- --test-threads=2
 
 step "OpenAI SDK tests"
 "$PYTHON" -m pytest -q tests/python
+
+step "the cuda feature compiles (kernels with nvcc 13.0 from PyPI)"
+PYTHON="$PYTHON" scripts/build_cuda.sh --check

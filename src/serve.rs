@@ -66,10 +66,28 @@ pub fn load_model(
             }
             Box::new(b)
         }
-        (BackendKind::Candle, Device::Cuda(_) | Device::CoreMl) => {
+        #[cfg(feature = "cuda")]
+        (BackendKind::Candle, Device::Cuda(ordinal)) => {
+            let opts = crate::backend::cuda::CudaOptions {
+                ordinal,
+                max_context: m.context_length.or(assets.context_length),
+                gpu_memory_fraction: m.gpu_memory_fraction,
+                dtype: crate::backend::cuda::gpu::Dtype::from_env(),
+                max_kv_blocks: None,
+            };
+            Box::new(crate::backend::cuda::CudaBackend::load(&assets.weights, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        (BackendKind::Candle, Device::Cuda(_)) => {
             return Err(StartError::Unsupported {
                 id: m.id.clone(),
-                message: "the candle backend runs on the CPU only in this build; use device = \"cpu\" (or backend = \"onnx\")".into(),
+                message: "this build has no CUDA support: build with --features cuda (scripts/build_cuda.sh), or use device = \"cpu\"".into(),
+            })
+        }
+        (BackendKind::Candle, Device::CoreMl) => {
+            return Err(StartError::Unsupported {
+                id: m.id.clone(),
+                message: "the candle backend runs on the CPU and CUDA; CoreML goes through backend = \"onnx\"".into(),
             })
         }
         (BackendKind::Onnx, _) if m.kv_cache_mb.is_some() => {
@@ -93,7 +111,7 @@ pub fn load_model(
             let opts = OnnxOptions {
                 library: server.onnxruntime_library.clone(),
                 session: SessionSpec { device, intra_op_threads: threads, inter_op_threads: m.inter_op_threads },
-                max_batch: m.max_batch,
+                max_batch: m.max_batch(),
                 max_context: m.context_length,
                 // INFERD_ONNX_FIXED_SHAPES=0|1 overrides the provider's default (A/B runs).
                 fixed_shapes: std::env::var("INFERD_ONNX_FIXED_SHAPES").ok().map(|v| v != "0"),
@@ -103,7 +121,7 @@ pub fn load_model(
     };
     tracing::info!(
         model = %m.id, source = %m.source, backend = ?m.backend, device = ?m.device,
-        max_context = backend.max_context(), max_batch = m.max_batch, "model loaded"
+        max_context = backend.max_context(), max_batch = m.max_batch(), "model loaded"
     );
     let lora_dims = backend.lora_dims();
     let handle = engine::spawn(backend, Arc::clone(&assets.tokenizer), assets.eos_token_ids.clone(), m.engine_config(server));

@@ -9,7 +9,10 @@
 //! admits and preempts sequences by it, and [`BackendError::KvFull`] names the one sequence a
 //! step could not fit.
 pub mod candle;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod onnx;
+pub mod paged;
 
 pub use crate::engine::sampler::{SampleSpec, Sampled, TokenLogprobs};
 

@@ -55,6 +55,7 @@ struct FileModel {
     context_length: Option<usize>,
     prefill_chunk: Option<usize>,
     kv_cache_mb: Option<usize>,
+    gpu_memory_fraction: Option<f64>,
     intra_op_threads: Option<usize>,
     inter_op_threads: Option<usize>,
 }
@@ -138,7 +139,13 @@ fn model_from_file(m: FileModel, base: Option<&Path>) -> Result<ModelConfig, Con
     }
     cfg.intra_op_threads = m.intra_op_threads.filter(|&n| n > 0);
     cfg.inter_op_threads = m.inter_op_threads.unwrap_or(1).max(1);
-    cfg.max_batch = m.max_batch.unwrap_or(cfg.max_batch);
+    cfg.max_batch = m.max_batch.or(cfg.max_batch);
+    if let Some(f) = m.gpu_memory_fraction {
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(ConfigError::Invalid(format!("model '{}': gpu_memory_fraction must be in (0, 1]", cfg.id)));
+        }
+        cfg.gpu_memory_fraction = f;
+    }
     cfg.context_length = m.context_length;
     cfg.prefill_chunk = m.prefill_chunk.or(cfg.prefill_chunk);
     cfg.kv_cache_mb = m.kv_cache_mb;

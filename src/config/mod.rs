@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 pub use cli::{Cli, Command, ConvertArgs, ServeArgs};
 pub use settings::{default_http_threads, AdapterConfig, BackendKind, Config, ConfigError, Device, ModelConfig, ServerConfig};
 
-use crate::engine::EngineConfig;
 
 const DEFAULT_CONFIG: &str = "config.toml";
 
@@ -90,7 +89,7 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     }
     override_all(&mut models, args.backend.as_deref().map(str::parse::<BackendKind>).transpose()?, |m, b| m.backend = b);
     override_all(&mut models, args.device.as_deref().map(str::parse::<Device>).transpose()?, |m, d| m.device = d);
-    override_all(&mut models, args.max_batch, |m, n| m.max_batch = n);
+    override_all(&mut models, args.max_batch, |m, n| m.max_batch = Some(n));
     override_all(&mut models, args.context_length, |m, n| m.context_length = Some(n));
 
     check(&server, &models, &adapters)?;
@@ -99,13 +98,13 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
 
 /// A model with default settings, served under `id` or the id derived from its spec.
 fn model_from_spec(spec: &str, id: Option<&str>) -> ModelConfig {
-    let d = EngineConfig::default();
     ModelConfig {
         id: id.map(str::to_string).unwrap_or_else(|| model_id_from_spec(spec)),
         source: spec.to_string(),
         backend: BackendKind::Candle,
         device: Device::Cpu,
-        max_batch: d.max_batch,
+        max_batch: None,
+        gpu_memory_fraction: ModelConfig::DEFAULT_GPU_MEMORY_FRACTION,
         context_length: None,
         prefill_chunk: None,
         kv_cache_mb: None,
@@ -153,7 +152,7 @@ fn check(server: &ServerConfig, models: &[ModelConfig], adapters: &[AdapterConfi
         if models[..i].iter().any(|o| o.id == m.id) {
             return Err(ConfigError::Invalid(format!("duplicate model id '{}'", m.id)));
         }
-        if m.max_batch == 0 || m.prefill_chunk == Some(0) || m.kv_cache_mb == Some(0) {
+        if m.max_batch == Some(0) || m.prefill_chunk == Some(0) || m.kv_cache_mb == Some(0) {
             return Err(ConfigError::Invalid(format!("model '{}': max_batch, prefill_chunk and kv_cache_mb must be at least 1", m.id)));
         }
         if m.context_length.is_some_and(|c| c < 2) {

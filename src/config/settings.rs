@@ -135,7 +135,12 @@ pub struct ModelConfig {
     pub source: String,
     pub backend: BackendKind,
     pub device: Device,
-    pub max_batch: usize,
+    /// Most sequences decoding together (None: [`ModelConfig::DEFAULT_MAX_BATCH_GPU`] for the
+    /// candle backend on a GPU, else the engine's default).
+    pub max_batch: Option<usize>,
+    /// The fraction of the GPU's memory the model may fill (weights, buffers, KV cache): the KV
+    /// cache gets what the weights leave (candle on CUDA).
+    pub gpu_memory_fraction: f64,
     pub context_length: Option<usize>,
     /// Prompt tokens per step; None: [`ModelConfig::DEFAULT_PREFILL_CHUNK_GPU`] for an onnx
     /// model on a GPU (a chunk of that size takes a few ms there, and every extra chunk is
@@ -154,6 +159,16 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub const DEFAULT_PREFILL_CHUNK_GPU: usize = 2048;
+    pub const DEFAULT_MAX_BATCH_GPU: usize = 256;
+    pub const DEFAULT_GPU_MEMORY_FRACTION: f64 = 0.9;
+
+    /// Most sequences decoding together on this model's device.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch.unwrap_or(match (self.backend, self.device) {
+            (BackendKind::Candle, Device::Cuda(_)) => Self::DEFAULT_MAX_BATCH_GPU,
+            _ => EngineConfig::default().max_batch,
+        })
+    }
 
     /// Prompt tokens per step on this model's device.
     pub fn prefill_chunk(&self) -> usize {
@@ -166,7 +181,7 @@ impl ModelConfig {
     /// The engine knobs for this model.
     pub fn engine_config(&self, server: &ServerConfig) -> EngineConfig {
         EngineConfig {
-            max_batch: self.max_batch,
+            max_batch: self.max_batch(),
             max_waiting: server.max_waiting,
             prefill_chunk: self.prefill_chunk(),
             ..EngineConfig::default()

@@ -49,7 +49,7 @@ fn file_values_are_read() {
     assert_eq!(c.models.len(), 2);
     assert_eq!(c.models[0].id, "a");
     assert_eq!(c.models[0].device, Device::Cuda(1));
-    assert_eq!(c.models[0].max_batch, 4);
+    assert_eq!(c.models[0].max_batch(), 4);
     assert_eq!(c.models[0].context_length, Some(2048));
     assert_eq!(c.models[0].prefill_chunk, None); // the default: 256 (candle; 2048 is for onnx on a GPU)
     assert_eq!(c.models[1].id, "org/model-b");
@@ -73,7 +73,7 @@ fn env_overrides_file_and_flags_override_env() {
     let args = ServeArgs { port: Some(7100), device: Some("cuda:2".into()), max_batch: Some(3), ..args_with(&f) };
     let c = load_with_env(&args, &env).expect("config loads");
     assert_eq!((c.server.host.as_str(), c.server.port), ("10.0.0.1", 7100));
-    assert!(c.models.iter().all(|m| m.device == Device::Cuda(2) && m.max_batch == 3));
+    assert!(c.models.iter().all(|m| m.device == Device::Cuda(2) && m.max_batch() == 3));
 }
 
 #[test]

@@ -33,6 +33,11 @@ impl RopeTable {
         Self { cos, sin, half, interleaved }
     }
 
+    /// The cos and sin tables, [positions][head_dim / 2] (a device backend uploads them).
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates every head of one token (`x` = [n_heads][head_dim]) in place for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let half = self.half;

@@ -92,6 +92,17 @@ impl Linear {
         }
     }
 
+    /// The whole weight as f32 rows, [out_features, in_features] (quantized weights dequantized),
+    /// and the bias: what a device backend uploads.
+    pub fn to_f32(&self) -> Result<(Vec<f32>, usize, usize, Option<Vec<f32>>)> {
+        let (data, n, k) = match &self.weight {
+            Weight::Quantized(q) => (q.dequantize_rows(&(0..q.rows() as u32).collect::<Vec<_>>())?, q.rows(), q.cols()),
+            Weight::Dense(w) => ((0..w.rows()).flat_map(|i| w.row(i).iter().copied()).collect(), w.rows(), w.cols()),
+        };
+        let bias = self.bias.as_ref().map(|b| b.flatten_all().and_then(|b| b.to_vec1::<f32>())).transpose()?;
+        Ok((data, n, k, bias))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let x = x.to_dtype(DType::F32)?.contiguous()?;
@@ -208,6 +219,23 @@ impl MultiLinear {
             .map(|(run, widths)| Ok((fuse(run, &widths)?, widths)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { groups })
+    }
+
+    /// All projections as one f32 matrix, their rows stacked in order, [sum of widths, in]
+    /// (quantized weights dequantized), and the stacked bias (zeros where a part has none;
+    /// None when none has one): what a device backend uploads.
+    pub fn to_f32(&self) -> Result<(Vec<f32>, usize, usize, Option<Vec<f32>>)> {
+        let (mut data, mut n, mut k, mut bias) = (Vec::new(), 0, 0, Vec::new());
+        let mut any_bias = false;
+        for (linear, _) in &self.groups {
+            let (d, rows, cols, b) = linear.to_f32()?;
+            data.extend(d);
+            n += rows;
+            k = cols;
+            any_bias |= b.is_some();
+            bias.extend(b.unwrap_or_else(|| vec![0.0; rows]));
+        }
+        Ok((data, n, k, any_bias.then_some(bias)))
     }
 
     /// Output width of each logical projection, in order.

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Throughput at many concurrent streams, for GPU servers: single-stream decode, time to first
+token, prefill, and total output tok/s at 1, 8, 64 and 256 streams, for each server given, in one
+run (each metric taken from every server back to back), with ratios to the first server.
+
+    python3 bench/streams.py --model /tmp/qwen.gguf \
+        --server "llama.cpp=llama-server -m {model} -ngl 99 -fa on -np 256 -c 131072 --port {port}" \
+        --server "inferd=target/release/inferd serve --model {model} --device cuda:0 --port {port}"
+
+Every request: streaming, `ignore_eos`, temperature 0, `--new-tokens` tokens (128), prompts of
+~`--prompt-tokens` distinct per stream (so no server can reuse another stream's prompt cache).
+Standard library only (runs on the GPU machine's Python); prints one table.
+"""
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import concurrent, stream  # noqa: E402
+from servers import Server  # noqa: E402
+
+
+def prompt(i, words):
+    """A distinct prompt of about `words` words (about as many tokens) for stream i."""
+    base = f"Request {i}: a report on shelf {i * 7919 % 10007} of the library, "
+    return base + " ".join(f"item{(i * 31 + j * 17) % 997}" for j in range(words))
+
+
+def body(i, args, model_id):
+    return {"model": model_id, "prompt": prompt(i, args.prompt_tokens), "max_tokens": args.new_tokens,
+            "temperature": 0, "ignore_eos": True, "cache_prompt": False}
+
+
+def one(url, b, timeout):
+    r = stream(url, b, timeout)
+    if r.error:
+        raise RuntimeError(r.error)
+    return r
+
+
+def measure(srv, args, n, salt):
+    """(metric -> value) for n concurrent streams."""
+    url = srv.base + "/v1/completions"
+    mid = srv.model_id
+    if n == 1:
+        ttft, decode, prefill = [], [], []
+        for rep in range(args.repeats):
+            r = one(url, body(salt + rep, args, mid), args.timeout)
+            ttft.append(r.t_first * 1e3)
+            gen = (r.completion_tokens or args.new_tokens) - 1
+            decode.append(gen / (r.t_last - r.t_first) if r.t_last > r.t_first else float("nan"))
+            prefill.append((r.prompt_tokens or 0) / r.t_first)
+        return {"TTFT ms": statistics.median(ttft), "decode tok/s (1 stream)": statistics.median(decode),
+                "prefill tok/s": statistics.median(prefill)}
+    results, wall = concurrent(url, [body(salt + k, args, mid) for k in range(n)], n, args.timeout)
+    errors = [r.error for r in results if r is None or r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} streams failed: {errors[0]}")
+    total = sum(r.completion_tokens or 0 for r in results)
+    return {f"total tok/s, {n} streams": total / wall}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--server", action="append", required=True, help="NAME=COMMAND with {model} and {port}")
+    ap.add_argument("--streams", default="1,8,64,256")
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--port", type=int, default=18190)
+    ap.add_argument("--log-dir", default="/tmp")
+    args = ap.parse_args()
+    servers = []
+    for k, spec in enumerate(args.server):
+        name, _, cmd = spec.partition("=")
+        argv = [a.format(model=args.model, port=args.port + k) for a in shlex.split(cmd)]
+        s = Server(name, argv, args.port + k, f"{args.log_dir}/streams-{name}.log")
+        servers.append(s)
+    rows = {}
+    try:
+        for s in servers:
+            s.start(timeout=600)
+            s.model_id = __import__("servers").http_json(s.base + "/v1/models")["data"][0]["id"]
+            one(s.base + "/v1/completions", body(99999, args, s.model_id), args.timeout)  # warm-up
+        for n in [int(x) for x in args.streams.split(",")]:
+            for s in servers:
+                t = time.time()
+                for metric, v in measure(s, args, n, salt=n * 1000).items():
+                    rows.setdefault(metric, {})[s.name] = v
+                print(f"  {s.name}: {n} stream(s) in {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+    finally:
+        for s in servers:
+            s.close()
+    names = [s.name for s in servers]
+    head = f"| metric | " + " | ".join(names) + "".join(f" | {n} / {names[0]}" for n in names[1:]) + " |"
+    print(head)
+    print("|" + "---|" * (1 + 2 * len(names) - 1))
+    for metric, vals in rows.items():
+        cells = [f"{vals.get(n, float('nan')):.1f}" for n in names]
+        ratios = [f"{vals[n] / vals[names[0]]:.2f}" if n in vals and names[0] in vals else "-" for n in names[1:]]
+        print(f"| {metric} | " + " | ".join(cells + ratios) + " |")
+
+
+if __name__ == "__main__":
+    main()

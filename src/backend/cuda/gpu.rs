@@ -1,0 +1,236 @@
+//! One CUDA device as the backend uses it: the context, one stream, cuBLAS on that stream, the
+//! kernels of `kernels.cu` (built by build.rs, embedded), device buffers and the launches.
+//!
+//! The CUDA libraries are loaded at run time (cudarc's `dynamic-loading`): a cuda build starts and
+//! serves on the CPU on a machine without a GPU or driver, and `Gpu::open` says clearly what is
+//! missing. Buffers are addressed by raw device pointers within one stream (event tracking is
+//! off), so the step is a plain sequence of launches that a CUDA graph can later capture.
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::nvrtc::Ptx;
+
+use crate::backend::BackendError;
+
+/// The kernels' fatbin (build.rs).
+static KERNELS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+
+/// The element type of weights and of the activations fed to the matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F16,
+    F32,
+}
+
+impl Dtype {
+    /// `INFERD_CUDA_DTYPE=f32` computes the products in full f32 (weights stored in f32: twice
+    /// the memory; for exact comparisons), else f16 with f32 accumulation.
+    pub fn from_env() -> Dtype {
+        match std::env::var("INFERD_CUDA_DTYPE").as_deref() {
+            Ok("f32") => Dtype::F32,
+            _ => Dtype::F16,
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F16 => 2,
+            Dtype::F32 => 4,
+        }
+    }
+
+    fn cuda(self) -> blas_sys::cudaDataType {
+        match self {
+            Dtype::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+            Dtype::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        }
+    }
+}
+
+/// A device buffer with its raw address (valid while the buffer lives).
+pub struct Buf<T> {
+    pub slice: CudaSlice<T>,
+    pub ptr: u64,
+}
+
+impl<T> Buf<T> {
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+}
+
+/// The kernels by name.
+pub struct Kernels {
+    pub embed_f16: CudaFunction,
+    pub embed_f32: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub qkv_rope_store: CudaFunction,
+    pub attend: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub argmax_rows: CudaFunction,
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _module: Arc<CudaModule>,
+    pub k: Kernels,
+}
+
+fn driver_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
+    BackendError::Load(format!("{what}: {e:?}"))
+}
+
+/// Whether a shared library can be opened (checked before cudarc, which panics when it cannot).
+fn library_present(names: &[&str]) -> bool {
+    // SAFETY: opening NVIDIA's own libraries runs only their initialisers.
+    names.iter().any(|n| unsafe { libloading::Library::new(*n) }.is_ok())
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, its stream, cuBLAS and the kernels.
+    pub fn open(ordinal: usize) -> Result<Gpu, BackendError> {
+        if !library_present(&["libcuda.so.1", "libcuda.so"]) {
+            return Err(BackendError::Load(format!(
+                "cuda:{ordinal}: the NVIDIA driver library (libcuda.so.1) is not installed or not on the library path; \
+                 serve with device = \"cpu\", or install the driver (CUDA 13.0, driver 580 or newer)"
+            )));
+        }
+        if !library_present(&["libcublas.so.13", "libcublas.so"]) {
+            return Err(BackendError::Load(format!(
+                "cuda:{ordinal}: cuBLAS (libcublas.so.13) is not on the library path; install CUDA 13's cuBLAS \
+                 (e.g. pip install nvidia-cublas==13.0.*) and add its lib folder to LD_LIBRARY_PATH"
+            )));
+        }
+        let count = CudaContext::device_count().map_err(|e| driver_err("cannot count CUDA devices", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(BackendError::Load(format!("cuda:{ordinal}: this machine has {count} CUDA device(s)")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err(&format!("cuda:{ordinal}: cannot open the device"), e))?;
+        // SAFETY: every buffer is used on the one stream below, in order; nothing needs events.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| driver_err("cannot create a CUDA stream", e))?;
+        let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| driver_err("cannot start cuBLAS", e))?;
+        let module = ctx
+            .load_module(Ptx::from_binary(KERNELS.to_vec()))
+            .map_err(|e| driver_err(&format!("cuda:{ordinal}: cannot load inferd's kernels (built for sm_80..sm_90; is the driver older than CUDA 13.0?)"), e))?;
+        let f = |name: &str| module.load_function(name).map_err(|e| driver_err(&format!("kernel {name}"), e));
+        let k = Kernels {
+            embed_f16: f("embed_f16")?,
+            embed_f32: f("embed_f32")?,
+            rms_norm: f("rms_norm")?,
+            qkv_rope_store: f("qkv_rope_store")?,
+            attend: f("attend")?,
+            silu_mul: f("silu_mul")?,
+            argmax_rows: f("argmax_rows")?,
+        };
+        Ok(Gpu { ctx, stream, blas, _module: module, k })
+    }
+
+    /// The device's name, for the log.
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown".into())
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize), BackendError> {
+        self.ctx.mem_get_info().map_err(|e| driver_err("cannot read the device's memory", e))
+    }
+
+    /// A zeroed buffer of `n` elements.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<Buf<T>, BackendError> {
+        let slice = self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| oom(n * std::mem::size_of::<T>(), e))?;
+        let ptr = slice.device_ptr(&self.stream).0;
+        Ok(Buf { slice, ptr })
+    }
+
+    /// A buffer holding `data`.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<Buf<T>, BackendError> {
+        let slice = self.stream.clone_htod(data).map_err(|e| oom(std::mem::size_of_val(data), e))?;
+        let ptr = slice.device_ptr(&self.stream).0;
+        Ok(Buf { slice, ptr })
+    }
+
+    /// Copies `data` into the start of `buf`.
+    pub fn write<T: DeviceRepr>(&self, buf: &mut Buf<T>, data: &[T]) -> Result<(), BackendError> {
+        let mut view = buf.slice.slice_mut(..data.len());
+        self.stream.memcpy_htod(data, &mut view).map_err(|e| compute("copy to the device", e))
+    }
+
+    /// Copies `out.len()` elements from device address `ptr` (inside `buf`) to the host; waits.
+    pub fn read<T: DeviceRepr + Default + Clone>(&self, buf: &Buf<T>, offset: usize, out: &mut [T]) -> Result<(), BackendError> {
+        let view = buf.slice.slice(offset..offset + out.len());
+        self.stream.memcpy_dtoh(&view, out).map_err(|e| compute("copy to the host", e))?;
+        self.stream.synchronize().map_err(|e| compute("stream", e))
+    }
+
+    /// Launches `f` on the stream with `args` (each a reference to a plain value or device address).
+    pub fn launch(&self, f: &CudaFunction, grid: (u32, u32), block: u32, args: &[&dyn Arg]) -> Result<(), BackendError> {
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            a.push(&mut b);
+        }
+        let cfg = LaunchConfig { grid_dim: (grid.0.max(1), grid.1.max(1), 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: every kernel's parameter list is matched by its caller in `forward.rs`, and the
+        // device addresses passed point into live buffers of the sizes the kernels index.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| compute("kernel launch", e))
+    }
+
+    /// `y[rows, n] = x[rows, k] W^T (+ y when accumulate)`: `w` row-major [n, k] of `dtype`, `x`
+    /// row-major [rows, k] of `dtype`, `y` f32. f32 inputs compute in full f32 (no TF32).
+    pub fn gemm(&self, dtype: Dtype, w: u64, x: u64, y: u64, rows: usize, n: usize, k: usize, accumulate: bool) -> Result<(), BackendError> {
+        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+        // Column-major view: Y^T [n, rows] = W [n, k] (stored as k x n, transposed) X^T [k, rows].
+        // SAFETY: the handle is bound to this stream; the addresses hold the sizes described above.
+        unsafe {
+            blas_result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                rows as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                w as *const _,
+                dtype.cuda(),
+                k as i32,
+                x as *const _,
+                dtype.cuda(),
+                k as i32,
+                (&beta as *const f32).cast(),
+                y as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| compute("cuBLAS product", e))
+    }
+
+    /// Waits for the stream; surfaces any asynchronous error of the launches before.
+    pub fn sync(&self) -> Result<(), BackendError> {
+        self.stream.synchronize().map_err(|e| compute("the step on the device", e))
+    }
+}
+
+fn oom(bytes: usize, e: impl std::fmt::Debug) -> BackendError {
+    BackendError::Load(format!("cannot allocate {} MiB on the device: {e:?}", bytes.div_ceil(1 << 20)))
+}
+
+fn compute(what: &str, e: impl std::fmt::Debug) -> BackendError {
+    BackendError::Compute(format!("CUDA: {what}: {e:?}"))
+}
+
+/// A kernel argument: a plain value pushed by reference.
+pub trait Arg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+impl<T: DeviceRepr> Arg for T {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
