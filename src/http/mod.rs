@@ -123,7 +123,15 @@ pub async fn serve_on(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     tracing::info!(addr = %listener.local_addr()?, "inferd listening");
+    // TCP_NODELAY: a streamed token is a small write that must leave at once, not wait for the
+    // client's acknowledgement of the previous one (Nagle's algorithm).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
