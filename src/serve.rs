@@ -74,6 +74,8 @@ pub fn load_model(
                 gpu_memory_fraction: m.gpu_memory_fraction,
                 dtype: crate::backend::cuda::gpu::Dtype::from_env(),
                 max_kv_blocks: None,
+                max_slots: m.max_batch(),
+                graphs: crate::backend::cuda::graphs_from_env(),
             };
             Box::new(crate::backend::cuda::CudaBackend::load(&assets.weights, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
         }

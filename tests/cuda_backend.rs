@@ -189,6 +189,37 @@ fn a_sequence_alone_and_in_a_mixed_batch_of_64_agree() {
 }
 
 #[test]
+fn decode_steps_replayed_from_cuda_graphs_give_the_tokens_of_plain_launches() {
+    use inferd::backend::SampleSpec;
+    use inferd::engine::sampler::TokenCounts;
+    use inferd::engine::SamplingParams;
+    let greedy_params = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+    let counts = TokenCounts::default();
+    for n in [1usize, 3, 8, 13] {
+        let mut g = gpu("tiny-llama.f32.gguf", Dtype::F32);
+        let prompts: Vec<Vec<u32>> = (0..n as u32).map(|i| (0..3 + i % 7).map(|j| (i * 37 + j * 11) % 500).collect()).collect();
+        let alone: Vec<Vec<u32>> = prompts.iter().enumerate().map(|(i, p)| greedy(&mut g, 500 + i as SeqId, p, 24).0).collect();
+        // Together through step_and_sample: prefill, then 23 decode steps of n rows (padded to a
+        // power of two; the first step of each size runs plainly, the second is captured, the
+        // rest replay the graph).
+        let mut next: Vec<Vec<u32>> = prompts.clone();
+        let mut got: Vec<Vec<u32>> = vec![Vec::new(); n];
+        for _ in 0..24 {
+            let inputs: Vec<StepInput> = (0..n).map(|i| StepInput { seq: i as SeqId, tokens: &next[i], adapter: None, want_logits: true }).collect();
+            let specs: Vec<Option<SampleSpec>> = (0..n).map(|_| Some(SampleSpec { params: &greedy_params, counts: &counts, uniform: None, logprobs: None })).collect();
+            let out = g.step_and_sample(&inputs, &specs).expect("step");
+            for (i, s) in out.into_iter().enumerate() {
+                let t = s.expect("sampled").token;
+                got[i].push(t);
+                next[i] = vec![t];
+            }
+        }
+        assert_eq!(got, alone, "{n} rows: graph-replayed decode vs each sequence alone without graphs");
+        eprintln!("{n} rows (padded to {}): 24 greedy tokens each, identical to the plain launches", n.next_power_of_two());
+    }
+}
+
+#[test]
 fn the_paged_cache_under_pressure_preempts_and_keeps_every_answer() {
     use inferd::engine::{spawn, EngineConfig, GenRequest, SamplingParams};
     let opts = inferd::model::SourceOptions { cache_dir: None, offline: true, progress: false };

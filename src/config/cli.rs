@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// Context length override (default: the model's own).
     #[arg(long)]
     pub context_length: Option<usize>,
+    /// Fraction of the GPU's memory a model may fill, its KV cache included (default 0.9).
+    #[arg(long)]
+    pub gpu_memory_fraction: Option<f64>,
     /// CPU threads of the forward pass, shared by all CPU models (env INFERD_THREADS; default:
     /// every CPU this process may use).
     #[arg(long)]

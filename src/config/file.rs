@@ -141,9 +141,6 @@ fn model_from_file(m: FileModel, base: Option<&Path>) -> Result<ModelConfig, Con
     cfg.inter_op_threads = m.inter_op_threads.unwrap_or(1).max(1);
     cfg.max_batch = m.max_batch.or(cfg.max_batch);
     if let Some(f) = m.gpu_memory_fraction {
-        if !(f > 0.0 && f <= 1.0) {
-            return Err(ConfigError::Invalid(format!("model '{}': gpu_memory_fraction must be in (0, 1]", cfg.id)));
-        }
         cfg.gpu_memory_fraction = f;
     }
     cfg.context_length = m.context_length;

@@ -91,6 +91,7 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     override_all(&mut models, args.device.as_deref().map(str::parse::<Device>).transpose()?, |m, d| m.device = d);
     override_all(&mut models, args.max_batch, |m, n| m.max_batch = Some(n));
     override_all(&mut models, args.context_length, |m, n| m.context_length = Some(n));
+    override_all(&mut models, args.gpu_memory_fraction, |m, f| m.gpu_memory_fraction = f);
 
     check(&server, &models, &adapters)?;
     Ok(Config { server, models, adapters })
@@ -146,6 +147,9 @@ fn check(server: &ServerConfig, models: &[ModelConfig], adapters: &[AdapterConfi
         return Err(ConfigError::Invalid("server.max_waiting must be at least 1".into()));
     }
     for (i, m) in models.iter().enumerate() {
+        if !(m.gpu_memory_fraction > 0.0 && m.gpu_memory_fraction <= 1.0) {
+            return Err(ConfigError::Invalid(format!("model '{}': gpu_memory_fraction must be in (0, 1]", m.id)));
+        }
         if m.id.trim().is_empty() || m.source.trim().is_empty() {
             return Err(ConfigError::Invalid(format!("models[{i}]: id and source must not be empty")));
         }

@@ -142,10 +142,9 @@ pub struct ModelConfig {
     /// cache gets what the weights leave (candle on CUDA).
     pub gpu_memory_fraction: f64,
     pub context_length: Option<usize>,
-    /// Prompt tokens per step; None: [`ModelConfig::DEFAULT_PREFILL_CHUNK_GPU`] for an onnx
-    /// model on a GPU (a chunk of that size takes a few ms there, and every extra chunk is
-    /// another pass over the weights; measured on an H100, docs/cuda.md), else the engine's
-    /// default.
+    /// Prompt tokens per step; None: [`ModelConfig::DEFAULT_PREFILL_CHUNK_GPU`] on a GPU (a chunk
+    /// of that size takes a few ms there, and every extra chunk is another pass over the
+    /// weights; measured on an H100, docs/cuda.md), else the engine's default.
     pub prefill_chunk: Option<usize>,
     /// Most MiB all sequences' KV caches may take together (candle on the CPU; None: each
     /// sequence's cache grows up to the context length). When it is full, the engine preempts
@@ -173,7 +172,7 @@ impl ModelConfig {
     /// Prompt tokens per step on this model's device.
     pub fn prefill_chunk(&self) -> usize {
         self.prefill_chunk.unwrap_or(match (self.backend, self.device) {
-            (BackendKind::Onnx, Device::Cuda(_)) => Self::DEFAULT_PREFILL_CHUNK_GPU,
+            (_, Device::Cuda(_)) => Self::DEFAULT_PREFILL_CHUNK_GPU,
             _ => EngineConfig::default().prefill_chunk,
         })
     }

@@ -51,7 +51,7 @@ fn file_values_are_read() {
     assert_eq!(c.models[0].device, Device::Cuda(1));
     assert_eq!(c.models[0].max_batch(), 4);
     assert_eq!(c.models[0].context_length, Some(2048));
-    assert_eq!(c.models[0].prefill_chunk, None); // the default: 256 (candle; 2048 is for onnx on a GPU)
+    assert_eq!(c.models[0].prefill_chunk, None); // the default: 2048 on a GPU (256 on the CPU)
     assert_eq!(c.models[1].id, "org/model-b");
     assert_eq!(c.models[1].backend, BackendKind::Onnx);
     assert_eq!(c.models[1].device, Device::Cpu);
@@ -59,7 +59,7 @@ fn file_values_are_read() {
     // Each choice of `n` takes a waiting slot, so `n` is capped by max_waiting (7 here), not 16.
     assert_eq!((l.max_body_bytes, l.api_key.as_deref(), l.max_n), (4 * 1024 * 1024, Some("sk-test"), 7));
     let e = c.models[0].engine_config(&c.server);
-    assert_eq!((e.max_batch, e.max_waiting, e.prefill_chunk), (4, 7, 256));
+    assert_eq!((e.max_batch, e.max_waiting, e.prefill_chunk), (4, 7, 2048));
 }
 
 #[test]
@@ -234,16 +234,17 @@ fn onnx_execution_targets_and_threads() {
 }
 
 #[test]
-fn prefill_chunk_defaults_by_device() {
+fn prefill_chunk_and_max_batch_default_by_device() {
     let f = file(FILE);
     let c = load_with_env(&args_with(&f), &env_of(&[])).expect("config loads");
     let server = c.server;
     let mut m = super::model_from_spec("models/x.gguf", None);
-    assert_eq!(m.engine_config(&server).prefill_chunk, 256);
+    assert_eq!((m.engine_config(&server).prefill_chunk, m.max_batch()), (256, 16));
     m.device = Device::Cuda(0);
-    assert_eq!(m.engine_config(&server).prefill_chunk, 256, "candle on a GPU keeps the CPU default");
+    assert_eq!((m.engine_config(&server).prefill_chunk, m.max_batch()), (2048, 256), "candle on a GPU");
     m.backend = BackendKind::Onnx;
-    assert_eq!(m.engine_config(&server).prefill_chunk, 2048);
+    assert_eq!((m.engine_config(&server).prefill_chunk, m.max_batch()), (2048, 16), "onnx on a GPU: slots of the full context each");
     m.prefill_chunk = Some(512);
-    assert_eq!(m.engine_config(&server).prefill_chunk, 512);
+    m.max_batch = Some(64);
+    assert_eq!((m.engine_config(&server).prefill_chunk, m.max_batch()), (512, 64));
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{sys as driver_sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 
 use crate::backend::BackendError;
@@ -69,15 +69,29 @@ pub struct Kernels {
     pub attend: CudaFunction,
     pub silu_mul: CudaFunction,
     pub argmax_rows: CudaFunction,
+    pub scatter_i32: CudaFunction,
 }
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, set explicitly so that no product allocates (a graph capture forbids it).
+    _workspace: CudaSlice<u8>,
     _module: Arc<CudaModule>,
     pub k: Kernels,
 }
+
+/// A captured CUDA graph, movable to the worker thread that owns the backend.
+pub struct Graph(CudaGraph);
+
+// SAFETY: CUDA graph handles are not tied to the thread that made them (the driver API only needs
+// the context current, which every launch binds); the backend that holds them is used by one
+// thread at a time.
+unsafe impl Send for Graph {}
+
+/// cuBLAS's workspace: what NVIDIA recommends for Hopper (32 MiB).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
     BackendError::Load(format!("{what}: {e:?}"))
@@ -113,6 +127,13 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| driver_err("cannot create a CUDA stream", e))?;
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| driver_err("cannot start cuBLAS", e))?;
+        let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(|e| oom(BLAS_WORKSPACE, e))?;
+        let ws_ptr = workspace.device_ptr(&stream).0;
+        // SAFETY: the workspace outlives the handle (both are fields of `Gpu`, dropped together).
+        let status = unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ws_ptr as *mut _, BLAS_WORKSPACE) };
+        if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(driver_err("cannot set cuBLAS's workspace", status));
+        }
         let module = ctx
             .load_module(Ptx::from_binary(KERNELS.to_vec()))
             .map_err(|e| driver_err(&format!("cuda:{ordinal}: cannot load inferd's kernels (built for sm_80..sm_90; is the driver older than CUDA 13.0?)"), e))?;
@@ -125,8 +146,9 @@ impl Gpu {
             attend: f("attend")?,
             silu_mul: f("silu_mul")?,
             argmax_rows: f("argmax_rows")?,
+            scatter_i32: f("scatter_i32")?,
         };
-        Ok(Gpu { ctx, stream, blas, _module: module, k })
+        Ok(Gpu { ctx, stream, blas, _workspace: workspace, _module: module, k })
     }
 
     /// The device's name, for the log.
@@ -155,8 +177,29 @@ impl Gpu {
 
     /// Copies `data` into the start of `buf`.
     pub fn write<T: DeviceRepr>(&self, buf: &mut Buf<T>, data: &[T]) -> Result<(), BackendError> {
-        let mut view = buf.slice.slice_mut(..data.len());
+        self.write_at(buf, 0, data)
+    }
+
+    /// Copies `data` into `buf` from element `offset` on.
+    pub fn write_at<T: DeviceRepr>(&self, buf: &mut Buf<T>, offset: usize, data: &[T]) -> Result<(), BackendError> {
+        let mut view = buf.slice.slice_mut(offset..offset + data.len());
         self.stream.memcpy_htod(data, &mut view).map_err(|e| compute("copy to the device", e))
+    }
+
+    /// Records what `launches` puts on the stream into a CUDA graph (nothing runs).
+    pub fn capture(&self, launches: impl FnOnce() -> Result<(), BackendError>) -> Result<Graph, BackendError> {
+        self.stream
+            .begin_capture(driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| compute("begin a graph capture", e))?;
+        let r = launches();
+        let graph = self.stream.end_capture(driver_sys::CUgraphInstantiate_flags(0)).map_err(|e| compute("end a graph capture", e));
+        r?;
+        graph?.map(Graph).ok_or_else(|| BackendError::Compute("CUDA: the graph capture recorded nothing".into()))
+    }
+
+    /// Replays a captured graph on the stream.
+    pub fn replay(&self, graph: &Graph) -> Result<(), BackendError> {
+        graph.0.launch().map_err(|e| compute("graph launch", e))
     }
 
     /// Copies `out.len()` elements from device address `ptr` (inside `buf`) to the host; waits.

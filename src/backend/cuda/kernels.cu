@@ -237,3 +237,9 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int voc
     }
     if (threadIdx.x == 0) ids[r] = si[0] == 0x7fffffff ? 0 : si[0];
 }
+
+// dst[pairs[2i]] = pairs[2i + 1] for i < n (block-table entries of newly taken KV blocks).
+extern "C" __global__ void scatter_i32(int* __restrict__ dst, const int* __restrict__ pairs, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[pairs[2 * i]] = pairs[2 * i + 1];
+}

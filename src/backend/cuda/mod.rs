@@ -9,17 +9,19 @@
 //!   admits and preempts by its free blocks.
 //! - Step (`forward.rs`): all rows of all sequences through each layer together; RoPE and the
 //!   cache write in one kernel; attention in one launch per layer for every row (decode and
-//!   prompt rows alike, each reading its own sequence's blocks up to its position).
+//!   prompt rows alike, each reading its own sequence's blocks up to its position). A decode
+//!   step (one token per row) of R rows, R padded to a power of two, replays a CUDA graph
+//!   captured the second time that R is seen (`INFERD_CUDA_GRAPHS=0` turns them off).
 //! - Sampling: greedy rows are picked on the device (only their token ids cross to the host);
 //!   other rows' logits are copied and sampled by the engine's sampler.
 mod forward;
 pub mod gpu;
 mod weights;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use self::gpu::{Buf, Dtype, Gpu};
+use self::gpu::{Buf, Dtype, Gpu, Graph};
 use self::weights::DevWeights;
 use super::candle::attention::RopeTable;
 use super::candle::ModelConfig;
@@ -41,11 +43,15 @@ pub struct CudaOptions {
     pub dtype: Dtype,
     /// At most this many KV blocks (tests of a full cache); the context length shrinks to fit.
     pub max_kv_blocks: Option<usize>,
+    /// Most sequences holding a cache at once (the engine's `max_batch`).
+    pub max_slots: usize,
+    /// Replay decode steps from CUDA graphs.
+    pub graphs: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None }
+        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env() }
     }
 }
 
@@ -65,7 +71,28 @@ pub struct CudaBackend {
     tables: BlockTables,
     max_context: usize,
     scratch: forward::Scratch,
+    /// Each live sequence's row of `dev_tables`.
+    slots: HashMap<SeqId, u32>,
+    free_slots: Vec<u32>,
+    max_slots: usize,
+    /// Block tables on the device, [max_slots + 1, max_blocks]; the last row (the spare slot of
+    /// padding rows) points at the spare block, which no sequence owns.
+    dev_tables: Buf<i32>,
+    max_blocks: usize,
+    /// Decode graphs by row count, and the row counts run once without a graph.
+    graphs: HashMap<usize, Graph>,
+    seen: HashSet<usize>,
+    use_graphs: bool,
 }
+
+/// `INFERD_CUDA_GRAPHS=0` turns the decode graphs off (A/B runs).
+pub fn graphs_from_env() -> bool {
+    std::env::var("INFERD_CUDA_GRAPHS").map_or(true, |v| v != "0")
+}
+
+/// Prompt rows one step is sized for beside the decode rows (the engine's default chunk on a GPU);
+/// a larger step grows the buffers (and drops the captured graphs).
+const PREFILL_ROWS: usize = 2048;
 
 fn load_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Load(e.to_string())
@@ -92,14 +119,15 @@ impl CudaBackend {
         let (cos, sin) = rope.tables();
         let (cos, sin) = (gpu.upload(cos)?, gpu.upload(sin)?);
         let inter = dw.layers.first().map_or(0, |l| l.gate_up.n / 2);
-        let scratch = forward::Scratch::new(&gpu, &cfg, opts.dtype, inter, 256, 64)?;
-        // The KV cache takes what the fraction leaves after everything else this process holds
-        // and what other processes already held when it started.
+        let max_slots = opts.max_slots.max(1);
+        let scratch = forward::Scratch::new(&gpu, &cfg, opts.dtype, inter, max_slots + PREFILL_ROWS, max_slots)?;
+        // The KV cache takes what the fraction of the device's memory leaves after what this
+        // model took (weights, buffers), within what is free: other processes on the GPU keep
+        // theirs (several servers may share one GPU, each with its own fraction).
         let (free, _) = gpu.memory()?;
         let budget = (total as f64 * opts.gpu_memory_fraction) as usize;
-        let used_before = total - free0;
-        let used_now = total - free;
-        let kv_bytes = budget.saturating_sub(used_now.max(used_before));
+        let own = free0.saturating_sub(free);
+        let kv_bytes = budget.saturating_sub(own).min(free.saturating_sub(256 << 20));
         let kv_dim = cfg.num_kv_heads * d;
         let block_bytes = 2 * cfg.num_layers * BLOCK * kv_dim * opts.dtype.bytes();
         let mut blocks = kv_bytes / block_bytes;
@@ -107,6 +135,8 @@ impl CudaBackend {
             blocks = cap;
             max_context = max_context.min(cap * BLOCK);
         }
+        // One block is the spare one that padding rows of a graph write into.
+        blocks = blocks.saturating_sub(1);
         let need = max_context.div_ceil(BLOCK);
         if blocks < need {
             return Err(load_err(format!(
@@ -121,15 +151,37 @@ impl CudaBackend {
         }
         let cache = (0..cfg.num_layers)
             .map(|_| {
-                let bytes = blocks * BLOCK * kv_dim * opts.dtype.bytes();
+                let bytes = (blocks + 1) * BLOCK * kv_dim * opts.dtype.bytes();
                 Ok(LayerCache { k: gpu.zeros(bytes)?, v: gpu.zeros(bytes)? })
             })
             .collect::<Result<Vec<_>, BackendError>>()?;
+        let max_blocks = max_context.div_ceil(BLOCK);
+        let mut host_tables = vec![0i32; (max_slots + 1) * max_blocks];
+        host_tables[max_slots * max_blocks..].fill(blocks as i32);
+        let dev_tables = gpu.upload(&host_tables)?;
         tracing::info!(
             device = %gpu.name(), ordinal = opts.ordinal, dtype = ?opts.dtype, weights_mib = dw.bytes() >> 20,
             kv_blocks = blocks, kv_cache_mib = (blocks * block_bytes) >> 20, max_context, "CUDA backend ready"
         );
-        Ok(CudaBackend { gpu, cfg, w: dw, cos, sin, cache, tables: BlockTables::new(BLOCK, blocks), max_context, scratch })
+        Ok(CudaBackend {
+            gpu,
+            cfg,
+            w: dw,
+            cos,
+            sin,
+            cache,
+            tables: BlockTables::new(BLOCK, blocks),
+            max_context,
+            scratch,
+            slots: HashMap::new(),
+            free_slots: (0..max_slots as u32).rev().collect(),
+            max_slots,
+            dev_tables,
+            max_blocks,
+            graphs: HashMap::new(),
+            seen: HashSet::new(),
+            use_graphs: opts.graphs,
+        })
     }
 
     /// The model's hyper-parameters.
@@ -159,24 +211,93 @@ impl CudaBackend {
             }
         }
         let growths: Vec<(SeqId, usize)> = inputs.iter().map(|i| (i.seq, i.tokens.len())).collect();
-        match self.tables.first_misfit(&growths) {
-            Some(seq) => Err(BackendError::KvFull { seq }),
-            None => Ok(()),
+        if let Some(seq) = self.tables.first_misfit(&growths) {
+            return Err(BackendError::KvFull { seq });
         }
+        let new: Vec<SeqId> = inputs.iter().filter(|i| !self.slots.contains_key(&i.seq)).map(|i| i.seq).collect();
+        if new.len() > self.free_slots.len() {
+            return Err(BackendError::Compute(format!(
+                "more than {} sequences hold a KV cache at once (max_batch)",
+                self.max_slots
+            )));
+        }
+        Ok(())
     }
 
-    /// Runs the step on the device; the logits of the rows that want them stay there
-    /// (`scratch.logits`, one row per such input, in order).
-    fn run(&mut self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
+    fn spare_slot(&self) -> usize {
+        self.max_slots
+    }
+
+    /// Runs the step on the device: the logits of the rows that want them end in
+    /// `scratch.logits` (one row per such input, in order) and their greedy picks beside them.
+    /// `graph`: a decode step may replay a captured graph. Returns the logit rows written.
+    fn run(&mut self, inputs: &[StepInput<'_>], graph: bool) -> Result<usize, BackendError> {
         self.check(inputs)?;
-        let taken: Vec<Vec<u32>> = inputs.iter().map(|i| self.tables.grow(i.seq, i.tokens.len())).collect();
-        let r = forward::forward(self, inputs);
+        let mut assigned = Vec::new();
+        for i in inputs {
+            if !self.slots.contains_key(&i.seq) {
+                let slot = self.free_slots.pop().expect("counted in check()");
+                self.slots.insert(i.seq, slot);
+                assigned.push(i.seq);
+            }
+        }
+        let mut taken = Vec::with_capacity(inputs.len());
+        let mut new_blocks = Vec::new();
+        for i in inputs {
+            let held = self.tables.table(i.seq).len();
+            let t = self.tables.grow(i.seq, i.tokens.len());
+            let row = self.slots[&i.seq] as usize * self.max_blocks;
+            new_blocks.extend(t.iter().enumerate().map(|(k, &blk)| (row + held + k, blk)));
+            taken.push(t);
+        }
+        let r = self.forward(inputs, graph, &new_blocks);
         if r.is_err() {
             for (i, t) in inputs.iter().zip(&taken) {
                 self.tables.undo_grow(i.seq, i.tokens.len(), t);
             }
+            for seq in assigned {
+                self.release_slot(seq);
+            }
         }
         r
+    }
+
+    fn forward(&mut self, inputs: &[StepInput<'_>], graph: bool, new_blocks: &[(usize, u32)]) -> Result<usize, BackendError> {
+        let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+        let logit_rows = inputs.iter().filter(|i| i.want_logits).count();
+        if rows > self.scratch.rows || logit_rows > self.scratch.logit_rows {
+            let inter = self.w.layers.first().map_or(0, |l| l.gate_up.n / 2);
+            self.graphs.clear();
+            self.seen.clear();
+            self.scratch = forward::Scratch::new(&self.gpu, &self.cfg, self.w.dtype, inter, rows.next_power_of_two(), self.scratch.logit_rows.max(logit_rows))?;
+        }
+        let decode = graph && self.use_graphs && inputs.iter().all(|i| i.tokens.len() == 1 && i.want_logits);
+        let padded = rows.next_power_of_two();
+        if !decode || padded > self.scratch.logit_rows {
+            let (r, l) = forward::upload(self, inputs, rows, new_blocks)?;
+            forward::launches(self, r, l)?;
+            return Ok(l);
+        }
+        let (r, l) = forward::upload(self, inputs, padded, new_blocks)?;
+        if let Some(g) = self.graphs.get(&r) {
+            self.gpu.replay(g)?;
+        } else if self.seen.insert(r) {
+            // The first step of this size runs as launches (cuBLAS settles its kernels), the
+            // second captures them.
+            forward::launches(self, r, l)?;
+        } else {
+            let g = self.gpu.capture(|| forward::launches(self, r, l))?;
+            self.gpu.replay(&g)?;
+            tracing::debug!(rows = r, "captured a decode graph");
+            self.graphs.insert(r, g);
+        }
+        Ok(l)
+    }
+
+    fn release_slot(&mut self, seq: SeqId) {
+        if let Some(slot) = self.slots.remove(&seq) {
+            self.free_slots.push(slot);
+        }
     }
 }
 
@@ -197,7 +318,8 @@ impl Backend for CudaBackend {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(inputs)?;
+        self.run(inputs, false)?;
+        self.gpu.sync()?;
         let vocab = self.cfg.vocab_size;
         let mut k = 0;
         let mut out = Vec::with_capacity(inputs.len());
@@ -218,9 +340,9 @@ impl Backend for CudaBackend {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(inputs)?;
+        self.run(inputs, true)?;
         let vocab = self.cfg.vocab_size;
-        let greedy_ids = forward::argmax(self, inputs.iter().filter(|i| i.want_logits).count())?;
+        let greedy_ids = forward::greedy_ids(self, inputs.iter().filter(|i| i.want_logits).count())?;
         let mut out = Vec::with_capacity(inputs.len());
         let mut k = 0;
         for (inp, spec) in inputs.iter().zip(samples) {
@@ -244,6 +366,7 @@ impl Backend for CudaBackend {
 
     fn release(&mut self, seq: SeqId) {
         self.tables.release(seq);
+        self.release_slot(seq);
     }
 
     fn kv_capacity(&self) -> Option<KvCapacity> {
