@@ -10,7 +10,7 @@ use crate::backend::candle::CandleBackend;
 use crate::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config, Device, ModelConfig};
-use crate::engine::{self, EngineHandle, Event, GenRequest, SubmitError};
+use crate::engine::{self, EngineHandle, EnginePool, Event, GenRequest, SubmitError};
 use crate::http::state::{unix_now, AppState, Generator, ModelEntry};
 use crate::lora::{AdapterRegistry, RegistryConfig};
 use crate::model::{self, SourceOptions};
@@ -30,6 +30,24 @@ impl Generator for EngineHandle {
     }
     fn stats(&self) -> Option<crate::engine::EngineStats> {
         Some(EngineHandle::stats(self))
+    }
+}
+
+impl Generator for EnginePool {
+    fn submit(&self, req: GenRequest) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        EnginePool::submit(self, req)
+    }
+    fn max_context(&self) -> usize {
+        EnginePool::max_context(self)
+    }
+    fn is_alive(&self) -> bool {
+        EnginePool::is_alive(self)
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        Some(EnginePool::vocab_size(self))
+    }
+    fn stats(&self) -> Option<crate::engine::EngineStats> {
+        Some(EnginePool::stats(self))
     }
 }
 
@@ -56,7 +74,37 @@ pub fn load_model(
 ) -> Result<(ModelEntry, Option<crate::lora::BaseDims>), StartError> {
     let opts = SourceOptions { cache_dir: None, offline: false, progress: true };
     let assets = model::load_assets(&m.source, &opts).map_err(|source| StartError::Model { id: m.id.clone(), source })?;
-    let backend: Box<dyn Backend> = match (m.backend, m.device) {
+    let mut workers = Vec::with_capacity(m.devices.len());
+    let mut lora_dims = None;
+    for &device in &m.devices {
+        let backend = open_backend(m, device, &assets, server)?;
+        tracing::info!(
+            model = %m.id, source = %m.source, backend = ?m.backend, device = ?device,
+            max_context = backend.max_context(), max_batch = m.max_batch(), "model loaded"
+        );
+        lora_dims = backend.lora_dims();
+        workers.push(engine::spawn(backend, Arc::clone(&assets.tokenizer), assets.eos_token_ids.clone(), m.engine_config(server)));
+    }
+    let generator: Arc<dyn Generator> = if workers.len() == 1 {
+        Arc::new(workers.pop().expect("one worker"))
+    } else {
+        tracing::info!(model = %m.id, workers = workers.len(), "requests go to the least loaded worker");
+        Arc::new(EnginePool::new(workers))
+    };
+    let entry = ModelEntry {
+        id: m.id.clone(),
+        generator,
+        tokenizer: assets.tokenizer,
+        chat_template: assets.chat_template,
+        created: unix_now(),
+        owned_by: "inferd".into(),
+    };
+    Ok((entry, lora_dims))
+}
+
+/// The backend of one worker of model `m` on `device`.
+fn open_backend(m: &ModelConfig, device: Device, assets: &model::ModelAssets, server: &crate::config::ServerConfig) -> Result<Box<dyn Backend>, StartError> {
+    let backend: Box<dyn Backend> = match (m.backend, device) {
         (BackendKind::Candle, Device::Cpu) => {
             let device = candle_core::Device::Cpu;
             let ctx = m.context_length.or(assets.context_length);
@@ -121,21 +169,7 @@ pub fn load_model(
             Box::new(OnnxBackend::load(dir, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
         }
     };
-    tracing::info!(
-        model = %m.id, source = %m.source, backend = ?m.backend, device = ?m.device,
-        max_context = backend.max_context(), max_batch = m.max_batch(), "model loaded"
-    );
-    let lora_dims = backend.lora_dims();
-    let handle = engine::spawn(backend, Arc::clone(&assets.tokenizer), assets.eos_token_ids.clone(), m.engine_config(server));
-    let entry = ModelEntry {
-        id: m.id.clone(),
-        generator: Arc::new(handle),
-        tokenizer: assets.tokenizer,
-        chat_template: assets.chat_template,
-        created: unix_now(),
-        owned_by: "inferd".into(),
-    };
-    Ok((entry, lora_dims))
+    Ok(backend)
 }
 
 /// Loads every model, then serves until Ctrl-C / SIGTERM.

@@ -187,3 +187,31 @@ fn stalled_readers_do_not_block_others_and_lose_nothing() {
     }
     assert!(texts.iter().all(|t| *t == texts[0]), "same greedy request, same text");
 }
+
+/// `devices = ["cpu", "cpu"]`: two workers, each with its own copy of the model, behind one id;
+/// concurrent requests all finish with the answers one worker gives, and /metrics sums both.
+#[test]
+fn two_workers_of_one_model_share_the_requests() {
+    let Some(model) = tiny_model(MODEL) else { return };
+    let ask = |s: &Server, i: usize| {
+        let r = s.post("/v1/completions", &json!({"model": "tiny", "prompt": format!("Request {i} says"), "max_tokens": 16,
+                                                "temperature": 0, "ignore_eos": true}));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let one = Server::tiny(&model, &[]);
+    let want: Vec<String> = (0..12).map(|i| ask(&one, i)).collect();
+    drop(one);
+    let toml = format!("[[models]]\nid = \"tiny\"\nsource = {:?}\ndevices = [\"cpu\", \"cpu\"]\n", model.display().to_string());
+    let two = Server::from_config(&toml, "tiny", &[]);
+    let got: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..12).map(|i| { let s = &two; sc.spawn(move || ask(s, i)) }).collect();
+        hs.into_iter().map(|h| h.join().expect("request thread")).collect()
+    });
+    assert_eq!(got, want, "answers from two workers vs one");
+    let m = two.get("/metrics").text();
+    assert!(m.contains("inferd_generation_tokens_total{model=\"tiny\"} 192\n"), "the pool's counters sum both workers:\n{m}");
+    let log = two.stderr();
+    assert!(log.contains("requests go to the least loaded worker") && log.matches("model loaded").count() == 2, "{log}");
+    assert_eq!(two.get("/ready").status, 200);
+}

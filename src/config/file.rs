@@ -49,6 +49,7 @@ struct FileModel {
     source: String,
     backend: Option<String>,
     device: Option<String>,
+    devices: Option<Vec<String>>,
     execution_target: Option<String>,
     device_id: Option<usize>,
     max_batch: Option<usize>,
@@ -136,6 +137,14 @@ fn model_from_file(m: FileModel, base: Option<&Path>) -> Result<ModelConfig, Con
         cfg.device = d;
     } else if m.device_id.is_some() {
         return Err(ConfigError::Invalid(format!("model '{}': device_id needs execution_target", cfg.id)));
+    }
+    cfg.devices = vec![cfg.device];
+    if let Some(list) = m.devices {
+        if device_is_set || list.is_empty() {
+            return Err(ConfigError::Invalid(format!("model '{}': set either device or a non-empty devices list", cfg.id)));
+        }
+        cfg.devices = list.iter().map(|d| d.parse()).collect::<Result<Vec<Device>, _>>()?;
+        cfg.device = cfg.devices[0];
     }
     cfg.intra_op_threads = m.intra_op_threads.filter(|&n| n > 0);
     cfg.inter_op_threads = m.inter_op_threads.unwrap_or(1).max(1);

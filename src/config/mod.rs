@@ -88,7 +88,10 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
         }
     }
     override_all(&mut models, args.backend.as_deref().map(str::parse::<BackendKind>).transpose()?, |m, b| m.backend = b);
-    override_all(&mut models, args.device.as_deref().map(str::parse::<Device>).transpose()?, |m, d| m.device = d);
+    override_all(&mut models, args.device.as_deref().map(str::parse::<Device>).transpose()?, |m, d| {
+        m.device = d;
+        m.devices = vec![d];
+    });
     override_all(&mut models, args.max_batch, |m, n| m.max_batch = Some(n));
     override_all(&mut models, args.context_length, |m, n| m.context_length = Some(n));
     override_all(&mut models, args.gpu_memory_fraction, |m, f| m.gpu_memory_fraction = f);
@@ -103,6 +106,7 @@ fn model_from_spec(spec: &str, id: Option<&str>) -> ModelConfig {
         id: id.map(str::to_string).unwrap_or_else(|| model_id_from_spec(spec)),
         source: spec.to_string(),
         backend: BackendKind::Candle,
+        devices: vec![Device::Cpu],
         device: Device::Cpu,
         max_batch: None,
         gpu_memory_fraction: ModelConfig::DEFAULT_GPU_MEMORY_FRACTION,

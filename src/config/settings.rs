@@ -135,6 +135,9 @@ pub struct ModelConfig {
     pub source: String,
     pub backend: BackendKind,
     pub device: Device,
+    /// The devices the model's workers run on, one worker each with its own copy of the weights
+    /// and KV cache, requests going to the least loaded (`[device]` unless `devices` is set).
+    pub devices: Vec<Device>,
     /// Most sequences decoding together (None: [`ModelConfig::DEFAULT_MAX_BATCH_GPU`] for the
     /// candle backend on a GPU, else the engine's default).
     pub max_batch: Option<usize>,

@@ -248,3 +248,19 @@ fn prefill_chunk_and_max_batch_default_by_device() {
     m.max_batch = Some(64);
     assert_eq!((m.engine_config(&server).prefill_chunk, m.max_batch()), (512, 64));
 }
+
+#[test]
+fn devices_give_one_worker_each_and_exclude_device() {
+    let f = file("[[models]]\nsource = \"m.gguf\"\ndevices = [\"cuda:0\", \"cuda:1\"]\n");
+    let c = load_with_env(&args_with(&f), &env_of(&[])).expect("config loads");
+    assert_eq!(c.models[0].devices, vec![Device::Cuda(0), Device::Cuda(1)]);
+    assert_eq!(c.models[0].device, Device::Cuda(0));
+    let f = file("[[models]]\nsource = \"m.gguf\"\ndevice = \"cpu\"\ndevices = [\"cpu\"]\n");
+    let e = load_with_env(&args_with(&f), &env_of(&[])).unwrap_err().to_string();
+    assert!(e.contains("either device or"), "{e}");
+    let f = file("[[models]]\nsource = \"m.gguf\"\n");
+    let c = load_with_env(&args_with(&f), &env_of(&[])).expect("config loads");
+    assert_eq!(c.models[0].devices, vec![Device::Cpu], "one worker by default");
+    let args = ServeArgs { device: Some("cuda:3".into()), ..args_with(&f) };
+    assert_eq!(load_with_env(&args, &env_of(&[])).unwrap().models[0].devices, vec![Device::Cuda(3)], "--device sets the one worker's device");
+}

@@ -13,6 +13,7 @@
 //! final output.
 pub mod detok;
 mod handle;
+pub mod pool;
 pub mod request;
 pub mod sampler;
 mod scheduler;
@@ -20,6 +21,7 @@ mod sequence;
 pub mod stop;
 
 pub use handle::{spawn, EngineHandle, EngineStats};
+pub use pool::EnginePool;
 pub use request::{Event, FinishReason, GenRequest, LogprobEntry, SamplingParams, TokenLogprob};
 
 /// Knobs of one engine (one worker).

@@ -67,9 +67,18 @@ pub struct Server {
 impl Server {
     /// Serves `model` as `model_id` with the given `[server]` config lines and extra flags.
     pub fn start(model: &Path, model_id: &str, server_toml: &str, extra: &[&str]) -> Server {
+        Self::start_with(Some(model), model_id, &format!("[server]\n{server_toml}\n"), extra)
+    }
+
+    /// Serves what a whole config file declares (`[[models]]` included; no `--model`).
+    pub fn from_config(config_toml: &str, model_id: &str, extra: &[&str]) -> Server {
+        Self::start_with(None, model_id, config_toml, extra)
+    }
+
+    fn start_with(model: Option<&Path>, model_id: &str, config_toml: &str, extra: &[&str]) -> Server {
         let mut last = String::new();
         for _attempt in 0..3 {
-            match Self::try_start(model, model_id, server_toml, extra) {
+            match Self::try_start(model, model_id, config_toml, extra) {
                 Ok(s) => return s,
                 Err(e) => last = e,
             }
@@ -82,19 +91,21 @@ impl Server {
         Self::start(model, "tiny", "", extra)
     }
 
-    fn try_start(model: &Path, model_id: &str, server_toml: &str, extra: &[&str]) -> Result<Server, String> {
+    fn try_start(model: Option<&Path>, model_id: &str, config_toml: &str, extra: &[&str]) -> Result<Server, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, format!("[server]\n{server_toml}\n")).map_err(|e| e.to_string())?;
+        std::fs::write(&config, config_toml).map_err(|e| e.to_string())?;
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
         let port = free_port();
         let port_s = port.to_string();
         let mut args: Vec<&str> = vec!["serve", "--config"];
         let config_s = config.to_string_lossy().to_string();
-        let model_s = model.to_string_lossy().to_string();
-        args.extend([config_s.as_str(), "--host", "127.0.0.1", "--port", &port_s, "--model", &model_s]);
-        args.extend(["--model-id", model_id]);
+        let model_s = model.map(|m| m.to_string_lossy().to_string());
+        args.extend([config_s.as_str(), "--host", "127.0.0.1", "--port", &port_s]);
+        if let Some(m) = &model_s {
+            args.extend(["--model", m.as_str(), "--model-id", model_id]);
+        }
         args.extend_from_slice(extra);
         let child = Command::new(inferd_bin())
             .args(&args)
