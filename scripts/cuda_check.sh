@@ -1,5 +1,13 @@
 #!/usr/bin/env bash
-# Runs the ONNX backend on ONNX Runtime's CUDA execution provider (a machine with an NVIDIA GPU):
+# The GPU checks (a machine with an NVIDIA GPU).
+#
+# The candle backend on CUDA (always): tests/cuda_backend.rs (the GPU against the CPU backend and
+# transformers' references on the tiny models, a batch of 64 against each row alone, decode
+# graphs against plain launches, the paged cache under pressure). Needs cuBLAS 13 on the loader
+# path (found in the local Python's nvidia-* packages) and the tiny models
+# (scripts/make_tiny_model.py, or copied into tests/fixtures/generated).
+#
+# Then the ONNX backend on ONNX Runtime's CUDA execution provider, when ORT_DYLIB_PATH is set:
 #  1. the tiny-model tests (tests/onnx_backend.rs, tests/lora_onnx.rs) with
 #     INFERD_TEST_ONNX_DEVICE=cuda:0: logits against transformers / PEFT, batched against alone;
 #  2. `inferd serve --device cuda:0` on each model directory given (default: the tiny fp32
@@ -16,7 +24,6 @@
 # executables) replace the cargo build on machines without a Rust toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${ORT_DYLIB_PATH:?set ORT_DYLIB_PATH to onnxruntime-gpu\'s libonnxruntime.so}"
 if libs=$(python3 - 2>/dev/null <<'EOF'
 import glob, os, nvidia
 dirs = {os.path.dirname(p) for base in nvidia.__path__
@@ -30,6 +37,17 @@ BIN=${INFERD_BIN:-target/release/inferd}
 MODELS=("$@")
 [ ${#MODELS[@]} -gt 0 ] || MODELS=(tests/fixtures/onnx/tiny-qwen2)
 status=0
+
+echo "== the candle backend on cuda:0 (tests/cuda_backend.rs)"
+if [ -n "${INFERD_TEST_BINS:-}" ]; then
+    "$INFERD_TEST_BINS/cuda_backend" --test-threads 1 --nocapture 2>&1 | grep -E "^test |max|part|identical|preempt|panicked|result" || status=1
+else
+    cargo test --release --features cuda --test cuda_backend -- --test-threads 1 --nocapture || status=1
+fi
+if [ -z "${ORT_DYLIB_PATH:-}" ]; then
+    echo "(ORT_DYLIB_PATH is not set: the ONNX backend's checks are skipped)"
+    exit $status
+fi
 
 echo "== tiny-model tests on cuda:0"
 export INFERD_TEST_ONNX_DEVICE=cuda:0
