@@ -184,7 +184,9 @@ impl ModelConfig {
     pub fn engine_config(&self, server: &ServerConfig) -> EngineConfig {
         EngineConfig {
             max_batch: self.max_batch(),
-            max_waiting: server.max_waiting,
+            // A burst of max_batch requests must never be refused while slots are free: they
+            // wait until the worker's next loop admits them.
+            max_waiting: server.max_waiting.max(self.max_batch()),
             prefill_chunk: self.prefill_chunk(),
             ..EngineConfig::default()
         }
