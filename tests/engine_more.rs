@@ -124,3 +124,36 @@ fn stats_count_generated_tokens() {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+#[test]
+fn latency_histograms_and_outcomes_count_every_request() {
+    let (tok, eos) = tiny_tokenizer();
+    let (mut b, _) = MockBackend::new(tok.get_vocab_size(true), eos);
+    b.delay = std::time::Duration::from_millis(2);
+    let h = engine(b, EngineConfig { max_batch: 2, ..EngineConfig::default() });
+    let rxs: Vec<_> = (0..5).map(|i| h.submit(req(vec![i + 1, 7], 6, greedy())).unwrap()).collect();
+    for rx in rxs {
+        assert_eq!(collect(rx).completion_tokens, 6);
+    }
+    // A hang-up while running counts as an abort.
+    let rx = h.submit(req(vec![9, 9], 10_000, greedy())).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    drop(rx);
+    let t0 = std::time::Instant::now();
+    let l = loop {
+        let l = h.stats().latency;
+        if l.outcomes.iter().sum::<u64>() == 6 {
+            break l;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{l:?}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    assert_eq!(l.outcomes, [0, 5, 1, 0], "5 by length, 1 abort");
+    assert_eq!((l.queue.count, l.e2e.count), (6, 6));
+    assert_eq!(l.ttft.count, 6, "every request got a first token");
+    assert!(l.tpot.count >= 5 * 5, "every later token is one inter-token interval");
+    // With two slots and five requests, some waited in the queue: the queue sum is positive and
+    // every first token came no earlier than the step's 2 ms.
+    assert!(l.queue.sum > 0.0 && l.ttft.sum >= 6.0 * 0.002, "{l:?}");
+    assert_eq!(*l.ttft.cumulative.last().unwrap(), l.ttft.count, "all below the largest bucket");
+}

@@ -19,6 +19,8 @@ use crate::backend::Backend;
 pub(crate) struct Admission {
     pub req: GenRequest,
     pub tx: tokio_mpsc::Sender<Event>,
+    /// When `submit` queued it (queue time and end-to-end latency count from here).
+    pub arrived: std::time::Instant,
 }
 
 /// Counters the worker publishes and the handle reads.
@@ -40,13 +42,15 @@ pub(crate) struct Shared {
     /// KV cache blocks in use and in all (0 and 0 when the cache is unbounded).
     pub kv_used_blocks: AtomicUsize,
     pub kv_total_blocks: AtomicUsize,
+    /// Latency histograms and finished requests by reason.
+    pub latency: super::metrics::LatencyMetrics,
     pub alive: AtomicBool,
     pub max_context: usize,
     pub vocab_size: usize,
 }
 
 /// A snapshot of the engine's load, for metrics and health.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct EngineStats {
     /// Sequences in the running batch (prefilling or decoding).
     pub running: usize,
@@ -66,6 +70,8 @@ pub struct EngineStats {
     pub preemptions: u64,
     /// Fraction of the KV cache in use, in [0, 1] (0 when the cache is unbounded).
     pub kv_cache_usage: f64,
+    /// Time to first token, per output token, end to end and in the queue; requests by outcome.
+    pub latency: super::metrics::LatencySnapshot,
 }
 
 /// Cheap, cloneable handle to one engine worker. Dropping every handle stops the worker once its
@@ -108,6 +114,7 @@ pub fn spawn(
         preemptions: AtomicU64::new(0),
         kv_used_blocks: AtomicUsize::new(0),
         kv_total_blocks: AtomicUsize::new(0),
+        latency: Default::default(),
         alive: AtomicBool::new(true),
         max_context: backend.max_context(),
         vocab_size: backend.vocab_size(),
@@ -142,7 +149,7 @@ impl EngineHandle {
             return Err(SubmitError::QueueFull { retry_after_secs: self.retry_after(waiting) });
         }
         let (tx, rx) = tokio_mpsc::channel(self.cfg.channel_capacity.max(1));
-        if self.tx.send(Admission { req, tx }).is_err() {
+        if self.tx.send(Admission { req, tx, arrived: std::time::Instant::now() }).is_err() {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Closed);
         }
@@ -179,6 +186,7 @@ impl EngineHandle {
                 0 => 0.0,
                 total => self.shared.kv_used_blocks.load(Ordering::Relaxed) as f64 / total as f64,
             },
+            latency: self.shared.latency.snapshot(),
         }
     }
 

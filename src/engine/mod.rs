@@ -13,6 +13,7 @@
 //! final output.
 pub mod detok;
 mod handle;
+pub mod metrics;
 pub mod pool;
 pub mod request;
 pub mod sampler;

@@ -79,6 +79,7 @@ impl EnginePool {
             t.sample_seconds += s.sample_seconds;
             t.preemptions += s.preemptions;
             t.kv_cache_usage += s.kv_cache_usage / self.workers.len() as f64;
+            t.latency.merge(&s.latency);
         }
         t
     }

@@ -162,7 +162,7 @@ impl Worker {
     fn enqueue(&mut self, a: Admission) {
         let id = self.next_id;
         self.next_id += 1;
-        let mut seq = Sequence::new(id, a.req, a.tx);
+        let mut seq = Sequence::new(id, a.req, a.tx, a.arrived);
         let max = self.backend.max_context();
         let problem = if seq.req.prompt_tokens.is_empty() {
             Some("the prompt is empty".to_string())
@@ -184,6 +184,7 @@ impl Worker {
         if let Some(msg) = problem {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             seq.fail(msg);
+            self.ended(&seq);
             self.draining.push(seq);
             return;
         }
@@ -191,6 +192,7 @@ impl Worker {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             let last = seq.tokens.last().copied().unwrap_or(0);
             seq.finish(FinishReason::Length, &self.ctx(), last);
+            self.ended(&seq);
             self.draining.push(seq);
             return;
         }
@@ -216,6 +218,7 @@ impl Worker {
                 let s = self.running.remove(i);
                 self.backend.release(s.id);
                 self.kv_hold = false;
+                self.ended(&s);
                 if !s.is_drained() {
                     self.draining.push(s);
                 }
@@ -235,6 +238,9 @@ impl Worker {
         let gone = before - self.waiting.len();
         if gone > 0 {
             self.shared.waiting.fetch_sub(gone, Ordering::SeqCst);
+            for _ in 0..gone {
+                self.shared.latency.ended(super::metrics::Outcome::Abort);
+            }
         }
     }
 
@@ -261,10 +267,22 @@ impl Worker {
                 }
                 *r = r.saturating_sub(need);
             }
-            let s = self.waiting.pop_front().expect("front exists");
+            let mut s = self.waiting.pop_front().expect("front exists");
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            if !s.admitted {
+                s.admitted = true;
+                self.shared.latency.queue.observe(s.arrived.elapsed());
+            }
             self.running.push(s);
         }
+    }
+
+    /// Records how a sequence that leaves the worker ended, and its end-to-end latency.
+    fn ended(&self, s: &Sequence) {
+        let outcome = s.outcome.unwrap_or(super::metrics::Outcome::Abort);
+        let m = &self.shared.latency;
+        m.ended(if s.cancelled && !s.finished { super::metrics::Outcome::Abort } else { outcome });
+        m.e2e.observe(s.arrived.elapsed());
     }
 
     /// Puts the running sequence at `idx` back at the front of the queue without its KV cache.
@@ -418,6 +436,12 @@ impl Worker {
                 Some(sampled) if (sampled.token as usize) < vocab => {
                     // Counted before the events go out, so a client that saw `Done` sees the count.
                     self.shared.generated.fetch_add(1, Ordering::Relaxed);
+                    let now = std::time::Instant::now();
+                    match s.last_token_at {
+                        None => self.shared.latency.ttft.observe(now - s.arrived),
+                        Some(t) => self.shared.latency.tpot.observe(now - t),
+                    }
+                    s.last_token_at = Some(now);
                     s.on_sampled(sampled, rng, &ctx);
                 }
                 Some(sampled) => s.fail(format!("backend sampled token {} outside the vocabulary of {vocab}", sampled.token)),

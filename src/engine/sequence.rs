@@ -45,11 +45,18 @@ pub struct Sequence {
     pub finished: bool,
     /// The receiver was dropped: the sequence must be released now.
     pub cancelled: bool,
+    /// When it was submitted, whether it has been admitted once, and when it last got a token
+    /// (for the latency histograms).
+    pub arrived: std::time::Instant,
+    pub admitted: bool,
+    pub last_token_at: Option<std::time::Instant>,
+    /// How it ended, once it has (None while running; a hang-up is counted as an abort).
+    pub outcome: Option<super::metrics::Outcome>,
 }
 
 impl Sequence {
     /// Creates the state at admission; draws a seed when the request has none.
-    pub fn new(id: SeqId, req: GenRequest, tx: Sender<Event>) -> Self {
+    pub fn new(id: SeqId, req: GenRequest, tx: Sender<Event>, arrived: std::time::Instant) -> Self {
         let seed = req.sampling.seed.unwrap_or_else(rand::random::<u64>);
         Self {
             id,
@@ -64,6 +71,10 @@ impl Sequence {
             pending: VecDeque::new(),
             finished: false,
             cancelled: false,
+            arrived,
+            admitted: false,
+            last_token_at: None,
+            outcome: None,
             req,
         }
     }
@@ -124,6 +135,7 @@ impl Sequence {
         if !self.finished {
             self.pending.push_back(Event::Error(msg.into()));
             self.finished = true;
+            self.outcome = Some(super::metrics::Outcome::Error);
         }
         self.flush();
     }
@@ -150,6 +162,10 @@ impl Sequence {
             completion_tokens: self.generated,
         });
         self.finished = true;
+        self.outcome = Some(match reason {
+            FinishReason::Stop => super::metrics::Outcome::Stop,
+            FinishReason::Length => super::metrics::Outcome::Length,
+        });
         self.flush();
     }
 
@@ -205,6 +221,7 @@ impl Sequence {
                 completion_tokens: self.generated,
             });
             self.finished = true;
+            self.outcome = Some(super::metrics::Outcome::Stop);
             self.flush();
             return token;
         }

@@ -1,5 +1,9 @@
 //! `GET /metrics`: the engines' counters in Prometheus' text format (version 0.0.4), one series
 //! per served model, like vLLM's `/metrics` (unauthenticated, outside `/v1`).
+//!
+//! Besides inferd's own `inferd_*` series, the latency histograms and the load gauges are also
+//! exposed under vLLM's names, buckets and `model_name` label (`vllm:time_to_first_token_seconds`,
+//! `vllm:num_requests_waiting`, ...), so that dashboards and autoscalers made for vLLM work.
 use std::fmt::Write;
 
 use axum::extract::State;
@@ -7,6 +11,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 
 use super::AppState;
+use crate::engine::metrics::{HistogramSnapshot, Outcome};
 use crate::engine::EngineStats;
 
 /// (name, type, help, value) of each series.
@@ -24,6 +29,33 @@ fn series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 
     ]
 }
 
+/// A label value escaped for the text format.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// vLLM's gauge and counter names for the series of `series()` that vLLM has.
+fn vllm_series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 6] {
+    [
+        ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", s.running as f64),
+        ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", s.waiting as f64),
+        ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage),
+        ("vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.", s.preemptions as f64),
+        ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", s.prompt_tokens as f64),
+        ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", s.generated_tokens as f64),
+    ]
+}
+
+/// The latency histograms, by vLLM name.
+fn histograms(s: &EngineStats) -> [(&'static str, &'static str, &HistogramSnapshot); 4] {
+    [
+        ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", &s.latency.ttft),
+        ("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", &s.latency.tpot),
+        ("vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", &s.latency.e2e),
+        ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", &s.latency.queue),
+    ]
+}
+
 /// Renders the metrics of `models` (id and counters).
 pub fn render(models: &[(String, EngineStats)]) -> String {
     let mut out = String::new();
@@ -31,9 +63,38 @@ pub fn render(models: &[(String, EngineStats)]) -> String {
     for (i, (name, kind, help, _)) in series(first).iter().enumerate() {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (id, stats) in models {
-            let value = series(stats)[i].3;
-            let id = id.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-            let _ = writeln!(out, "{name}{{model=\"{id}\"}} {value}");
+            let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", label(id), series(stats)[i].3);
+        }
+    }
+    for (i, (name, kind, help, _)) in vllm_series(first).iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (id, stats) in models {
+            let _ = writeln!(out, "{name}{{model_name=\"{}\"}} {}", label(id), vllm_series(stats)[i].3);
+        }
+    }
+    let name = "vllm:request_success_total";
+    let _ = writeln!(out, "# HELP {name} Count of successfully processed requests.\n# TYPE {name} counter");
+    for (id, stats) in models {
+        for o in [Outcome::Stop, Outcome::Length, Outcome::Abort] {
+            let _ = writeln!(out, "{name}{{model_name=\"{}\",finished_reason=\"{}\"}} {}", label(id), o.as_str(), stats.latency.outcomes[o as usize]);
+        }
+    }
+    let name = "inferd_requests_failed_total";
+    let _ = writeln!(out, "# HELP {name} Requests that ended with an error event.\n# TYPE {name} counter");
+    for (id, stats) in models {
+        let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", label(id), stats.latency.outcomes[Outcome::Error as usize]);
+    }
+    for (i, (name, help, _)) in histograms(first).iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (id, stats) in models {
+            let h = histograms(stats)[i].2;
+            let id = label(id);
+            for (b, c) in h.bounds.iter().zip(&h.cumulative) {
+                let _ = writeln!(out, "{name}_bucket{{model_name=\"{id}\",le=\"{b}\"}} {c}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{model_name=\"{id}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(out, "{name}_sum{{model_name=\"{id}\"}} {}", h.sum);
+            let _ = writeln!(out, "{name}_count{{model_name=\"{id}\"}} {}", h.count);
         }
     }
     out
@@ -50,7 +111,7 @@ mod tests {
 
     #[test]
     fn renders_one_series_per_model_with_help_and_type() {
-        let a = EngineStats { running: 2, waiting: 1, generated_tokens: 40, prompt_tokens: 12, steps: 21, step_seconds: 0.5, sample_seconds: 0.25, preemptions: 3, kv_cache_usage: 0.25 };
+        let a = EngineStats { running: 2, waiting: 1, generated_tokens: 40, prompt_tokens: 12, steps: 21, step_seconds: 0.5, sample_seconds: 0.25, preemptions: 3, kv_cache_usage: 0.25, latency: Default::default() };
         let b = EngineStats::default();
         let text = render(&[("qwen".into(), a), ("we\"ird".into(), b)]);
         assert!(text.starts_with("# HELP inferd_requests_running "), "{text}");
@@ -58,7 +119,7 @@ mod tests {
         assert!(text.contains("inferd_engine_step_seconds_total{model=\"qwen\"} 0.5\n"), "{text}");
         assert!(text.contains("inferd_requests_waiting{model=\"qwen\"} 1\n"), "{text}");
         assert!(text.contains("inferd_num_preemptions_total{model=\"qwen\"} 3\n") && text.contains("inferd_kv_cache_usage_perc{model=\"qwen\"} 0.25\n"), "{text}");
-        assert_eq!(text.matches("# TYPE").count(), 9);
+        assert_eq!(text.matches("# TYPE").count(), 9 + 6 + 2 + 4);
         assert_eq!(render(&[]), "");
     }
 }
