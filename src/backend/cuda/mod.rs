@@ -130,13 +130,12 @@ impl CudaBackend {
         let kv_bytes = budget.saturating_sub(own).min(free.saturating_sub(256 << 20));
         let kv_dim = cfg.num_kv_heads * d;
         let block_bytes = 2 * cfg.num_layers * BLOCK * kv_dim * opts.dtype.bytes();
-        let mut blocks = kv_bytes / block_bytes;
+        // One block is the spare one that padding rows of a graph write into.
+        let mut blocks = (kv_bytes / block_bytes).saturating_sub(1);
         if let Some(cap) = opts.max_kv_blocks.filter(|&c| c < blocks) {
             blocks = cap;
             max_context = max_context.min(cap * BLOCK);
         }
-        // One block is the spare one that padding rows of a graph write into.
-        blocks = blocks.saturating_sub(1);
         let need = max_context.div_ceil(BLOCK);
         if blocks < need {
             return Err(load_err(format!(
