@@ -95,6 +95,14 @@ pub trait Backend: Send {
     fn kv_capacity(&self) -> Option<KvCapacity> {
         None
     }
+    /// Prefix caching: called before a sequence the backend holds no cache for runs its first
+    /// step. A backend that holds the keys and values of a prefix of `tokens` (computed for
+    /// another sequence with the same adapter, live or recently finished) gives `seq` a cache of
+    /// those positions and returns how many; the caller then feeds only the rest. At most
+    /// `tokens.len() - 1` are reused, so that the last token still runs and gives logits.
+    fn reuse_prefix(&mut self, _seq: SeqId, _tokens: &[u32], _adapter: Option<&std::sync::Arc<crate::lora::LoraAdapter>>) -> usize {
+        0
+    }
     /// Frees a sequence's KV cache. Unknown ids are ignored.
     fn release(&mut self, seq: SeqId);
     /// The projection sizes LoRA adapters must fit, or None when this backend (or this model)

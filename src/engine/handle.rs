@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub sample_nanos: AtomicU64,
     /// Sequences put back in the queue because the KV cache was full.
     pub preemptions: AtomicU64,
+    /// Tokens whose keys and values came from the prefix cache instead of being computed.
+    pub prefix_hits: AtomicU64,
     /// KV cache blocks in use and in all (0 and 0 when the cache is unbounded).
     pub kv_used_blocks: AtomicUsize,
     pub kv_total_blocks: AtomicUsize,
@@ -68,6 +70,8 @@ pub struct EngineStats {
     pub sample_seconds: f64,
     /// Sequences preempted (KV cache full) since the engine started.
     pub preemptions: u64,
+    /// Tokens taken from the prefix cache instead of computed, since the engine started.
+    pub prefix_cache_tokens: u64,
     /// Fraction of the KV cache in use, in [0, 1] (0 when the cache is unbounded).
     pub kv_cache_usage: f64,
     /// Time to first token, per output token, end to end and in the queue; requests by outcome.
@@ -112,6 +116,7 @@ pub fn spawn(
         step_nanos: AtomicU64::new(0),
         sample_nanos: AtomicU64::new(0),
         preemptions: AtomicU64::new(0),
+        prefix_hits: AtomicU64::new(0),
         kv_used_blocks: AtomicUsize::new(0),
         kv_total_blocks: AtomicUsize::new(0),
         latency: Default::default(),
@@ -182,6 +187,7 @@ impl EngineHandle {
             step_seconds: self.shared.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             sample_seconds: self.shared.sample_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             preemptions: self.shared.preemptions.load(Ordering::Relaxed),
+            prefix_cache_tokens: self.shared.prefix_hits.load(Ordering::Relaxed),
             kv_cache_usage: match self.shared.kv_total_blocks.load(Ordering::Relaxed) {
                 0 => 0.0,
                 total => self.shared.kv_used_blocks.load(Ordering::Relaxed) as f64 / total as f64,

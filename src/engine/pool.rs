@@ -78,6 +78,7 @@ impl EnginePool {
             t.step_seconds += s.step_seconds;
             t.sample_seconds += s.sample_seconds;
             t.preemptions += s.preemptions;
+            t.prefix_cache_tokens += s.prefix_cache_tokens;
             t.kv_cache_usage += s.kv_cache_usage / self.workers.len() as f64;
             t.latency.merge(&s.latency);
         }

@@ -98,6 +98,8 @@ pub enum Event {
     /// Newly released text (valid UTF-8, possibly empty while a stop string or a partial character
     /// is held back) for one generated token.
     Token { text: String, token_id: u32, logprob: Option<LogprobEntry> },
-    Done { finish_reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    /// `cached_prompt_tokens`: prompt tokens whose keys and values came from the prefix cache
+    /// instead of being computed (`usage.prompt_tokens_details.cached_tokens`).
+    Done { finish_reason: FinishReason, prompt_tokens: usize, completion_tokens: usize, cached_prompt_tokens: usize },
     Error(String),
 }

@@ -269,6 +269,13 @@ impl Worker {
             }
             let mut s = self.waiting.pop_front().expect("front exists");
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            if s.fed == 0 {
+                let n = self.backend.reuse_prefix(s.id, &s.tokens, s.req.adapter.as_ref());
+                if n > 0 {
+                    s.reused(n);
+                    self.shared.prefix_hits.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
             if !s.admitted {
                 s.admitted = true;
                 self.shared.latency.queue.observe(s.arrived.elapsed());

@@ -52,6 +52,8 @@ pub struct Sequence {
     pub last_token_at: Option<std::time::Instant>,
     /// How it ended, once it has (None while running; a hang-up is counted as an abort).
     pub outcome: Option<super::metrics::Outcome>,
+    /// Prompt tokens the backend took from its prefix cache at the first admission.
+    pub cached_prompt_tokens: usize,
 }
 
 impl Sequence {
@@ -75,6 +77,7 @@ impl Sequence {
             admitted: false,
             last_token_at: None,
             outcome: None,
+            cached_prompt_tokens: 0,
             req,
         }
     }
@@ -94,6 +97,15 @@ impl Sequence {
     /// when it next runs, and its output so far stands.
     pub fn preempted(&mut self) {
         self.fed = 0;
+    }
+
+    /// Starts from `n` positions the backend already holds for it (its prefix cache).
+    pub fn reused(&mut self, n: usize) {
+        debug_assert!(self.fed == 0 && n < self.tokens.len(), "a prefix is reused only before the first step, and not the last token");
+        self.fed = n;
+        if !self.admitted {
+            self.cached_prompt_tokens = n.min(self.req.prompt_tokens.len());
+        }
     }
 
     /// May take part in the next step: alive, not finished, and no undelivered events.
@@ -160,6 +172,7 @@ impl Sequence {
             finish_reason: reason,
             prompt_tokens: self.req.prompt_tokens.len(),
             completion_tokens: self.generated,
+            cached_prompt_tokens: self.cached_prompt_tokens,
         });
         self.finished = true;
         self.outcome = Some(match reason {
@@ -219,6 +232,7 @@ impl Sequence {
                 finish_reason: FinishReason::Stop,
                 prompt_tokens: self.req.prompt_tokens.len(),
                 completion_tokens: self.generated,
+                cached_prompt_tokens: self.cached_prompt_tokens,
             });
             self.finished = true;
             self.outcome = Some(super::metrics::Outcome::Stop);

@@ -13,6 +13,7 @@ struct Choice {
     text_lp: CompletionLogprobs,
     finish: Option<FinishReason>,
     tokens: usize,
+    cached: usize,
 }
 
 /// Accumulates the events of all choices of one request.
@@ -44,9 +45,10 @@ impl Collector {
                 }
                 c.text.push_str(&text);
             }
-            Event::Done { finish_reason, completion_tokens, .. } => {
+            Event::Done { finish_reason, completion_tokens, cached_prompt_tokens, .. } => {
                 c.finish = Some(finish_reason);
                 c.tokens = c.tokens.max(completion_tokens);
+                c.cached = cached_prompt_tokens;
             }
             Event::Error(message) => {
                 self.error.get_or_insert(message);
@@ -72,7 +74,9 @@ impl Collector {
             return Err(e);
         }
         let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
-        let u = usage(prompt_tokens, completion);
+        // The prompt counts once; its cached part is the best any choice got.
+        let cached = self.choices.iter().map(|c| c.cached).max().unwrap_or(0);
+        let u = usage(prompt_tokens, completion, cached);
         let logprobs = self.logprobs;
         let value = match self.mode {
             Mode::Chat => {

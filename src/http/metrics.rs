@@ -15,7 +15,7 @@ use crate::engine::metrics::{HistogramSnapshot, Outcome};
 use crate::engine::EngineStats;
 
 /// (name, type, help, value) of each series.
-fn series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 9] {
+fn series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 10] {
     [
         ("inferd_requests_running", "gauge", "Sequences in the running batch (prefilling or decoding).", s.running as f64),
         ("inferd_requests_waiting", "gauge", "Sequences submitted and not yet running.", s.waiting as f64),
@@ -26,6 +26,7 @@ fn series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 
         ("inferd_engine_sampling_seconds_total", "counter", "Seconds spent sampling, matching stops and detokenising after steps.", s.sample_seconds),
         ("inferd_num_preemptions_total", "counter", "Sequences preempted because the KV cache was full (they run again later).", s.preemptions as f64),
         ("inferd_kv_cache_usage_perc", "gauge", "Fraction of the KV cache in use, 0 to 1 (0 when the cache is unbounded).", s.kv_cache_usage),
+        ("inferd_prefix_cache_tokens_total", "counter", "Prompt tokens whose keys and values came from the prefix cache instead of being computed.", s.prefix_cache_tokens as f64),
     ]
 }
 
@@ -35,7 +36,7 @@ fn label(v: &str) -> String {
 }
 
 /// vLLM's gauge and counter names for the series of `series()` that vLLM has.
-fn vllm_series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 6] {
+fn vllm_series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 7] {
     [
         ("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", s.running as f64),
         ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", s.waiting as f64),
@@ -43,6 +44,7 @@ fn vllm_series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f
         ("vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.", s.preemptions as f64),
         ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", s.prompt_tokens as f64),
         ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", s.generated_tokens as f64),
+        ("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", s.prefix_cache_tokens as f64),
     ]
 }
 
@@ -111,7 +113,7 @@ mod tests {
 
     #[test]
     fn renders_one_series_per_model_with_help_and_type() {
-        let a = EngineStats { running: 2, waiting: 1, generated_tokens: 40, prompt_tokens: 12, steps: 21, step_seconds: 0.5, sample_seconds: 0.25, preemptions: 3, kv_cache_usage: 0.25, latency: Default::default() };
+        let a = EngineStats { running: 2, waiting: 1, generated_tokens: 40, prompt_tokens: 12, steps: 21, step_seconds: 0.5, sample_seconds: 0.25, preemptions: 3, kv_cache_usage: 0.25, prefix_cache_tokens: 7, latency: Default::default() };
         let b = EngineStats::default();
         let text = render(&[("qwen".into(), a), ("we\"ird".into(), b)]);
         assert!(text.starts_with("# HELP inferd_requests_running "), "{text}");
@@ -119,7 +121,8 @@ mod tests {
         assert!(text.contains("inferd_engine_step_seconds_total{model=\"qwen\"} 0.5\n"), "{text}");
         assert!(text.contains("inferd_requests_waiting{model=\"qwen\"} 1\n"), "{text}");
         assert!(text.contains("inferd_num_preemptions_total{model=\"qwen\"} 3\n") && text.contains("inferd_kv_cache_usage_perc{model=\"qwen\"} 0.25\n"), "{text}");
-        assert_eq!(text.matches("# TYPE").count(), 9 + 6 + 2 + 4);
+        assert!(text.contains("vllm:prefix_cache_hits_total{model_name=\"qwen\"} 7\n"), "{text}");
+        assert_eq!(text.matches("# TYPE").count(), 10 + 7 + 2 + 4);
         assert_eq!(render(&[]), "");
     }
 }

@@ -58,6 +58,8 @@ struct ChoiceState {
     finished: bool,
     /// Characters of completion text emitted so far (text-completion `text_offset`).
     chars: usize,
+    /// Prompt tokens served from the prefix cache.
+    cached: usize,
     tokens: usize,
 }
 
@@ -124,10 +126,11 @@ impl StreamAssembler {
                     }
                 });
             }
-            Event::Done { finish_reason, completion_tokens, .. } => {
+            Event::Done { finish_reason, completion_tokens, cached_prompt_tokens, .. } => {
                 let c = &mut self.choices[index];
                 c.finished = true;
                 c.tokens = c.tokens.max(completion_tokens);
+                c.cached = cached_prompt_tokens;
                 let reason = Some(finish_reason.as_str());
                 out.push(match self.mode {
                     Mode::Chat => self.chat_chunk(index, Delta::default(), None, reason),
@@ -166,7 +169,8 @@ impl StreamAssembler {
     /// Token counts so far.
     pub fn usage(&self) -> Usage {
         let completion: usize = self.choices.iter().map(|c| c.tokens).sum();
-        usage(self.prompt_tokens, completion)
+        let cached = self.choices.iter().map(|c| c.cached).max().unwrap_or(0);
+        usage(self.prompt_tokens, completion, cached)
     }
 
     /// Chat chunks: `usage: null` with `include_usage` (OpenAI's chunk schema has it nullable).
@@ -199,9 +203,14 @@ impl StreamAssembler {
     }
 }
 
-/// `usage` with the total filled in.
-pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
-    Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+/// `usage` with the total filled in; `cached`: prompt tokens served from the prefix cache.
+pub fn usage(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Usage {
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        prompt_tokens_details: super::types::PromptTokensDetails { cached_tokens: cached },
+    }
 }
 
 /// A logprob for JSON: the shortest decimal of the f32 (so -0.1f32 prints as -0.1, not

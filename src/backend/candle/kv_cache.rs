@@ -17,6 +17,8 @@ pub struct SeqCache {
     /// Number of positions held (the same in every layer between steps).
     pub len: usize,
     pub layers: Vec<LayerKv>,
+    /// The tokens of those positions (what a prefix cache matches new prompts against).
+    pub tokens: Vec<u32>,
 }
 
 /// Positions preallocated for a new sequence; buffers grow geometrically past this.
@@ -29,7 +31,20 @@ impl SeqCache {
         let layers = (0..num_layers)
             .map(|_| LayerKv { k: Vec::with_capacity(cap), v: Vec::with_capacity(cap) })
             .collect();
-        Self { len: 0, layers }
+        Self { len: 0, layers, tokens: Vec::new() }
+    }
+
+    /// A new cache holding a copy of `src`'s first `n` positions, with room for `max_context`.
+    pub fn prefix_of(src: &SeqCache, n: usize, kv_dim: usize, max_context: usize) -> Self {
+        let mut c = Self::new(src.layers.len(), kv_dim, max_context);
+        c.reserve(n, kv_dim, max_context);
+        for (dst, s) in c.layers.iter_mut().zip(&src.layers) {
+            dst.k.extend_from_slice(&s.k[..n * kv_dim]);
+            dst.v.extend_from_slice(&s.v[..n * kv_dim]);
+        }
+        c.len = n;
+        c.tokens = src.tokens[..n].to_vec();
+        c
     }
 
     /// Makes room for `extra` more positions in every layer, growing at least geometrically but
@@ -50,6 +65,7 @@ impl SeqCache {
     /// Drops positions past `len` in every layer (undoes a step that failed half way).
     pub fn truncate(&mut self, len: usize, kv_dim: usize) {
         self.len = len;
+        self.tokens.truncate(len);
         for layer in &mut self.layers {
             layer.k.truncate(len * kv_dim);
             layer.v.truncate(len * kv_dim);

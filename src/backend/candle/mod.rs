@@ -13,6 +13,7 @@ pub mod linear;
 pub mod lora;
 pub mod model;
 pub mod pool;
+pub mod prefix;
 pub mod profile;
 pub mod qmatmul;
 pub mod weights;
@@ -36,7 +37,14 @@ pub struct CandleBackend {
     max_context: usize,
     /// Most KV blocks of [`KV_BLOCK`] positions all caches may hold together (None: unbounded).
     kv_blocks: Option<usize>,
+    /// The adapter (load id) each live sequence's cache was computed with.
+    adapter_of: HashMap<SeqId, Option<u64>>,
+    /// Finished sequences' caches kept for prefix reuse.
+    kept: prefix::PrefixStore,
 }
+
+/// Bytes of finished sequences' KV caches kept for prefix reuse, by default.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 512 << 20;
 
 /// Positions per KV block in the accounting of a bounded cache (`set_kv_cache_bytes`).
 pub const KV_BLOCK: usize = 16;
@@ -76,7 +84,14 @@ impl CandleBackend {
             caches: HashMap::new(),
             max_context,
             kv_blocks: None,
+            adapter_of: HashMap::new(),
+            kept: prefix::PrefixStore::new(DEFAULT_PREFIX_CACHE_BYTES),
         })
+    }
+
+    /// Bounds the finished sequences' caches kept for prefix reuse to `bytes` (0: none kept).
+    pub fn set_prefix_cache_bytes(&mut self, bytes: usize) {
+        self.kept = prefix::PrefixStore::new(bytes);
     }
 
     /// Bytes one cached position takes (keys and values of every layer, f32).
@@ -210,6 +225,9 @@ impl Backend for CandleBackend {
         for ((mut cache, inp), old) in taken.into_iter().zip(inputs).zip(old_lens) {
             if failed {
                 cache.truncate(old, kv_dim);
+            } else {
+                cache.tokens.extend_from_slice(inp.tokens);
+                self.adapter_of.insert(inp.seq, inp.adapter.map(|a| a.id));
             }
             self.caches.insert(inp.seq, cache);
         }
@@ -217,7 +235,54 @@ impl Backend for CandleBackend {
     }
 
     fn release(&mut self, seq: SeqId) {
-        self.caches.remove(&seq);
+        let adapter = self.adapter_of.remove(&seq).flatten();
+        if let Some(cache) = self.caches.remove(&seq) {
+            let per = self.kv_bytes_per_position();
+            self.kept.keep(adapter, cache, per);
+        }
+    }
+
+    fn reuse_prefix(&mut self, seq: SeqId, tokens: &[u32], adapter: Option<&std::sync::Arc<crate::lora::LoraAdapter>>) -> usize {
+        if !self.kept.enabled() || self.caches.contains_key(&seq) || tokens.len() < 2 {
+            return 0;
+        }
+        let want = adapter.map(|a| a.id);
+        let limit = tokens.len() - 1;
+        let live = self
+            .caches
+            .iter()
+            .filter(|(s, _)| self.adapter_of.get(s).copied().flatten() == want)
+            .map(|(_, c)| (prefix::common_prefix(&c.tokens, tokens).min(c.len), c))
+            .max_by_key(|(n, _)| *n);
+        let kept = self.kept.best(tokens, want);
+        let (n, source) = match (live, kept) {
+            (Some((ln, c)), Some((_, kn))) if ln >= kn => (ln, prefix::Source::Live(c)),
+            (_, Some((i, kn))) => (kn, prefix::Source::Kept(i)),
+            (Some((ln, c)), None) => (ln, prefix::Source::Live(c)),
+            (None, None) => return 0,
+        };
+        let n = n.min(limit);
+        if n == 0 {
+            return 0;
+        }
+        // A bounded cache must have room for the copied positions.
+        if let Some(total) = self.kv_blocks {
+            if self.kv_blocks_used() + n.div_ceil(KV_BLOCK) > total {
+                return 0;
+            }
+        }
+        let kv_dim = self.model.kv_dim();
+        let cache = match source {
+            prefix::Source::Live(c) => SeqCache::prefix_of(c, n, kv_dim, self.max_context),
+            prefix::Source::Kept(i) => {
+                let c = SeqCache::prefix_of(self.kept.get(i), n, kv_dim, self.max_context);
+                self.kept.touch(i);
+                c
+            }
+        };
+        self.caches.insert(seq, cache);
+        self.adapter_of.insert(seq, want);
+        n
     }
 
     fn lora_dims(&self) -> Option<crate::lora::BaseDims> {

@@ -28,7 +28,7 @@ fn chat_sequence_for_one_choice() {
     let f = a.push(0, done(FinishReason::Length, 5, 2));
     assert_eq!(f.len(), 3);
     assert_eq!(data(&f[0])["choices"][0]["finish_reason"], "length");
-    assert_eq!(data(&f[1])["usage"], json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}));
+    assert_eq!(data(&f[1])["usage"], json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 0}}));
     assert_eq!(f[2], Frame::Done);
     assert!(a.is_ended());
     assert!(a.push(0, tok("late", 3)).is_empty());
@@ -95,5 +95,5 @@ fn text_chunks_leave_usage_out_until_the_usage_chunk() {
     assert_eq!(f.len(), 3);
     assert!(data(&f[0]).get("usage").is_none());
     assert_eq!(data(&f[1])["choices"], json!([]));
-    assert_eq!(data(&f[1])["usage"], json!({"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}));
+    assert_eq!(data(&f[1])["usage"], json!({"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}));
 }

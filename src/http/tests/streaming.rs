@@ -43,7 +43,7 @@ async fn chat_stream_role_deltas_finish_usage_done() {
         assert_eq!(c.get("usage"), Some(&Value::Null), "usage: null on content chunks");
     }
     assert_eq!(chunks[4]["choices"], json!([]));
-    assert_eq!(chunks[4]["usage"], json!({"prompt_tokens": p, "completion_tokens": 2, "total_tokens": p + 2}));
+    assert_eq!(chunks[4]["usage"], json!({"prompt_tokens": p, "completion_tokens": 2, "total_tokens": p + 2, "prompt_tokens_details": {"cached_tokens": 0}}));
 }
 
 #[tokio::test]

@@ -94,7 +94,7 @@ pub fn tok_lp(text: &str, id: u32, lp: f32, alts: &[(&str, u32, f32)]) -> Event 
 }
 
 pub fn done(reason: FinishReason, prompt: usize, completion: usize) -> Event {
-    Event::Done { finish_reason: reason, prompt_tokens: prompt, completion_tokens: completion }
+    Event::Done { finish_reason: reason, prompt_tokens: prompt, completion_tokens: completion, cached_prompt_tokens: 0 }
 }
 
 /// "Hello", " world" then stop.

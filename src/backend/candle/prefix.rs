@@ -1,0 +1,125 @@
+//! Prefix caching for the candle backend: the KV caches of finished sequences are kept (least
+//! recently used first out, within a byte budget), and a new sequence whose prompt starts with
+//! tokens a kept or live cache holds, computed with the same adapter, starts from a copy of those
+//! positions instead of computing them again (the earlier turns of a chat, a shared system
+//! prompt).
+//!
+//! A position's keys and values depend only on the tokens up to it and the adapter: the forward
+//! computes every row the same way whatever the batch or the chunking (`tests/isolation.rs`), so
+//! a copied prefix holds exactly the bits a recomputation would, and outputs are the same with
+//! and without the cache.
+use std::collections::VecDeque;
+
+use super::kv_cache::SeqCache;
+
+/// A finished sequence's cache, kept for reuse.
+struct Kept {
+    /// The adapter the cache was computed with (its load id; None: the base model).
+    adapter: Option<u64>,
+    cache: SeqCache,
+    bytes: usize,
+}
+
+/// The kept caches, oldest first.
+#[derive(Default)]
+pub struct PrefixStore {
+    kept: VecDeque<Kept>,
+    bytes: usize,
+    budget: usize,
+}
+
+/// Where the longest reusable prefix is.
+pub enum Source<'a> {
+    Kept(usize),
+    Live(&'a SeqCache),
+}
+
+/// Tokens `a` and `b` share from the start.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl PrefixStore {
+    pub fn new(budget_bytes: usize) -> PrefixStore {
+        PrefixStore { budget: budget_bytes, ..Default::default() }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether prefix caching is on (a budget of 0 turns it off, live sequences included).
+    pub fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
+    /// Keeps a finished sequence's cache (when the budget allows), evicting the oldest kept.
+    pub fn keep(&mut self, adapter: Option<u64>, cache: SeqCache, bytes_per_position: usize) {
+        let bytes = cache.len * bytes_per_position;
+        if self.budget == 0 || cache.len == 0 || bytes > self.budget {
+            return;
+        }
+        self.kept.push_back(Kept { adapter, cache, bytes });
+        self.bytes += bytes;
+        while self.bytes > self.budget {
+            let old = self.kept.pop_front().expect("over budget means something is kept");
+            self.bytes -= old.bytes;
+        }
+    }
+
+    /// The kept cache sharing the longest prefix with `prompt` under `adapter`, and that length.
+    pub fn best(&self, prompt: &[u32], adapter: Option<u64>) -> Option<(usize, usize)> {
+        self.kept
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.adapter == adapter)
+            .map(|(i, k)| (i, common_prefix(&k.cache.tokens, prompt)))
+            .filter(|&(_, n)| n > 0)
+            .max_by_key(|&(i, n)| (n, i))
+    }
+
+    pub fn get(&self, i: usize) -> &SeqCache {
+        &self.kept[i].cache
+    }
+
+    /// Marks kept entry `i` as just used (it leaves last).
+    pub fn touch(&mut self, i: usize) {
+        if let Some(k) = self.kept.remove(i) {
+            self.kept.push_back(k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(tokens: &[u32]) -> SeqCache {
+        let mut c = SeqCache::new(1, 2, 64);
+        for &t in tokens {
+            c.layers[0].k.extend([t as f32, 0.0]);
+            c.layers[0].v.extend([0.0, t as f32]);
+        }
+        c.len = tokens.len();
+        c.tokens = tokens.to_vec();
+        c
+    }
+
+    #[test]
+    fn the_longest_prefix_under_the_same_adapter_wins_and_the_oldest_leaves_first() {
+        let mut s = PrefixStore::new(10 * 16);
+        s.keep(None, cache(&[1, 2, 3, 4]), 16);
+        s.keep(Some(7), cache(&[1, 2, 3, 4, 5]), 16);
+        assert_eq!(s.best(&[1, 2, 3, 4, 5, 6], None), Some((0, 4)), "the adapter's cache does not serve the base model");
+        assert_eq!(s.best(&[1, 2, 3, 4, 5, 6], Some(7)), Some((1, 5)));
+        assert_eq!(s.best(&[8, 8], None), None);
+        // Over budget (12 positions of 10): the oldest goes.
+        s.keep(None, cache(&[1, 2, 9]), 16);
+        assert_eq!(s.bytes(), 8 * 16);
+        assert_eq!(s.best(&[1, 2, 3, 4], None), Some((1, 2)), "[1, 2, 3, 4] was evicted; [1, 2, 9] is now at 1");
+        s.touch(0);
+        s.keep(None, cache(&[5, 5, 5]), 16);
+        assert_eq!(s.best(&[1, 2, 3, 4, 5], Some(7)), Some((0, 5)), "touched entries outlive newer ones");
+        assert_eq!(s.best(&[1, 2, 9], None), None, "the untouched entry left first");
+    }
+}
