@@ -113,7 +113,7 @@ def main():
             make_adapter(root / name, 100 + i, args)
         cfg = Path(tmp) / "config.toml"
         adapters = "".join(f'\n[[adapters]]\nname = "{n}"\npath = "{root / n}"\n' for n in ("a1", "a2", "a3"))
-        cfg.write_text(f'[server]\nlora_runtime_loading = true\nlora_root = "{root}"\n{adapters}')
+        cfg.write_text(f'[server]\nlora_runtime_loading = true\nopen_admin_endpoints = true\nlora_root = "{root}"\n{adapters}')
         argv = inferd_argv(args.inferd, args.model, args.port, args.threads,
                            f"--config {cfg} --model-id base --max-batch {args.streams} {args.inferd_args}")
         with Server("inferd", argv, args.port, Path(tmp) / "inferd.log", ready_path="/health") as srv:

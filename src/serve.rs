@@ -112,6 +112,9 @@ fn open_backend(m: &ModelConfig, device: Device, assets: &model::ModelAssets, se
             if let Some(mb) = m.kv_cache_mb {
                 b.set_kv_cache_bytes(Some(mb << 20)).map_err(|source| StartError::Backend { id: m.id.clone(), source })?;
             }
+            if let Some(mb) = m.prefix_cache_mb {
+                b.set_prefix_cache_bytes(mb << 20);
+            }
             Box::new(b)
         }
         #[cfg(feature = "cuda")]

@@ -1,11 +1,12 @@
 //! LoRA adapters through the real binary (candle backend, tiny Q8_0 model): selection by the
 //! `model` field, the listing, vLLM's load/unload endpoints with their root restriction, bad
-//! adapters that leave the server as it was, and a reload during a running stream.
+//! adapters that leave the server as it was, and a reload during a running stream. The load and
+//! unload endpoints take the admin key (tests/e2e_access.rs checks who else may call them).
 mod e2e_common;
 
 use std::path::{Path, PathBuf};
 
-use e2e_common::{repo_root, tiny_model, Server};
+use e2e_common::{repo_root, request_with, tiny_model, Server, READ_TIMEOUT};
 use serde_json::{json, Value};
 
 fn fixture(name: &str) -> PathBuf {
@@ -33,7 +34,7 @@ fn adapter_root() -> tempfile::TempDir {
 fn start(root: &Path) -> Option<Server> {
     let model = tiny_model("tiny-qwen2.q8_0.gguf")?;
     let toml = format!(
-        "lora_runtime_loading = true\nlora_root = {:?}\n\n[[adapters]]\nname = \"a\"\npath = {:?}\nbase = \"tiny\"\n",
+        "lora_runtime_loading = true\nlora_root = {:?}\nadmin_api_key = \"{ADMIN_KEY}\"\n\n[[adapters]]\nname = \"a\"\npath = {:?}\nbase = \"tiny\"\n",
         root.display().to_string(),
         root.join("adapter-a").display().to_string()
     );
@@ -47,8 +48,18 @@ fn greedy(s: &Server, model: &str) -> String {
     r.json()["choices"][0]["text"].as_str().unwrap().to_string()
 }
 
+const ADMIN_KEY: &str = "sk-lora-admin";
+
+/// POSTs to an admin endpoint with the admin key.
+fn admin_post(s: &Server, path: &str, body: &Value) -> e2e_common::Response {
+    let auth = format!("Bearer {ADMIN_KEY}");
+    let bytes = serde_json::to_vec(body).unwrap();
+    request_with(s.port, "POST", path, &[("Authorization", auth.as_str())], Some(&bytes), READ_TIMEOUT)
+        .unwrap_or_else(|e| panic!("POST {path}: {e}\n{}", s.stderr()))
+}
+
 fn load(s: &Server, body: Value) -> (u16, String) {
-    let r = s.post("/v1/load_lora_adapter", &body);
+    let r = admin_post(s, "/v1/load_lora_adapter", &body);
     (r.status, r.text())
 }
 
@@ -115,11 +126,11 @@ fn adapters_are_selected_listed_loaded_and_unloaded_by_name() {
     assert_eq!(greedy(&s, "a"), a);
 
     // Unload.
-    let r = s.post("/v1/unload_lora_adapter", &json!({"lora_name": "b"}));
+    let r = admin_post(&s, "/v1/unload_lora_adapter", &json!({"lora_name": "b"}));
     assert_eq!((r.status, r.text()), (200, "Success: LoRA adapter 'b' removed successfully.".to_string()));
     let r = s.post("/v1/completions", &json!({"model": "b", "prompt": "x", "max_tokens": 2}));
     assert_eq!(r.status, 404);
-    assert_eq!(s.post("/v1/unload_lora_adapter", &json!({"lora_name": "b"})).status, 404);
+    assert_eq!(admin_post(&s, "/v1/unload_lora_adapter", &json!({"lora_name": "b"})).status, 404);
     assert_eq!(greedy(&s, "tiny"), base);
 }
 

@@ -34,6 +34,18 @@ struct FileServer {
     max_body_bytes: Option<usize>,
     max_waiting: Option<usize>,
     api_key: Option<String>,
+    api_keys: Option<Vec<String>>,
+    api_key_file: Option<PathBuf>,
+    admin_api_key: Option<String>,
+    open_admin_endpoints: Option<bool>,
+    metrics_require_key: Option<bool>,
+    cors_allowed_origins: Option<Vec<String>>,
+    header_read_timeout_secs: Option<u64>,
+    keep_alive_timeout_secs: Option<u64>,
+    body_read_timeout_secs: Option<u64>,
+    request_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
+    http2_max_concurrent_streams: Option<u32>,
     threads: Option<usize>,
     http_threads: Option<usize>,
     onnxruntime_library: Option<PathBuf>,
@@ -56,6 +68,7 @@ struct FileModel {
     context_length: Option<usize>,
     prefill_chunk: Option<usize>,
     kv_cache_mb: Option<usize>,
+    prefix_cache_mb: Option<usize>,
     gpu_memory_fraction: Option<f64>,
     intra_op_threads: Option<usize>,
     inter_op_threads: Option<usize>,
@@ -67,12 +80,35 @@ pub(super) fn read(path: Option<&Path>) -> Result<(ServerConfig, Vec<ModelConfig
         Some(path) => (read_file(path)?, path.parent().map(Path::to_path_buf)),
         None => (FileConfig::default(), None),
     };
+    let fs = &file.server;
+    let mut api_keys: Vec<String> = fs.api_key.iter().chain(fs.api_keys.iter().flatten()).cloned().collect();
+    if let Some(p) = &fs.api_key_file {
+        api_keys.extend(read_key_file(&relative_to(&base, p.clone()))?);
+    }
+    let cors_allowed_origins = fs
+        .cors_allowed_origins
+        .iter()
+        .flatten()
+        .map(|o| crate::http::cors::check_origin(o).map_err(|reason| ConfigError::Value { name: "server.cors_allowed_origins".into(), value: o.clone(), reason }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let conn = crate::http::conn::ConnectionLimits::default();
     let server = ServerConfig {
         host: file.server.host.unwrap_or_else(|| "127.0.0.1".into()),
         port: file.server.port.unwrap_or(8080),
         max_body_bytes: file.server.max_body_bytes.unwrap_or(4 * 1024 * 1024),
         max_waiting: file.server.max_waiting.unwrap_or(EngineConfig::default().max_waiting),
-        api_key: file.server.api_key.filter(|k| !k.is_empty()),
+        api_keys: api_keys.into_iter().filter(|k| !k.is_empty()).collect(),
+        admin_api_key: file.server.admin_api_key.clone().filter(|k| !k.is_empty()),
+        open_admin_endpoints: file.server.open_admin_endpoints.unwrap_or(false),
+        metrics_require_key: file.server.metrics_require_key.unwrap_or(false),
+        cors_allowed_origins,
+        header_read_timeout_secs: file.server.header_read_timeout_secs.unwrap_or(conn.header_read_timeout.as_secs()),
+        keep_alive_timeout_secs: file.server.keep_alive_timeout_secs.unwrap_or(conn.keep_alive_timeout.as_secs()),
+        body_read_timeout_secs: file.server.body_read_timeout_secs.unwrap_or(crate::http::Limits::DEFAULT_BODY_READ_TIMEOUT_SECS),
+        // 0 (like leaving it out) means no deadline.
+        request_timeout_secs: file.server.request_timeout_secs.filter(|&s| s > 0),
+        max_connections: file.server.max_connections.unwrap_or(conn.max_connections),
+        http2_max_concurrent_streams: file.server.http2_max_concurrent_streams.unwrap_or(conn.http2_max_concurrent_streams),
         threads: file.server.threads.filter(|&n| n > 0),
         http_threads: file.server.http_threads.filter(|&n| n > 0),
         onnxruntime_library: file.server.onnxruntime_library.map(|p| relative_to(&base, p)),
@@ -93,6 +129,18 @@ pub(super) fn read(path: Option<&Path>) -> Result<(ServerConfig, Vec<ModelConfig
     let models =
         file.models.into_iter().map(|m| model_from_file(m, base.as_deref())).collect::<Result<Vec<_>, _>>()?;
     Ok((server, models, adapters))
+}
+
+/// The keys of `api_key_file`: one per line; blank lines and lines starting with `#` are skipped.
+fn read_key_file(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Read { path: path.to_path_buf(), message: e.to_string() })?;
+    let keys: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
+    if keys.is_empty() {
+        return Err(ConfigError::Read { path: path.to_path_buf(), message: "the API key file holds no key".into() });
+    }
+    Ok(keys)
 }
 
 /// A path from the config file, relative to the file's folder unless absolute.
@@ -155,5 +203,6 @@ fn model_from_file(m: FileModel, base: Option<&Path>) -> Result<ModelConfig, Con
     cfg.context_length = m.context_length;
     cfg.prefill_chunk = m.prefill_chunk.or(cfg.prefill_chunk);
     cfg.kv_cache_mb = m.kv_cache_mb;
+    cfg.prefix_cache_mb = m.prefix_cache_mb;
     Ok(cfg)
 }

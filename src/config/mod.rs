@@ -60,6 +60,13 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     if let Some(n) = number::<usize>(env, "INFERD_HTTP_THREADS")? {
         server.http_threads = Some(n).filter(|&n| n > 0);
     }
+    // Secrets from the environment (e.g. a container's), beside or instead of the file's.
+    if let Some(k) = env("INFERD_API_KEY").filter(|k| !k.trim().is_empty()) {
+        server.api_keys.push(k.trim().to_string());
+    }
+    if let Some(k) = env("INFERD_ADMIN_API_KEY").filter(|k| !k.trim().is_empty()) {
+        server.admin_api_key = Some(k.trim().to_string());
+    }
     if let Some(spec) = env("INFERD_MODEL") {
         models = vec![model_from_spec(&spec, None)];
     }
@@ -100,6 +107,32 @@ pub fn load_with_env(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     Ok(Config { server, models, adapters })
 }
 
+/// API keys go into an HTTP header and are compared byte for byte: printable ASCII without
+/// spaces. The admin key must differ from every user key. Errors never print a key.
+fn check_keys(server: &ServerConfig) -> Result<(), ConfigError> {
+    let printable = |k: &str| k.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    if let Some(i) = server.api_keys.iter().position(|k| !printable(k)) {
+        return Err(ConfigError::Invalid(format!(
+            "user API key #{} (api_key, api_keys, api_key_file or INFERD_API_KEY) has spaces or characters outside printable ASCII",
+            i + 1
+        )));
+    }
+    if let Some(admin) = &server.admin_api_key {
+        if !printable(admin) {
+            return Err(ConfigError::Invalid("admin_api_key has spaces or characters outside printable ASCII".into()));
+        }
+        if server.api_keys.iter().any(|k| k == admin) {
+            return Err(ConfigError::Invalid("admin_api_key must differ from every user API key".into()));
+        }
+        if server.open_admin_endpoints {
+            return Err(ConfigError::Invalid(
+                "open_admin_endpoints = true opens the admin endpoints when there is no admin_api_key; set one or the other".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A model with default settings, served under `id` or the id derived from its spec.
 fn model_from_spec(spec: &str, id: Option<&str>) -> ModelConfig {
     ModelConfig {
@@ -113,6 +146,7 @@ fn model_from_spec(spec: &str, id: Option<&str>) -> ModelConfig {
         context_length: None,
         prefill_chunk: None,
         kv_cache_mb: None,
+        prefix_cache_mb: None,
         intra_op_threads: None,
         inter_op_threads: 1,
     }
@@ -149,6 +183,18 @@ fn check(server: &ServerConfig, models: &[ModelConfig], adapters: &[AdapterConfi
     }
     if server.max_waiting == 0 {
         return Err(ConfigError::Invalid("server.max_waiting must be at least 1".into()));
+    }
+    check_keys(server)?;
+    for (name, v) in [
+        ("header_read_timeout_secs", server.header_read_timeout_secs),
+        ("keep_alive_timeout_secs", server.keep_alive_timeout_secs),
+        ("body_read_timeout_secs", server.body_read_timeout_secs),
+        ("max_connections", server.max_connections as u64),
+        ("http2_max_concurrent_streams", u64::from(server.http2_max_concurrent_streams)),
+    ] {
+        if v == 0 {
+            return Err(ConfigError::Invalid(format!("server.{name} must be at least 1")));
+        }
     }
     for (i, m) in models.iter().enumerate() {
         if !(m.gpu_memory_fraction > 0.0 && m.gpu_memory_fraction <= 1.0) {

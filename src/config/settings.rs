@@ -99,8 +99,30 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Requests waiting per model before 429.
     pub max_waiting: usize,
-    /// When set, `/v1/*` requires `Authorization: Bearer <api_key>`.
-    pub api_key: Option<String>,
+    /// User API keys (`api_key`, `api_keys`, the lines of `api_key_file`, `INFERD_API_KEY`):
+    /// when any is set, `/v1/*`, `/tokenize` and `/detokenize` need `Authorization: Bearer <one>`.
+    pub api_keys: Vec<String>,
+    /// The key of the admin endpoints (adapter loading and unloading); a user key gets 403.
+    pub admin_api_key: Option<String>,
+    /// Without an admin key, opens the admin endpoints to every caller the user keys let in
+    /// (default: without an admin key they answer 403).
+    pub open_admin_endpoints: bool,
+    /// `/metrics` needs a user or admin key (when any is configured).
+    pub metrics_require_key: bool,
+    /// Browser origins allowed to call the server (CORS), `scheme://host[:port]` or `*`.
+    pub cors_allowed_origins: Vec<String>,
+    /// A new connection's first request head must arrive within this many seconds.
+    pub header_read_timeout_secs: u64,
+    /// After a response, the next request head on the connection must arrive within this.
+    pub keep_alive_timeout_secs: u64,
+    /// A request body must arrive within this many seconds of its head (408 beyond).
+    pub body_read_timeout_secs: u64,
+    /// Deadline of non-streaming completions in seconds (504 beyond); None: no deadline.
+    pub request_timeout_secs: Option<u64>,
+    /// Most connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// Most requests in flight on one HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
     /// CPU threads of the forward pass (None: every CPU this process may use).
     pub threads: Option<usize>,
     /// Threads of the async runtime that serves HTTP (None: [`default_http_threads`]).
@@ -118,11 +140,24 @@ impl ServerConfig {
     /// The HTTP layer's limits for these settings. `n` is capped by `max_waiting`: each choice
     /// takes a waiting slot, so a larger `n` could never be admitted (an endless 429).
     pub fn limits(&self) -> crate::http::Limits {
+        use std::time::Duration;
         let d = crate::http::Limits::default();
+        let mut auth = crate::http::auth::Auth::new(self.api_keys.clone(), self.admin_api_key.clone());
+        auth.open_admin_endpoints = self.open_admin_endpoints;
+        auth.metrics_require_key = self.metrics_require_key;
         crate::http::Limits {
             max_body_bytes: self.max_body_bytes,
-            api_key: self.api_key.clone(),
+            auth,
             max_n: d.max_n.min(self.max_waiting.max(1)),
+            cors_allowed_origins: self.cors_allowed_origins.clone(),
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
+            request_timeout: self.request_timeout_secs.map(Duration::from_secs),
+            connections: crate::http::conn::ConnectionLimits {
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+                keep_alive_timeout: Duration::from_secs(self.keep_alive_timeout_secs),
+                max_connections: self.max_connections,
+                http2_max_concurrent_streams: self.http2_max_concurrent_streams,
+            },
         }
     }
 }
@@ -153,6 +188,9 @@ pub struct ModelConfig {
     /// sequence's cache grows up to the context length). When it is full, the engine preempts
     /// the latest admitted sequence instead of failing a step.
     pub kv_cache_mb: Option<usize>,
+    /// MiB of finished sequences' KV caches kept for prefix reuse (candle on the CPU; 0 turns
+    /// prefix caching off; None: the backend's default, 512).
+    pub prefix_cache_mb: Option<usize>,
     /// ONNX Runtime threads inside one operator (None: the server's `threads`).
     pub intra_op_threads: Option<usize>,
     /// ONNX Runtime threads running independent operators in parallel.

@@ -44,7 +44,7 @@ fn file_values_are_read() {
     assert_eq!(c.server.host, "0.0.0.0");
     assert_eq!(c.server.port, 9000);
     assert_eq!(c.server.max_waiting, 7);
-    assert_eq!(c.server.api_key.as_deref(), Some("sk-test"));
+    assert_eq!(c.server.api_keys, vec!["sk-test".to_string()]);
     assert_eq!(c.server.max_body_bytes, 4 * 1024 * 1024);
     assert_eq!(c.models.len(), 2);
     assert_eq!(c.models[0].id, "a");
@@ -57,7 +57,8 @@ fn file_values_are_read() {
     assert_eq!(c.models[1].device, Device::Cpu);
     let l = c.server.limits();
     // Each choice of `n` takes a waiting slot, so `n` is capped by max_waiting (7 here), not 16.
-    assert_eq!((l.max_body_bytes, l.api_key.as_deref(), l.max_n), (4 * 1024 * 1024, Some("sk-test"), 7));
+    assert_eq!((l.max_body_bytes, l.max_n), (4 * 1024 * 1024, 7));
+    assert_eq!(l.auth.role_of(Some(b"sk-test")), crate::http::auth::Role::User);
     let e = c.models[0].engine_config(&c.server);
     assert_eq!((e.max_batch, e.max_waiting, e.prefill_chunk), (4, 7, 2048));
 }
@@ -141,7 +142,7 @@ fn defaults_without_file_bind_localhost_8080() {
     let c = load_with_env(&args, &env_of(&[])).expect("config loads");
     assert_eq!((c.server.host.as_str(), c.server.port), ("127.0.0.1", 8080));
     assert_eq!(c.models[0].backend, BackendKind::Candle);
-    assert_eq!(c.server.api_key, None);
+    assert!(c.server.api_keys.is_empty());
 }
 
 #[test]
@@ -264,4 +265,97 @@ fn devices_give_one_worker_each_and_exclude_device() {
     assert_eq!(c.models[0].devices, vec![Device::Cpu], "one worker by default");
     let args = ServeArgs { device: Some("cuda:3".into()), ..args_with(&f) };
     assert_eq!(load_with_env(&args, &env_of(&[])).unwrap().models[0].devices, vec![Device::Cuda(3)], "--device sets the one worker's device");
+}
+
+#[test]
+fn api_keys_admin_key_cors_and_connection_settings() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("keys.txt"), "# team keys\nsk-file-1\n\n  sk-file-2  \n").expect("write keys");
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+[server]
+api_key = "sk-one"
+api_keys = ["sk-two", ""]
+api_key_file = "keys.txt"
+admin_api_key = "sk-admin"
+metrics_require_key = true
+cors_allowed_origins = ["https://App.example.com", "http://127.0.0.1:5173"]
+header_read_timeout_secs = 5
+keep_alive_timeout_secs = 30
+body_read_timeout_secs = 20
+request_timeout_secs = 600
+max_connections = 100
+http2_max_concurrent_streams = 8
+"#,
+    )
+    .expect("write config");
+    let args = ServeArgs { config: Some(cfg.clone()), model: Some("org/m".into()), ..Default::default() };
+    let c = load_with_env(&args, &env_of(&[("INFERD_API_KEY", "sk-env")])).expect("config loads");
+    let s = &c.server;
+    assert_eq!(s.api_keys, ["sk-one", "sk-two", "sk-file-1", "sk-file-2", "sk-env"]);
+    assert_eq!(s.admin_api_key.as_deref(), Some("sk-admin"));
+    assert_eq!(s.cors_allowed_origins, ["https://app.example.com", "http://127.0.0.1:5173"]);
+    let l = s.limits();
+    use crate::http::auth::Role;
+    assert_eq!(l.auth.role_of(Some(b"sk-file-2")), Role::User);
+    assert_eq!(l.auth.role_of(Some(b"sk-admin")), Role::Admin);
+    assert!(l.auth.metrics_require_key && !l.auth.open_admin_endpoints);
+    assert_eq!(l.connections.header_read_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(l.connections.keep_alive_timeout, std::time::Duration::from_secs(30));
+    assert_eq!((l.connections.max_connections, l.connections.http2_max_concurrent_streams), (100, 8));
+    assert_eq!(l.body_read_timeout, std::time::Duration::from_secs(20));
+    assert_eq!(l.request_timeout, Some(std::time::Duration::from_secs(600)));
+    // The key never shows in a Debug print of the limits.
+    assert!(!format!("{l:?}").contains("sk-"), "{l:?}");
+    // INFERD_ADMIN_API_KEY replaces the file's admin key.
+    let c = load_with_env(&args, &env_of(&[("INFERD_ADMIN_API_KEY", "sk-env-admin")])).expect("config loads");
+    assert_eq!(c.server.admin_api_key.as_deref(), Some("sk-env-admin"));
+
+    // Defaults.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").expect("write");
+    let args = ServeArgs { config: Some(empty), model: Some("org/m".into()), ..Default::default() };
+    let c = load_with_env(&args, &env_of(&[])).expect("config loads");
+    let l = c.server.limits();
+    assert!(!l.auth.has_user_keys() && !l.auth.has_admin_key() && !l.auth.open_admin_endpoints && !l.auth.metrics_require_key);
+    assert!(l.cors_allowed_origins.is_empty());
+    assert_eq!(l.connections, crate::http::conn::ConnectionLimits::default());
+    assert_eq!(l.connections.header_read_timeout.as_secs(), 10);
+    assert_eq!(l.connections.keep_alive_timeout.as_secs(), 75);
+    assert_eq!((l.connections.max_connections, l.connections.http2_max_concurrent_streams), (4096, 100));
+    assert_eq!((l.body_read_timeout.as_secs(), l.request_timeout), (60, None));
+}
+
+#[test]
+fn key_and_connection_setting_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let load = |server: &str| {
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(&cfg, format!("[server]\n{server}\n")).expect("write");
+        let args = ServeArgs { config: Some(cfg), model: Some("org/m".into()), ..Default::default() };
+        load_with_env(&args, &env_of(&[])).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let err = load("api_keys = [\"same\"]\nadmin_api_key = \"same\"").unwrap_err();
+    assert!(err.contains("must differ"), "{err}");
+    assert!(!err.contains("\"same\""), "errors never print a key: {err}");
+    let err = load("admin_api_key = \"a\"\nopen_admin_endpoints = true").unwrap_err();
+    assert!(err.contains("open_admin_endpoints"), "{err}");
+    let err = load("api_keys = [\"two words\"]").unwrap_err();
+    assert!(err.contains("user API key #1") && !err.contains("two words"), "{err}");
+    let err = load("api_key_file = \"nope.txt\"").unwrap_err();
+    assert!(err.contains("nope.txt"), "{err}");
+    std::fs::write(dir.path().join("blank.txt"), "# nothing\n\n").expect("write");
+    let err = load("api_key_file = \"blank.txt\"").unwrap_err();
+    assert!(err.contains("no key"), "{err}");
+    let err = load("cors_allowed_origins = [\"https://app.example.com/\"]").unwrap_err();
+    assert!(err.contains("cors_allowed_origins") && err.contains("trailing slash"), "{err}");
+    for zero in ["header_read_timeout_secs", "keep_alive_timeout_secs", "body_read_timeout_secs", "max_connections", "http2_max_concurrent_streams"] {
+        let err = load(&format!("{zero} = 0")).unwrap_err();
+        assert!(err.contains(zero), "{err}");
+    }
+    // request_timeout_secs = 0 is "no deadline", like leaving it out.
+    assert!(load("request_timeout_secs = 0").is_ok());
+    assert!(load("open_admin_endpoints = true").is_ok());
 }

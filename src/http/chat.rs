@@ -22,5 +22,5 @@ pub async fn chat_completions(
     let validated = blocking(move || validate_chat(&req, &entry, max_n).map_err(ApiError::from)).await?
         .with_adapter(adapter);
     let meta = new_meta(&state, "chatcmpl", &model_id);
-    Ok(respond(Mode::Chat, meta, validated, generator).await)
+    Ok(respond(Mode::Chat, meta, validated, generator, state.limits.request_timeout).await)
 }

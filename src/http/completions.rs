@@ -22,5 +22,5 @@ pub async fn completions(
     let validated = blocking(move || validate_completion(&req, &entry, max_n).map_err(ApiError::from)).await?
         .with_adapter(adapter);
     let meta = new_meta(&state, "cmpl", &model_id);
-    Ok(respond(Mode::Text, meta, validated, generator).await)
+    Ok(respond(Mode::Text, meta, validated, generator, state.limits.request_timeout).await)
 }

@@ -85,6 +85,35 @@ impl ApiError {
             .with_code("invalid_api_key")
     }
 
+    /// 403 when the key is valid but may not do this (`code` says why).
+    pub fn forbidden(message: impl Into<String>, code: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message).with_code(code)
+    }
+
+    /// 408 when the request body does not arrive within `[server] body_read_timeout_secs`.
+    pub fn body_timeout(secs: u64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("The request body did not arrive within {secs} s."),
+        )
+        .with_code("request_timeout")
+    }
+
+    /// 504 when a non-streaming completion does not finish within `[server]
+    /// request_timeout_secs`; its generation is cancelled.
+    pub fn deadline_exceeded(secs: u64) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            format!(
+                "The completion did not finish within the server's deadline of {secs} s and was cancelled; \
+                 ask for fewer tokens, or stream the answer (streams have no deadline)."
+            ),
+        )
+        .with_code("deadline_exceeded")
+    }
+
     /// 500 for a server fault (never for anything the client sent).
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)

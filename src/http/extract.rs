@@ -17,14 +17,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limit = req.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(0);
+        let rules = req.extensions().get::<BodyRules>().copied().unwrap_or_default();
+        let limit = rules.limit;
         // A declared length over the limit is refused before reading anything, so the client
         // gets its 413 at once instead of the server waiting for a body it will reject.
         let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if limit > 0 && declared.is_some_and(|len| len > limit as u64) {
             return Err(ApiError::payload_too_large(limit));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+        // A body that trickles in (or never comes) must not hold the connection for ever.
+        let read = tokio::time::timeout(rules.read_timeout, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::body_timeout(rules.read_timeout.as_secs()))?;
+        let bytes = read.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::payload_too_large(limit)
             } else {
@@ -35,10 +40,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// The configured body limit, put into request extensions by the router so the 413 message can
-/// name it.
+/// The configured body limit and read timeout, put into request extensions by the router (so
+/// the 413 message can name the limit).
 #[derive(Debug, Clone, Copy)]
-pub struct BodyLimit(pub usize);
+pub struct BodyRules {
+    pub limit: usize,
+    pub read_timeout: std::time::Duration,
+}
+
+impl Default for BodyRules {
+    fn default() -> Self {
+        Self { limit: 0, read_timeout: std::time::Duration::from_secs(super::state::Limits::DEFAULT_BODY_READ_TIMEOUT_SECS) }
+    }
+}
 
 /// Parses a request body: it must be a JSON object that deserialises into `T`. On a type error the
 /// offending top-level field is found and named in `param`.

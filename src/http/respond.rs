@@ -50,8 +50,16 @@ pub fn merge(receivers: Vec<Receiver<Event>>) -> Merged {
     stream::select_all(streams).boxed()
 }
 
-/// Runs a validated request and answers it.
-pub async fn respond(mode: Mode, meta: ResponseMeta, v: Validated, generator: Arc<dyn Generator>) -> Response {
+/// Runs a validated request and answers it. A non-streaming answer not complete within
+/// `deadline` (from now, when the request is queued) is a 504 and its sequences are cancelled;
+/// streams have no deadline.
+pub async fn respond(
+    mode: Mode,
+    meta: ResponseMeta,
+    v: Validated,
+    generator: Arc<dyn Generator>,
+    deadline: Option<std::time::Duration>,
+) -> Response {
     let n = v.requests.len();
     let receivers = match submit_all(generator.as_ref(), v.requests) {
         Ok(r) => r,
@@ -63,7 +71,18 @@ pub async fn respond(mode: Mode, meta: ResponseMeta, v: Validated, generator: Ar
         let asm = StreamAssembler::new(meta, mode, n, v.prompt_tokens, v.include_usage, v.logprobs.is_some());
         stream_response(asm, merged).await
     } else {
-        collect_response(Collector::new(mode, n, v.logprobs.is_some()), merged, meta, v.prompt_tokens).await
+        let collect = collect_response(Collector::new(mode, n, v.logprobs.is_some()), merged, meta, v.prompt_tokens);
+        match deadline {
+            // Dropping the collecting future drops the receivers, which cancels the sequences.
+            Some(d) => match tokio::time::timeout(d, collect).await {
+                Ok(resp) => resp,
+                Err(_) => {
+                    tracing::info!(deadline_s = d.as_secs_f64(), "non-streaming completion over its deadline: cancelled");
+                    ApiError::deadline_exceeded(d.as_secs()).into_response()
+                }
+            },
+            None => collect.await,
+        }
     }
 }
 

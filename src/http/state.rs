@@ -1,9 +1,12 @@
 //! Shared state of the HTTP layer: the served models (each behind a `Generator`) and server limits.
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::auth::Auth;
+use super::conn::ConnectionLimits;
 use crate::engine::{Event, GenRequest, SubmitError};
 use crate::lora::{AdapterRegistry, LoraAdapter};
 use crate::model::template::ChatTemplate;
@@ -44,20 +47,41 @@ pub struct ModelEntry {
     pub owned_by: String,
 }
 
-/// Server-wide limits and settings the handlers consult.
+/// Server-wide limits and settings the handlers and the connection loop consult.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
     /// Largest `n`.
     pub max_n: usize,
-    /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
-    pub api_key: Option<String>,
+    /// API keys: who may call what (`super::auth`).
+    pub auth: Auth,
+    /// Browser origins allowed to call the server (`super::cors`); empty: none.
+    pub cors_allowed_origins: Vec<String>,
+    /// A request body must arrive within this once its head has (408 beyond).
+    pub body_read_timeout: Duration,
+    /// Deadline of a non-streaming completion, from when it is queued (504 beyond; None: no
+    /// deadline).
+    pub request_timeout: Option<Duration>,
+    /// Timeouts and caps of connections (`super::conn`).
+    pub connections: ConnectionLimits,
+}
+
+impl Limits {
+    pub const DEFAULT_BODY_READ_TIMEOUT_SECS: u64 = 60;
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 4 * 1024 * 1024, max_n: 16, api_key: None }
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_n: 16,
+            auth: Auth::default(),
+            cors_allowed_origins: Vec::new(),
+            body_read_timeout: Duration::from_secs(Self::DEFAULT_BODY_READ_TIMEOUT_SECS),
+            request_timeout: None,
+            connections: ConnectionLimits::default(),
+        }
     }
 }
 

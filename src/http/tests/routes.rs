@@ -51,7 +51,7 @@ async fn chat_completion_non_stream() {
     let p = seen[0].prompt_tokens.len();
     assert_eq!(v["choices"], json!([{"index": 0, "message": {"role": "assistant", "content": "Hello world", "refusal": null},
         "logprobs": null, "finish_reason": "stop"}]));
-    assert_eq!(v["usage"], json!({"prompt_tokens": p, "completion_tokens": 2, "total_tokens": p + 2}));
+    assert_eq!(v["usage"], json!({"prompt_tokens": p, "completion_tokens": 2, "total_tokens": p + 2, "prompt_tokens_details": {"cached_tokens": 0}}));
     assert_eq!(seen.len(), 1);
     assert_eq!((seen[0].max_new_tokens, seen[0].sampling.temperature, seen[0].stop.clone()), (10, 0.7, vec!["END".to_string()]));
 }
@@ -67,7 +67,7 @@ async fn chat_n2_counts_prompt_once_and_sums_completions() {
     assert_eq!(v["choices"][0]["message"]["content"], "Hello world");
     assert_eq!(v["choices"][1]["message"]["content"], "Bye");
     assert_eq!((v["choices"][1]["index"].clone(), v["choices"][1]["finish_reason"].clone()), (json!(1), json!("length")));
-    assert_eq!(v["usage"], json!({"prompt_tokens": p, "completion_tokens": 3, "total_tokens": p + 3}));
+    assert_eq!(v["usage"], json!({"prompt_tokens": p, "completion_tokens": 3, "total_tokens": p + 3, "prompt_tokens_details": {"cached_tokens": 0}}));
     let seeds: Vec<_> = g.seen().iter().map(|r| r.sampling.seed).collect();
     assert_eq!(seeds, vec![Some(7), Some(8)]);
 }
@@ -101,13 +101,13 @@ async fn completions_non_stream_with_logprobs() {
     assert_eq!(v["choices"], json!([{"text": " big cat", "index": 0, "finish_reason": "length", "logprobs": {
         "tokens": [" big", " cat"], "token_logprobs": [-0.5, -1.0],
         "top_logprobs": [{" big": -0.5}, {" cat": -1.0}], "text_offset": [0, 4]}}]));
-    assert_eq!(v["usage"], json!({"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}));
+    assert_eq!(v["usage"], json!({"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}));
 }
 
 #[tokio::test]
 async fn api_key_is_enforced_on_v1_only() {
     let g = Arc::new(FakeGen::new(vec![hello_script()]));
-    let limits = Limits { api_key: Some("sk-secret".into()), ..Limits::default() };
+    let limits = Limits { auth: crate::http::auth::Auth::user_key("sk-secret"), ..Limits::default() };
     let router = crate::http::router(state_with(g, limits));
     let (s, _, _, code) = api_error(send(router.clone(), get("/v1/models")).await).await;
     assert_eq!((s, code), (StatusCode::UNAUTHORIZED, json!("invalid_api_key")));

@@ -76,7 +76,7 @@ async fn model_is_required_when_several_are_served_and_the_api_key_applies() {
     assert_eq!((s, p), (StatusCode::BAD_REQUEST, json!("model")));
     let (s, v) = json_of(send(crate::http::router(state), post_json("/tokenize", &json!({"model": "b", "prompt": "x"}))).await).await;
     assert_eq!((s, v["count"].clone()), (StatusCode::OK, json!(1)));
-    let limits = Limits { api_key: Some("k".into()), ..Limits::default() };
+    let limits = Limits { auth: crate::http::auth::Auth::user_key("k"), ..Limits::default() };
     let (s, _, _, _) = api_error(send(crate::http::router(state_with(g, limits)), post_json("/tokenize", &json!({"prompt": "x"}))).await).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
