@@ -6,6 +6,8 @@
 #   3. the tiny generated models under tests/fixtures/generated/
 #   4. one build in the `checked` profile (release with inferd's debug assertions on, Cargo.toml);
 #      Rust unit + integration tests; the OpenAI SDK and schema tests against that binary
+#      (tests/e2e_cors_browser.rs drives Debian's headless Chromium, installed here when
+#      missing and apt-get can run; where it could be installed the test must run, not skip)
 #   5. the `cuda` feature type-checks and its kernels compile (nvcc from PyPI; no GPU needed;
 #      the GPU tests themselves run on a GPU machine: scripts/cuda_check.sh)
 # Set INFERD_SKIP_REAL_MODELS=1 to skip fetching the real models (their tests then skip).
@@ -33,6 +35,22 @@ scripts/fetch_onnxruntime.sh
 step "tiny generated models"
 "$PYTHON" scripts/make_tiny_model.py tests/fixtures/generated
 if [ "${INFERD_SKIP_REAL_MODELS:-0}" != 1 ] && [ -f models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then "$PYTHON" scripts/make_test_adapters.py; fi  # SmolLM2 LoRA adapters (e2e_lora_mixed)
+
+step "Chromium for the CORS browser test (Debian's package)"
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  if ! command -v chromium >/dev/null 2>&1; then
+    # apt's temporary files kept out of /tmp, and one retry: once, here, the links apt had put
+    # in /tmp vanished mid-install (a systemd upgrade comes with chromium's dependencies); a
+    # second run completed. About 40 s on a fresh machine.
+    apt_tmp="$(mktemp -d /var/tmp/inferd-apt.XXXXXX)"
+    apt_install() { TMPDIR="$apt_tmp" DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+    apt-get update -q >/dev/null || true
+    apt_install || apt_install
+    rm -rf "$apt_tmp"
+  fi
+  export INFERD_REQUIRE_CHROMIUM=1
+fi
+command -v chromium >/dev/null 2>&1 && chromium --version 2>/dev/null || echo "no chromium: the CORS browser test will skip"
 
 step "build (checked profile: release + debug assertions, once)"
 cargo build --profile checked --locked --all-targets
