@@ -57,6 +57,7 @@ if [ ! -f "$adapters_dir/qv/adapter_config.json" ] && [ -x .venv/bin/python ]; t
   .venv/bin/python scripts/make_test_adapters.py >/dev/null 2>&1 || true
 fi
 admin_key="sk-admin-docker-check"
+smol=smollm2-135m-instruct   # the model id in deploy/kubernetes/smollm2-cpu.yaml's config
 
 ensure_image() {
   docker image inspect "inferd:$1" >/dev/null 2>&1 && return 0
@@ -119,12 +120,15 @@ check_cpu() {
   check "the loader finds every library of inferd and ONNX Runtime" bash -c \
     "! docker run --rm --entrypoint ldd $image /usr/local/bin/inferd /usr/local/lib/inferd/libonnxruntime.so | grep 'not found'"
 
-  log "inferd:cpu: serving SmolLM2 ($model_file, mounted read-only; read-only root, config.toml mounted)"
+  log "inferd:cpu: serving SmolLM2 ($model_file, mounted read-only) with deploy/kubernetes/smollm2-cpu.yaml's config.toml"
   local c url
   # The image's config with run-time adapter loading below /adapters, mounted over the image's own.
-  sed -e 's/^# lora_runtime_loading = true/lora_runtime_loading = true/' -e 's|^# lora_root = "/adapters"|lora_root = "/adapters"|' \
-    docker/config.toml > "$tmp/config.toml"
+  # The config.toml of the Kubernetes ConfigMap (deploy/kubernetes/smollm2-cpu.yaml): SmolLM2 from
+  # /models, run-time adapter loading below /adapters, bounded KV and prefix caches.
+  awk '/^  config.toml: \|/ { on = 1; next } on && /^    / { print substr($0, 5); next } on && /^$/ { print; next } on { exit }' \
+    deploy/kubernetes/smollm2-cpu.yaml > "$tmp/config.toml"
   chmod a+r "$tmp/config.toml"
+  grep -q '^lora_root = "/adapters"' "$tmp/config.toml" || die "no config.toml with lora_root in deploy/kubernetes/smollm2-cpu.yaml"
   local adapter_mount=()
   if [ -f "$adapters_dir/qv/adapter_config.json" ]; then
     # A copy readable by the image's user (uid 10001), as files on a shared volume must be.
@@ -136,13 +140,13 @@ check_cpu() {
   c=$(start inferd-check-cpu $image -v "$models_dir:/models:ro" -v "$tmp/config.toml:/etc/inferd/config.toml:ro" \
     ${adapter_mount[@]+"${adapter_mount[@]}"} -e INFERD_ADMIN_API_KEY="$admin_key" \
     --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
-    --health-interval 2s --health-start-period 60s -- --model "$model_file" --model-id smollm2)
+    --health-interval 2s --health-start-period 60s --)
   check "starts and answers /health" wait_health "$c" 120
   url="$(base_url "$c")"
   check "/ready is 200" test "$(status_of "$url/ready")" = 200
-  check "GET /v1/models lists the model" bash -c "curl -fsS '$url/v1/models' | grep -q '\"smollm2\"'"
+  check "GET /v1/models lists the model" bash -c "curl -fsS '$url/v1/models' | grep -q '\"$smol\"'"
 
-  chat "$url" smollm2 48 true ', "stream_options": {"include_usage": true}' > "$tmp/stream.txt" || true
+  chat "$url" $smol 48 true ', "stream_options": {"include_usage": true}' > "$tmp/stream.txt" || true
   local chunks
   chunks=$(grep -c '"delta"' "$tmp/stream.txt" || true)
   check "streamed chat completion: $chunks chunks, ends with [DONE]" bash -c "[ $chunks -gt 3 ] && tail -3 '$tmp/stream.txt' | grep -q '^data: \[DONE\]'"
@@ -159,7 +163,7 @@ check_cpu() {
   check "malformed JSON is a 400 ($s)" test "$s" = 400
   s=$(status_of "$url/v1/chat/completions" -H 'Content-Type: application/json' --data-binary '{"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}')
   check "unknown model is a 404 ($s)" test "$s" = 404
-  s=$(status_of "$url/v1/chat/completions" -H 'Content-Type: application/json' --data-binary '{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}')
+  s=$(status_of "$url/v1/chat/completions" -H 'Content-Type: application/json' --data-binary '{"model": "'"$smol"'", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}')
   check "temperature out of range is a 400 ($s)" test "$s" = 400
 
   if [ ${#adapter_mount[@]} -gt 0 ]; then
@@ -171,7 +175,7 @@ check_cpu() {
     docker exec "$c" sh -c 'busybox wget -q -O - --header "Authorization: Bearer $INFERD_ADMIN_API_KEY" --header "Content-Type: application/json" --post-data "{\"lora_name\": \"qv\", \"lora_path\": \"qv\"}" http://127.0.0.1:8080/v1/load_lora_adapter' > "$tmp/load.txt" 2>&1 || true
     echo "    $(head -c 200 "$tmp/load.txt")"
     check "the adapter is listed after the in-container load" bash -c "curl -fsS '$url/v1/models' | grep -q '\"qv\"'"
-    chat "$url" smollm2 24 false ', "temperature": 0' > "$tmp/base.json" || true
+    chat "$url" $smol 24 false ', "temperature": 0' > "$tmp/base.json" || true
     chat "$url" qv 24 false ', "temperature": 0' > "$tmp/qv.json" || true
     local base_text qv_text
     base_text=$(grep -o '"content":"[^"]*"' "$tmp/base.json" | head -1)
@@ -194,7 +198,7 @@ check_cpu() {
   check "PID 1 is tini" bash -c "docker exec '$c' busybox cat /proc/1/cmdline | tr '\0' ' ' | grep -q '^/usr/bin/tini -- /usr/local/bin/inferd'"
 
   log "inferd:cpu: docker stop while a stream runs"
-  chat "$url" smollm2 160 true ', "ignore_eos": true, "stream_options": {"include_usage": true}' > "$tmp/drain.txt" &
+  chat "$url" $smol 160 true ', "ignore_eos": true, "stream_options": {"include_usage": true}' > "$tmp/drain.txt" &
   local curl_pid=$!
   local n
   for _ in $(seq 200); do

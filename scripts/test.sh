@@ -10,6 +10,7 @@
 #      missing and apt-get can run; where it could be installed the test must run, not skip)
 #   5. the `cuda` feature type-checks and its kernels compile (nvcc from PyPI; no GPU needed;
 #      the GPU tests themselves run on a GPU machine: scripts/cuda_check.sh)
+#   6. the Kubernetes manifests of deploy/ validate offline (deploy/validate.sh; ~15 s)
 # Set INFERD_SKIP_REAL_MODELS=1 to skip fetching the real models (their tests then skip).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -64,3 +65,6 @@ step "OpenAI SDK tests"
 
 step "the cuda feature compiles (kernels with nvcc 13.0 from PyPI)"
 PYTHON="$PYTHON" scripts/build_cuda.sh --check
+
+step "Kubernetes manifests (deploy/validate.sh: API schemas, CRD schema, cross-references)"
+deploy/validate.sh
