@@ -9,3 +9,4 @@ pub mod http;
 pub mod lora;
 pub mod model;
 pub mod serve;
+pub mod tools;

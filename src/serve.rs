@@ -95,6 +95,7 @@ pub fn load_model(
         id: m.id.clone(),
         generator,
         tokenizer: assets.tokenizer,
+        tool_format: m.tool_call_parser.resolve(assets.chat_template.as_deref().map(|t| t.source())),
         chat_template: assets.chat_template,
         created: unix_now(),
         owned_by: "inferd".into(),

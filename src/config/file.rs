@@ -69,6 +69,7 @@ struct FileModel {
     prefill_chunk: Option<usize>,
     kv_cache_mb: Option<usize>,
     prefix_cache_mb: Option<usize>,
+    tool_call_parser: Option<String>,
     gpu_memory_fraction: Option<f64>,
     intra_op_threads: Option<usize>,
     inter_op_threads: Option<usize>,
@@ -204,5 +205,8 @@ fn model_from_file(m: FileModel, base: Option<&Path>) -> Result<ModelConfig, Con
     cfg.prefill_chunk = m.prefill_chunk.or(cfg.prefill_chunk);
     cfg.kv_cache_mb = m.kv_cache_mb;
     cfg.prefix_cache_mb = m.prefix_cache_mb;
+    if let Some(p) = m.tool_call_parser {
+        cfg.tool_call_parser = p.parse()?;
+    }
     Ok(cfg)
 }

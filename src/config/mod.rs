@@ -10,7 +10,7 @@ mod settings;
 use std::path::{Path, PathBuf};
 
 pub use cli::{Cli, Command, ConvertArgs, ServeArgs};
-pub use settings::{default_http_threads, AdapterConfig, BackendKind, Config, ConfigError, Device, ModelConfig, ServerConfig};
+pub use settings::{default_http_threads, AdapterConfig, BackendKind, Config, ConfigError, Device, ModelConfig, ServerConfig, ToolCallParser};
 
 
 const DEFAULT_CONFIG: &str = "config.toml";
@@ -147,6 +147,7 @@ fn model_from_spec(spec: &str, id: Option<&str>) -> ModelConfig {
         prefill_chunk: None,
         kv_cache_mb: None,
         prefix_cache_mb: None,
+        tool_call_parser: settings::ToolCallParser::Auto,
         intra_op_threads: None,
         inter_op_threads: 1,
     }

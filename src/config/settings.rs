@@ -191,6 +191,9 @@ pub struct ModelConfig {
     /// MiB of finished sequences' KV caches kept for prefix reuse (candle on the CPU; 0 turns
     /// prefix caching off; None: the backend's default, 512).
     pub prefix_cache_mb: Option<usize>,
+    /// How the model's tool calls are found in its answers: `auto` (from its chat template),
+    /// `hermes`, `llama3_json`, `mistral`, or `none` (answers stay content).
+    pub tool_call_parser: ToolCallParser,
     /// ONNX Runtime threads inside one operator (None: the server's `threads`).
     pub intra_op_threads: Option<usize>,
     /// ONNX Runtime threads running independent operators in parallel.
@@ -257,4 +260,39 @@ pub enum ConfigError {
 /// docs/perf-notes.md, session 7).
 pub fn default_http_threads() -> usize {
     (std::thread::available_parallelism().map_or(1, |n| n.get()) / 8).max(1)
+}
+
+/// `[[models]] tool_call_parser`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ToolCallParser {
+    /// From the chat template ([`crate::tools::ToolFormat::detect`]).
+    #[default]
+    Auto,
+    /// Never parse answers for calls.
+    None,
+    Format(crate::tools::ToolFormat),
+}
+
+impl ToolCallParser {
+    /// The format for a model with this chat template source (None: no parsing).
+    pub fn resolve(self, template: Option<&str>) -> Option<crate::tools::ToolFormat> {
+        match self {
+            Self::Auto => template.map(crate::tools::ToolFormat::detect),
+            Self::None => None,
+            Self::Format(f) => Some(f),
+        }
+    }
+}
+
+impl std::str::FromStr for ToolCallParser {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "none" => Ok(Self::None),
+            other => crate::tools::ToolFormat::from_name(other).map(Self::Format).ok_or_else(|| {
+                ConfigError::Invalid(format!("tool_call_parser = \"{other}\": expected auto, hermes, llama3_json, mistral or none"))
+            }),
+        }
+    }
 }

@@ -359,3 +359,18 @@ fn key_and_connection_setting_errors() {
     assert!(load("request_timeout_secs = 0").is_ok());
     assert!(load("open_admin_endpoints = true").is_ok());
 }
+
+#[test]
+fn tool_call_parser_is_read_and_checked() {
+    use crate::tools::ToolFormat;
+    let f = file("[[models]]\nsource = \"a.gguf\"\ntool_call_parser = \"llama3_json\"\n[[models]]\nsource = \"b.gguf\"\n[[models]]\nsource = \"c.gguf\"\ntool_call_parser = \"none\"\n");
+    let c = load_with_env(&args_with(&f), &env_of(&[])).expect("config loads");
+    assert_eq!(c.models[0].tool_call_parser, ToolCallParser::Format(ToolFormat::Llama3Json));
+    assert_eq!(c.models[1].tool_call_parser, ToolCallParser::Auto);
+    assert_eq!(c.models[1].tool_call_parser.resolve(Some("{{ '[TOOL_CALLS]' }}")), Some(ToolFormat::Mistral));
+    assert_eq!(c.models[1].tool_call_parser.resolve(None), None, "no template: no chat, nothing to parse");
+    assert_eq!(c.models[2].tool_call_parser.resolve(Some("<tool_call>")), None);
+    let bad = file("[[models]]\nsource = \"a.gguf\"\ntool_call_parser = \"xml\"\n");
+    let e = load_with_env(&args_with(&bad), &env_of(&[])).expect_err("unknown parser");
+    assert!(e.to_string().contains("tool_call_parser"), "{e}");
+}

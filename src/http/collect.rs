@@ -2,9 +2,10 @@
 //! `text_completion` object. Pure, like `sse`.
 use serde_json::Value;
 
-use super::sse::{chat_logprob, push_text_logprob, usage, Mode, ResponseMeta};
-use super::types::{AssistantMessage, ChatChoice, ChatLogprobs, CompletionLogprobs, TextChoice};
+use super::sse::{chat_logprob, finish_str, push_text_logprob, usage, Mode, ResponseMeta};
+use super::types::{AssistantMessage, ChatChoice, ChatLogprobs, CompletionLogprobs, FunctionCall, TextChoice, ToolCallOut};
 use crate::engine::{Event, FinishReason};
+use crate::tools::ToolParsing;
 
 #[derive(Debug, Clone, Default)]
 struct Choice {
@@ -23,12 +24,20 @@ pub struct Collector {
     logprobs: bool,
     choices: Vec<Choice>,
     error: Option<String>,
+    /// The request's tools: chat answers are split into content and tool calls.
+    tools: Option<ToolParsing>,
 }
 
 impl Collector {
     /// `n` choices; `logprobs` whether the client asked for them.
     pub fn new(mode: Mode, n: usize, logprobs: bool) -> Self {
-        Self { mode, logprobs, choices: vec![Choice::default(); n], error: None }
+        Self { mode, logprobs, choices: vec![Choice::default(); n], error: None, tools: None }
+    }
+
+    /// Parses each chat choice's tool calls (`tools`: the request's, when it has any).
+    pub fn with_tools(mut self, tools: Option<&ToolParsing>) -> Self {
+        self.tools = tools.cloned();
+        self
     }
 
     /// Feeds one event of choice `index`.
@@ -78,17 +87,31 @@ impl Collector {
         let cached = self.choices.iter().map(|c| c.cached).max().unwrap_or(0);
         let u = usage(prompt_tokens, completion, cached);
         let logprobs = self.logprobs;
+        let tools = self.tools;
         let value = match self.mode {
             Mode::Chat => {
                 let choices: Vec<ChatChoice> = self
                     .choices
                     .into_iter()
                     .enumerate()
-                    .map(|(index, c)| ChatChoice {
-                        index,
-                        message: AssistantMessage { role: "assistant", content: c.text, refusal: None },
-                        logprobs: logprobs.then_some(c.chat_lp),
-                        finish_reason: c.finish.map(FinishReason::as_str),
+                    .map(|(index, c)| {
+                        let (content, calls) = match &tools {
+                            Some(t) => {
+                                let p = crate::tools::parse(t, &c.text);
+                                (p.content, p.calls)
+                            }
+                            None => (Some(c.text), Vec::new()),
+                        };
+                        let tool_calls: Vec<ToolCallOut> = calls
+                            .into_iter()
+                            .map(|t| ToolCallOut { id: t.id, kind: "function", function: FunctionCall { name: t.name, arguments: t.arguments } })
+                            .collect();
+                        ChatChoice {
+                            index,
+                            finish_reason: c.finish.map(|r| finish_str(r, !tool_calls.is_empty())),
+                            message: AssistantMessage { role: "assistant", content, refusal: None, tool_calls },
+                            logprobs: logprobs.then_some(c.chat_lp),
+                        }
                     })
                     .collect();
                 serde_json::to_value(meta.envelope("chat.completion", choices, Some(Some(u))))

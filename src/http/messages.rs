@@ -7,23 +7,78 @@ use super::validate::ValidationError;
 
 type VResult<T> = Result<T, ValidationError>;
 
-/// The `tools` the template sees: none when `tool_choice` is "none".
-pub fn tools_for_template(req: &ChatCompletionRequest) -> VResult<Option<Value>> {
-    let Some(tools) = &req.tools else { return Ok(None) };
+/// A request's tools as the template and the response parser see them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestTools {
+    /// The `tools` array for the template.
+    pub json: Value,
+    /// The functions a call may name: every tool's, or only the one `tool_choice` names.
+    pub names: Vec<String>,
+    /// `tool_choice`: "auto", "required", or a function's name.
+    pub choice: ToolChoice,
+}
+
+/// What `tool_choice` asks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolChoice {
+    Auto,
+    Required,
+    Function(String),
+}
+
+/// The request's tools, checked: None when there are none or `tool_choice` is "none". Each tool
+/// is `{"type": "function", "function": {"name": ..., ...}}`; a named `tool_choice` must name one.
+pub fn request_tools(req: &ChatCompletionRequest) -> VResult<Option<RequestTools>> {
+    let Some(tools) = &req.tools else {
+        return match &req.tool_choice {
+            Some(Value::Object(_)) => Err(ValidationError::new("'tool_choice' names a function but 'tools' is missing.", "tool_choice")),
+            _ => Ok(None),
+        };
+    };
+    let mut names = Vec::with_capacity(tools.len());
     for (i, t) in tools.iter().enumerate() {
+        let at = format!("tools[{i}]");
         if !t.is_object() {
-            return Err(ValidationError::new("Each tool must be an object.", &format!("tools[{i}]")));
+            return Err(ValidationError::new("Each tool must be an object.", &at));
+        }
+        if let Some(kind) = t.get("type").filter(|k| k.as_str() != Some("function")) {
+            return Err(ValidationError::new(format!("Invalid value: {kind}. Supported tool types are: 'function'."), &format!("{at}.type")));
+        }
+        match t.get("function").and_then(|f| f.get("name")) {
+            Some(Value::String(n)) if !n.is_empty() => names.push(n.clone()),
+            _ => return Err(ValidationError::new(format!("Missing required parameter: '{at}.function.name'."), &format!("{at}.function.name"))),
         }
     }
-    match &req.tool_choice {
-        Some(Value::String(s)) if s == "none" => Ok(None),
-        Some(Value::String(s)) if s != "auto" && s != "required" => Err(ValidationError::new(
-            format!("Invalid value: '{s}'. Supported values are: 'none', 'auto' and 'required'."),
-            "tool_choice",
-        )),
-        _ if tools.is_empty() => Ok(None),
-        _ => Ok(Some(Value::Array(tools.clone()))),
+    let choice = match &req.tool_choice {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "none" => return Ok(None),
+        Some(Value::String(s)) if s == "auto" => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "required" => ToolChoice::Required,
+        Some(Value::String(s)) => {
+            return Err(ValidationError::new(
+                format!("Invalid value: '{s}'. Supported values are: 'none', 'auto' and 'required'."),
+                "tool_choice",
+            ))
+        }
+        Some(Value::Object(o)) => match o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+            Some(name) if names.iter().any(|n| n == name) => ToolChoice::Function(name.to_string()),
+            Some(name) => {
+                return Err(ValidationError::new(format!("Invalid 'tool_choice': no function named '{name}' in 'tools'."), "tool_choice.function.name"))
+            }
+            None => return Err(ValidationError::new("Missing required parameter: 'tool_choice.function.name'.", "tool_choice.function.name")),
+        },
+        Some(_) => return Err(ValidationError::new("Invalid type for 'tool_choice': expected a string or an object.", "tool_choice")),
+    };
+    if tools.is_empty() {
+        return match choice {
+            ToolChoice::Auto => Ok(None),
+            _ => Err(ValidationError::new("'tool_choice' needs at least one tool in 'tools'.", "tool_choice")),
+        };
     }
+    if let ToolChoice::Function(name) = &choice {
+        names = vec![name.clone()];
+    }
+    Ok(Some(RequestTools { json: Value::Array(tools.clone()), names, choice }))
 }
 
 /// Checks each message and normalises it for chat templates (content parts joined into one string,

@@ -68,10 +68,11 @@ pub async fn respond(
     drop(generator);
     let merged = merge(receivers);
     if v.stream {
-        let asm = StreamAssembler::new(meta, mode, n, v.prompt_tokens, v.include_usage, v.logprobs.is_some());
+        let asm = StreamAssembler::new(meta, mode, n, v.prompt_tokens, v.include_usage, v.logprobs.is_some()).with_tools(v.tools.as_ref());
         stream_response(asm, merged).await
     } else {
-        let collect = collect_response(Collector::new(mode, n, v.logprobs.is_some()), merged, meta, v.prompt_tokens);
+        let col = Collector::new(mode, n, v.logprobs.is_some()).with_tools(v.tools.as_ref());
+        let collect = collect_response(col, merged, meta, v.prompt_tokens);
         match deadline {
             // Dropping the collecting future drops the receivers, which cancels the sequences.
             Some(d) => match tokio::time::timeout(d, collect).await {

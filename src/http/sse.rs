@@ -10,9 +10,12 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::types::{
-    ChatLogprobs, ChatTokenLogprob, ChunkChoice, CompletionLogprobs, Delta, Envelope, TextChoice, TopLogprob, Usage,
+    ChatLogprobs, ChatTokenLogprob, ChunkChoice, CompletionLogprobs, Delta, Envelope, FunctionDelta, TextChoice, ToolCallDelta,
+    TopLogprob, Usage,
 };
-use crate::engine::{Event, LogprobEntry, TokenLogprob};
+use crate::engine::{Event, FinishReason, LogprobEntry, TokenLogprob};
+use crate::tools::stream::{Out, ToolStream};
+use crate::tools::ToolParsing;
 
 /// Chat or text completion: decides object names and chunk shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +55,7 @@ pub enum Frame {
     Done,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct ChoiceState {
     started: bool,
     finished: bool,
@@ -61,6 +64,8 @@ struct ChoiceState {
     /// Prompt tokens served from the prefix cache.
     cached: usize,
     tokens: usize,
+    /// The tool-call parser, when the request has tools.
+    tools: Option<ToolStream>,
 }
 
 /// The streaming state machine of one request.
@@ -78,7 +83,18 @@ pub struct StreamAssembler {
 impl StreamAssembler {
     /// `n` choices; `logprobs` whether the client asked for them.
     pub fn new(meta: ResponseMeta, mode: Mode, n: usize, prompt_tokens: usize, include_usage: bool, logprobs: bool) -> Self {
-        Self { meta, mode, include_usage, logprobs, prompt_tokens, choices: vec![ChoiceState::default(); n], ended: false }
+        let choices = (0..n).map(|_| ChoiceState::default()).collect();
+        Self { meta, mode, include_usage, logprobs, prompt_tokens, choices, ended: false }
+    }
+
+    /// Parses each chat choice's tool calls (`tools`: the request's, when it has any).
+    pub fn with_tools(mut self, tools: Option<&ToolParsing>) -> Self {
+        if let Some(t) = tools.filter(|_| self.mode == Mode::Chat) {
+            for c in &mut self.choices {
+                c.tools = Some(ToolStream::new(t.clone()));
+            }
+        }
+        self
     }
 
     /// True once `[DONE]` has been produced.
@@ -98,7 +114,7 @@ impl StreamAssembler {
         if !self.choices[index].started {
             self.choices[index].started = true;
             if self.mode == Mode::Chat {
-                let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+                let delta = Delta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
                 out.push(self.chat_chunk(index, delta, None, None));
             }
         }
@@ -110,9 +126,15 @@ impl StreamAssembler {
                     return out;
                 }
                 out.push(match self.mode {
+                    Mode::Chat if self.choices[index].tools.is_some() => {
+                        let lps = lp.map(|e| ChatLogprobs::content(vec![chat_logprob(&e)]));
+                        let pieces = self.choices[index].tools.as_mut().map(|t| t.push(&text)).unwrap_or_default();
+                        out.extend(self.tool_chunks(index, pieces, lps));
+                        return out;
+                    }
                     Mode::Chat => {
                         let lps = lp.map(|e| ChatLogprobs::content(vec![chat_logprob(&e)]));
-                        self.chat_chunk(index, Delta { role: None, content: Some(text) }, lps, None)
+                        self.chat_chunk(index, Delta { role: None, content: Some(text), tool_calls: None }, lps, None)
                     }
                     Mode::Text => {
                         let offset = self.choices[index].chars;
@@ -127,11 +149,14 @@ impl StreamAssembler {
                 });
             }
             Event::Done { finish_reason, completion_tokens, cached_prompt_tokens, .. } => {
+                let held = self.choices[index].tools.as_mut().map(ToolStream::finish).unwrap_or_default();
+                out.extend(self.tool_chunks(index, held, None));
                 let c = &mut self.choices[index];
                 c.finished = true;
                 c.tokens = c.tokens.max(completion_tokens);
                 c.cached = cached_prompt_tokens;
-                let reason = Some(finish_reason.as_str());
+                let called = c.tools.as_ref().is_some_and(|t| t.calls() > 0);
+                let reason = Some(finish_str(finish_reason, called));
                 out.push(match self.mode {
                     Mode::Chat => self.chat_chunk(index, Delta::default(), None, reason),
                     Mode::Text => self.text_chunk(index, String::new(), None, reason),
@@ -178,6 +203,37 @@ impl StreamAssembler {
         self.include_usage.then_some(None)
     }
 
+    /// Chunks for what the tool parser let out for one token: content runs and call pieces, the
+    /// token's logprobs on the first (on an empty content chunk when the parser held it all).
+    fn tool_chunks(&self, index: usize, pieces: Vec<Out>, mut logprobs: Option<ChatLogprobs>) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        for p in pieces {
+            let delta = match p {
+                Out::Content(text) => Delta { role: None, content: Some(text), tool_calls: None },
+                Out::CallStart { index: i, id, name } => Delta {
+                    role: None,
+                    content: None,
+                    tool_calls: Some(vec![ToolCallDelta {
+                        index: i,
+                        id: Some(id),
+                        kind: Some("function"),
+                        function: FunctionDelta { name: Some(name), arguments: String::new() },
+                    }]),
+                },
+                Out::CallArguments { index: i, text } => Delta {
+                    role: None,
+                    content: None,
+                    tool_calls: Some(vec![ToolCallDelta { index: i, id: None, kind: None, function: FunctionDelta { name: None, arguments: text } }]),
+                },
+            };
+            frames.push(self.chat_chunk(index, delta, logprobs.take(), None));
+        }
+        if let Some(lps) = logprobs {
+            frames.push(self.chat_chunk(index, Delta { role: None, content: Some(String::new()), tool_calls: None }, Some(lps), None));
+        }
+        frames
+    }
+
     fn chat_chunk(&self, index: usize, delta: Delta, logprobs: Option<ChatLogprobs>, finish: Option<&'static str>) -> Frame {
         let choice = ChunkChoice { index, delta, logprobs, finish_reason: finish };
         self.frame("chat.completion.chunk", vec![choice], self.usage_field())
@@ -200,6 +256,14 @@ impl StreamAssembler {
             Mode::Chat => self.frame::<ChunkChoice>("chat.completion.chunk", Vec::new(), u),
             Mode::Text => self.frame::<TextChoice>("text_completion", Vec::new(), u),
         }
+    }
+}
+
+/// A choice's `finish_reason`: `tool_calls` when it stopped by itself after calling tools.
+pub fn finish_str(reason: FinishReason, called_tools: bool) -> &'static str {
+    match reason {
+        FinishReason::Stop if called_tools => "tool_calls",
+        r => r.as_str(),
     }
 }
 

@@ -42,6 +42,8 @@ pub struct ModelEntry {
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     /// None: chat completions are refused with a 400.
     pub chat_template: Option<Arc<ChatTemplate>>,
+    /// How the model writes tool calls (None: answers are never parsed for calls).
+    pub tool_format: Option<crate::tools::ToolFormat>,
     /// Unix seconds, shown in `/v1/models`.
     pub created: u64,
     pub owned_by: String,

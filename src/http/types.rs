@@ -144,12 +144,51 @@ pub struct CompletionLogprobs {
     pub text_offset: Vec<usize>,
 }
 
-/// The assistant message of a non-streamed chat choice.
+/// The assistant message of a non-streamed chat choice. `content` is null when the answer is
+/// only tool calls; `tool_calls` is left out when there are none (OpenAI's shapes).
 #[derive(Debug, Clone, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    pub content: Option<String>,
     pub refusal: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// One tool call of an assistant message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+/// A call's function: its name and its arguments as a JSON string.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A piece of a tool call in a stream: the first piece of a call has its `id`, `type` and
+/// `function.name` (with empty arguments), later pieces only `function.arguments`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+/// The function part of a [`ToolCallDelta`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// One choice of a non-streamed chat completion.
@@ -162,13 +201,16 @@ pub struct ChatChoice {
 }
 
 
-/// The `delta` of a chat chunk: role on the first chunk of a choice, then content.
+/// The `delta` of a chat chunk: role on the first chunk of a choice, then content or tool-call
+/// pieces.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Delta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// One choice inside a chat chunk.

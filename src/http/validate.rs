@@ -4,7 +4,7 @@
 
 use super::error::ApiError;
 use super::state::ModelEntry;
-use super::messages::{chat_messages, tools_for_template};
+use super::messages::{chat_messages, request_tools};
 use super::types::{ChatCompletionRequest, CommonParams, CompletionRequest, PromptInput, StopSpec};
 use crate::engine::{GenRequest, SamplingParams};
 
@@ -46,6 +46,9 @@ pub struct Validated {
     pub include_usage: bool,
     /// Some(k) when logprobs were asked, with k alternatives per token.
     pub logprobs: Option<usize>,
+    /// How to find tool calls in the answers (chat requests with tools, unless `tool_choice`
+    /// is "none" or the model's `tool_call_parser` is "none").
+    pub tools: Option<crate::tools::ToolParsing>,
 }
 
 impl Validated {
@@ -91,7 +94,7 @@ pub fn validate_chat(req: &ChatCompletionRequest, model: &ModelEntry, max_n: usi
             return Err(ValidationError::new(msg, "response_format.type"));
         }
     }
-    let tools = tools_for_template(req)?;
+    let tools = request_tools(req)?;
     let top = int_in(req.top_logprobs, "top_logprobs", 0, 20)?;
     let logprobs = match (req.logprobs.unwrap_or(false), top) {
         (true, t) => Some(t.unwrap_or(0) as usize),
@@ -101,12 +104,14 @@ pub fn validate_chat(req: &ChatCompletionRequest, model: &ModelEntry, max_n: usi
         (false, _) => None,
     };
     let text = template
-        .render(&messages, tools.as_ref(), true)
+        .render(&messages, tools.as_ref().map(|t| &t.json), true)
         .map_err(|e| ValidationError::new(format!("Could not apply the chat template: {e}"), "messages"))?;
     let prompt = encode(model, &text, false, "messages")?;
     let max = req.max_completion_tokens.or(c.max_tokens);
     let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
-    build(c, model, prompt, max, param, logprobs, max_n, PromptKind::Chat)
+    let mut v = build(c, model, prompt, max, param, logprobs, max_n, PromptKind::Chat)?;
+    v.tools = tools.zip(model.tool_format).map(|(t, format)| crate::tools::ToolParsing { format, names: t.names });
+    Ok(v)
 }
 
 /// Validates a text completion request against `model`, tokenising its prompt.
@@ -179,7 +184,7 @@ fn build(
             }
         })
         .collect();
-    Ok(Validated { requests, prompt_tokens: prompt.len(), stream, include_usage, logprobs })
+    Ok(Validated { requests, prompt_tokens: prompt.len(), stream, include_usage, logprobs, tools: None })
 }
 
 /// Completion budget: the requested `max_tokens`, or what is left of the context.

@@ -19,6 +19,7 @@ pub enum TemplateError {
 /// A compiled chat template plus the special tokens templates refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -47,7 +48,12 @@ impl ChatTemplate {
         });
         env.add_filter("tojson", python_tojson);
         env.add_template_owned(NAME, source.to_string()).map_err(|e| TemplateError::Invalid(e.to_string()))?;
-        Ok(Self { env, bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
+        Ok(Self { env, source: source.to_string(), bos_token: bos_token.unwrap_or_default(), eos_token: eos_token.unwrap_or_default() })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders an OpenAI request's conversation: [`normalize_messages`] (content parts flattened

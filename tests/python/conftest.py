@@ -20,6 +20,7 @@ TINY = ROOT / "tests/fixtures/generated/tiny-llama.f32.gguf"
 TINY_ONNX = ROOT / "tests/fixtures/onnx/tiny-qwen2"
 ORT_LIB = ROOT / "runtimes/onnxruntime/libonnxruntime.so"
 SMOLLM2 = ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN_CODER = ROOT / "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 START_TIMEOUT_S = 60
 
 
@@ -125,3 +126,11 @@ def smollm2():
 @pytest.fixture(scope="session")
 def client(tiny):
     return tiny.client()
+
+
+@pytest.fixture(scope="session")
+def qwen_coder():
+    _require(QWEN_CODER, "Qwen2.5-Coder GGUF (run scripts/fetch_models.sh qwen-coder)")
+    s = Server(QWEN_CODER, "qwen-coder")
+    yield s
+    s.stop()

@@ -4,5 +4,6 @@ mod routes;
 mod sse_machine;
 mod streaming;
 mod tokenize;
+mod tools;
 pub(crate) mod support;
 mod validation;

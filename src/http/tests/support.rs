@@ -108,6 +108,7 @@ pub fn entry(generator: Arc<dyn Generator>, id: &str) -> ModelEntry {
         generator,
         tokenizer: tokenizer(),
         chat_template: Some(Arc::new(ChatTemplate::new(CHATML, None, None).expect("ChatML compiles"))),
+        tool_format: Some(crate::tools::ToolFormat::Hermes),
         created: 1_700_000_000,
         owned_by: "inferd".into(),
     }
