@@ -247,8 +247,10 @@ check_cuda() {
   check "NVIDIA container toolkit variables (compute, cuda>=13.0)" bash -c \
     "docker image inspect -f '{{json .Config.Env}}' $image | grep -q 'NVIDIA_DRIVER_CAPABILITIES=compute,utility' && docker image inspect -f '{{json .Config.Env}}' $image | grep -q 'NVIDIA_REQUIRE_CUDA=cuda>=13.0'"
   check "inferd --version" docker run --rm --entrypoint /usr/local/bin/inferd $image --version
-  check "the binary has the CUDA kernels for sm_80/86/89/90" bash -c \
-    "docker run --rm --entrypoint busybox $image strings /usr/local/bin/inferd | grep -q sm_90"
+  # Each cubin in the embedded fatbin keeps its ptxas command line ("-arch sm_90 -m 64").
+  docker run --rm --entrypoint busybox $image strings /usr/local/bin/inferd > "$tmp/strings.txt" || true
+  check "the binary has inferd's kernels as cubins for sm_80, sm_86, sm_89, sm_90" bash -c \
+    "for a in 80 86 89 90; do grep -q -- \"-arch sm_\$a \" '$tmp/strings.txt' || exit 1; done"
   # ldd of everything inferd or ONNX Runtime loads; the only library allowed missing is the driver's.
   docker run --rm --entrypoint sh $image -c \
     'for f in /usr/local/bin/inferd /usr/local/lib/inferd/onnxruntime/*.so* /usr/local/lib/inferd/nvidia/*; do echo "== $f"; ldd "$f"; done' > "$tmp/ldd.txt" 2>&1 || true
