@@ -36,10 +36,11 @@ die() { echo "docker_check: $*" >&2; exit 1; }
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
-containers=()
+# The containers this script starts (by name: start() runs inside $(...), a subshell).
+containers=(inferd-check-cpu inferd-check-cpu-onnx inferd-check-cuda-cpu inferd-check-cuda-onnx)
 tmp="$(mktemp -d)"
 cleanup() {
-  if [ "${INFERD_CHECK_KEEP:-0}" != 1 ] && [ ${#containers[@]} -gt 0 ]; then
+  if [ "${INFERD_CHECK_KEEP:-0}" != 1 ]; then
     docker rm -f "${containers[@]}" >/dev/null 2>&1 || true
   fi
   rm -rf "$tmp"
@@ -69,13 +70,13 @@ ensure_image() {
 # on a free loopback port; prints the container id.
 start() {
   local name="$1" image="$2"; shift 2
+  case " ${containers[*]} " in *" $name "*) ;; *) echo "docker_check: add $name to containers" >&2; exit 1 ;; esac
   local dargs=()
   while [ $# -gt 0 ] && [ "$1" != -- ]; do dargs+=("$1"); shift; done
   [ "${1:-}" = -- ] && shift
   docker rm -f "$name" >/dev/null 2>&1 || true
   local id
   id="$(docker run -d --name "$name" -p 127.0.0.1::8080 "${dargs[@]}" "$image" serve "$@")"
-  containers+=("$id")
   echo "$id"
 }
 
