@@ -18,7 +18,9 @@
 //!
 //! A failed step is assumed to have changed no KV cache: `ContextFull` ends the named sequence with
 //! `Length`, `KvFull` preempts it, and the others simply run again next step; any other error (or
-//! a backend panic) fails every sequence in that step and the worker carries on.
+//! a backend panic) fails every sequence in that step and the worker carries on. A panic in the
+//! backend's other calls fails at most the one sequence concerned (`reuse_prefix`) or is logged
+//! (`release`): the worker thread, which serves every sequence, never unwinds.
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -117,8 +119,17 @@ impl Worker {
             self.reap();
             self.publish();
         }
-        for s in self.running.drain(..) {
-            self.backend.release(s.id);
+        for s in std::mem::take(&mut self.running) {
+            self.release(s.id);
+        }
+    }
+
+    /// Frees a sequence's cache in the backend. A panic there is logged and swallowed: the
+    /// sequence is gone either way, and the worker must outlive it (it serves every other one).
+    fn release(&mut self, seq: SeqId) {
+        let backend = &mut self.backend;
+        if catch_unwind(AssertUnwindSafe(|| backend.release(seq))).is_err() {
+            tracing::error!(seq, "the model backend panicked while releasing a sequence's cache");
         }
     }
 
@@ -216,7 +227,7 @@ impl Worker {
             s.flush();
             if s.cancelled || s.finished {
                 let s = self.running.remove(i);
-                self.backend.release(s.id);
+                self.release(s.id);
                 self.kv_hold = false;
                 self.ended(&s);
                 if !s.is_drained() {
@@ -270,10 +281,19 @@ impl Worker {
             let mut s = self.waiting.pop_front().expect("front exists");
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             if s.fed == 0 {
-                let n = self.backend.reuse_prefix(s.id, &s.tokens, s.req.adapter.as_ref());
-                if n > 0 {
-                    s.reused(n);
-                    self.shared.prefix_hits.fetch_add(n as u64, Ordering::Relaxed);
+                let backend = &mut self.backend;
+                match catch_unwind(AssertUnwindSafe(|| backend.reuse_prefix(s.id, &s.tokens, s.req.adapter.as_ref()))) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        s.reused(n);
+                        self.shared.prefix_hits.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    // Whatever the backend holds for it is dropped; `reap` ends it like a failed step.
+                    Err(_) => {
+                        tracing::error!(seq = s.id, "the model backend panicked while looking up a cached prefix");
+                        self.release(s.id);
+                        s.fail("the model backend panicked while looking up a cached prefix");
+                    }
                 }
             }
             if !s.admitted {
@@ -295,7 +315,7 @@ impl Worker {
     /// Puts the running sequence at `idx` back at the front of the queue without its KV cache.
     fn preempt(&mut self, idx: usize) {
         let mut s = self.running.remove(idx);
-        self.backend.release(s.id);
+        self.release(s.id);
         s.preempted();
         self.shared.preemptions.fetch_add(1, Ordering::Relaxed);
         self.shared.waiting.fetch_add(1, Ordering::SeqCst);
@@ -371,11 +391,14 @@ impl Worker {
 
     fn step(&mut self, rows: Vec<Row>) {
         let mut rngs = Vec::with_capacity(rows.len());
+        let constraint = |r: &Row| if r.want_logits { self.running[r.idx].req.constraint.as_ref() } else { None };
+        let masks = super::masks::slots(rows.iter().map(constraint));
         let result = {
             let mut samples = Vec::with_capacity(rows.len());
-            for r in &rows {
+            for (r, mask) in rows.iter().zip(&masks) {
                 let (spec, rng) = if r.want_logits {
-                    let (spec, rng) = self.running[r.idx].sample_spec();
+                    let (mut spec, rng) = self.running[r.idx].sample_spec();
+                    spec.mask = mask.as_ref();
                     (Some(spec), rng)
                 } else {
                     (None, None)
@@ -399,7 +422,8 @@ impl Worker {
             self.shared.prompt_fed.fetch_add(prompt as u64, Ordering::Relaxed);
             let backend = &mut self.backend;
             let t = Instant::now();
-            let r = catch_unwind(AssertUnwindSafe(|| backend.step_and_sample(&inputs, &samples)));
+            let jobs = rows.iter().zip(&masks).filter_map(|(r, m)| Some((constraint(r)?, m.as_ref()?))).collect();
+            let r = super::masks::while_computing(jobs, || catch_unwind(AssertUnwindSafe(|| backend.step_and_sample(&inputs, &samples))));
             self.shared.steps.fetch_add(1, Ordering::Relaxed);
             self.shared.step_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             r
