@@ -9,4 +9,5 @@ pub mod http;
 pub mod lora;
 pub mod model;
 pub mod serve;
+pub mod structured;
 pub mod tools;

@@ -91,11 +91,17 @@ pub fn load_model(
         tracing::info!(model = %m.id, workers = workers.len(), "requests go to the least loaded worker");
         Arc::new(EnginePool::new(workers))
     };
+    let structured = Arc::new(crate::structured::Structured::new(
+        Arc::clone(&assets.tokenizer),
+        generator.vocab_size().unwrap_or(0),
+        assets.eos_token_ids.first().copied(),
+    ));
     let entry = ModelEntry {
         id: m.id.clone(),
         generator,
         tokenizer: assets.tokenizer,
         tool_format: m.tool_call_parser.resolve(assets.chat_template.as_deref().map(|t| t.source())),
+        structured,
         chat_template: assets.chat_template,
         created: unix_now(),
         owned_by: "inferd".into(),

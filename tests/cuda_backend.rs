@@ -206,7 +206,7 @@ fn decode_steps_replayed_from_cuda_graphs_give_the_tokens_of_plain_launches() {
         let mut got: Vec<Vec<u32>> = vec![Vec::new(); n];
         for _ in 0..24 {
             let inputs: Vec<StepInput> = (0..n).map(|i| StepInput { seq: i as SeqId, tokens: &next[i], adapter: None, want_logits: true }).collect();
-            let specs: Vec<Option<SampleSpec>> = (0..n).map(|_| Some(SampleSpec { params: &greedy_params, counts: &counts, uniform: None, logprobs: None })).collect();
+            let specs: Vec<Option<SampleSpec>> = (0..n).map(|_| Some(SampleSpec { params: &greedy_params, counts: &counts, uniform: None, logprobs: None, mask: None })).collect();
             let out = g.step_and_sample(&inputs, &specs).expect("step");
             for (i, s) in out.into_iter().enumerate() {
                 let t = s.expect("sampled").token;
@@ -232,7 +232,7 @@ fn the_paged_cache_under_pressure_preempts_and_keeps_every_answer() {
         let rxs: Vec<_> = (0..24u32)
             .map(|i| {
                 let prompt: Vec<u32> = (0..5 + i % 30).map(|j| (i * 13 + j * 7) % 500).collect();
-                let req = GenRequest { prompt_tokens: prompt, sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() }, max_new_tokens: 40, stop: vec![], logprobs: None, ignore_eos: true, adapter: None };
+                let req = GenRequest { prompt_tokens: prompt, sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() }, max_new_tokens: 40, stop: vec![], logprobs: None, ignore_eos: true, adapter: None, constraint: None };
                 h.submit(req).expect("queued")
             })
             .collect();

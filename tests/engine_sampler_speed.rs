@@ -17,7 +17,7 @@ fn full_vocab_sampling_respects_its_filters() {
         let t = std::time::Instant::now();
         for _ in 0..5 {
             let uniform = (temperature > 0.0).then(|| rng.random::<f64>());
-            let s = sample(l.clone(), &SampleSpec { params: &p, counts: &counts, uniform, logprobs });
+            let s = sample(l.clone(), &SampleSpec { params: &p, counts: &counts, uniform, logprobs, mask: None });
             if temperature == 0.0 {
                 assert_eq!(s.token, argmax(&l));
             }

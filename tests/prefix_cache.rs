@@ -101,6 +101,7 @@ fn conversation(prefix_bytes: usize) -> Vec<(Vec<u32>, usize)> {
             logprobs: None,
             ignore_eos: true,
             adapter: None,
+            constraint: None,
         };
         let mut rx = h.submit(req).expect("queued");
         let (mut ids, mut cached) = (Vec::new(), None);

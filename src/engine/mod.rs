@@ -12,6 +12,7 @@
 //! a `Token` event whose id is the EOS token (logprob None). Concatenating every `text` gives the
 //! final output.
 pub mod detok;
+mod masks;
 mod handle;
 pub mod metrics;
 pub mod pool;

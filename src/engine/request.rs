@@ -56,6 +56,8 @@ pub struct GenRequest {
     /// The LoRA adapter version this request was admitted with (None = the base model). Holding
     /// the `Arc` keeps that version alive for the request's whole life, whatever reloads happen.
     pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
+    /// Structured outputs: the grammar every sampled token must keep to (this choice's own).
+    pub constraint: Option<crate::structured::Constraint>,
 }
 
 /// Log-probability of one token, with its text as bytes may be partial UTF-8.

@@ -228,6 +228,9 @@ pub struct SampleSpec<'a> {
     pub uniform: Option<f64>,
     /// Some(k): the chosen token's logprob and the k most likely alternatives (k may be 0).
     pub logprobs: Option<usize>,
+    /// Structured outputs: the tokens the row's grammar allows (computed while the step runs;
+    /// every other token is forbidden before anything else).
+    pub mask: Option<&'a crate::structured::MaskSlot>,
 }
 
 /// Logprobs of one sampled token: log-softmax of the processed logits (before temperature).
@@ -248,6 +251,9 @@ pub struct Sampled {
 /// Picks the next token: penalties, optional logprobs, then greedy or filtered sampling.
 pub fn sample(mut logits: Vec<f32>, spec: &SampleSpec<'_>) -> Sampled {
     let params = spec.params;
+    if let Some(m) = spec.mask {
+        m.apply(&mut logits);
+    }
     apply_penalties(&mut logits, params, spec.counts);
     let lp = spec.logprobs.map(|_| log_softmax(&logits));
     debug_assert_eq!(spec.uniform.is_some(), params.temperature > 0.0, "a uniform draw exactly when sampling");
@@ -412,7 +418,7 @@ mod tests {
     }
 
     fn spec<'a>(p: &'a SamplingParams, counts: &'a TokenCounts, rng: &mut StdRng, logprobs: Option<usize>) -> SampleSpec<'a> {
-        SampleSpec { params: p, counts, uniform: (p.temperature > 0.0).then(|| rng.random::<f64>()), logprobs }
+        SampleSpec { params: p, counts, uniform: (p.temperature > 0.0).then(|| rng.random::<f64>()), logprobs, mask: None }
     }
 
     #[test]
@@ -434,11 +440,11 @@ mod tests {
         let p = SamplingParams { temperature: 0.0, ..params() };
         let counts = TokenCounts::default();
         let l = vec![1.0, 3.0, 2.0, 0.0];
-        let s = sample(l.clone(), &SampleSpec { params: &p, counts: &counts, uniform: None, logprobs: Some(2) });
+        let s = sample(l.clone(), &SampleSpec { params: &p, counts: &counts, uniform: None, logprobs: Some(2), mask: None });
         let lp = log_softmax(&l);
         assert_eq!(s.token, 1);
         assert_eq!(s.logprobs, Some(TokenLogprobs { chosen: lp[1], top: vec![(1, lp[1]), (2, lp[2])] }));
-        let none = sample(l, &SampleSpec { params: &p, counts: &counts, uniform: None, logprobs: None });
+        let none = sample(l, &SampleSpec { params: &p, counts: &counts, uniform: None, logprobs: None, mask: None });
         assert_eq!(none, Sampled { token: 1, logprobs: None });
     }
 

@@ -193,7 +193,7 @@ impl Sequence {
         } else {
             (None, None)
         };
-        let spec = SampleSpec { params: &self.req.sampling, counts: &self.counts, uniform, logprobs: self.req.logprobs };
+        let spec = SampleSpec { params: &self.req.sampling, counts: &self.counts, uniform, logprobs: self.req.logprobs, mask: None };
         (spec, rng)
     }
 
@@ -217,6 +217,12 @@ impl Sequence {
             // EOS ends the sequence; its own text is never emitted.
             self.finish(FinishReason::Stop, ctx, token);
             return token;
+        }
+        if let Some(c) = &self.req.constraint {
+            if let Err(e) = c.commit(token) {
+                self.fail(&format!("structured output: {e}"));
+                return token;
+            }
         }
         let logprob = match (&s.logprobs, self.req.logprobs) {
             (Some(lp), Some(_)) => Some(self.logprob_entry(lp, token, ctx)),

@@ -19,6 +19,7 @@ pub mod models;
 pub mod respond;
 pub mod sse;
 pub mod state;
+pub mod structured;
 pub mod tokenize;
 pub mod types;
 pub mod validate;

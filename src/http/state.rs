@@ -44,6 +44,8 @@ pub struct ModelEntry {
     pub chat_template: Option<Arc<ChatTemplate>>,
     /// How the model writes tool calls (None: answers are never parsed for calls).
     pub tool_format: Option<crate::tools::ToolFormat>,
+    /// The model's grammar compiler for structured outputs.
+    pub structured: Arc<crate::structured::Structured>,
     /// Unix seconds, shown in `/v1/models`.
     pub created: u64,
     pub owned_by: String,

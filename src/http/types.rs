@@ -41,6 +41,8 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<i64>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
+    /// With `tool_choice` "required": whether several calls may come (default true).
+    pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<ResponseFormat>,
 }
 
@@ -81,11 +83,14 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// `response_format`; only `{"type":"text"}` is supported.
+/// `response_format`: `{"type": "text" | "json_object"}` or `{"type": "json_schema",
+/// "json_schema": {"name", "schema", "strict", "description"}}` (kept as JSON, checked in
+/// `structured`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    pub json_schema: Option<Value>,
 }
 
 /// Token counts of one request: the prompt counted once, completions summed over choices.

@@ -88,13 +88,8 @@ pub fn validate_chat(req: &ChatCompletionRequest, model: &ModelEntry, max_n: usi
         Some(_) => return Err(ValidationError::new("'messages' must contain at least one message.", "messages")),
         None => return Err(ValidationError::new("Missing required parameter: 'messages'.", "messages")),
     };
-    if let Some(rf) = &req.response_format {
-        if rf.kind != "text" {
-            let msg = format!("Invalid value: '{}'. Only response_format type 'text' is supported.", rf.kind);
-            return Err(ValidationError::new(msg, "response_format.type"));
-        }
-    }
     let tools = request_tools(req)?;
+    let grammar = super::structured::grammar_of(req.response_format.as_ref(), tools.as_ref(), req.parallel_tool_calls, model)?;
     let top = int_in(req.top_logprobs, "top_logprobs", 0, 20)?;
     let logprobs = match (req.logprobs.unwrap_or(false), top) {
         (true, t) => Some(t.unwrap_or(0) as usize),
@@ -110,6 +105,9 @@ pub fn validate_chat(req: &ChatCompletionRequest, model: &ModelEntry, max_n: usi
     let max = req.max_completion_tokens.or(c.max_tokens);
     let param = if req.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
     let mut v = build(c, model, prompt, max, param, logprobs, max_n, PromptKind::Chat)?;
+    if let Some((g, param)) = grammar {
+        super::structured::constrain(&mut v, model, g, param)?;
+    }
     v.tools = tools.zip(model.tool_format).map(|(t, format)| crate::tools::ToolParsing { format, names: t.names });
     Ok(v)
 }
@@ -181,6 +179,7 @@ fn build(
                 logprobs,
                 ignore_eos: c.ignore_eos.unwrap_or(false),
                 adapter: None,
+                constraint: None,
             }
         })
         .collect();

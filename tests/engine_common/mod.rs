@@ -217,6 +217,7 @@ pub fn req(prompt: Vec<u32>, max_new: usize, sampling: SamplingParams) -> GenReq
         logprobs: None,
         ignore_eos: false,
         adapter: None,
+        constraint: None,
     }
 }
 

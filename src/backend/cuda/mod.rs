@@ -350,7 +350,7 @@ impl Backend for CudaBackend {
                 continue;
             };
             let p = spec.params;
-            let plain_greedy = p.temperature <= 0.0 && spec.logprobs.is_none() && p.logit_bias.is_empty() && p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
+            let plain_greedy = p.temperature <= 0.0 && spec.logprobs.is_none() && spec.mask.is_none() && p.logit_bias.is_empty() && p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
             out.push(Some(if plain_greedy {
                 Sampled { token: greedy_ids[k] as u32, logprobs: None }
             } else {

@@ -109,6 +109,7 @@ pub fn entry(generator: Arc<dyn Generator>, id: &str) -> ModelEntry {
         tokenizer: tokenizer(),
         chat_template: Some(Arc::new(ChatTemplate::new(CHATML, None, None).expect("ChatML compiles"))),
         tool_format: Some(crate::tools::ToolFormat::Hermes),
+        structured: Arc::new(crate::structured::Structured::new(tokenizer(), 151_936, Some(151_645))),
         created: 1_700_000_000,
         owned_by: "inferd".into(),
     }

@@ -150,10 +150,43 @@ fn n_seeds_logprobs_stream_options() {
 #[test]
 fn response_format_and_tools() {
     assert!(chat(with(json!({"response_format": {"type": "text"}}))).is_ok());
-    assert_err(err_chat(json!({"response_format": {"type": "json_object"}})), "response_format.type", "'json_object'");
+    assert!(chat(with(json!({"response_format": {"type": "text"}}))).expect("valid").requests[0].constraint.is_none());
     let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
-    assert!(chat(with(json!({"tools": tools, "tool_choice": "auto"}))).is_ok());
+    assert!(chat(with(json!({"tools": tools, "tool_choice": "auto"}))).expect("valid").requests[0].constraint.is_none());
     assert_err(err_chat(json!({"tools": tools, "tool_choice": "sometimes"})), "tool_choice", "'sometimes'");
+}
+
+#[test]
+fn structured_outputs_give_each_choice_a_constraint() {
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]});
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    for extra in [
+        json!({"response_format": {"type": "json_object"}, "n": 3}),
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": true}}, "n": 3}),
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "anything"}}, "n": 3}),
+        json!({"tools": tools, "tool_choice": "required", "n": 3}),
+        json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}, "n": 3}),
+    ] {
+        let v = chat(with(extra.clone())).unwrap_or_else(|e| panic!("{extra}: {e:?}"));
+        assert_eq!(v.requests.len(), 3);
+        assert!(v.requests.iter().all(|r| r.constraint.is_some()), "{extra}");
+        // Each choice has its own matcher: advancing one leaves the others at the start.
+        let first = v.requests[0].constraint.as_ref().expect("constraint").mask();
+        let brace = crate::http::tests::support::tokenizer().token_to_id("{").or_else(|| crate::http::tests::support::tokenizer().token_to_id("<tool_call>"));
+        if let Some(t) = brace.filter(|&t| first.is_allowed(t)) {
+            v.requests[0].constraint.as_ref().expect("constraint").commit(t).expect("allowed");
+            assert_eq!(v.requests[1].constraint.as_ref().expect("constraint").mask().as_slice(), first.as_slice());
+        }
+    }
+    assert_err(err_chat(json!({"response_format": {"type": "xml"}})), "response_format.type", "'xml'");
+    assert_err(err_chat(json!({"response_format": {"type": "json_schema"}})), "response_format.json_schema", "Missing");
+    assert_err(err_chat(json!({"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})), "response_format.json_schema.name", "Missing");
+    assert_err(err_chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": schema}}})), "response_format.json_schema.name", "underscores");
+    assert_err(err_chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}})), "response_format.json_schema.schema", "JSON object");
+    let lookbehind = json!({"type": "string", "pattern": "(?<=a)b"});
+    assert_err(err_chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": lookbehind}}})), "response_format.json_schema.schema", "look-around");
+    let both = json!({"tools": tools, "tool_choice": "required", "response_format": {"type": "json_object"}});
+    assert_err(err_chat(both), "response_format", "cannot be combined");
 }
 
 #[test]
