@@ -102,9 +102,21 @@ pub fn render(models: &[(String, EngineStats)]) -> String {
     out
 }
 
+/// `inferd_http_requests_total{route, status}`: responses so far (this one not yet counted).
+pub fn render_status(counts: &[(&str, u16, u64)]) -> String {
+    let name = "inferd_http_requests_total";
+    let mut out = format!("# HELP {name} HTTP responses by route pattern and status code.\n# TYPE {name} counter\n");
+    for (route, status, n) in counts {
+        let _ = writeln!(out, "{name}{{route=\"{}\",status=\"{status}\"}} {n}", label(route));
+    }
+    out
+}
+
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let models: Vec<(String, EngineStats)> = state.models().filter_map(|m| m.generator.stats().map(|s| (m.id.clone(), s))).collect();
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render(&models))
+    let mut text = render(&models);
+    text.push_str(&render_status(&state.status_counts.snapshot()));
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
 #[cfg(test)]

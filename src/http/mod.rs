@@ -19,6 +19,7 @@ pub mod models;
 pub mod respond;
 pub mod sse;
 pub mod state;
+pub mod status_counts;
 pub mod structured;
 pub mod tokenize;
 pub mod types;
@@ -81,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(Extension(body))
         .layer(middleware::from_fn(catch_panic))
+        .layer(middleware::from_fn_with_state(state.clone(), status_counts::count))
         .layer(TraceLayer::new_for_http())
         .with_state(state);
     match cors {

@@ -100,6 +100,8 @@ pub struct AppState {
     pub system_fingerprint: String,
     /// LoRA adapters, selected by a request's `model`.
     pub adapters: Arc<AdapterRegistry>,
+    /// Responses by route and HTTP status (`/metrics`).
+    pub status_counts: Arc<super::status_counts::StatusCounts>,
 }
 
 impl ModelEntry {
@@ -127,6 +129,7 @@ impl AppState {
             limits,
             system_fingerprint: format!("fp_inferd_{}", env!("CARGO_PKG_VERSION")),
             adapters: Arc::new(AdapterRegistry::empty()),
+            status_counts: Arc::default(),
         }
     }
 

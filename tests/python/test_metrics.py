@@ -53,3 +53,22 @@ def test_metrics_parse_and_move_as_requests_flow(tiny):
             break
         time.sleep(0.01)
     assert idle == [0, 0]
+
+
+def test_http_responses_are_counted_by_route_and_status(tiny):
+    mid = tiny.model_id
+    before = scrape(tiny)
+    c = tiny.client()
+    c.chat.completions.create(model=mid, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    requests.post(tiny.root_url + "/v1/chat/completions", json={"model": mid}, timeout=10)  # 400: no messages
+    requests.post(tiny.root_url + "/v1/chat/completions", json={"model": "nope", "messages": []}, timeout=10)  # 404
+    requests.get(tiny.root_url + "/no/such/route", timeout=10)  # 404
+    requests.get(tiny.root_url + f"/v1/models/{mid}", timeout=10)
+    after = scrape(tiny)
+    grow = lambda **l: value(after, "inferd_http_requests_total", **l) - before.get(("inferd_http_requests_total", tuple(sorted(l.items()))), 0.0)
+    assert grow(route="/v1/chat/completions", status="200") == 1
+    assert grow(route="/v1/chat/completions", status="400") == 1
+    assert grow(route="/v1/chat/completions", status="404") == 1
+    assert grow(route="other", status="404") == 1
+    assert grow(route="/v1/models/{id}", status="200") == 1
+    assert grow(route="/metrics", status="200") == 1  # the first scrape
