@@ -196,8 +196,18 @@ fn pick_gguf(mut ggufs: Vec<String>, raw: &str) -> Result<String, ModelError> {
 /// that it works whether or not the caller is inside a tokio runtime.
 fn resolve_online(repo: Repo, file: Option<String>, raw: String, opts: SourceOptions) -> Result<LocalModel, ModelError> {
     let cache = cache(&opts, &raw)?;
+    let cache_dir = cache.path().clone();
     let worker = std::thread::spawn(move || -> Result<LocalModel, ModelError> {
         let download = |e: String| ModelError::Download(raw.clone(), e);
+        // A file-system error (not the network's) is about the cache: say which, and what it needs
+        // (a read-only or full cache otherwise reads as a bare "I/O error ... (os error 30)").
+        let fetch = |what: &str, e: hf_hub::api::tokio::ApiError| match e {
+            hf_hub::api::tokio::ApiError::IoError(_) => download(format!(
+                "{what}{e}, in the hub cache {} (it must be a writable directory with room for the model; HF_HOME chooses it)",
+                cache_dir.display()
+            )),
+            e => download(format!("{what}{e}")),
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -208,13 +218,13 @@ fn resolve_online(repo: Repo, file: Option<String>, raw: String, opts: SourceOpt
             if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
                 builder = builder.with_endpoint(endpoint);
             }
-            let api = builder.build().map_err(|e| download(e.to_string()))?;
+            let api = builder.build().map_err(|e| fetch("", e))?;
             let repo_api = api.repo(repo);
             if let Some(file) = file {
-                let path = repo_api.get(&file).await.map_err(|e| download(format!("{file}: {e}")))?;
+                let path = repo_api.get(&file).await.map_err(|e| fetch(&format!("{file}: "), e))?;
                 return gguf_file(path, &raw);
             }
-            let info = repo_api.info().await.map_err(|e| download(e.to_string()))?;
+            let info = repo_api.info().await.map_err(|e| fetch("", e))?;
             let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
             if names.iter().any(|n| n == "config.json") {
                 let wanted = names.iter().filter(|n| !n.contains('/')).filter(|n| {
@@ -222,7 +232,7 @@ fn resolve_online(repo: Repo, file: Option<String>, raw: String, opts: SourceOpt
                 });
                 let mut config_path = None;
                 for name in wanted {
-                    let path = repo_api.get(name).await.map_err(|e| download(format!("{name}: {e}")))?;
+                    let path = repo_api.get(name).await.map_err(|e| fetch(&format!("{name}: "), e))?;
                     if name == "config.json" {
                         config_path = Some(path);
                     }
@@ -232,7 +242,7 @@ fn resolve_online(repo: Repo, file: Option<String>, raw: String, opts: SourceOpt
             }
             let ggufs = names.into_iter().filter(|n| n.to_ascii_lowercase().ends_with(".gguf")).collect();
             let name = pick_gguf(ggufs, &raw)?;
-            let path = repo_api.get(&name).await.map_err(|e| download(format!("{name}: {e}")))?;
+            let path = repo_api.get(&name).await.map_err(|e| fetch(&format!("{name}: "), e))?;
             Ok(LocalModel::Gguf(path))
         })
     });
