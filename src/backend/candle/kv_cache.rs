@@ -62,6 +62,21 @@ impl SeqCache {
         }
     }
 
+    /// Frees the room reserved past `len` (a kept cache is charged for `len` positions only, and
+    /// a short sequence has `INITIAL_POSITIONS`, a grown one up to twice its length, reserved).
+    pub fn shrink_to_fit(&mut self) {
+        for layer in &mut self.layers {
+            layer.k.shrink_to_fit();
+            layer.v.shrink_to_fit();
+        }
+        self.tokens.shrink_to_fit();
+    }
+
+    /// Bytes the key and value buffers hold allocated (capacity, not length).
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().map(|l| (l.k.capacity() + l.v.capacity()) * std::mem::size_of::<f32>()).sum()
+    }
+
     /// Drops positions past `len` in every layer (undoes a step that failed half way).
     pub fn truncate(&mut self, len: usize, kv_dim: usize) {
         self.len = len;

@@ -54,11 +54,14 @@ impl PrefixStore {
     }
 
     /// Keeps a finished sequence's cache (when the budget allows), evicting the oldest kept.
-    pub fn keep(&mut self, adapter: Option<u64>, cache: SeqCache, bytes_per_position: usize) {
+    /// The cache's spare capacity is freed first: it is charged for its `len` positions, which
+    /// must be all it holds, or the budget bounds only a fraction of the memory kept.
+    pub fn keep(&mut self, adapter: Option<u64>, mut cache: SeqCache, bytes_per_position: usize) {
         let bytes = cache.len * bytes_per_position;
         if self.budget == 0 || cache.len == 0 || bytes > self.budget {
             return;
         }
+        cache.shrink_to_fit();
         self.kept.push_back(Kept { adapter, cache, bytes });
         self.bytes += bytes;
         while self.bytes > self.budget {
@@ -103,6 +106,37 @@ mod tests {
         c.len = tokens.len();
         c.tokens = tokens.to_vec();
         c
+    }
+
+    /// Regression (found by bench/soak.py): a finished sequence's buffers have room for at least
+    /// 256 positions, but it was charged for its length only, so the budget bounded only a
+    /// fraction of the memory kept (VmRSS grew from 1.1 to 1.5 GiB in 100 s of load on SmolLM2
+    /// with the 512 MiB default, still climbing).
+    #[test]
+    fn a_kept_cache_holds_no_more_memory_than_it_is_charged_for() {
+        let (layers, kv_dim) = (3, 8);
+        let per = 2 * layers * kv_dim * std::mem::size_of::<f32>();
+        let mut s = PrefixStore::new(1 << 20);
+        for len in [5usize, 300] {
+            let mut c = SeqCache::new(layers, kv_dim, 4096);
+            c.reserve(len, kv_dim, 4096);
+            for l in &mut c.layers {
+                l.k.extend(std::iter::repeat_n(1.0, len * kv_dim));
+                l.v.extend(std::iter::repeat_n(2.0, len * kv_dim));
+            }
+            c.len = len;
+            c.tokens = (0..len as u32).collect();
+            assert!(c.allocated_bytes() > len * per, "the test starts with spare room");
+            s.keep(None, c, per);
+        }
+        let held: usize = s.kept.iter().map(|k| k.cache.allocated_bytes()).sum();
+        assert_eq!(s.bytes(), 305 * per);
+        assert!(held <= s.bytes(), "kept caches hold {held} bytes, charged {}", s.bytes());
+        // What is kept still serves a prefix, bit for bit.
+        let (i, n) = s.best(&(0..10).collect::<Vec<u32>>(), None).unwrap();
+        assert_eq!(n, 10);
+        let c = SeqCache::prefix_of(s.get(i), n, kv_dim, 4096);
+        assert!(c.layers.iter().all(|l| l.k[..n * kv_dim].iter().all(|&x| x == 1.0) && l.v.iter().all(|&x| x == 2.0)));
     }
 
     #[test]
