@@ -41,8 +41,12 @@ impl StopMatcher {
             return StopOutput { text: text.to_owned(), stopped: false };
         }
         self.held.push_str(text);
-        // Earliest occurrence of any stop string wins.
-        let first = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
+        // Earliest occurrence of any stop string wins. A stop longer than the held text cannot
+        // occur in it: skipping it keeps a token's cost independent of the stops' length (a
+        // search sets itself up in time linear in the needle, so four 1 MB stops cost 60 ms a
+        // token, every token, on the worker thread all sequences share).
+        let held = self.held.len();
+        let first = self.stops.iter().filter(|s| s.len() <= held).filter_map(|s| self.held.find(s.as_str())).min();
         if let Some(pos) = first {
             let out = self.held[..pos].to_owned();
             self.held.clear();
@@ -144,6 +148,29 @@ mod tests {
         assert_eq!(sm.push("x <|en").text, "x ");
         assert_eq!(sm.push("try").text, "<|entry");
         assert!(!sm.is_stopped());
+    }
+
+    #[test]
+    fn huge_stops_cost_nothing_per_token() {
+        // Four stops of 1 MB (what a 4 MiB body allows): 2,000 tokens of text took > 8 s when
+        // every token searched for every stop; now microseconds. The bound is loose on purpose.
+        let stops: Vec<String> = ["x", "y", "z", "w"].iter().map(|c| c.repeat(1 << 20)).collect();
+        let mut sm = StopMatcher::new(&stops);
+        let t = std::time::Instant::now();
+        let mut out = String::new();
+        for i in 0..2000 {
+            out.push_str(&sm.push(if i % 2 == 0 { "ab" } else { "x" }).text);
+        }
+        out.push_str(&sm.finish());
+        assert_eq!(out.len(), 3000);
+        assert!(t.elapsed() < std::time::Duration::from_secs(1), "{:?} for 2,000 tokens", t.elapsed());
+        // The long stops still match once the text holds one.
+        let mut sm = StopMatcher::new(&["ab".repeat(1000)]);
+        let mut out = String::new();
+        for _ in 0..1000 {
+            out.push_str(&sm.push("ab").text);
+        }
+        assert!(sm.push("c").stopped && out.is_empty());
     }
 
     #[test]
