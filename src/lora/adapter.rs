@@ -130,7 +130,8 @@ impl LoraPair {
                 b.len()
             ));
         }
-        if !scale.is_finite() || a.iter().chain(&b).any(|x| !x.is_finite()) {
+        // The scale is applied in f32: 1e308 (lora_alpha = 1e308) is finite only as an f64.
+        if !(scale as f32).is_finite() || a.iter().chain(&b).any(|x| !x.is_finite()) {
             return Err("weights or scale are not finite".into());
         }
         Ok(LoraPair { rank, in_dim, out_dim, a, b, scale })
@@ -303,6 +304,10 @@ mod tests {
     fn shapes_and_bytes_are_checked_and_counted() {
         assert!(LoraPair::new(vec![0.; 3], vec![0.; 6], 2, 2, 3, 1.0).is_err());
         assert!(LoraPair::new(vec![f32::NAN; 4], vec![0.; 6], 2, 2, 3, 1.0).is_err());
+        // Found by the adapter fuzz target's seeds: a scale finite in f64 but not in f32 loaded,
+        // and every token's logits were NaN.
+        assert!(LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, 1e308).is_err());
+        assert!(LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, -1e39).is_err());
         let base = BaseDims { layers: 2, hidden: 2, q_dim: 3, kv_dim: 2, intermediate: 4, qk_rows: QkRows::Hf };
         let mut m = BTreeMap::new();
         m.insert((0, Module::Q), LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, 1.0).unwrap());
