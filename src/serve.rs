@@ -176,7 +176,11 @@ fn open_backend(m: &ModelConfig, device: Device, assets: &model::ModelAssets, se
                 // INFERD_ONNX_FIXED_SHAPES=0|1 overrides the provider's default (A/B runs).
                 fixed_shapes: std::env::var("INFERD_ONNX_FIXED_SHAPES").ok().map(|v| v != "0"),
             };
-            Box::new(OnnxBackend::load(dir, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
+            let mut b = OnnxBackend::load(dir, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?;
+            if let Some(mb) = m.prefix_cache_mb {
+                b.set_prefix_cache_bytes(mb << 20);
+            }
+            Box::new(b)
         }
     };
     Ok(backend)

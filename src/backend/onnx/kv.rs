@@ -271,6 +271,62 @@ impl KvSlots {
         }
     }
 
+    /// Whether the buffers are in host memory (where prefix copies are made).
+    pub fn is_host(&self) -> bool {
+        self.on_host()
+    }
+
+    /// Bytes one position takes over all layers, keys and values.
+    pub fn position_bytes(&self) -> usize {
+        let sh = self.shape;
+        sh.layers * 2 * sh.kv_heads * sh.head_size * sh.elem_bytes
+    }
+
+    /// The first `n` positions of `slot`, every layer's keys and values, in a buffer of their
+    /// own (host memory only: None for device buffers or `n` past the slot's length).
+    pub fn copy_out(&mut self, slot: usize, n: usize) -> Option<Vec<u8>> {
+        if !self.on_host() || n > self.lens[slot] {
+            return None;
+        }
+        let sh = self.shape;
+        let (row, head) = (n * sh.head_size * sh.elem_bytes, self.cap * sh.head_size * sh.elem_bytes);
+        let mut out = Vec::with_capacity(self.position_bytes() * n);
+        for layer in 0..sh.layers {
+            for value in [false, true] {
+                let p = self.slot_ptr(layer, value, slot);
+                for h in 0..sh.kv_heads {
+                    // SAFETY: the head's first n positions lie in the slot (n <= len <= cap).
+                    out.extend_from_slice(unsafe { std::slice::from_raw_parts(p.add(h * head), row) });
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Writes the first `n` positions of `data` (`stored` positions laid out by
+    /// [`KvSlots::copy_out`]) at the start of `slot`, growing the layout when needed, and sets
+    /// the slot's length to `n`.
+    pub fn copy_in(&mut self, slot: usize, data: &[u8], stored: usize, n: usize) {
+        let sh = self.shape;
+        let row = n * sh.head_size * sh.elem_bytes;
+        let stride = stored * sh.head_size * sh.elem_bytes;
+        assert!(self.on_host() && n <= stored && data.len() == stride * sh.kv_heads * 2 * sh.layers, "copy_in: host memory and a whole prefix");
+        self.reserve(n);
+        let head = self.cap * sh.head_size * sh.elem_bytes;
+        let mut at = 0;
+        for layer in 0..sh.layers {
+            for value in [false, true] {
+                let p = self.slot_ptr(layer, value, slot);
+                for h in 0..sh.kv_heads {
+                    // SAFETY: the head's first n positions lie in the slot (n <= cap after reserve).
+                    unsafe { std::ptr::copy_nonoverlapping(data[at..at + row].as_ptr(), p.add(h * head), row) };
+                    at += stride;
+                }
+            }
+        }
+        self.lens[slot] = n;
+    }
+
     /// Pointer to slot `first` of layer `layer`'s key (`value = false`) or value buffer; the slots
     /// from `first` on are contiguous, so `[n, kv_heads, cap, head_size]` from here is a valid
     /// tensor for any `first + n <= slots`.

@@ -1,0 +1,92 @@
+//! Prefix caching on the onnx backend (CPU provider, host KV buffers): a new sequence whose
+//! prompt starts with tokens a finished or live sequence held gets those positions copied into
+//! its slot, and its logits are then exactly those of a run without the cache, on the fp32 and
+//! the int4 export.
+mod reference_common;
+use std::path::PathBuf;
+
+use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
+use inferd::backend::{Backend, SeqId, StepInput};
+use reference_common::{argmax, assert_same_steps};
+
+fn load(dir: &str, prefix_bytes: usize) -> OnnxBackend {
+    let opts = OnnxOptions {
+        library: None,
+        session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
+        max_batch: 4,
+        max_context: None,
+        fixed_shapes: None,
+    };
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(dir);
+    let mut b = OnnxBackend::load(&path, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"));
+    b.set_prefix_cache_bytes(prefix_bytes);
+    b
+}
+
+/// Feeds `tokens[from..]`, then `n - 1` greedy tokens: every step's logits.
+fn run(b: &mut OnnxBackend, seq: SeqId, tokens: &[u32], from: usize, n: usize) -> Vec<Vec<f32>> {
+    let mut out = Vec::new();
+    let mut feed = tokens[from..].to_vec();
+    for _ in 0..n {
+        let l = b.step(&[StepInput { seq, tokens: &feed, adapter: None, want_logits: true }]).expect("step").remove(0).expect("logits");
+        feed = vec![argmax(&l)];
+        out.push(l);
+    }
+    out
+}
+
+fn on_host() -> bool {
+    matches!(reference_common::onnx_test_device(), inferd::config::Device::Cpu)
+}
+
+#[test]
+fn a_reused_prefix_gives_the_bits_of_a_computed_one() {
+    for dir in ["tiny-qwen2", "tiny-qwen2-int4"] {
+        let first: Vec<u32> = (1..40).collect();
+        let mut second = first.clone();
+        second.extend([300, 301, 302, 7, 8]);
+        let mut cold = load(dir, 0);
+        let want = run(&mut cold, 1, &second, 0, 6);
+        assert_eq!(cold.reuse_prefix(2, &second, None), 0, "{dir}: prefix caching is off");
+
+        let mut warm = load(dir, 64 << 20);
+        run(&mut warm, 10, &first, 0, 3);
+        warm.release(10); // kept for reuse
+        let n = warm.reuse_prefix(11, &second, None);
+        if !on_host() {
+            assert_eq!(n, 0, "{dir}: device KV buffers keep nothing");
+            continue;
+        }
+        assert_eq!(n, first.len(), "{dir}: the shared prompt is reused");
+        let got = run(&mut warm, 11, &second, n, 6);
+        assert_same_steps(&got, &want, &format!("{dir}: reused prefix vs computed"));
+
+        // From a live sequence too, and a prompt equal to what is cached keeps one token to run.
+        let n = warm.reuse_prefix(12, &second, None);
+        assert_eq!(n, second.len() - 1, "{dir}: from the live sequence 11, all but the last token");
+        let got = run(&mut warm, 12, &second, n, 6);
+        assert_same_steps(&got, &want, &format!("{dir}: live prefix vs computed"));
+    }
+}
+
+#[test]
+fn a_conversation_reuses_its_earlier_turns_with_identical_answers() {
+    if !on_host() {
+        return;
+    }
+    // Each turn's prompt is the previous turn's prompt, its answer and a new question.
+    let (mut cold, mut warm) = (load("tiny-qwen2", 0), load("tiny-qwen2", 64 << 20));
+    let mut history: Vec<u32> = (5..25).collect();
+    for turn in 0..4u64 {
+        let seq = 100 + turn;
+        let reused = warm.reuse_prefix(seq, &history, None);
+        assert_eq!(reused > 0, turn > 0, "turn {turn}: reused {reused}");
+        let want = run(&mut cold, seq, &history, 0, 5);
+        let got = run(&mut warm, seq, &history, reused, 5);
+        assert_same_steps(&got, &want, &format!("turn {turn}"));
+        cold.release(seq);
+        warm.release(seq);
+        history.extend(want.iter().take(4).map(|l| argmax(l)));
+        history.extend([40 + turn as u32, 41, 42]);
+    }
+}
