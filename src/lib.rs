@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod serve;
 pub mod structured;

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            inferd::memory::spawn_trimmer(inferd::memory::TRIM_INTERVAL);
             let http_threads = cfg.server.http_threads.unwrap_or_else(config::default_http_threads);
             let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(http_threads).enable_all().build() {
                 Ok(rt) => rt,
