@@ -182,14 +182,24 @@ fn hub_files() -> Option<Vec<(String, Vec<u8>)>> {
     Some(names.iter().map(|n| (n.to_string(), std::fs::read(dir.join(n)).unwrap())).collect())
 }
 
+/// A child process killed when dropped (a failed assertion leaves no server behind).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs `inferd serve --model fakeorg/tiny-llama` with `HF_HOME` at `hf_home`; returns the exit
 /// status and stderr when it exits within `wait`, or None and the port when it serves.
-fn serve_from_hub(hub: &FakeHub, hf_home: &Path, wait: Duration) -> (Option<std::process::ExitStatus>, String, u16, std::process::Child) {
+fn serve_from_hub(hub: &FakeHub, hf_home: &Path, wait: Duration) -> (Option<std::process::ExitStatus>, String, u16, Killed) {
     let cfg = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(cfg.path(), "[server]\n").unwrap();
     let port = free_port();
     let err_path = cfg.path().with_extension("stderr");
-    let mut child = Command::new(inferd_bin())
+    let child = Command::new(inferd_bin())
         .args(["serve", "--config", cfg.path().to_str().unwrap(), "--port", &port.to_string(), "--model", REPO, "--model-id", "tiny"])
         .env("HF_HOME", hf_home)
         .env("HF_ENDPOINT", hub.endpoint())
@@ -200,9 +210,10 @@ fn serve_from_hub(hub: &FakeHub, hf_home: &Path, wait: Duration) -> (Option<std:
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
+    let mut child = Killed(child);
     let t = Instant::now();
     while t.elapsed() < wait {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             let mut err = String::new();
             std::fs::File::open(&err_path).unwrap().read_to_string(&mut err).unwrap();
             return (Some(status), err, port, child);
@@ -265,12 +276,11 @@ fn a_hub_download_into_an_unwritable_or_full_cache_is_a_clear_start_error() {
 
     // A writable cache: the download works and the model serves (the fake hub is a fair hub).
     let home = tempfile::tempdir().unwrap();
-    let (status, err, port, mut child) = serve_from_hub(&hub, home.path(), Duration::from_secs(60));
+    let (status, err, port, child) = serve_from_hub(&hub, home.path(), Duration::from_secs(60));
     assert!(status.is_none(), "the download into a writable cache failed ({status:?}):\n{err}");
     let r = request(port, "POST", "/v1/completions", Some(br#"{"model":"tiny","prompt":"hi","max_tokens":3}"#), READ_TIMEOUT).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let snapshot = home.path().join("hub/models--fakeorg--tiny-llama/snapshots").join(COMMIT);
     assert!(snapshot.join("model.safetensors").is_file(), "downloaded into {}", snapshot.display());
 
