@@ -453,29 +453,6 @@ impl OnnxBackend {
 /// under concurrency got another answer); until that is understood it is opt-in.
 pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 0;
 
-impl OnnxBackend {
-    /// Bytes of finished sequences' caches kept for prefix reuse (0 turns prefix caching off).
-    /// Only host KV buffers (the CPU provider) keep anything.
-    pub fn set_prefix_cache_bytes(&mut self, bytes: usize) {
-        self.kept.set_budget(bytes);
-    }
-
-    /// Frees a sequence's slot; `keep`: first copy its positions into the prefix store.
-    fn drop_seq(&mut self, seq: SeqId, keep: bool) {
-        let tokens = self.fed.remove(&seq);
-        let adapter = self.adapter_of.remove(&seq).unwrap_or(0);
-        if let (true, Some(tokens), Some(slot)) = (keep && self.kept.enabled(), tokens, self.kv.slot(seq)) {
-            let n = tokens.len().min(self.kv.lens()[slot]);
-            if n > 0 {
-                if let Some(data) = self.kv.copy_out(slot, n) {
-                    self.kept.keep(adapter, tokens[..n].to_vec(), data);
-                }
-            }
-        }
-        self.kv.release(seq);
-    }
-}
-
 impl Backend for OnnxBackend {
     fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
@@ -522,44 +499,7 @@ impl Backend for OnnxBackend {
     }
 
     fn reuse_prefix(&mut self, seq: SeqId, tokens: &[u32], adapter: Option<&std::sync::Arc<crate::lora::LoraAdapter>>) -> usize {
-        if !self.kept.enabled() || !self.kv.is_host() || self.kv.slot(seq).is_some() || tokens.len() < 2 {
-            return 0;
-        }
-        let want = adapter.map_or(0, |a| a.id);
-        let limit = tokens.len() - 1;
-        // The longest prefix a live sequence (same adapter) holds, then a kept one.
-        let live = self
-            .fed
-            .iter()
-            .filter(|(s, _)| self.adapter_of.get(s).copied().unwrap_or(0) == want)
-            .filter_map(|(&s, t)| Some((crate::backend::candle::prefix::common_prefix(t, tokens).min(self.kv.len_of(s)), self.kv.slot(s)?)))
-            .max_by_key(|&(n, _)| n);
-        let kept = self.kept.best(tokens, want);
-        let use_live = match (live, kept) {
-            (Some((ln, _)), Some((_, kn))) => ln >= kn,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => return 0,
-        };
-        let n = if use_live { live.map_or(0, |l| l.0) } else { kept.map_or(0, |k| k.1) }.min(limit);
-        if n == 0 {
-            return 0;
-        }
-        let Some(slot) = self.kv.slot_for(seq) else { return 0 };
-        if use_live {
-            let from = live.map(|l| l.1).expect("live source");
-            let Some(data) = self.kv.copy_out(from, n) else {
-                self.kv.release(seq);
-                return 0;
-            };
-            self.kv.copy_in(slot, &data, n, n);
-        } else {
-            let (data, stored) = self.kept.take_for_use(kept.expect("kept source").0);
-            self.kv.copy_in(slot, data, stored, n);
-        }
-        self.fed.insert(seq, tokens[..n].to_vec());
-        self.adapter_of.insert(seq, want);
-        n
+        self.reuse_kept_prefix(seq, tokens, adapter)
     }
 
     fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
