@@ -37,6 +37,8 @@ impl Structured {
     /// `n_vocab`: the model's logits size; `eos`: the token that ends an answer (None: the model
     /// has none, and constrained decoding is refused).
     pub fn new(tokenizer: Arc<tokenizers::Tokenizer>, n_vocab: usize, eos: Option<u32>) -> Self {
+        // Masks cover every logit and every tokenizer id, whichever is more.
+        let n_vocab = n_vocab.max(tokenizer.get_vocab_size(true));
         Self { tokenizer, n_vocab, eos, factory: OnceLock::new() }
     }
 
@@ -63,8 +65,7 @@ impl Structured {
             return Err(e);
         }
         let eos = self.eos.unwrap_or(0);
-        let n_vocab = self.n_vocab.max(self.tokenizer.get_vocab_size(true));
-        Ok((0..n).map(|_| Constraint::new(m.deep_clone(), n_vocab, eos)).collect())
+        Ok((0..n).map(|_| Constraint::new(m.deep_clone(), self.n_vocab, eos)).collect())
     }
 }
 

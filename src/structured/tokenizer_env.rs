@@ -22,14 +22,14 @@ pub struct InferdTokEnv {
 }
 
 impl InferdTokEnv {
-    /// `n_vocab`: the model's logits size (at least the tokenizer's); `eos`: the token that
-    /// ends a constrained answer.
+    /// `n_vocab`: the mask size (the model's logits, at least the tokenizer's ids); `eos`: the
+    /// token that ends a constrained answer.
     pub fn new(tokenizer: Arc<Tokenizer>, n_vocab: usize, eos: u32) -> Self {
         let byte_level = is_byte_level(&tokenizer);
         let added = tokenizer.get_added_vocabulary();
         let specials: std::collections::HashSet<u32> =
             added.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
-        let n = n_vocab.max(tokenizer.get_vocab_size(true));
+        let n = n_vocab;
         let words: Vec<Vec<u8>> = (0..n as u32)
             .map(|id| {
                 let Some(piece) = tokenizer.id_to_token(id) else {

@@ -261,10 +261,6 @@ fn locate(obj: &str, args: &str) -> Option<Range<usize>> {
     obj.rfind(args).map(|s| s..s + args.len())
 }
 
-fn call_in(obj: &str, names: &[String], keys: &[&str]) -> Option<CallText> {
-    CallText::of(obj, names, keys)
-}
-
 /// `<|python_tag|>`? then JSON objects separated by whitespace or `;`, each a call (arguments
 /// under the first of `keys` present).
 fn json_calls(text: &str, names: &[String], keys: &[&str]) -> Option<Vec<(Range<usize>, CallText)>> {
@@ -282,7 +278,7 @@ fn json_calls(text: &str, names: &[String], keys: &[&str]) -> Option<Vec<(Range<
         values.next()?.ok()?;
         let end = at + values.byte_offset();
         let obj = &text[at..end];
-        calls.push((at..end, call_in(obj, names, keys)?));
+        calls.push((at..end, CallText::of(obj, names, keys)?));
         at = end;
     }
     (!calls.is_empty()).then_some(calls)
@@ -298,7 +294,7 @@ fn mistral_calls(text: &str, names: &[String]) -> Option<Vec<(Range<usize>, Call
     for raw in items {
         let start = raw.get().as_ptr() as usize - body.as_ptr() as usize + base;
         let range = start..start + raw.get().len();
-        calls.push((range, call_in(raw.get(), names, &["arguments", "parameters"])?));
+        calls.push((range, CallText::of(raw.get(), names, &["arguments", "parameters"])?));
     }
     (!calls.is_empty()).then_some(calls)
 }
