@@ -172,6 +172,8 @@ pub struct OnnxBackend {
     fed: std::collections::HashMap<SeqId, Vec<u32>>,
     /// Finished sequences' positions kept for prefix reuse (host KV only).
     kept: prefix::PrefixStore,
+    /// Nodes the session runs on inferd's own kernels ([`op_edit`]).
+    on_inferd: op_edit::Moved,
 }
 
 fn load_err(e: impl std::fmt::Display) -> BackendError {
@@ -279,12 +281,19 @@ impl OnnxBackend {
             session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora,
             adapter_of: Default::default(), fixed_shapes,
             fed: Default::default(), kept: prefix::PrefixStore::new(DEFAULT_PREFIX_CACHE_BYTES),
+            on_inferd: edits.on_inferd,
         })
     }
 
     /// The execution provider this backend's session was opened on ("cpu", "cuda:0", ...).
     pub fn provider(&self) -> &str {
         &self.provider
+    }
+
+    /// How many nodes of the graph run on inferd's own CPU kernels (attention, int4 matmuls,
+    /// LoRA matmuls); all zero when the edited graph did not load or the provider is not the CPU.
+    pub fn kernels_on_inferd(&self) -> op_edit::Moved {
+        self.on_inferd
     }
 
     /// Whether one `Run` serves rows with different LoRA adapters (the graph has the row mask).

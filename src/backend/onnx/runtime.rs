@@ -51,6 +51,13 @@ fn installed_copies() -> Vec<PathBuf> {
 
 static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
 static INIT: Mutex<()> = Mutex::new(());
+/// Held while a session that registers inferd's operator domain is created. ONNX Runtime keeps
+/// custom domains in one process-wide map and checks for a domain, then adds it, without a lock
+/// between the two: two sessions created at once could both find [`super::op_edit::DOMAIN`]
+/// missing, and the second failed with "the domain is already exist", which made that model
+/// fall back to ONNX Runtime's kernels (another summation order, not batch-invariant). Seen
+/// here in 6 of 100 runs of two tests that loaded models at the same time.
+static REGISTER: Mutex<()> = Mutex::new(());
 
 /// Loads the library (first call) and returns the process-wide environment.
 pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, String> {
@@ -140,6 +147,7 @@ pub fn open_session(env: &Environment, graph: &Path, edited: Option<&[u8]>, spec
         Device::Cuda(id) => cuda(builder, id).map_err(OpenError::Setup)?,
         Device::CoreMl => coreml(builder).map_err(OpenError::Setup)?,
     };
+    let _registering = inferd_ops.then(|| REGISTER.lock().unwrap_or_else(|e| e.into_inner()));
     if inferd_ops {
         let domain = super::op_edit::domain().map_err(|e| OpenError::Setup(format!("cannot create inferd's operator domain: {e}")))?;
         builder = builder.with_operators(domain).map_err(|e| OpenError::Setup(format!("cannot register inferd's operators: {e}")))?;
