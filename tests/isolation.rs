@@ -10,6 +10,12 @@
 //! every greedy token and every logit bit. A failure prints the trial's seed; `ISOLATION_SEED=N`
 //! replays that one trial and `ISOLATION_TRIALS=N` runs more.
 //!
+//! The `*_prefix_cache` cases run the same property with prefix caching on: prompts share
+//! prefixes (a few drawn per trial), each joining sequence first asks `Backend::reuse_prefix`
+//! for what a live or finished sequence holds under the same adapter, and the solo runs (whole
+//! prompt, no reuse) fill the cache too, so a sequence may reuse another adapter's positions if
+//! the backend keys them wrongly. Answers must still be those of the solo runs, to the bit.
+//!
 //! The models: tiny qwen2 (safetensors f32, GGUF f32 / Q8_0 / Q4_0) and tiny llama (safetensors,
 //! GGUF f32 / Q4_1) on the candle backend; the tiny qwen2 ONNX exports with LoRA inputs (fp32 and
 //! int4, with the row mask; fp32 without it) and the tiny llama fp32 export on the onnx backend.
@@ -90,12 +96,13 @@ struct Live {
 }
 
 /// Runs all `seqs` together under a random schedule; at most `max_live` at once.
-fn run_mixed(b: &mut dyn Backend, seqs: &[Seq], leases: &[Option<&Arc<LoraAdapter>>], first_id: SeqId, max_live: usize, rng: &mut StdRng) -> Vec<Trace> {
+/// `reuse`: a joining sequence starts with what `Backend::reuse_prefix` gives it.
+fn run_mixed(b: &mut dyn Backend, seqs: &[Seq], leases: &[Option<&Arc<LoraAdapter>>], first_id: SeqId, max_live: usize, reuse: bool, rng: &mut StdRng) -> (Vec<Trace>, usize) {
     let mut traces: Vec<Trace> = seqs.iter().map(|_| Trace { tokens: Vec::new(), logits: Vec::new() }).collect();
     let mut live: Vec<Option<Live>> = seqs.iter().map(|_| None).collect();
     let mut done = vec![false; seqs.len()];
     let max_chunk = [1, 2, 5, 11, usize::MAX][rng.random_range(0..5)];
-    let mut steps = 0;
+    let (mut steps, mut reused) = (0, 0);
     while done.iter().any(|d| !d) {
         steps += 1;
         assert!(steps < 10_000, "the schedule does not progress");
@@ -104,7 +111,10 @@ fn run_mixed(b: &mut dyn Backend, seqs: &[Seq], leases: &[Option<&Arc<LoraAdapte
         let mut room = max_live - n_live;
         for i in 0..seqs.len() {
             if room > 0 && !done[i] && live[i].is_none() && (n_live == 0 || rng.random_bool(0.5)) {
-                live[i] = Some(Live { fed: 0, next: Vec::new() });
+                let fed = if reuse { b.reuse_prefix(first_id + i as SeqId, &seqs[i].prompt, leases[i]) } else { 0 };
+                assert!(fed < seqs[i].prompt.len().max(1), "reuse_prefix left no token to run");
+                reused += fed;
+                live[i] = Some(Live { fed, next: Vec::new() });
                 room -= 1;
             }
         }
@@ -154,7 +164,7 @@ fn run_mixed(b: &mut dyn Backend, seqs: &[Seq], leases: &[Option<&Arc<LoraAdapte
             }
         }
     }
-    traces
+    (traces, reused)
 }
 
 fn random_trial(rng: &mut StdRng, vocab: usize, n_adapters: usize) -> Vec<Seq> {
@@ -169,6 +179,27 @@ fn random_trial(rng: &mut StdRng, vocab: usize, n_adapters: usize) -> Vec<Seq> {
             }
         })
         .collect()
+}
+
+/// A trial whose prompts share prefixes: each is one of three prefixes drawn for the trial (or
+/// nothing) followed by a random tail; some prompts repeat another's whole.
+fn shared_prefix_trial(rng: &mut StdRng, vocab: usize, n_adapters: usize) -> Vec<Seq> {
+    let token = |rng: &mut StdRng| rng.random_range(0..vocab as u32);
+    let prefixes: Vec<Vec<u32>> = (0..3).map(|_| (0..rng.random_range(2..=16)).map(|_| token(rng)).collect()).collect();
+    let n = rng.random_range(3..=8);
+    let mut seqs: Vec<Seq> = Vec::new();
+    for _ in 0..n {
+        let prompt = if !seqs.is_empty() && rng.random_ratio(1, 5) {
+            seqs[rng.random_range(0..seqs.len())].prompt.clone()
+        } else {
+            let mut p = if rng.random_ratio(1, 6) { Vec::new() } else { prefixes[rng.random_range(0..3)].clone() };
+            let tail = rng.random_range(usize::from(p.is_empty())..=8);
+            p.extend((0..tail).map(|_| token(rng)));
+            p
+        };
+        seqs.push(Seq { prompt, adapter: rng.random_range(0..=n_adapters).checked_sub(1), new_tokens: rng.random_range(1..=8) });
+    }
+    seqs
 }
 
 fn describe(s: &Seq, adapters: &[Arc<LoraAdapter>]) -> String {
@@ -186,24 +217,30 @@ fn first_difference(got: &Trace, want: &Trace) -> String {
     format!("tokens {:?} vs alone {:?}", got.tokens, want.tokens)
 }
 
-/// Runs the property on one backend; panics with the failing seeds.
-fn check(label: &str, b: &mut dyn Backend, adapters: &[Arc<LoraAdapter>], max_live: usize) {
+/// Runs the property on one backend; panics with the failing seeds. `reuse`: prompts share
+/// prefixes and joining sequences reuse cached positions (the backend's prefix cache is on).
+fn check(label: &str, b: &mut dyn Backend, adapters: &[Arc<LoraAdapter>], max_live: usize, reuse: bool) {
     let seeds: Vec<u64> = match std::env::var("ISOLATION_SEED") {
         Ok(s) => vec![s.parse().expect("ISOLATION_SEED is a number")],
         Err(_) => {
-            let n = std::env::var("ISOLATION_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(24u64);
+            // More trials with the prefix cache: a wrong reuse needs a sequence to find another
+            // adapter's positions first (the bug fixed with this test showed in 0 of the first
+            // 24 trials, in 45 sequences of 200).
+            let default = if reuse { 96 } else { 24 };
+            let n = std::env::var("ISOLATION_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
             (0..n).map(|i| 1000 + i).collect()
         }
     };
     let vocab = b.vocab_size();
     let mut failures = Vec::new();
-    let (mut rows, mut mixed_with_base) = (0usize, 0usize);
+    let (mut rows, mut mixed_with_base, mut reused) = (0usize, 0usize, 0usize);
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
-        let seqs = random_trial(&mut rng, vocab, adapters.len());
+        let seqs = if reuse { shared_prefix_trial(&mut rng, vocab, adapters.len()) } else { random_trial(&mut rng, vocab, adapters.len()) };
         let leases: Vec<Option<&Arc<LoraAdapter>>> = seqs.iter().map(|s| s.adapter.map(|i| &adapters[i])).collect();
         let alone: Vec<Trace> = seqs.iter().zip(&leases).enumerate().map(|(i, (s, l))| run_alone(b, 1_000_000 + i as SeqId, s, *l)).collect();
-        let got = run_mixed(b, &seqs, &leases, seed * 100, max_live, &mut rng);
+        let (got, n) = run_mixed(b, &seqs, &leases, seed * 100, max_live, reuse, &mut rng);
+        reused += n;
         rows += seqs.len();
         mixed_with_base += usize::from(seqs.iter().any(|s| s.adapter.is_none()) && seqs.iter().any(|s| s.adapter.is_some()));
         for (i, (g, w)) in got.iter().zip(&alone).enumerate() {
@@ -212,7 +249,8 @@ fn check(label: &str, b: &mut dyn Backend, adapters: &[Arc<LoraAdapter>], max_li
             }
         }
     }
-    eprintln!("{label}: {rows} sequences, {mixed_with_base} trials mixing base and adapter rows, {} differ", failures.len());
+    eprintln!("{label}: {rows} sequences, {mixed_with_base} trials mixing base and adapter rows, {reused} prompt positions reused, {} differ", failures.len());
+    assert!(!reuse || reused > 0, "{label}: no prompt position was reused; the cases do not test the prefix cache");
     assert!(failures.is_empty(), "{label}: {} sequences differ from their solo run:\n{}", failures.len(), failures.join("\n"));
 }
 
@@ -224,7 +262,17 @@ fn candle(path: &Path) -> CandleBackend {
 fn candle_case(model: &str, adapter_names: &[&str]) {
     let mut b = candle(&must_exist(root().join("tests/fixtures/generated").join(model)));
     let ads = adapters(&b, adapter_names);
-    check(&format!("candle {model}"), &mut b, &ads, 6);
+    check(&format!("candle {model}"), &mut b, &ads, 6, false);
+}
+
+/// Bytes of finished sequences' positions the prefix-cache cases keep: enough for a few dozen.
+const PREFIX_CACHE_BYTES: usize = 32 << 20;
+
+fn candle_prefix_case(model: &str, adapter_names: &[&str]) {
+    let mut b = candle(&must_exist(root().join("tests/fixtures/generated").join(model)));
+    b.set_prefix_cache_bytes(PREFIX_CACHE_BYTES);
+    let ads = adapters(&b, adapter_names);
+    check(&format!("candle {model} with the prefix cache"), &mut b, &ads, 6, true);
 }
 
 #[test]
@@ -276,7 +324,14 @@ fn onnx(dir: &Path, max_batch: usize) -> OnnxBackend {
 fn onnx_case(graph: &str, adapter_names: &[&str]) {
     let mut b = onnx(&must_exist(root().join("tests/fixtures/lora").join(graph)), 6);
     let ads = adapters(&b, adapter_names);
-    check(&format!("onnx {graph}"), &mut b, &ads, 6);
+    check(&format!("onnx {graph}"), &mut b, &ads, 6, false);
+}
+
+fn onnx_prefix_case(graph: &str, adapter_names: &[&str]) {
+    let mut b = onnx(&must_exist(root().join("tests/fixtures/lora").join(graph)), 6);
+    b.set_prefix_cache_bytes(PREFIX_CACHE_BYTES);
+    let ads = adapters(&b, adapter_names);
+    check(&format!("onnx {graph} with the prefix cache"), &mut b, &ads, 6, true);
 }
 
 #[test]
@@ -297,4 +352,29 @@ fn onnx_tiny_qwen2_int4_lora() {
 #[test]
 fn onnx_tiny_llama_fp32_lora() {
     onnx_case("tiny-llama-onnx-lora", &LLAMA_ADAPTERS);
+}
+
+#[test]
+fn candle_tiny_qwen2_gguf_q8_0_prefix_cache() {
+    candle_prefix_case("tiny-qwen2.q8_0.gguf", &QWEN_ADAPTERS);
+}
+
+#[test]
+fn candle_tiny_llama_safetensors_prefix_cache() {
+    candle_prefix_case("tiny-llama", &LLAMA_ADAPTERS);
+}
+
+#[test]
+fn onnx_tiny_qwen2_fp32_lora_prefix_cache() {
+    onnx_prefix_case("tiny-qwen2-onnx-lora", &QWEN_ADAPTERS);
+}
+
+#[test]
+fn onnx_tiny_qwen2_fp32_lora_without_row_mask_prefix_cache() {
+    onnx_prefix_case("tiny-qwen2-onnx-lora-nomask", &QWEN_ADAPTERS);
+}
+
+#[test]
+fn onnx_tiny_qwen2_int4_lora_prefix_cache() {
+    onnx_prefix_case("tiny-qwen2-int4-onnx-lora", &QWEN_ADAPTERS);
 }

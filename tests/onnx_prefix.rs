@@ -90,3 +90,58 @@ fn a_conversation_reuses_its_earlier_turns_with_identical_answers() {
         history.extend([40 + turn as u32, 41, 42]);
     }
 }
+
+/// Reads an adapter and binds it to the base the way the server's registry does.
+fn adapter(b: &OnnxBackend, name: &str) -> std::sync::Arc<inferd::lora::LoraAdapter> {
+    let dims = b.lora_dims().expect("the graph takes adapters");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora").join(name);
+    std::sync::Arc::new(inferd::lora::read_adapter(name, &dir).expect("adapter reads").bind(&dims).expect("adapter fits"))
+}
+
+fn load_lora(graph: &str, prefix_bytes: usize) -> OnnxBackend {
+    let opts = OnnxOptions {
+        library: None,
+        session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
+        max_batch: 4,
+        max_context: None,
+        fixed_shapes: None,
+    };
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora").join(graph);
+    let mut b = OnnxBackend::load(&path, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"));
+    b.set_prefix_cache_bytes(prefix_bytes);
+    b
+}
+
+#[test]
+fn positions_computed_under_an_adapter_serve_only_that_adapter() {
+    if !on_host() {
+        return;
+    }
+    // With the LoRA row mask (one run mixes adapters) and without it (one run per adapter).
+    for graph in ["tiny-qwen2-onnx-lora", "tiny-qwen2-onnx-lora-nomask"] {
+        let mut b = load_lora(graph, 64 << 20);
+        let (a, other) = (adapter(&b, "adapter-a"), adapter(&b, "adapter-b"));
+        let prompt: Vec<u32> = (30..50).collect();
+        let mut longer = prompt.clone();
+        longer.extend([7, 8, 9]);
+        let step = |b: &mut OnnxBackend, seq: SeqId, tokens: &[u32], ad| {
+            b.step(&[StepInput { seq, tokens, adapter: ad, want_logits: true }]).expect("step").remove(0).expect("logits")
+        };
+        // A live sequence under adapter A, then the same sequence finished and kept.
+        step(&mut b, 1, &prompt, Some(&a));
+        for phase in ["live", "kept"] {
+            assert_eq!(b.reuse_prefix(10, &longer, None), 0, "{graph}: the base model reused adapter A's {phase} positions");
+            assert_eq!(b.reuse_prefix(11, &longer, Some(&other)), 0, "{graph}: adapter B reused adapter A's {phase} positions");
+            let n = b.reuse_prefix(12, &longer, Some(&a));
+            // Live: sequence 1's prompt; kept: also sequence 12's, which held all of `longer`.
+            let want_n = if phase == "live" { prompt.len() } else { longer.len() - 1 };
+            assert_eq!(n, want_n, "{graph}: adapter A reuses its own {phase} positions");
+            let got = step(&mut b, 12, &longer[n..], Some(&a));
+            let mut cold = load_lora(graph, 0);
+            let want = step(&mut cold, 1, &longer, Some(&a));
+            assert_same_steps(&[got], &[want], &format!("{graph}: adapter A from its {phase} positions vs computed"));
+            b.release(12);
+            b.release(1);
+        }
+    }
+}

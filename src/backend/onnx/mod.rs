@@ -456,11 +456,8 @@ impl OnnxBackend {
     }
 }
 
-/// Bytes of finished sequences' KV kept for prefix reuse unless configured (`prefix_cache_mb`):
-/// off by default on this backend for now. With it on, `e2e_lora::onnx_and_candle_serve_the_same_
-/// adapters_with_the_same_greedy_text` failed once in a clean-clone CI run (an adapter request
-/// under concurrency got another answer); until that is understood it is opt-in.
-pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 0;
+/// Bytes of finished sequences' KV kept for prefix reuse unless configured (`prefix_cache_mb`).
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 512 << 20;
 
 impl Backend for OnnxBackend {
     fn vocab_size(&self) -> usize {

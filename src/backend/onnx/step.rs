@@ -64,10 +64,7 @@ impl OnnxBackend {
     /// adapter, packed from slot 0) so that each group's decode run covers only its own rows.
     /// Moves happen only when the layout changed (a sequence joined, left or switched adapter);
     /// each copies the two slots' positions in use.
-    fn group_slots(&mut self, inputs: &[StepInput<'_>]) {
-        for inp in inputs {
-            self.adapter_of.insert(inp.seq, inp.adapter.map_or(0, |a| a.id));
-        }
+    fn group_slots(&mut self) {
         let owners = self.kv.owners().to_vec();
         let mut live: Vec<(u64, usize, SeqId)> = owners
             .iter()
@@ -90,9 +87,12 @@ impl OnnxBackend {
         self.kv.shrink();
         for inp in inputs {
             self.kv.slot_for(inp.seq).expect("check() counted the free slots");
+            // Every row's adapter, whatever the graph: slot grouping and the prefix cache's
+            // keys (positions computed under one adapter serve only that adapter) read it.
+            self.adapter_of.insert(inp.seq, inp.adapter.map_or(0, |a| a.id));
         }
         if self.lora.as_ref().is_some_and(|g| !g.mixes()) {
-            self.group_slots(inputs);
+            self.group_slots();
         }
         let slots: Vec<usize> = inputs.iter().map(|inp| self.kv.slot(inp.seq).expect("assigned above")).collect();
         if let Some(g) = self.lora.as_mut() {
