@@ -19,12 +19,22 @@ Starts inferd on SmolLM2-135M-Instruct with the two test LoRA adapters (`qv`, `a
    ending in `[DONE]`, no error events); a catalogue response must equal its solo answer exactly
    (each choice's text and finish_reason, and the completion token count).
 3. **After the load.** The running and waiting gauges (`vllm:num_requests_running/waiting`)
-   must reach 0 within 1 s; the server's resident memory (VmRSS, sampled every 10 s) at the end
-   of the load (the last sample before the clients stop) must be within 5% of its value
-   after the first minute of load, and once idle after the load not above it by more than 5%
-   (the idle value is lower by the live sequences' caches); no response may be a 5xx
+   must reach 0 within 1 s; the server's resident memory at the end must be within 5% of its
+   value after the first minute of load (see below); no response may be a 5xx
    (also read from the server's own `inferd_http_requests_total`); the server log must not
    contain "panicked".
+
+Memory is compared at rest: live, VmRSS swings by about +-10% with the number and length of
+the sequences running at that instant (a 30-minute run measured 760-988 MiB with no trend), so
+two single samples under load say little about a leak. After `--rss-baseline` seconds of load
+the clients pause: once the server has no request running or waiting, and its memory trim
+(every 5 s, `src/memory.rs`) has run, VmRSS is read three times a second apart and the median is
+the baseline; then the load resumes. After the load the same reading is the end value. What a
+leak leaves behind stays resident at rest; what live sequences hold does not. The prefix cache
+(finished sequences' keys and values, up to `prefix_cache_mb`) is resident at rest too and its
+fill level varies with the lengths of what it holds, so the compared figure is VmRSS minus the
+cache's bytes (`inferd_prefix_cache_bytes`, read at the same moment). VmRSS is also sampled every
+`--rss-every` seconds throughout and reported (window medians, slope).
 
 Prints each criterion with its figure and exits 1 if any fails. Standard library only.
 """
@@ -490,17 +500,44 @@ def one_request(args, rng, cat, stats):
             stats.fail(crit, f"{'stream' if streaming else 'full'} {path} {json.dumps(body)[:300]}: {d}")
 
 
-def client(args, idx, cat, stats, deadline):
+def client(args, idx, cat, stats, deadline, gate):
     rng = random.Random(args.seed * 1000 + idx)
     time.sleep(rng.random() * 0.5)
     while time.time() < deadline:
+        gate.wait()  # cleared while memory is read at rest
+        if time.time() >= deadline:
+            break
+        stats.add("in_flight")
         try:
             one_request(args, rng, cat, stats)
         except (OSError, http.client.HTTPException) as e:
             stats.add("transport_errors")
             stats.fail("valid requests answered", f"client {idx}: {type(e).__name__}: {e}")
             time.sleep(0.5)
+        finally:
+            stats.add("in_flight", -1)
         stats.add("requests")
+
+
+def rss_at_rest(port, pid, settle, stats=None):
+    """VmRSS (KiB) once no client request is open and the server runs nothing: the median of three
+    readings a second apart, after `settle` seconds (longer than the server's 5 s memory trim)."""
+    t0 = time.time()
+    while True:
+        m = metrics(port)
+        idle = (metric_sum(m, "vllm:num_requests_running"), metric_sum(m, "vllm:num_requests_waiting")) == (0, 0)
+        if idle and (stats is None or stats.c.get("in_flight", 0) == 0):
+            break
+        if time.time() - t0 > 600:
+            raise ServerError("the server did not go idle within 600 s")
+        time.sleep(0.1)
+    time.sleep(settle)
+    reads = []
+    for _ in range(3):
+        reads.append((rss_kib(pid), metric_sum(metrics(port), "inferd_prefix_cache_bytes") / 1024))
+        time.sleep(1.0)
+    rss, cache = sorted(reads)[1]
+    return {"rss_kib": rss, "prefix_cache_kib": cache, "net_kib": rss - cache, "seconds": round(time.time() - t0, 1)}
 
 
 # ---------------------------------------------------------------- server side
@@ -579,7 +616,10 @@ def main():
                     help="share of the other requests sampled without a seed (unchecked text)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     ap.add_argument("--rss-every", type=float, default=10.0)
-    ap.add_argument("--rss-baseline", type=float, default=60.0, help="seconds into the load")
+    ap.add_argument("--rss-baseline", type=float, default=60.0,
+                    help="seconds into the load when the clients pause and memory is read at rest")
+    ap.add_argument("--rss-settle", type=float, default=7.0,
+                    help="seconds at rest before reading memory (the server trims every 5 s)")
     ap.add_argument("--rss-tolerance", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=None, help="directory for the server log, config and summary")
@@ -632,8 +672,24 @@ def main():
         m0 = metrics(args.port)
         rss = []  # (seconds into the load, KiB)
         stop_sampling = threading.Event()
+        gate = threading.Event()
+        gate.set()
+        rest = {}  # "baseline" / "end": (KiB, seconds it took to go idle and read)
         t_load = time.time()
         deadline = t_load + args.duration
+
+        def baseline():
+            if stop_sampling.wait(args.rss_baseline):
+                return
+            gate.clear()
+            t_pause = time.time()
+            try:
+                rest["baseline"] = rss_at_rest(args.port, pid, args.rss_settle, stats)
+            finally:
+                gate.set()
+            b = rest["baseline"]
+            print(f"[{t_pause - t_load:6.0f} s] memory at rest (baseline): VmRSS {b['rss_kib'] / 1024:.1f} MiB, "
+                  f"prefix cache {b['prefix_cache_kib'] / 1024:.1f} MiB; load paused {time.time() - t_pause:.1f} s", flush=True)
 
         def sampler():
             k = 0
@@ -656,12 +712,13 @@ def main():
                       f"{len(stats.failures)}, RSS {rss[-1][1] / 1024:.1f} MiB, running/waiting {gauges}",
                       flush=True)
 
-        threads = [threading.Thread(target=sampler, daemon=True), threading.Thread(target=progress, daemon=True)]
-        threads += [threading.Thread(target=client, args=(args, i, cat, stats, deadline), daemon=True)
+        threads = [threading.Thread(target=sampler, daemon=True), threading.Thread(target=progress, daemon=True),
+                   threading.Thread(target=baseline, daemon=True)]
+        threads += [threading.Thread(target=client, args=(args, i, cat, stats, deadline, gate), daemon=True)
                     for i in range(args.clients)]
         for t in threads:
             t.start()
-        for t in threads[2:]:
+        for t in threads[3:]:
             t.join()
         t_end = time.time()
         print(f"load ended after {t_end - t_load:.0f} s (last requests finished "
@@ -679,6 +736,8 @@ def main():
         gauges_ok = polls[-1][1] == (0, 0) and polls[-1][0] <= 1.0
         stop_sampling.set()
         threads[0].join()
+        threads[2].join()
+        rest["end"] = rss_at_rest(args.port, pid, args.rss_settle)
         rss.append((round(time.time() - t_load, 1), rss_kib(pid)))
         m1 = metrics(args.port)
     finally:
@@ -689,12 +748,25 @@ def main():
     c = stats.c
     log_text = log.read_text(errors="replace")
     panics = [line for line in log_text.splitlines() if "panicked" in line]
-    base = next(((t, v) for t, v in rss if t >= args.rss_baseline), rss[-1])
     in_load = [(t, v) for t, v in rss[:-1] if t <= args.duration + 0.5]
-    end = in_load[-1] if in_load else rss[-1]
-    idle = rss[-1]
-    drift = (end[1] - base[1]) / base[1]
-    idle_drift = (idle[1] - base[1]) / base[1]
+    base_rest, end_rest = rest.get("baseline"), rest["end"]
+    drift = (end_rest["net_kib"] - base_rest["net_kib"]) / base_rest["net_kib"] if base_rest else float("nan")
+    # Under load, for the record: medians of five-minute windows from the baseline on, and the
+    # least-squares slope.
+    windows = []
+    t = args.rss_baseline
+    while t < args.duration:
+        w = sorted(v for s_, v in in_load if t <= s_ < t + 300)
+        if w:
+            windows.append(w[len(w) // 2])
+        t += 300
+    pts = [(s_, v) for s_, v in in_load if s_ >= args.rss_baseline]
+    slope = 0.0
+    if len(pts) > 1:
+        mt = sum(s_ for s_, _ in pts) / len(pts)
+        mv = sum(v for _, v in pts) / len(pts)
+        den = sum((s_ - mt) ** 2 for s_, _ in pts)
+        slope = sum((s_ - mt) * (v - mv) for s_, v in pts) / den * 3600 / 1024 if den else 0.0
     gen_tokens = metric_sum(m1, "vllm:generation_tokens_total") - metric_sum(m0, "vllm:generation_tokens_total")
     server_5xx = http_5xx(m1)
     aborts = metric_sum(m1, "vllm:request_success_total", finished_reason="abort") - \
@@ -705,6 +777,10 @@ def main():
 
     print("\nRSS (s into the load: MiB):")
     print("  " + ", ".join(f"{t:.0f}: {v / 1024:.1f}" for t, v in rss))
+    if in_load:
+        print(f"RSS under load: {min(v for _, v in in_load) / 1024:.0f}-{max(v for _, v in in_load) / 1024:.0f} MiB; "
+              f"five-minute medians from {args.rss_baseline:.0f} s: {', '.join(f'{v / 1024:.0f}' for v in windows)} MiB; "
+              f"slope {slope:+.0f} MiB/h")
     print(f"\nrequests sent {c.get('requests', 0)} in {t_end - t_load:.0f} s: completed {c.get('completed', 0)} "
           f"({c.get('completed_stream', 0)} streams, {c.get('completed_full', 0)} non-streaming; "
           f"{c.get('completed_greedy', 0)} greedy, {c.get('completed_seeded', 0)} seeded, "
@@ -732,9 +808,12 @@ def main():
          f"{c.get('malformed_ok', 0)} of {c.get('malformed_sent', 0)} malformed requests got a 4xx with an OpenAI-shaped error"),
         ("gauges 0 within 1 s", gauges_ok,
          f"running/waiting {polls[0][1]} at {polls[0][0]} s after the last response, {polls[-1][1]} at {polls[-1][0]} s ({len(polls)} polls)"),
-        ("RSS within 5%", abs(drift) <= args.rss_tolerance and idle_drift <= args.rss_tolerance,
-         f"{base[1] / 1024:.1f} MiB at {base[0]:.0f} s -> {end[1] / 1024:.1f} MiB at the end of the load, "
-         f"{end[0]:.0f} s ({drift * 100:+.2f}%); idle after the load {idle[1] / 1024:.1f} MiB ({idle_drift * 100:+.2f}%)"),
+        ("RSS within 5%", base_rest is not None and abs(drift) <= args.rss_tolerance,
+         (f"at rest, VmRSS less the prefix cache: {base_rest['net_kib'] / 1024:.1f} MiB after {args.rss_baseline:.0f} s "
+          f"of load -> {end_rest['net_kib'] / 1024:.1f} MiB after the load ({drift * 100:+.2f}%); VmRSS "
+          f"{base_rest['rss_kib'] / 1024:.1f} -> {end_rest['rss_kib'] / 1024:.1f} MiB, prefix cache "
+          f"{base_rest['prefix_cache_kib'] / 1024:.1f} -> {end_rest['prefix_cache_kib'] / 1024:.1f} MiB")
+         if base_rest else "no baseline: the load ended first"),
         ("no 5xx", fails.get("no 5xx", 0) == 0 and server_5xx == 0,
          f"{sum(v for s, v in stats.statuses.items() if s >= 500)} seen by clients, {server_5xx:.0f} in the server's inferd_http_requests_total"),
         ("no panic in the log", not panics, f"{len(panics)} lines with 'panicked' in {log}"),
@@ -744,7 +823,8 @@ def main():
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {fig}")
     summary.update({
         "counts": c, "statuses": stats.statuses, "malformed_kinds": stats.malformed_labels,
-        "rss_kib": rss, "rss_baseline": base, "rss_end": end, "rss_drift": drift, "rss_idle": idle,
+        "rss_kib": rss, "rss_at_rest": rest, "rss_drift": drift, "rss_window_medians_kib": windows,
+        "rss_slope_mib_per_h": slope,
         "gauge_polls": polls, "server_generation_tokens": gen_tokens, "server_aborts": aborts,
         "server_5xx": server_5xx, "panics": panics[:10], "failures": stats.failures[:200],
         "criteria": [{"name": n, "pass": ok, "figure": f} for n, ok, f in crits],

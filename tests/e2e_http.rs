@@ -96,6 +96,14 @@ fn chat_stream_matches_non_stream() {
     // The same prompt again: all of it but the last token comes from the prefix cache.
     let prompt = whole["usage"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(last["usage"]["prompt_tokens_details"]["cached_tokens"], prompt - 1, "the repeated prompt is cached");
+    // The finished sequences' positions are what the prefix cache holds, and /metrics says so.
+    let metrics = s.get("/metrics").text();
+    let held: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("inferd_prefix_cache_bytes{model=\"tiny\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no inferd_prefix_cache_bytes for tiny:\n{metrics}"));
+    assert!(held > 0.0, "the prefix cache holds the finished requests: {held} bytes");
     let strip = |u: &serde_json::Value| { let mut u = u.clone(); u.as_object_mut().unwrap().remove("prompt_tokens_details"); u };
     assert_eq!(strip(&last["usage"]), strip(&whole["usage"]), "stream usage equals non-stream usage");
 }

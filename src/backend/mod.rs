@@ -95,6 +95,10 @@ pub trait Backend: Send {
     fn kv_capacity(&self) -> Option<KvCapacity> {
         None
     }
+    /// Bytes the prefix cache holds for finished sequences (live sequences' caches not counted).
+    fn prefix_cache_bytes(&self) -> usize {
+        0
+    }
     /// Prefix caching: called before a sequence the backend holds no cache for runs its first
     /// step. A backend that holds the keys and values of a prefix of `tokens` (computed for
     /// another sequence with the same adapter, live or recently finished) gives `seq` a cache of

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     /// KV cache blocks in use and in all (0 and 0 when the cache is unbounded).
     pub kv_used_blocks: AtomicUsize,
     pub kv_total_blocks: AtomicUsize,
+    /// Bytes the backend's prefix cache holds for finished sequences.
+    pub prefix_cache_bytes: AtomicUsize,
     /// Latency histograms and finished requests by reason.
     pub latency: super::metrics::LatencyMetrics,
     pub alive: AtomicBool,
@@ -74,6 +76,8 @@ pub struct EngineStats {
     pub prefix_cache_tokens: u64,
     /// Fraction of the KV cache in use, in [0, 1] (0 when the cache is unbounded).
     pub kv_cache_usage: f64,
+    /// Bytes the prefix cache holds for finished sequences.
+    pub prefix_cache_bytes: u64,
     /// Time to first token, per output token, end to end and in the queue; requests by outcome.
     pub latency: super::metrics::LatencySnapshot,
 }
@@ -119,6 +123,7 @@ pub fn spawn(
         prefix_hits: AtomicU64::new(0),
         kv_used_blocks: AtomicUsize::new(0),
         kv_total_blocks: AtomicUsize::new(0),
+        prefix_cache_bytes: AtomicUsize::new(0),
         latency: Default::default(),
         alive: AtomicBool::new(true),
         max_context: backend.max_context(),
@@ -192,6 +197,7 @@ impl EngineHandle {
                 0 => 0.0,
                 total => self.shared.kv_used_blocks.load(Ordering::Relaxed) as f64 / total as f64,
             },
+            prefix_cache_bytes: self.shared.prefix_cache_bytes.load(Ordering::Relaxed) as u64,
             latency: self.shared.latency.snapshot(),
         }
     }

@@ -79,6 +79,7 @@ impl EnginePool {
             t.sample_seconds += s.sample_seconds;
             t.preemptions += s.preemptions;
             t.prefix_cache_tokens += s.prefix_cache_tokens;
+            t.prefix_cache_bytes += s.prefix_cache_bytes;
             t.kv_cache_usage += s.kv_cache_usage / self.workers.len() as f64;
             t.latency.merge(&s.latency);
         }

@@ -289,6 +289,10 @@ impl Backend for CandleBackend {
         Some(self.lora_base())
     }
 
+    fn prefix_cache_bytes(&self) -> usize {
+        self.kept.bytes()
+    }
+
     fn kv_capacity(&self) -> Option<KvCapacity> {
         let total = self.kv_blocks?;
         Some(KvCapacity { block_size: KV_BLOCK, free_blocks: total.saturating_sub(self.kv_blocks_used()), total_blocks: total })

@@ -504,6 +504,10 @@ impl Backend for OnnxBackend {
         self.drop_seq(seq, true);
     }
 
+    fn prefix_cache_bytes(&self) -> usize {
+        self.kept.bytes()
+    }
+
     fn reuse_prefix(&mut self, seq: SeqId, tokens: &[u32], adapter: Option<&std::sync::Arc<crate::lora::LoraAdapter>>) -> usize {
         self.reuse_kept_prefix(seq, tokens, adapter)
     }

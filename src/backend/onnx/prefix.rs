@@ -77,8 +77,7 @@ impl PrefixStore {
         (&k.data, k.tokens.len())
     }
 
-    #[cfg(test)]
-    fn bytes(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.bytes
     }
 }

@@ -367,6 +367,7 @@ impl Worker {
             self.shared.kv_used_blocks.store(c.total_blocks - c.free_blocks.min(c.total_blocks), Ordering::Relaxed);
             self.shared.kv_total_blocks.store(c.total_blocks, Ordering::Relaxed);
         }
+        self.shared.prefix_cache_bytes.store(self.backend.prefix_cache_bytes(), Ordering::Relaxed);
     }
 
     /// Chooses this step's rows: every decoding sequence, plus prompt chunks within the budget.
