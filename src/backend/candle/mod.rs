@@ -254,17 +254,7 @@ impl Backend for CandleBackend {
             .filter(|(s, _)| self.adapter_of.get(s).copied().flatten() == want)
             .map(|(_, c)| (prefix::common_prefix(&c.tokens, tokens).min(c.len), c))
             .max_by_key(|(n, _)| *n);
-        let kept = self.kept.best(tokens, want);
-        let (n, source) = match (live, kept) {
-            (Some((ln, c)), Some((_, kn))) if ln >= kn => (ln, prefix::Source::Live(c)),
-            (_, Some((i, kn))) => (kn, prefix::Source::Kept(i)),
-            (Some((ln, c)), None) => (ln, prefix::Source::Live(c)),
-            (None, None) => return 0,
-        };
-        let n = n.min(limit);
-        if n == 0 {
-            return 0;
-        }
+        let Some((n, source)) = prefix::choose(live, self.kept.best(tokens, want), limit) else { return 0 };
         // A bounded cache must have room for the copied positions.
         if let Some(total) = self.kv_blocks {
             if self.kv_blocks_used() + n.div_ceil(KV_BLOCK) > total {

@@ -28,10 +28,27 @@ pub struct PrefixStore {
     budget: usize,
 }
 
-/// Where the longest reusable prefix is.
-pub enum Source<'a> {
+/// Where the longest reusable prefix is: a kept entry (its index) or a live sequence (what the
+/// backend knows it by: its cache, its slot).
+#[derive(Debug, PartialEq)]
+pub enum Source<L> {
     Kept(usize),
-    Live(&'a SeqCache),
+    Live(L),
+}
+
+/// The prefix to reuse, shared by both backends: the longer of the best live sequence's (`live`:
+/// shared length, handle) and the best kept entry's (`kept`: index, shared length; from
+/// [`PrefixStore::best`]), the live one on a tie (no copy out of the store, which keeps its
+/// order), cut to `limit` positions. None when nothing is shared.
+pub fn choose<L>(live: Option<(usize, L)>, kept: Option<(usize, usize)>, limit: usize) -> Option<(usize, Source<L>)> {
+    let (n, source) = match (live, kept) {
+        (Some((ln, l)), Some((_, kn))) if ln >= kn => (ln, Source::Live(l)),
+        (_, Some((i, kn))) => (kn, Source::Kept(i)),
+        (Some((ln, l)), None) => (ln, Source::Live(l)),
+        (None, None) => return None,
+    };
+    let n = n.min(limit);
+    (n > 0).then_some((n, source))
 }
 
 /// Tokens `a` and `b` share from the start.
@@ -96,6 +113,17 @@ impl PrefixStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn choose_takes_the_longer_prefix_the_live_one_on_ties_within_the_limit() {
+        assert_eq!(choose(Some((5, 'l')), Some((2, 4)), 10), Some((5, Source::Live('l'))));
+        assert_eq!(choose(Some((4, 'l')), Some((2, 4)), 10), Some((4, Source::Live('l'))));
+        assert_eq!(choose(Some((3, 'l')), Some((2, 4)), 10), Some((4, Source::Kept(2))));
+        assert_eq!(choose::<char>(None, Some((0, 7)), 5), Some((5, Source::Kept(0))));
+        assert_eq!(choose(Some((0, 'l')), None, 5), None);
+        assert_eq!(choose(Some((3, 'l')), None, 0), None);
+        assert_eq!(choose::<char>(None, None, 5), None);
+    }
 
     fn cache(tokens: &[u32]) -> SeqCache {
         let mut c = SeqCache::new(1, 2, 64);

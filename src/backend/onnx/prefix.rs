@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 
 use super::OnnxBackend;
-use crate::backend::candle::prefix::common_prefix;
+use crate::backend::candle::prefix::{choose, common_prefix, Source};
 use crate::backend::SeqId;
 
 /// A finished sequence's positions.
@@ -118,28 +118,20 @@ impl OnnxBackend {
             .filter(|(s, _)| self.adapter_of.get(s).copied().unwrap_or(0) == want)
             .filter_map(|(&s, t)| Some((common_prefix(t, tokens).min(self.kv.len_of(s)), self.kv.slot(s)?)))
             .max_by_key(|&(n, _)| n);
-        let kept = self.kept.best(tokens, want);
-        let use_live = match (live, kept) {
-            (Some((ln, _)), Some((_, kn))) => ln >= kn,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (None, None) => return 0,
-        };
-        let n = if use_live { live.map_or(0, |l| l.0) } else { kept.map_or(0, |k| k.1) }.min(limit);
-        if n == 0 {
-            return 0;
-        }
+        let Some((n, source)) = choose(live, self.kept.best(tokens, want), limit) else { return 0 };
         let Some(slot) = self.kv.slot_for(seq) else { return 0 };
-        if use_live {
-            let from = live.map(|l| l.1).expect("live source");
-            let Some(data) = self.kv.copy_out(from, n) else {
-                self.kv.release(seq);
-                return 0;
-            };
-            self.kv.copy_in(slot, &data, n, n);
-        } else {
-            let (data, stored) = self.kept.take_for_use(kept.expect("kept source").0);
-            self.kv.copy_in(slot, data, stored, n);
+        match source {
+            Source::Live(from) => {
+                let Some(data) = self.kv.copy_out(from, n) else {
+                    self.kv.release(seq);
+                    return 0;
+                };
+                self.kv.copy_in(slot, &data, n, n);
+            }
+            Source::Kept(i) => {
+                let (data, stored) = self.kept.take_for_use(i);
+                self.kv.copy_in(slot, data, stored, n);
+            }
         }
         self.fed.insert(seq, tokens[..n].to_vec());
         self.adapter_of.insert(seq, want);
