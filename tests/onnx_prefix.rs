@@ -10,6 +10,14 @@ use inferd::backend::{Backend, SeqId, StepInput};
 use reference_common::{argmax, assert_same_steps};
 
 fn load(dir: &str, prefix_bytes: usize) -> OnnxBackend {
+    load_from("tests/fixtures/onnx", dir, prefix_bytes)
+}
+
+fn load_lora(graph: &str, prefix_bytes: usize) -> OnnxBackend {
+    load_from("tests/fixtures/lora", graph, prefix_bytes)
+}
+
+fn load_from(fixtures: &str, dir: &str, prefix_bytes: usize) -> OnnxBackend {
     let opts = OnnxOptions {
         library: None,
         session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
@@ -17,7 +25,7 @@ fn load(dir: &str, prefix_bytes: usize) -> OnnxBackend {
         max_context: None,
         fixed_shapes: None,
     };
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(dir);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(fixtures).join(dir);
     let mut b = OnnxBackend::load(&path, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"));
     b.set_prefix_cache_bytes(prefix_bytes);
     b
@@ -96,20 +104,6 @@ fn adapter(b: &OnnxBackend, name: &str) -> std::sync::Arc<inferd::lora::LoraAdap
     let dims = b.lora_dims().expect("the graph takes adapters");
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora").join(name);
     std::sync::Arc::new(inferd::lora::read_adapter(name, &dir).expect("adapter reads").bind(&dims).expect("adapter fits"))
-}
-
-fn load_lora(graph: &str, prefix_bytes: usize) -> OnnxBackend {
-    let opts = OnnxOptions {
-        library: None,
-        session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
-        max_batch: 4,
-        max_context: None,
-        fixed_shapes: None,
-    };
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora").join(graph);
-    let mut b = OnnxBackend::load(&path, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"));
-    b.set_prefix_cache_bytes(prefix_bytes);
-    b
 }
 
 #[test]
