@@ -8,7 +8,7 @@ mod reference_common;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
+use inferd::backend::onnx::OnnxBackend;
 use inferd::backend::{Backend, SeqId, StepInput};
 use inferd::lora::{onnx_adapter, read_adapter, LoraAdapter};
 use reference_common::{argmax, lora_reference, max_abs_diff};
@@ -21,14 +21,7 @@ const MASK: &str = "tiny-qwen2-onnx-lora";
 const NO_MASK: &str = "tiny-qwen2-onnx-lora-nomask";
 
 fn load_graph(graph: &str, max_batch: usize) -> OnnxBackend {
-    let opts = OnnxOptions {
-        library: None,
-        session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
-        max_batch,
-        max_context: None,
-        fixed_shapes: None,
-    };
-    OnnxBackend::load(&root().join(graph), &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
+    reference_common::load_onnx(&root().join(graph), 2, max_batch, None, None)
 }
 
 fn adapter(name: &str) -> Arc<LoraAdapter> {

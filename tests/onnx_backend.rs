@@ -8,7 +8,7 @@ mod reference_common;
 
 use std::path::PathBuf;
 
-use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
+use inferd::backend::onnx::OnnxBackend;
 use inferd::backend::{Backend, BackendError, SeqId, StepInput};
 use reference_common::{argmax, assert_same_steps, max_abs_diff, onnx_reference as reference, onnx_test_provider, Case};
 
@@ -25,14 +25,7 @@ fn load_dir(dir: &std::path::Path, max_batch: usize, max_context: Option<usize>)
 }
 
 fn load_shaped(dir: &std::path::Path, max_batch: usize, max_context: Option<usize>, fixed_shapes: Option<bool>) -> OnnxBackend {
-    let opts = OnnxOptions {
-        library: None,
-        session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
-        max_batch,
-        max_context,
-        fixed_shapes,
-    };
-    OnnxBackend::load(dir, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
+    reference_common::load_onnx(dir, 2, max_batch, max_context, fixed_shapes)
 }
 
 

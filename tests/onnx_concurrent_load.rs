@@ -10,26 +10,12 @@ mod reference_common;
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 
-use inferd::backend::onnx::{op_edit, OnnxBackend, OnnxOptions, SessionSpec};
+use inferd::backend::onnx::{op_edit, OnnxBackend};
 use inferd::backend::{Backend, StepInput};
 
 fn load(dir: &str) -> OnnxBackend {
-    let opts = OnnxOptions {
-        library: None,
-        session: SessionSpec {
-            device: reference_common::onnx_test_device(),
-            intra_op_threads: 1,
-            inter_op_threads: 1,
-        },
-        max_batch: 1,
-        max_context: Some(64),
-        fixed_shapes: None,
-    };
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/onnx")
-        .join(dir);
-    OnnxBackend::load(&path, &opts)
-        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(dir);
+    reference_common::load_onnx(&path, 1, 1, Some(64), None)
 }
 
 const CHILD: &str = "INFERD_TEST_CONCURRENT_LOAD_CHILD";

@@ -5,7 +5,7 @@
 mod reference_common;
 use std::path::PathBuf;
 
-use inferd::backend::onnx::{OnnxBackend, OnnxOptions, SessionSpec};
+use inferd::backend::onnx::OnnxBackend;
 use inferd::backend::{Backend, SeqId, StepInput};
 use reference_common::{argmax, assert_same_steps};
 
@@ -18,15 +18,8 @@ fn load_lora(graph: &str, prefix_bytes: usize) -> OnnxBackend {
 }
 
 fn load_from(fixtures: &str, dir: &str, prefix_bytes: usize) -> OnnxBackend {
-    let opts = OnnxOptions {
-        library: None,
-        session: SessionSpec { device: reference_common::onnx_test_device(), intra_op_threads: 2, inter_op_threads: 1 },
-        max_batch: 4,
-        max_context: None,
-        fixed_shapes: None,
-    };
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(fixtures).join(dir);
-    let mut b = OnnxBackend::load(&path, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"));
+    let mut b = reference_common::load_onnx(&path, 2, 4, None, None);
     b.set_prefix_cache_bytes(prefix_bytes);
     b
 }

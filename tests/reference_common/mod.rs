@@ -104,6 +104,20 @@ pub fn assert_same_steps(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
     }
 }
 
+/// Opens an ONNX model on [`onnx_test_device`] with `intra_op_threads` threads (one inter-op),
+/// `max_batch` slots, `max_context` positions (None: the backend's default) and `fixed_shapes`
+/// (None: the backend's default); panics with how to get the library when it is missing.
+pub fn load_onnx(dir: &std::path::Path, intra_op_threads: usize, max_batch: usize, max_context: Option<usize>, fixed_shapes: Option<bool>) -> inferd::backend::onnx::OnnxBackend {
+    let opts = inferd::backend::onnx::OnnxOptions {
+        library: None,
+        session: inferd::backend::onnx::SessionSpec { device: onnx_test_device(), intra_op_threads, inter_op_threads: 1 },
+        max_batch,
+        max_context,
+        fixed_shapes,
+    };
+    inferd::backend::onnx::OnnxBackend::load(dir, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
+}
+
 /// The provider name the ONNX tests' sessions run on ("cpu", "cuda:0", ...).
 pub fn onnx_test_provider() -> String {
     inferd::backend::onnx::SessionSpec { device: onnx_test_device(), intra_op_threads: 1, inter_op_threads: 1 }.provider_name()
