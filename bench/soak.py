@@ -537,7 +537,7 @@ def rss_at_rest(port, pid, settle, stats=None):
         reads.append((rss_kib(pid), metric_sum(metrics(port), "inferd_prefix_cache_bytes") / 1024))
         time.sleep(1.0)
     rss, cache = sorted(reads)[1]
-    return {"rss_kib": rss, "prefix_cache_kib": cache, "net_kib": rss - cache, "seconds": round(time.time() - t0, 1)}
+    return {"rss_kib": rss, "prefix_cache_kib": cache, "seconds": round(time.time() - t0, 1)}
 
 
 # ---------------------------------------------------------------- server side
