@@ -64,6 +64,36 @@ pub struct StepInput<'a> {
     pub want_logits: bool,
 }
 
+/// The checks every backend makes of a step's rows before it touches a cache, row by row:
+/// `row` (the backend's own, such as whether it can apply the row's adapter), then each sequence
+/// at most once, at least one token, ids below `vocab`, and the new tokens within `max_context`
+/// beside the `cached(seq)` positions the sequence already holds.
+pub fn check_rows(
+    inputs: &[StepInput<'_>],
+    vocab: usize,
+    max_context: usize,
+    cached: impl Fn(SeqId) -> usize,
+    row: impl Fn(&StepInput<'_>) -> Result<(), BackendError>,
+) -> Result<(), BackendError> {
+    let mut seen = std::collections::HashSet::with_capacity(inputs.len());
+    for inp in inputs {
+        row(inp)?;
+        if !seen.insert(inp.seq) {
+            return Err(BackendError::Compute(format!("sequence {} appears twice in one step", inp.seq)));
+        }
+        if inp.tokens.is_empty() {
+            return Err(BackendError::Compute(format!("sequence {} has no tokens", inp.seq)));
+        }
+        if let Some(t) = inp.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(BackendError::Compute(format!("token id {t} is outside the vocabulary of {vocab}")));
+        }
+        if cached(inp.seq) + inp.tokens.len() > max_context {
+            return Err(BackendError::ContextFull { seq: inp.seq, max: max_context });
+        }
+    }
+    Ok(())
+}
+
 /// A loaded model that can run batched steps over many sequences, each with its own KV cache.
 pub trait Backend: Send {
     /// Size of the logits vector returned per sequence.

@@ -18,7 +18,7 @@ pub mod profile;
 pub mod qmatmul;
 pub mod weights;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use candle_core::Device;
 
@@ -145,30 +145,10 @@ impl CandleBackend {
 
     /// Rejects a step before it touches any cache.
     fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
-        let mut seen = HashSet::with_capacity(inputs.len());
-        let vocab = self.model.cfg.vocab_size;
-        for inp in inputs {
-            if let Some(a) = inp.adapter {
-                a.check_fits(&self.lora_base()).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name)))?;
-            }
-            if !seen.insert(inp.seq) {
-                return Err(BackendError::Compute(format!(
-                    "sequence {} appears twice in one step",
-                    inp.seq
-                )));
-            }
-            if inp.tokens.is_empty() {
-                return Err(BackendError::Compute(format!("sequence {} has no tokens", inp.seq)));
-            }
-            if let Some(t) = inp.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(BackendError::Compute(format!(
-                    "token id {t} is outside the vocabulary of {vocab}"
-                )));
-            }
-            if self.cached_len(inp.seq) + inp.tokens.len() > self.max_context {
-                return Err(BackendError::ContextFull { seq: inp.seq, max: self.max_context });
-            }
-        }
+        super::check_rows(inputs, self.model.cfg.vocab_size, self.max_context, |seq| self.cached_len(seq), |inp| match inp.adapter {
+            Some(a) => a.check_fits(&self.lora_base()).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name))),
+            None => Ok(()),
+        })?;
         if let Some(total) = self.kv_blocks {
             let mut free = total.saturating_sub(self.kv_blocks_used());
             for inp in inputs {

@@ -1,38 +1,19 @@
 //! One step's checks and one ONNX Runtime `Run` over a range of slots (which runs a step makes
 //! is `step.rs`'s choice), and reading a row's logits back.
-use std::collections::HashSet;
 use std::ffi::CString;
 
 use super::run::{self, Dtype, View};
 use super::{shapes, OnnxBackend};
-use crate::backend::{BackendError, StepInput};
+use crate::backend::{check_rows, BackendError, StepInput};
 
 impl OnnxBackend {
     pub(super) fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
-        let mut seen = HashSet::with_capacity(inputs.len());
-        let vocab = self.cfg.vocab_size;
-        let mut new = 0;
-        for inp in inputs {
-            if let Some(a) = inp.adapter {
-                let graph = self.lora.as_ref().ok_or_else(|| {
-                    BackendError::Compute("this ONNX graph has no LoRA inputs (export it with --lora-inputs)".into())
-                })?;
-                graph.check(a).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name)))?;
-            }
-            if !seen.insert(inp.seq) {
-                return Err(BackendError::Compute(format!("sequence {} appears twice in one step", inp.seq)));
-            }
-            if inp.tokens.is_empty() {
-                return Err(BackendError::Compute(format!("sequence {} has no tokens", inp.seq)));
-            }
-            if let Some(t) = inp.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(BackendError::Compute(format!("token id {t} is outside the vocabulary of {vocab}")));
-            }
-            if self.kv.len_of(inp.seq) + inp.tokens.len() > self.kv.shape.max_len {
-                return Err(BackendError::ContextFull { seq: inp.seq, max: self.kv.shape.max_len });
-            }
-            new += usize::from(self.kv.slot(inp.seq).is_none());
-        }
+        check_rows(inputs, self.cfg.vocab_size, self.kv.shape.max_len, |seq| self.kv.len_of(seq), |inp| {
+            let Some(a) = inp.adapter else { return Ok(()) };
+            let graph = self.lora.as_ref().ok_or_else(|| BackendError::Compute("this ONNX graph has no LoRA inputs (export it with --lora-inputs)".into()))?;
+            graph.check(a).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name)))
+        })?;
+        let new = inputs.iter().filter(|inp| self.kv.slot(inp.seq).is_none()).count();
         let free = self.kv.free_slots();
         if new > free {
             return Err(BackendError::Compute(format!(
