@@ -9,12 +9,17 @@ run (each metric taken from every server back to back), with ratios to the first
 
 Every request: streaming, `ignore_eos`, temperature 0, `--new-tokens` tokens (128), prompts of
 ~`--prompt-tokens` distinct per stream (so no server can reuse another stream's prompt cache).
-Standard library only (runs on the GPU machine's Python); prints one table.
+Standard library only (runs on the GPU machine's Python); prints one table. Where `nvidia-smi`
+exists, a row "peak GPU MiB" gives each server process's largest device memory seen over the run
+(sampled every 0.5 s): what it took from the card, KV reservation included, not what it used.
 """
 import argparse
 import shlex
+import shutil
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +70,27 @@ def measure(srv, args, n, salt):
     return {f"total tok/s, {n} streams": total / wall}
 
 
+class GpuMemory(threading.Thread):
+    """Samples `nvidia-smi`'s per-process device memory until stopped; peak[pid] in MiB."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.done = {}, threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.5):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                      "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.SubprocessError):
+                continue
+            for line in out.splitlines():
+                parts = [p.strip() for p in line.split(",")]
+                if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+                    pid, mib = int(parts[0]), int(parts[1])
+                    self.peak[pid] = max(self.peak.get(pid, 0), mib)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -84,6 +110,9 @@ def main():
         s = Server(name, argv, args.port + k, f"{args.log_dir}/streams-{name}.log")
         servers.append(s)
     rows = {}
+    gpu = GpuMemory() if shutil.which("nvidia-smi") else None
+    if gpu:
+        gpu.start()
     try:
         for s in servers:
             s.start(timeout=600)
@@ -100,6 +129,12 @@ def main():
                 for metric, v in got.items():
                     rows.setdefault(metric, {})[s.name] = v
                     print(f"  {s.name}: {metric} = {v:.1f} ({time.time() - t:.1f}s)", file=sys.stderr, flush=True)
+        if gpu:
+            gpu.done.set()
+            gpu.join()
+            for s in servers:
+                if s.proc is not None and s.proc.pid in gpu.peak:
+                    rows.setdefault("peak GPU MiB", {})[s.name] = float(gpu.peak[s.proc.pid])
     finally:
         for s in servers:
             s.close()

@@ -11,6 +11,7 @@
 pub mod candle;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gpu_sampling;
 pub mod onnx;
 pub mod paged;
 

@@ -1,7 +1,9 @@
 """Fixtures of the OpenAI SDK tests: the real `inferd` binary started on a free port.
 
 INFERD_BIN names the binary (scripts/test.sh sets target/checked/inferd; default target/release/inferd); the
-tests skip with a message when it or a model file is missing.
+tests skip with a message when it or a model file is missing. INFERD_TEST_DEVICE (e.g. `cuda:0`) runs
+every candle server on that device, INFERD_TEST_ONNX_DEVICE every onnx server (the same switch as the
+Rust tests'); unset, both run on the CPU, as in CI.
 """
 import os
 import socket
@@ -44,6 +46,10 @@ class Server:
         self.stderr_path = Path(self.dir.name) / "stderr.log"
         self.model_id = model_id
         last = ""
+        onnx = "onnx" in extra
+        device = os.environ.get("INFERD_TEST_ONNX_DEVICE" if onnx else "INFERD_TEST_DEVICE")
+        if device:
+            extra = (*extra, "--device", device)
         for _ in range(3):  # the free port may be taken between probing and binding
             self.port = free_port()
             self.stderr = open(self.stderr_path, "wb")

@@ -15,6 +15,7 @@
 use super::gpu::{Buf, Dtype, Gpu};
 use super::CudaBackend;
 use crate::backend::candle::ModelConfig;
+use crate::backend::gpu_sampling::PARAM_BYTES;
 use crate::backend::{BackendError, StepInput};
 
 /// The step's buffers, allocated once for `rows` rows (`logit_rows` of them wanting logits).
@@ -36,8 +37,10 @@ pub struct Scratch {
     gu: Buf<f32>,
     /// Logits of the rows that want them, f32 [logit rows, vocab].
     pub logits: Buf<f32>,
-    /// Greedy picks, [logit rows].
+    /// Greedy picks, then the device-sampled rows' draws, [logit rows].
     ids: Buf<i32>,
+    /// Sampling parameters of the logit rows (`gpu_sampling::PARAM_BYTES` each; all zero: off).
+    params: Buf<u8>,
 }
 
 impl Scratch {
@@ -57,6 +60,7 @@ impl Scratch {
             gu: gpu.zeros(rows * 2 * inter)?,
             logits: gpu.zeros(logit_rows * cfg.vocab_size)?,
             ids: gpu.zeros(logit_rows)?,
+            params: gpu.zeros(logit_rows * PARAM_BYTES)?,
         })
     }
 
@@ -117,6 +121,15 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], padded: usize, new_
     let gpu = &b.gpu;
     let s = &mut b.scratch;
     gpu.write(&mut s.meta, &data)?;
+    // The rows' sampling parameters: written when a row is sampled on the device, and once more
+    // after that to switch them off (padding rows are always off).
+    let on = !b.sample_params.is_empty();
+    if on || b.params_on {
+        let mut bytes = std::mem::take(&mut b.sample_params);
+        bytes.resize(l * PARAM_BYTES, 0);
+        gpu.write(&mut s.params, &bytes)?;
+        b.params_on = on;
+    }
     for chunk in new_blocks.chunks(s.updates) {
         let pairs: Vec<i32> = chunk.iter().flat_map(|&(i, blk)| [i as i32, blk as i32]).collect();
         gpu.write_at(&mut s.meta, 3 * cap + lcap, &pairs)?;
@@ -127,7 +140,7 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], padded: usize, new_
 }
 
 /// Launches the forward of `r` rows (data in place from `upload`), the logits of `l` rows and
-/// their greedy picks. Launches only: no copies, no waiting (it may be captured in a graph).
+/// their greedy picks or device draws. Launches only: no copies, no waiting (it may be captured in a graph).
 pub fn launches(b: &CudaBackend, r: usize, l: usize) -> Result<(), BackendError> {
     let (gpu, w, s, cfg) = (&b.gpu, &b.w, &b.scratch, &b.cfg);
     let dtype = w.dtype;
@@ -177,6 +190,7 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize) -> Result<(), BackendError>
         gpu.gemm(dtype, head.w.ptr, s.h.ptr, s.logits.ptr, l, head.n, h, false)?;
         let vocab = cfg.vocab_size as i32;
         gpu.launch(&gpu.k.argmax_rows, (l as u32, 1), 256, &[&s.logits.ptr, &vocab, &s.ids.ptr])?;
+        gpu.launch(&gpu.k.sample_rows, (l as u32, 1), 1024, &[&s.logits.ptr, &vocab, &s.params.ptr, &s.ids.ptr])?;
     }
     Ok(())
 }
@@ -189,5 +203,24 @@ pub fn greedy_ids(b: &CudaBackend, n: usize) -> Result<Vec<i32>, BackendError> {
     } else {
         b.gpu.sync()?;
     }
+    Ok(out)
+}
+
+/// Runs only the greedy pick and `sample_rows` on the given logit rows (any width), in buffers
+/// of their own (tests of the sampling kernel against the host's distribution). Returns each
+/// row's token.
+pub fn sample_only(gpu: &Gpu, logits: &[Vec<f32>], params: &[u8]) -> Result<Vec<i32>, BackendError> {
+    let n = logits.len();
+    let width = logits.first().map_or(0, Vec::len);
+    if n == 0 || logits.iter().any(|l| l.len() != width) || params.len() != n * PARAM_BYTES {
+        return Err(BackendError::Compute("sample_only: rows of one width, each with its parameters".into()));
+    }
+    let flat: Vec<f32> = logits.concat();
+    let (l, p, ids) = (gpu.upload(&flat)?, gpu.upload(params)?, gpu.zeros::<i32>(n)?);
+    let v = width as i32;
+    gpu.launch(&gpu.k.argmax_rows, (n as u32, 1), 256, &[&l.ptr, &v, &ids.ptr])?;
+    gpu.launch(&gpu.k.sample_rows, (n as u32, 1), 1024, &[&l.ptr, &v, &p.ptr, &ids.ptr])?;
+    let mut out = vec![0i32; n];
+    gpu.read(&ids, 0, &mut out)?;
     Ok(out)
 }

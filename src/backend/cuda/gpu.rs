@@ -69,6 +69,7 @@ pub struct Kernels {
     pub attend: CudaFunction,
     pub silu_mul: CudaFunction,
     pub argmax_rows: CudaFunction,
+    pub sample_rows: CudaFunction,
     pub scatter_i32: CudaFunction,
 }
 
@@ -146,6 +147,7 @@ impl Gpu {
             attend: f("attend")?,
             silu_mul: f("silu_mul")?,
             argmax_rows: f("argmax_rows")?,
+            sample_rows: f("sample_rows")?,
             scatter_i32: f("scatter_i32")?,
         };
         Ok(Gpu { ctx, stream, blas, _workspace: workspace, _module: module, k })

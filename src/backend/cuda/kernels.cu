@@ -115,85 +115,131 @@ extern "C" __global__ void qkv_rope_store(float* __restrict__ qkv, const float* 
 }
 
 // Causal attention of one query row and head over its sequence's cached positions 0..=pos:
-// softmax(q . k / sqrt(d)) v, online over the positions. Grid: (heads, rows); block: 4 warps,
-// warp w takes positions w, w + 4, ...; a lane holds head dims lane, lane + 32, ... (d <= 128).
-// The warps' partial results are merged at the end. Output [rows, nh * d], f16 (`out16`) or f32
-// (`out32`), whichever is not null.
-#define ATT_WARPS 4
-#define MAX_PER_LANE 4
-__device__ __forceinline__ float kv_at(const void* c, size_t i, int kv32) {
-    return kv32 ? ((const float*)c)[i] : __half2float(((const __half*)c)[i]);
+// softmax(q . k / sqrt(d)) v, online over tiles of 32 positions. Grid: (heads, rows); block:
+// ATT_WARPS warps; warp w takes tiles w, w + ATT_WARPS, ... In a tile each lane scores one
+// position (its own key row, read in 16-byte pieces against q in shared memory), then the warp
+// folds the tile's values in with lanes over head-dimension pairs (dims 2 lane + 64 e, +1;
+// d <= 128). The warps' partial results are merged at the end. A decode row of a short context
+// is one or two tiles per warp: the positions are read in parallel, not one after another.
+// Output [rows, nh * d], f16 (`out16`) or f32 (`out32`), whichever is not null.
+#define ATT_WARPS 8
+#define MAX_PAIRS 2
+
+__device__ __forceinline__ float dot_row(const __half* k, const float* q, int d) {
+    float s = 0.0f;
+    if ((d & 7) == 0) {
+        for (int j = 0; j < d; j += 8) {
+            uint4 raw = *(const uint4*)(k + j);
+            const __half2* h = (const __half2*)&raw;
+#pragma unroll
+            for (int t = 0; t < 4; t++) {
+                float2 f = __half22float2(h[t]);
+                s += f.x * q[j + 2 * t] + f.y * q[j + 2 * t + 1];
+            }
+        }
+    } else {
+        for (int j = 0; j < d; j += 2) {
+            float2 f = __half22float2(*(const __half2*)(k + j));
+            s += f.x * q[j] + f.y * q[j + 1];
+        }
+    }
+    return s;
 }
 
-extern "C" __global__ void attend(const float* __restrict__ q, const void* __restrict__ kc, const void* __restrict__ vc,
-                                  const int* __restrict__ pos, const int* __restrict__ row_seq, const int* __restrict__ tables, int table_stride,
-                                  __half* __restrict__ out16, float* __restrict__ out32, int nh, int nkv, int d, int block_size, float scale, int kv32) {
+__device__ __forceinline__ float dot_row(const float* k, const float* q, int d) {
+    float s = 0.0f;
+    for (int j = 0; j < d; j += 2) {
+        float2 f = *(const float2*)(k + j);
+        s += f.x * q[j] + f.y * q[j + 1];
+    }
+    return s;
+}
+
+__device__ __forceinline__ float2 pair_at(const __half* v, int j) { return __half22float2(*(const __half2*)(v + j)); }
+__device__ __forceinline__ float2 pair_at(const float* v, int j) { return *(const float2*)(v + j); }
+
+template <typename T>
+__device__ void attend_impl(const float* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+                            const int* __restrict__ pos, const int* __restrict__ row_seq, const int* __restrict__ tables, int table_stride,
+                            __half* __restrict__ out16, float* __restrict__ out32, int nh, int nkv, int d, int block_size, float scale) {
     int head = blockIdx.x, r = blockIdx.y;
     int kvh = head / (nh / nkv), kvd = nkv * d;
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    int per = (d + WARP - 1) / WARP;
-    float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
+    __shared__ float qs[MAX_PAIRS * 2 * WARP];
     const float* qr = q + (size_t)r * nh * d + head * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) qs[j] = qr[j] * scale;
+    __syncthreads();
+    float acc[MAX_PAIRS][2];
 #pragma unroll
-    for (int e = 0; e < MAX_PER_LANE; e++) {
-        int j = lane + e * WARP;
-        qv[e] = (e < per && j < d) ? qr[j] : 0.0f;
-        acc[e] = 0.0f;
-    }
+    for (int e = 0; e < MAX_PAIRS; e++) acc[e][0] = acc[e][1] = 0.0f;
     float m = -INFINITY, l = 0.0f;
     int last = pos[r];
     const int* table = tables + row_seq[r] * table_stride;
-    for (int p = warp; p <= last; p += ATT_WARPS) {
-        size_t base = ((size_t)table[p / block_size] * block_size + p % block_size) * kvd + kvh * d;
-        float s = 0.0f;
+    for (int t0 = warp * WARP; t0 <= last; t0 += ATT_WARPS * WARP) {
+        int p = t0 + lane;
+        bool valid = p <= last;
+        size_t base = valid ? ((size_t)table[p / block_size] * block_size + p % block_size) * kvd + kvh * d : 0;
+        float s = valid ? dot_row(kc + base, qs, d) : -INFINITY;
+        float m2 = fmaxf(m, warp_max(s));
+        float c = expf(m - m2);
+        float w = valid ? expf(s - m2) : 0.0f;
+        l = l * c + warp_sum(w);
 #pragma unroll
-        for (int e = 0; e < MAX_PER_LANE; e++) {
-            int j = lane + e * WARP;
-            if (e < per && j < d) s += qv[e] * kv_at(kc, base + j, kv32);
+        for (int e = 0; e < MAX_PAIRS; e++) {
+            acc[e][0] *= c;
+            acc[e][1] *= c;
         }
-        s = warp_sum(s) * scale;
-        float m2 = fmaxf(m, s);
-        float c = expf(m - m2), w = expf(s - m2);
-        l = l * c + w;
+        int n = min(WARP, last - t0 + 1);
+#pragma unroll 4
+        for (int i = 0; i < n; i++) {
+            float wi = __shfl_sync(0xffffffffu, w, i);
+            size_t bi = __shfl_sync(0xffffffffu, base, i);
 #pragma unroll
-        for (int e = 0; e < MAX_PER_LANE; e++) {
-            int j = lane + e * WARP;
-            float v = (e < per && j < d) ? kv_at(vc, base + j, kv32) : 0.0f;
-            acc[e] = acc[e] * c + w * v;
+            for (int e = 0; e < MAX_PAIRS; e++) {
+                int j = 2 * lane + 2 * WARP * e;
+                if (j < d) {
+                    float2 v = pair_at(vc + bi, j);
+                    acc[e][0] += wi * v.x;
+                    acc[e][1] += wi * v.y;
+                }
+            }
         }
         m = m2;
     }
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
-    __shared__ float sacc[ATT_WARPS][MAX_PER_LANE * WARP];
+    __shared__ float sacc[ATT_WARPS][MAX_PAIRS * 2 * WARP];
     if (lane == 0) {
         sm[warp] = m;
         sl[warp] = l;
     }
 #pragma unroll
-    for (int e = 0; e < MAX_PER_LANE; e++) sacc[warp][lane + e * WARP] = acc[e];
+    for (int e = 0; e < MAX_PAIRS; e++) {
+        sacc[warp][2 * lane + 2 * WARP * e] = acc[e][0];
+        sacc[warp][2 * lane + 2 * WARP * e + 1] = acc[e][1];
+    }
     __syncthreads();
-    if (warp == 0) {
-        float mm = -INFINITY;
-        for (int w = 0; w < ATT_WARPS; w++) mm = fmaxf(mm, sm[w]);
-        float ll = 0.0f;
-        float o[MAX_PER_LANE] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Merge: thread j of the block finishes output dim j.
+    float mm = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++) mm = fmaxf(mm, sm[w]);
+    size_t dst = (size_t)r * nh * d + head * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float ll = 0.0f, o = 0.0f;
         for (int w = 0; w < ATT_WARPS; w++) {
             if (sm[w] == -INFINITY) continue;
             float c = expf(sm[w] - mm);
             ll += sl[w] * c;
-#pragma unroll
-            for (int e = 0; e < MAX_PER_LANE; e++) o[e] += sacc[w][lane + e * WARP] * c;
+            o += sacc[w][j] * c;
         }
-        size_t dst = (size_t)r * nh * d + head * d;
-#pragma unroll
-        for (int e = 0; e < MAX_PER_LANE; e++) {
-            int j = lane + e * WARP;
-            if (e < per && j < d) {
-                if (out16) out16[dst + j] = __float2half(o[e] / ll);
-                else out32[dst + j] = o[e] / ll;
-            }
-        }
+        if (out16) out16[dst + j] = __float2half(o / ll);
+        else out32[dst + j] = o / ll;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP) attend(const float* __restrict__ q, const void* __restrict__ kc, const void* __restrict__ vc,
+                                  const int* __restrict__ pos, const int* __restrict__ row_seq, const int* __restrict__ tables, int table_stride,
+                                  __half* __restrict__ out16, float* __restrict__ out32, int nh, int nkv, int d, int block_size, float scale, int kv32) {
+    if (kv32) attend_impl<float>(q, (const float*)kc, (const float*)vc, pos, row_seq, tables, table_stride, out16, out32, nh, nkv, d, block_size, scale);
+    else attend_impl<__half>(q, (const __half*)kc, (const __half*)vc, pos, row_seq, tables, table_stride, out16, out32, nh, nkv, d, block_size, scale);
 }
 
 // out[r, j] = silu(gu[r, j]) * gu[r, inter + j], f16 (`out16`) or f32 (`out32`). Grid: rows;
@@ -236,6 +282,183 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int voc
         __syncthreads();
     }
     if (threadIdx.x == 0) ids[r] = si[0] == 0x7fffffff ? 0 : si[0];
+}
+
+// ---- Sampling on the device (rows at temperature > 0 without penalties, bias, grammar or
+// logprobs; the rest are greedy here or sampled on the host). Same distribution as the host's
+// sampler (src/engine/sampler.rs): weights w = exp((l - max) / T), the most likely token weight 1;
+// top-k, then top-p over the top-k survivors' mass, then min-p (w >= min_p); a draw with the
+// sequence's own uniform u. Thresholds are exact: the k-th largest weight and the top-p cut are
+// found by radix descent over the weights' bits (w >= 0, so their bit patterns order like the
+// values), four passes of 8 bits; masses are summed in 2^-40 fixed point, so every sum is exact
+// and the same in any order (a seed gives the same token whatever the batch). Kept tokens are
+// drawn in id order (the host draws truncated sets in probability order: the same distribution,
+// another order). Ties at a threshold are all kept.
+struct SampleParams {
+    float inv_t;
+    int top_k;
+    float top_p;
+    float min_p;
+    double u;
+    int on;
+    int pad;
+};
+
+#define SAMPLE_THREADS 1024
+#define FIXED_ONE 1099511627776.0  // 2^40
+
+__device__ __forceinline__ unsigned long long fixed_w(float w) { return (unsigned long long)((double)w * FIXED_ONE); }
+
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_max(v);
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < (int)(blockDim.x / WARP) ? part[lane] : -INFINITY;
+        s = warp_max(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    float t = total;
+    __syncthreads();
+    return t;
+}
+
+__device__ unsigned long long block_sum_u64(unsigned long long v) {
+    __shared__ unsigned long long part[32];
+    __shared__ unsigned long long total;
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long s = 0;
+        for (int w = 0; w < (int)(blockDim.x / WARP); w++) s += part[w];
+        total = s;
+    }
+    __syncthreads();
+    unsigned long long t = total;
+    __syncthreads();
+    return t;
+}
+
+// Exclusive prefix sum over the block's threads (in thread order); *total gets the sum of all.
+__device__ unsigned long long block_exclusive_scan_u64(unsigned long long v, unsigned long long* total) {
+    __shared__ unsigned long long warp_tot[32];
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    unsigned long long inc = v;
+    for (int o = 1; o < WARP; o <<= 1) {
+        unsigned long long n = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += n;
+    }
+    if (lane == WARP - 1) warp_tot[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        unsigned long long t = lane < warps ? warp_tot[lane] : 0;
+        for (int o = 1; o < WARP; o <<= 1) {
+            unsigned long long n = __shfl_up_sync(0xffffffffu, t, o);
+            if (lane >= o) t += n;
+        }
+        if (lane < warps) warp_tot[lane] = t;  // inclusive over warps
+    }
+    __syncthreads();
+    unsigned long long base = warp > 0 ? warp_tot[warp - 1] : 0;
+    *total = warp_tot[warps - 1];
+    __syncthreads();
+    return base + inc - v;
+}
+
+// The largest weight value t (as bits) such that the elements >= t (among those >= floor) hold at
+// least `need` of count (by_mass = 0) or of fixed-point mass (by_mass = 1).
+__device__ unsigned radix_cut(const float* w, int vocab, unsigned floor_bits, unsigned long long need, int by_mass) {
+    __shared__ unsigned long long hist[256];
+    __shared__ unsigned s_prefix;
+    __shared__ unsigned long long s_above;
+    unsigned prefix = 0, mask = 0;
+    unsigned long long above = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            unsigned bits = __float_as_uint(w[j]);
+            if (bits >= floor_bits && (bits & mask) == prefix) {
+                atomicAdd(&hist[(bits >> shift) & 0xff], by_mass ? fixed_w(w[j]) : 1ull);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int b = 255;
+            for (; b > 0; b--) {
+                if (above + hist[b] >= need) break;
+                above += hist[b];
+            }
+            s_prefix = prefix | ((unsigned)b << shift);
+            s_above = above;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        above = s_above;
+        mask |= 0xffu << shift;
+        __syncthreads();
+    }
+    return prefix;
+}
+
+// One block per logit row; rows whose params are off keep the greedy pick of argmax_rows.
+// Overwrites an on row's logits with its weights.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(float* __restrict__ logits, int vocab, const SampleParams* __restrict__ params, int* __restrict__ ids) {
+    int r = blockIdx.x;
+    SampleParams p = params[r];
+    if (!p.on) return;
+    float* w = logits + (size_t)r * vocab;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, w[j]);
+    mx = block_max(mx);
+    if (!isfinite(mx)) return;  // nothing finite to weigh: the greedy pick stands, as on the host
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float e = expf((w[j] - mx) * p.inv_t);
+        w[j] = isnan(e) ? 0.0f : e;
+    }
+    __syncthreads();
+    unsigned cut = 0;
+    if (p.top_k > 0 && p.top_k < vocab) cut = radix_cut(w, vocab, 0, (unsigned long long)p.top_k, 0);
+    if (p.top_p < 1.0f) {
+        unsigned long long mass = 0;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            if (__float_as_uint(w[j]) >= cut) mass += fixed_w(w[j]);
+        }
+        mass = block_sum_u64(mass);
+        unsigned long long need = (unsigned long long)((double)p.top_p * (double)mass);
+        if (need == 0) need = 1;
+        cut = radix_cut(w, vocab, cut, need, 1);
+    }
+    if (p.min_p > 0.0f) cut = max(cut, __float_as_uint(fminf(p.min_p, 1.0f)));
+    // The draw: thread t owns ids [t * chunk, (t + 1) * chunk); an exclusive scan of the chunks'
+    // kept mass, then the thread whose range holds u * total walks its chunk.
+    int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+    int lo = min(vocab, (int)threadIdx.x * chunk), hi = min(vocab, lo + chunk);
+    unsigned long long own = 0;
+    for (int j = lo; j < hi; j++) {
+        if (__float_as_uint(w[j]) >= cut) own += fixed_w(w[j]);
+    }
+    unsigned long long total;
+    unsigned long long before = block_exclusive_scan_u64(own, &total);
+    unsigned long long target = (unsigned long long)(p.u * (double)total);
+    if (target >= total) target = total - 1;
+    if (total > 0 && before <= target && target < before + own) {
+        unsigned long long cum = before;
+        for (int j = lo; j < hi; j++) {
+            if (__float_as_uint(w[j]) < cut) continue;
+            cum += fixed_w(w[j]);
+            if (target < cum) {
+                ids[r] = j;
+                break;
+            }
+        }
+    }
 }
 
 // dst[pairs[2i]] = pairs[2i + 1] for i < n (block-table entries of newly taken KV blocks).

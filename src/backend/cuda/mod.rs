@@ -12,8 +12,10 @@
 //!   prompt rows alike, each reading its own sequence's blocks up to its position). A decode
 //!   step (one token per row) of R rows, R padded to a power of two, replays a CUDA graph
 //!   captured the second time that R is seen (`INFERD_CUDA_GRAPHS=0` turns them off).
-//! - Sampling: greedy rows are picked on the device (only their token ids cross to the host);
-//!   other rows' logits are copied and sampled by the engine's sampler.
+//! - Sampling: greedy rows are picked on the device, and so are drawing rows (temperature, top-k,
+//!   top-p, min-p, the sequence's seed) without logprobs, penalties, bias or a grammar: only their
+//!   token ids cross to the host (`gpu_sampling`, `sample_rows` in `kernels.cu`). Other rows'
+//!   logits are copied and sampled by the engine's sampler.
 mod forward;
 pub mod gpu;
 mod weights;
@@ -25,6 +27,7 @@ use self::gpu::{Buf, Dtype, Gpu, Graph};
 use self::weights::DevWeights;
 use super::candle::attention::RopeTable;
 use super::candle::ModelConfig;
+use super::gpu_sampling::{self, Route};
 use super::paged::BlockTables;
 use super::{Backend, BackendError, KvCapacity, SampleSpec, Sampled, SeqId, StepInput};
 use crate::model::WeightsFormat;
@@ -83,6 +86,12 @@ pub struct CudaBackend {
     graphs: HashMap<usize, Graph>,
     seen: HashSet<usize>,
     use_graphs: bool,
+    /// Sample drawing rows on the device (`INFERD_CUDA_DEVICE_SAMPLING`).
+    device_sampling: bool,
+    /// The next step's sampling parameters per logit row (empty: every row off).
+    sample_params: Vec<u8>,
+    /// Whether the device's parameter buffer holds a row that is on.
+    params_on: bool,
 }
 
 /// `INFERD_CUDA_GRAPHS=0` turns the decode graphs off (A/B runs).
@@ -180,6 +189,9 @@ impl CudaBackend {
             graphs: HashMap::new(),
             seen: HashSet::new(),
             use_graphs: opts.graphs,
+            device_sampling: gpu_sampling::enabled_from_env(),
+            sample_params: Vec::new(),
+            params_on: false,
         })
     }
 
@@ -268,6 +280,7 @@ impl CudaBackend {
             let inter = self.w.layers.first().map_or(0, |l| l.gate_up.n / 2);
             self.graphs.clear();
             self.seen.clear();
+            self.params_on = false;
             self.scratch = forward::Scratch::new(&self.gpu, &self.cfg, self.w.dtype, inter, rows.next_power_of_two(), self.scratch.logit_rows.max(logit_rows))?;
         }
         let decode = graph && self.use_graphs && inputs.iter().all(|i| i.tokens.len() == 1 && i.want_logits);
@@ -291,6 +304,17 @@ impl CudaBackend {
             self.graphs.insert(r, g);
         }
         Ok(l)
+    }
+
+    /// The device sampler alone on given logit rows, each with its parameters and uniform
+    /// (tests compare it with the host's distribution; see `gpu_sampling::reference_draw`).
+    #[doc(hidden)]
+    pub fn sample_on_device(&self, logits: &[Vec<f32>], rows: &[(crate::engine::request::SamplingParams, f64)]) -> Result<Vec<u32>, BackendError> {
+        let mut params = Vec::new();
+        for (p, u) in rows {
+            gpu_sampling::push_params(&mut params, Some((p, *u)));
+        }
+        Ok(forward::sample_only(&self.gpu, logits, &params)?.into_iter().map(|t| t as u32).collect())
     }
 
     fn release_slot(&mut self, seq: SeqId) {
@@ -317,6 +341,7 @@ impl Backend for CudaBackend {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
+        self.sample_params.clear();
         self.run(inputs, false)?;
         self.gpu.sync()?;
         let vocab = self.cfg.vocab_size;
@@ -339,25 +364,35 @@ impl Backend for CudaBackend {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
+        let routes: Vec<Option<Route>> = inputs.iter().zip(samples).map(|(inp, spec)| spec.as_ref().filter(|_| inp.want_logits).map(|s| gpu_sampling::route(s, self.device_sampling))).collect();
+        self.sample_params.clear();
+        if routes.contains(&Some(Route::Device)) {
+            for ((inp, spec), route) in inputs.iter().zip(samples).zip(&routes) {
+                if inp.want_logits {
+                    let row = spec.as_ref().filter(|_| *route == Some(Route::Device)).map(|s| (s.params, s.uniform.unwrap_or(0.0)));
+                    gpu_sampling::push_params(&mut self.sample_params, row);
+                }
+            }
+        }
         self.run(inputs, true)?;
         let vocab = self.cfg.vocab_size;
-        let greedy_ids = forward::greedy_ids(self, inputs.iter().filter(|i| i.want_logits).count())?;
+        let ids = forward::greedy_ids(self, inputs.iter().filter(|i| i.want_logits).count())?;
         let mut out = Vec::with_capacity(inputs.len());
         let mut k = 0;
-        for (inp, spec) in inputs.iter().zip(samples) {
-            let Some(spec) = spec.filter(|_| inp.want_logits) else {
+        for ((inp, spec), route) in inputs.iter().zip(samples).zip(routes) {
+            if !inp.want_logits {
                 out.push(None);
                 continue;
-            };
-            let p = spec.params;
-            let plain_greedy = p.temperature <= 0.0 && spec.logprobs.is_none() && spec.mask.is_none() && p.logit_bias.is_empty() && p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
-            out.push(Some(if plain_greedy {
-                Sampled { token: greedy_ids[k] as u32, logprobs: None }
-            } else {
-                let mut l = vec![0f32; vocab];
-                self.gpu.read(&self.scratch.logits, k * vocab, &mut l)?;
-                crate::engine::sampler::sample(l, &spec)
-            }));
+            }
+            out.push(match (spec, route) {
+                (Some(spec), Some(Route::Host)) => {
+                    let mut l = vec![0f32; vocab];
+                    self.gpu.read(&self.scratch.logits, k * vocab, &mut l)?;
+                    Some(crate::engine::sampler::sample(l, spec))
+                }
+                (Some(_), Some(_)) => Some(Sampled { token: ids[k] as u32, logprobs: None }),
+                _ => None,
+            });
             k += 1;
         }
         Ok(out)
