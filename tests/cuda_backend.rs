@@ -347,8 +347,9 @@ fn seeded_draws_on_the_device_do_not_depend_on_the_batch() {
     let counts = TokenCounts::default();
     let n = 12usize;
     let prompts: Vec<Vec<u32>> = (0..n as u32).map(|i| (0..2 + i % 5).map(|j| (i * 53 + j * 19) % 500).collect()).collect();
-    // Row i draws with uniforms from its own stream; every third row is greedy.
-    let run = |g: &mut CudaBackend, rows: &[usize], seq0: SeqId| -> Vec<Vec<u32>> {
+    // Row i draws with uniforms from its own stream; every third row is greedy (every row when
+    // `all_greedy`).
+    let run = |g: &mut CudaBackend, rows: &[usize], seq0: SeqId, all_greedy: bool| -> Vec<Vec<u32>> {
         let mut rngs: Vec<Rng> = (0..n).map(|i| Rng(1 + i as u64 * 7919)).collect();
         let mut next: Vec<Vec<u32>> = prompts.clone();
         let mut got = vec![Vec::new(); n];
@@ -358,7 +359,7 @@ fn seeded_draws_on_the_device_do_not_depend_on_the_batch() {
             let specs: Vec<Option<SampleSpec>> = rows
                 .iter()
                 .zip(&us)
-                .map(|(&i, &u)| Some(if i % 3 == 0 { SampleSpec { params: &greedy_params, counts: &counts, uniform: None, logprobs: None, mask: None } } else { SampleSpec { params: &draw, counts: &counts, uniform: Some(u), logprobs: None, mask: None } }))
+                .map(|(&i, &u)| Some(if i % 3 == 0 || all_greedy { SampleSpec { params: &greedy_params, counts: &counts, uniform: None, logprobs: None, mask: None } } else { SampleSpec { params: &draw, counts: &counts, uniform: Some(u), logprobs: None, mask: None } }))
                 .collect();
             let out = g.step_and_sample(&inputs, &specs).expect("step");
             for (&i, s) in rows.iter().zip(out) {
@@ -373,13 +374,19 @@ fn seeded_draws_on_the_device_do_not_depend_on_the_batch() {
         got
     };
     let mut g = gpu("tiny-qwen2.q8_0.gguf", Dtype::F16);
-    let together = run(&mut g, &(0..n).collect::<Vec<_>>(), 0);
-    let again = run(&mut g, &(0..n).collect::<Vec<_>>(), 100);
+    let all: Vec<usize> = (0..n).collect();
+    let together = run(&mut g, &all, 0, false);
+    let again = run(&mut g, &all, 100, false);
     assert_eq!(together, again, "the same seeds give the same tokens on a second run");
     for i in 0..n {
-        let alone = run(&mut g, &[i], 200);
+        let alone = run(&mut g, &[i], 200, false);
         assert_eq!(alone[i], together[i], "row {i}: alone vs in a batch of {n}");
     }
+    // After drawing steps of many rows, then greedy steps of one row: a greedy batch keeps no
+    // row's earlier sampling parameters (each row as greedy alone).
+    let greedy_alone: Vec<Vec<u32>> = (0..n).map(|i| run(&mut g, &[i], 300, true).swap_remove(i)).collect();
+    let greedy_batch = run(&mut g, &all, 400, true);
+    assert_eq!(greedy_batch, greedy_alone, "greedy in a batch after drawing steps vs alone");
     let distinct = together.iter().filter(|t| t.iter().collect::<std::collections::HashSet<_>>().len() > 3).count();
     assert!(distinct >= n / 2, "drawing rows vary: {together:?}");
     eprintln!("{n} rows x 20 tokens ({} drawing on the device): identical alone, in the batch and on a second run", n - n.div_ceil(3));

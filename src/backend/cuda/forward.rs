@@ -18,6 +18,9 @@ use crate::backend::candle::ModelConfig;
 use crate::backend::gpu_sampling::PARAM_BYTES;
 use crate::backend::{BackendError, StepInput};
 
+/// Threads of one `attend` block: ATT_WARPS (kernels.cu) warps.
+const ATTEND_THREADS: u32 = 8 * 32;
+
 /// The step's buffers, allocated once for `rows` rows (`logit_rows` of them wanting logits).
 pub struct Scratch {
     pub rows: usize,
@@ -122,11 +125,12 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], padded: usize, new_
     let s = &mut b.scratch;
     gpu.write(&mut s.meta, &data)?;
     // The rows' sampling parameters: written when a row is sampled on the device, and once more
-    // after that to switch them off (padding rows are always off).
+    // after that to switch them off. The whole buffer each time (8 KiB for 256 rows): a row past
+    // this step's must not keep an earlier step's parameters for a later, larger step.
     let on = !b.sample_params.is_empty();
     if on || b.params_on {
         let mut bytes = std::mem::take(&mut b.sample_params);
-        bytes.resize(l * PARAM_BYTES, 0);
+        bytes.resize(s.params.len(), 0);
         gpu.write(&mut s.params, &bytes)?;
         b.params_on = on;
     }
@@ -174,7 +178,7 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize) -> Result<(), BackendError>
         gpu.launch(
             &gpu.k.attend,
             (nh as u32, r32),
-            128,
+            ATTEND_THREADS,
             &[&s.q.ptr, &c.k.ptr, &c.v.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &h16, &h32p, &nh32, &nkv32, &d32, &block, &scale, &kv32],
         )?;
         gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true)?;

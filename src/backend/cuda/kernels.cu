@@ -116,7 +116,8 @@ extern "C" __global__ void qkv_rope_store(float* __restrict__ qkv, const float* 
 
 // Causal attention of one query row and head over its sequence's cached positions 0..=pos:
 // softmax(q . k / sqrt(d)) v, online over tiles of 32 positions. Grid: (heads, rows); block:
-// ATT_WARPS warps; warp w takes tiles w, w + ATT_WARPS, ... In a tile each lane scores one
+// ATT_WARPS warps (the launch must give ATT_WARPS * 32 threads or fewer); warp w takes tiles
+// w, w + warps, ... In a tile each lane scores one
 // position (its own key row, read in 16-byte pieces against q in shared memory), then the warp
 // folds the tile's values in with lanes over head-dimension pairs (dims 2 lane + 64 e, +1;
 // d <= 128). The warps' partial results are merged at the end. A decode row of a short context
@@ -164,7 +165,8 @@ __device__ void attend_impl(const float* __restrict__ q, const T* __restrict__ k
                             __half* __restrict__ out16, float* __restrict__ out32, int nh, int nkv, int d, int block_size, float scale) {
     int head = blockIdx.x, r = blockIdx.y;
     int kvh = head / (nh / nkv), kvd = nkv * d;
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    // Warps in this launch (at most ATT_WARPS): the tile stride and the merge follow it.
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
     __shared__ float qs[MAX_PAIRS * 2 * WARP];
     const float* qr = q + (size_t)r * nh * d + head * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) qs[j] = qr[j] * scale;
@@ -175,7 +177,7 @@ __device__ void attend_impl(const float* __restrict__ q, const T* __restrict__ k
     float m = -INFINITY, l = 0.0f;
     int last = pos[r];
     const int* table = tables + row_seq[r] * table_stride;
-    for (int t0 = warp * WARP; t0 <= last; t0 += ATT_WARPS * WARP) {
+    for (int t0 = warp * WARP; t0 <= last; t0 += warps * WARP) {
         int p = t0 + lane;
         bool valid = p <= last;
         size_t base = valid ? ((size_t)table[p / block_size] * block_size + p % block_size) * kvd + kvh * d : 0;
@@ -220,11 +222,11 @@ __device__ void attend_impl(const float* __restrict__ q, const T* __restrict__ k
     __syncthreads();
     // Merge: thread j of the block finishes output dim j.
     float mm = -INFINITY;
-    for (int w = 0; w < ATT_WARPS; w++) mm = fmaxf(mm, sm[w]);
+    for (int w = 0; w < warps; w++) mm = fmaxf(mm, sm[w]);
     size_t dst = (size_t)r * nh * d + head * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
         float ll = 0.0f, o = 0.0f;
-        for (int w = 0; w < ATT_WARPS; w++) {
+        for (int w = 0; w < warps; w++) {
             if (sm[w] == -INFINITY) continue;
             float c = expf(sm[w] - mm);
             ll += sl[w] * c;
