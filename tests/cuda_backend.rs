@@ -16,6 +16,7 @@ use inferd::backend::cuda::gpu::Dtype;
 use inferd::backend::cuda::{CudaBackend, CudaOptions};
 use inferd::backend::{Backend, SeqId, StepInput};
 use inferd::model::WeightsFormat;
+use reference_common::Rng;
 
 fn repo() -> PathBuf {
     if let Ok(r) = std::env::var("INFERD_REPO") {
@@ -257,31 +258,6 @@ fn the_paged_cache_under_pressure_preempts_and_keeps_every_answer() {
     assert_eq!(got, want, "answers under a full cache");
     assert!(preemptions > 0);
     eprintln!("paged cache of 30 blocks, 24 sequences: {preemptions} preemptions, every answer as with a large cache");
-}
-
-/// xorshift64* (tests only): a stream of uniforms and normals from a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f32 {
-        let (a, b) = (self.uniform().max(1e-300), self.uniform());
-        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
-    }
-
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[(self.next() % v.len() as u64) as usize]
-    }
 }
 
 #[test]

@@ -9,12 +9,14 @@
 //! model has not been generated (scripts/test.sh generates it).
 #[path = "../fuzz/harness.rs"]
 mod harness;
+mod reference_common;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use harness::Target;
+use reference_common::Rng;
 use serde_json::Value;
 
 /// One target at a time: the harness's panic flag is process-wide.
@@ -27,24 +29,6 @@ fn inputs(dir: &str, t: Target) -> Vec<(PathBuf, Vec<u8>)> {
         .unwrap_or_default();
     v.sort();
     v.into_iter().map(|p| (p.clone(), std::fs::read(&p).expect("corpus file reads"))).collect()
-}
-
-/// xorshift64*: deterministic and dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
 }
 
 /// Values a client might put anywhere: bounds and just beyond, wrong types, odd strings.
