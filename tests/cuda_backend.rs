@@ -367,3 +367,34 @@ fn seeded_draws_on_the_device_do_not_depend_on_the_batch() {
     assert!(distinct >= n / 2, "drawing rows vary: {together:?}");
     eprintln!("{n} rows x 20 tokens ({} drawing on the device): identical alone, in the batch and on a second run", n - n.div_ceil(3));
 }
+
+/// Real models, which cannot be fixtures: `INFERD_TEST_REAL_GGUF` lists GGUF files (separated
+/// by `:`); skipped when unset. For three prompts, 32 greedy tokens of the GPU (f16, the
+/// default) against the CPU backend on the same file: the tokens must be identical. The largest
+/// logit difference over those steps is printed; the CPU's quantized kernels round activations to
+/// 8 bits (as ggml does) and the GPU multiplies by the exact dequantized weights, so the logits
+/// differ by more than on the f32 tiny models.
+#[test]
+fn real_models_give_the_cpu_backends_greedy_tokens() {
+    let Ok(list) = std::env::var("INFERD_TEST_REAL_GGUF") else {
+        eprintln!("skipped: INFERD_TEST_REAL_GGUF names no model");
+        return;
+    };
+    let opts = inferd::model::SourceOptions { cache_dir: None, offline: true, progress: false };
+    for path in list.split(':').filter(|p| !p.is_empty()) {
+        let assets = inferd::model::load_assets(path, &opts).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let o = CudaOptions { gpu_memory_fraction: 0.3, max_context: Some(4096), ..CudaOptions::default() };
+        let mut g = CudaBackend::load(&assets.weights, &o).unwrap_or_else(|e| panic!("{path} on cuda:0: {e}"));
+        let WeightsFormat::Gguf(file) = &assets.weights else { panic!("{path}: not a GGUF file") };
+        let mut c = CandleBackend::load(&WeightsFormat::Gguf(file.clone()), &candle_core::Device::Cpu, None).expect("loads on the CPU");
+        for (k, text) in ["Write a Python function that checks whether a number is prime.", "The capital of France is", "def fibonacci(n):"].iter().enumerate() {
+            let prompt = assets.tokenizer.encode(*text, true).expect("encodes").get_ids().to_vec();
+            let (gt, gl) = greedy(&mut g, 7000 + k as SeqId, &prompt, 32);
+            let (ct, cl) = greedy(&mut c, 7000 + k as SeqId, &prompt, 32);
+            let same = gt.iter().zip(&ct).take_while(|(a, b)| a == b).count();
+            let diff = max_diff(&gl[..same.max(1)], &cl[..same.max(1)]);
+            eprintln!("{path}: prompt {k}: {same} of 32 greedy tokens identical; max |logit diff| over them {diff:e}");
+            assert_eq!(gt, ct, "{path}: prompt {text:?}: GPU vs CPU greedy tokens");
+        }
+    }
+}
