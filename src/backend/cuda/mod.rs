@@ -202,25 +202,10 @@ impl CudaBackend {
 
     /// Rejects a step before it touches any cache.
     fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
-        let mut seen = HashSet::with_capacity(inputs.len());
-        let vocab = self.cfg.vocab_size;
-        for inp in inputs {
-            if inp.adapter.is_some() {
-                return Err(BackendError::Compute("LoRA adapters are not applied on CUDA yet".into()));
-            }
-            if !seen.insert(inp.seq) {
-                return Err(BackendError::Compute(format!("sequence {} appears twice in one step", inp.seq)));
-            }
-            if inp.tokens.is_empty() {
-                return Err(BackendError::Compute(format!("sequence {} has no tokens", inp.seq)));
-            }
-            if let Some(t) = inp.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(BackendError::Compute(format!("token id {t} is outside the vocabulary of {vocab}")));
-            }
-            if self.tables.len(inp.seq) + inp.tokens.len() > self.max_context {
-                return Err(BackendError::ContextFull { seq: inp.seq, max: self.max_context });
-            }
-        }
+        super::check_rows(inputs, self.cfg.vocab_size, self.max_context, |seq| self.tables.len(seq), |inp| match inp.adapter {
+            Some(_) => Err(BackendError::Compute("LoRA adapters are not applied on CUDA yet".into())),
+            None => Ok(()),
+        })?;
         let growths: Vec<(SeqId, usize)> = inputs.iter().map(|i| (i.seq, i.tokens.len())).collect();
         if let Some(seq) = self.tables.first_misfit(&growths) {
             return Err(BackendError::KvFull { seq });
