@@ -21,23 +21,33 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
-__device__ float block_sum(float v) {
+// Reduces over the block with `op` (`identity` its neutral value; blockDim.x a multiple of 32,
+// at most 1024); every thread gets the result.
+template <typename Op>
+__device__ float block_reduce(float v, float identity, Op op) {
     __shared__ float part[32];
     __shared__ float total;
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    v = warp_sum(v);
+    for (int o = WARP / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     if (lane == 0) part[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float s = lane < (int)(blockDim.x / WARP) ? part[lane] : 0.0f;
-        s = warp_sum(s);
+        float s = lane < (int)(blockDim.x / WARP) ? part[lane] : identity;
+        for (int o = WARP / 2; o > 0; o >>= 1) s = op(s, __shfl_xor_sync(0xffffffffu, s, o));
         if (lane == 0) total = s;
     }
     __syncthreads();
     float t = total;
     __syncthreads();
     return t;
+}
+
+__device__ float block_sum(float v) {
+    return block_reduce(v, 0.0f, [](float a, float b) { return a + b; });
+}
+
+__device__ float block_max(float v) {
+    return block_reduce(v, -INFINITY, [](float a, float b) { return fmaxf(a, b); });
 }
 
 // x[r, :] = table[ids[r], :] (the embedding lookup). Grid: rows; block: any.
@@ -342,24 +352,6 @@ struct SampleParams {
 #define FIXED_ONE 1099511627776.0  // 2^40
 
 __device__ __forceinline__ unsigned long long fixed_w(float w) { return (unsigned long long)((double)w * FIXED_ONE); }
-
-__device__ float block_max(float v) {
-    __shared__ float part[32];
-    __shared__ float total;
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    v = warp_max(v);
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float s = lane < (int)(blockDim.x / WARP) ? part[lane] : -INFINITY;
-        s = warp_max(s);
-        if (lane == 0) total = s;
-    }
-    __syncthreads();
-    float t = total;
-    __syncthreads();
-    return t;
-}
 
 __device__ unsigned long long block_sum_u64(unsigned long long v) {
     __shared__ unsigned long long part[32];
