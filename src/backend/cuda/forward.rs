@@ -21,6 +21,17 @@ use crate::backend::{BackendError, StepInput};
 /// Threads of one `attend` block: ATT_WARPS (kernels.cu) warps.
 const ATTEND_THREADS: u32 = 8 * 32;
 
+/// Blocks of `argmax_part` per logit row (ARGMAX_SLICES in kernels.cu).
+const ARGMAX_SLICES: usize = 64;
+
+/// The greedy pick of `rows` rows of `vocab` logits at `logits` into `ids`, through the slices'
+/// winners in `part_v` / `part_i` ([rows, ARGMAX_SLICES]).
+fn greedy_pick(gpu: &Gpu, logits: u64, vocab: usize, rows: usize, part_v: u64, part_i: u64, ids: u64) -> Result<(), BackendError> {
+    let v = vocab as i32;
+    gpu.launch(&gpu.k.argmax_part, (rows as u32, ARGMAX_SLICES as u32), 256, &[&logits, &v, &part_v, &part_i])?;
+    gpu.launch(&gpu.k.argmax_rows, (rows as u32, 1), 32, &[&part_v, &part_i, &ids])
+}
+
 /// The step's buffers, allocated once for `rows` rows (`logit_rows` of them wanting logits).
 pub struct Scratch {
     pub rows: usize,
@@ -42,6 +53,9 @@ pub struct Scratch {
     pub logits: Buf<f32>,
     /// Greedy picks, then the device-sampled rows' draws, [logit rows].
     ids: Buf<i32>,
+    /// Each logit row's slices' largest values and their indices, [logit rows, ARGMAX_SLICES].
+    part_v: Buf<f32>,
+    part_i: Buf<i32>,
     /// Sampling parameters of the logit rows (`gpu_sampling::PARAM_BYTES` each; all zero: off).
     params: Buf<u8>,
 }
@@ -63,6 +77,8 @@ impl Scratch {
             gu: gpu.zeros(rows * 2 * inter)?,
             logits: gpu.zeros(logit_rows * cfg.vocab_size)?,
             ids: gpu.zeros(logit_rows)?,
+            part_v: gpu.zeros(logit_rows * ARGMAX_SLICES)?,
+            part_i: gpu.zeros(logit_rows * ARGMAX_SLICES)?,
             params: gpu.zeros(logit_rows * PARAM_BYTES)?,
         })
     }
@@ -171,8 +187,8 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize) -> Result<(), BackendError>
         let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
         gpu.launch(
             &gpu.k.qkv_rope_store,
-            (r32, 1),
-            128,
+            (r32, (nh + cfg.num_kv_heads) as u32),
+            ((d / 2).div_ceil(32) * 32) as u32,
             &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32],
         )?;
         gpu.launch(
@@ -185,7 +201,7 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize) -> Result<(), BackendError>
         gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps])?;
         gpu.gemm(dtype, lw.gate_up.w.ptr, s.h.ptr, s.gu.ptr, r, lw.gate_up.n, h, false)?;
         let inter = lw.gate_up.n / 2;
-        gpu.launch(&gpu.k.silu_mul, (r32, 1), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32)])?;
+        gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32)])?;
         gpu.gemm(dtype, lw.down.w.ptr, s.h.ptr, s.x.ptr, r, h, inter, true)?;
     }
     if l > 0 {
@@ -193,7 +209,7 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize) -> Result<(), BackendError>
         let head = w.lm_head();
         gpu.gemm(dtype, head.w.ptr, s.h.ptr, s.logits.ptr, l, head.n, h, false)?;
         let vocab = cfg.vocab_size as i32;
-        gpu.launch(&gpu.k.argmax_rows, (l as u32, 1), 256, &[&s.logits.ptr, &vocab, &s.ids.ptr])?;
+        greedy_pick(gpu, s.logits.ptr, cfg.vocab_size, l, s.part_v.ptr, s.part_i.ptr, s.ids.ptr)?;
         gpu.launch(&gpu.k.sample_rows, (l as u32, 1), 1024, &[&s.logits.ptr, &vocab, &s.params.ptr, &s.ids.ptr])?;
     }
     Ok(())
@@ -221,8 +237,9 @@ pub fn sample_only(gpu: &Gpu, logits: &[Vec<f32>], params: &[u8]) -> Result<Vec<
     }
     let flat: Vec<f32> = logits.concat();
     let (l, p, ids) = (gpu.upload(&flat)?, gpu.upload(params)?, gpu.zeros::<i32>(n)?);
+    let (part_v, part_i) = (gpu.zeros::<f32>(n * ARGMAX_SLICES)?, gpu.zeros::<i32>(n * ARGMAX_SLICES)?);
+    greedy_pick(gpu, l.ptr, width, n, part_v.ptr, part_i.ptr, ids.ptr)?;
     let v = width as i32;
-    gpu.launch(&gpu.k.argmax_rows, (n as u32, 1), 256, &[&l.ptr, &v, &ids.ptr])?;
     gpu.launch(&gpu.k.sample_rows, (n as u32, 1), 1024, &[&l.ptr, &v, &p.ptr, &ids.ptr])?;
     let mut out = vec![0i32; n];
     gpu.read(&ids, 0, &mut out)?;

@@ -21,23 +21,33 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
-__device__ float block_sum(float v) {
+// Reduces over the block with `op` (`identity` its neutral value; blockDim.x a multiple of 32,
+// at most 1024); every thread gets the result.
+template <typename Op>
+__device__ float block_reduce(float v, float identity, Op op) {
     __shared__ float part[32];
     __shared__ float total;
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    v = warp_sum(v);
+    for (int o = WARP / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     if (lane == 0) part[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float s = lane < (int)(blockDim.x / WARP) ? part[lane] : 0.0f;
-        s = warp_sum(s);
+        float s = lane < (int)(blockDim.x / WARP) ? part[lane] : identity;
+        for (int o = WARP / 2; o > 0; o >>= 1) s = op(s, __shfl_xor_sync(0xffffffffu, s, o));
         if (lane == 0) total = s;
     }
     __syncthreads();
     float t = total;
     __syncthreads();
     return t;
+}
+
+__device__ float block_sum(float v) {
+    return block_reduce(v, 0.0f, [](float a, float b) { return a + b; });
+}
+
+__device__ float block_max(float v) {
+    return block_reduce(v, -INFINITY, [](float a, float b) { return fmaxf(a, b); });
 }
 
 // x[r, :] = table[ids[r], :] (the embedding lookup). Grid: rows; block: any.
@@ -70,46 +80,51 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     }
 }
 
-// Rotates one head in place: pairs (2i, 2i + 1) when interleaved, else (i, i + half).
-__device__ __forceinline__ void rotate(float* h, const float* cs, const float* sn, int half, int interleaved) {
-    for (int i = threadIdx.x % WARP; i < half; i += WARP) {
-        int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-        float x = h[a], y = h[b];
-        h[a] = x * cs[i] - y * sn[i];
-        h[b] = x * sn[i] + y * cs[i];
-    }
-}
-
-// For each row: adds the q/k/v bias (if any), rotates q and k by the row's position (tables
-// cos/sin [positions, head_dim / 2]), writes q to `q` [rows, nh * d] and k, v into the paged cache.
-// Grid: rows; block: 128 (one warp per head at a time).
-extern "C" __global__ void qkv_rope_store(float* __restrict__ qkv, const float* __restrict__ bias, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+// For each row and head: adds the q/k/v bias (if any), rotates q and k by the row's position
+// (tables cos/sin [positions, head_dim / 2]; pairs (2i, 2i + 1) when interleaved, else
+// (i, i + half)), writes q to `q` [rows, nh * d] and k, v into the paged cache. Grid: (rows,
+// nh + nkv): blocks y < nh take a query head, the others a key head and its value head; a thread
+// takes a pair (and the same pair of the value head).
+extern "C" __global__ void qkv_rope_store(const float* __restrict__ qkv, const float* __restrict__ bias, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           const int* __restrict__ pos, const int* __restrict__ row_seq, const int* __restrict__ tables, int table_stride,
                                           float* __restrict__ q, void* __restrict__ kc, void* __restrict__ vc,
                                           int nh, int nkv, int d, int block_size, int interleaved, int kv32) {
-    int r = blockIdx.x;
+    int r = blockIdx.x, h = blockIdx.y;
     int qd = nh * d, kvd = nkv * d, width = qd + 2 * kvd;
-    float* row = qkv + (size_t)r * width;
-    if (bias) {
-        for (int j = threadIdx.x; j < width; j += blockDim.x) row[j] += bias[j];
-        __syncthreads();
-    }
+    const float* row = qkv + (size_t)r * width;
     int p = pos[r], half = d / 2;
     const float* cs = cos_t + (size_t)p * half;
     const float* sn = sin_t + (size_t)p * half;
-    int warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
-    for (int h = warp; h < nh + nkv; h += warps) rotate(row + h * d, cs, sn, half, interleaved);
-    __syncthreads();
-    for (int j = threadIdx.x; j < qd; j += blockDim.x) q[(size_t)r * qd + j] = row[j];
-    int block = tables[row_seq[r] * table_stride + p / block_size];
-    size_t slot = ((size_t)block * block_size + p % block_size) * kvd;
-    for (int j = threadIdx.x; j < kvd; j += blockDim.x) {
+    bool is_q = h < nh;
+    int src = is_q ? h * d : qd + (h - nh) * d;
+    size_t slot = 0;
+    if (!is_q) {
+        int block = tables[row_seq[r] * table_stride + p / block_size];
+        slot = ((size_t)block * block_size + p % block_size) * kvd + (size_t)(h - nh) * d;
+    }
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+        float x = row[src + a] + (bias ? bias[src + a] : 0.0f);
+        float y = row[src + b] + (bias ? bias[src + b] : 0.0f);
+        float ra = x * cs[i] - y * sn[i], rb = x * sn[i] + y * cs[i];
+        if (is_q) {
+            q[(size_t)r * qd + h * d + a] = ra;
+            q[(size_t)r * qd + h * d + b] = rb;
+            continue;
+        }
+        int vs = src + kvd;
+        float va = row[vs + a] + (bias ? bias[vs + a] : 0.0f);
+        float vb = row[vs + b] + (bias ? bias[vs + b] : 0.0f);
         if (kv32) {
-            ((float*)kc)[slot + j] = row[qd + j];
-            ((float*)vc)[slot + j] = row[qd + kvd + j];
+            ((float*)kc)[slot + a] = ra;
+            ((float*)kc)[slot + b] = rb;
+            ((float*)vc)[slot + a] = va;
+            ((float*)vc)[slot + b] = vb;
         } else {
-            ((__half*)kc)[slot + j] = __float2half(row[qd + j]);
-            ((__half*)vc)[slot + j] = __float2half(row[qd + kvd + j]);
+            ((__half*)kc)[slot + a] = __float2half(ra);
+            ((__half*)kc)[slot + b] = __float2half(rb);
+            ((__half*)vc)[slot + a] = __float2half(va);
+            ((__half*)vc)[slot + b] = __float2half(vb);
         }
     }
 }
@@ -244,46 +259,73 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP) attend(const floa
     else attend_impl<__half>(q, (const __half*)kc, (const __half*)vc, pos, row_seq, tables, table_stride, out16, out32, nh, nkv, d, block_size, scale);
 }
 
-// out[r, j] = silu(gu[r, j]) * gu[r, inter + j], f16 (`out16`) or f32 (`out32`). Grid: rows;
-// block: 256.
+// out[r, j] = silu(gu[r, j]) * gu[r, inter + j], f16 (`out16`) or f32 (`out32`). Grid: (rows,
+// ceil(inter / block)); one value a thread.
 extern "C" __global__ void silu_mul(const float* __restrict__ gu, __half* __restrict__ out16, float* __restrict__ out32, int inter) {
     int r = blockIdx.x;
+    int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= inter) return;
     const float* g = gu + (size_t)r * 2 * inter;
-    for (int j = threadIdx.x; j < inter; j += blockDim.x) {
-        float x = g[j];
-        float v = x / (1.0f + expf(-x)) * g[inter + j];
-        if (out16) out16[(size_t)r * inter + j] = __float2half(v);
-        else out32[(size_t)r * inter + j] = v;
+    float x = g[j];
+    float v = x / (1.0f + expf(-x)) * g[inter + j];
+    if (out16) out16[(size_t)r * inter + j] = __float2half(v);
+    else out32[(size_t)r * inter + j] = v;
+}
+
+// The greedy pick in two launches, so that one row's 150k logits spread over many blocks:
+// argmax_part writes each slice's (largest value, lowest index holding it) to part[r, slice]
+// (grid: (rows, ARGMAX_SLICES); block: 256), argmax_rows takes the winner of a row's slices
+// (grid: rows; block: 32). ids[r] = the lowest index of the largest logit of row r; NaN never
+// wins; a row of -inf and NaN only gives 0.
+#define ARGMAX_SLICES 64
+
+__device__ __forceinline__ void better(float& bv, int& bi, float v, int i) {
+    if (v > bv || (v == bv && i < bi)) {
+        bv = v;
+        bi = i;
     }
 }
 
-// ids[r] = the lowest index of the largest logit of row r (NaN never wins). Grid: rows; block: 256.
-extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab, int* __restrict__ ids) {
-    int r = blockIdx.x;
+extern "C" __global__ void argmax_part(const float* __restrict__ logits, int vocab, float* __restrict__ part_v, int* __restrict__ part_i) {
+    int r = blockIdx.x, slice = blockIdx.y;
+    int per = (vocab + ARGMAX_SLICES - 1) / ARGMAX_SLICES;
+    int lo = slice * per, hi = min(vocab, lo + per);
     const float* l = logits + (size_t)r * vocab;
     float best = -INFINITY;
     int arg = 0x7fffffff;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+#pragma unroll 4
+    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
         float v = l[j];
         if (v > best) { best = v; arg = j; }
     }
-    __shared__ float sv[256];
-    __shared__ int si[256];
-    sv[threadIdx.x] = best;
-    si[threadIdx.x] = arg;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            float ov = sv[threadIdx.x + s];
-            int oi = si[threadIdx.x + s];
-            if (ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < si[threadIdx.x])) {
-                sv[threadIdx.x] = ov;
-                si[threadIdx.x] = oi;
-            }
-        }
-        __syncthreads();
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, arg, o);
+        better(best, arg, ov, oi);
     }
-    if (threadIdx.x == 0) ids[r] = si[0] == 0x7fffffff ? 0 : si[0];
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) { sv[warp] = best; si[warp] = arg; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x / WARP); w++) better(best, arg, sv[w], si[w]);
+        part_v[r * ARGMAX_SLICES + slice] = best;
+        part_i[r * ARGMAX_SLICES + slice] = arg;
+    }
+}
+
+extern "C" __global__ void argmax_rows(const float* __restrict__ part_v, const int* __restrict__ part_i, int* __restrict__ ids) {
+    int r = blockIdx.x;
+    float best = -INFINITY;
+    int arg = 0x7fffffff;
+    for (int k = threadIdx.x; k < ARGMAX_SLICES; k += blockDim.x) better(best, arg, part_v[r * ARGMAX_SLICES + k], part_i[r * ARGMAX_SLICES + k]);
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, arg, o);
+        better(best, arg, ov, oi);
+    }
+    if (threadIdx.x == 0) ids[r] = arg == 0x7fffffff ? 0 : arg;
 }
 
 // ---- Sampling on the device (rows at temperature > 0 without penalties, bias, grammar or
@@ -310,24 +352,6 @@ struct SampleParams {
 #define FIXED_ONE 1099511627776.0  // 2^40
 
 __device__ __forceinline__ unsigned long long fixed_w(float w) { return (unsigned long long)((double)w * FIXED_ONE); }
-
-__device__ float block_max(float v) {
-    __shared__ float part[32];
-    __shared__ float total;
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    v = warp_max(v);
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float s = lane < (int)(blockDim.x / WARP) ? part[lane] : -INFINITY;
-        s = warp_max(s);
-        if (lane == 0) total = s;
-    }
-    __syncthreads();
-    float t = total;
-    __syncthreads();
-    return t;
-}
 
 __device__ unsigned long long block_sum_u64(unsigned long long v) {
     __shared__ unsigned long long part[32];
@@ -377,18 +401,37 @@ __device__ unsigned long long block_exclusive_scan_u64(unsigned long long v, uns
 // least `need` of count (by_mass = 0) or of fixed-point mass (by_mass = 1).
 __device__ unsigned radix_cut(const float* w, int vocab, unsigned floor_bits, unsigned long long need, int by_mass) {
     __shared__ unsigned long long hist[256];
+    __shared__ unsigned long long stash[SAMPLE_THREADS / WARP][WARP];
     __shared__ unsigned s_prefix;
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     __shared__ unsigned long long s_above;
     unsigned prefix = 0, mask = 0;
     unsigned long long above = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
         __syncthreads();
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-            unsigned bits = __float_as_uint(w[j]);
-            if (bits >= floor_bits && (bits & mask) == prefix) {
-                atomicAdd(&hist[(bits >> shift) & 0xff], by_mass ? fixed_w(w[j]) : 1ull);
+        // Lanes of a warp that fall in one bin add to it once (the leader sums their values in lane
+        // order): weights bunch into a few bins, and one atomic per element there serialises.
+        for (int j0 = 0; j0 < vocab; j0 += blockDim.x) {
+            int j = j0 + threadIdx.x;
+            unsigned key = 256;
+            unsigned long long val = 0;
+            if (j < vocab) {
+                unsigned bits = __float_as_uint(w[j]);
+                if (bits >= floor_bits && (bits & mask) == prefix) {
+                    key = (bits >> shift) & 0xff;
+                    val = by_mass ? fixed_w(w[j]) : 1ull;
+                }
             }
+            stash[warp][lane] = val;
+            __syncwarp();
+            unsigned peers = __match_any_sync(0xffffffffu, key);
+            if (key < 256 && lane == __ffs(peers) - 1) {
+                unsigned long long sum = 0;
+                for (unsigned m = peers; m; m &= m - 1) sum += stash[warp][__ffs(m) - 1];
+                atomicAdd(&hist[key], sum);
+            }
+            __syncwarp();
         }
         __syncthreads();
         if (threadIdx.x == 0) {
