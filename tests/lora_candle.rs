@@ -93,6 +93,21 @@ fn llama_q4_1_gguf_with_adapters_stays_within_the_activation_rounding_of_its_own
 }
 
 
+#[test]
+fn llama_q4_1_gguf_dequantized_to_f32_matches_its_reference_within_1e4() {
+    // The same Q4_1 file with every tensor dequantized to F32 (the twin the GPU's real-model test
+    // compares against): without the 8-bit activation rounding, the CPU backend gives the exact
+    // product of the dequantised weights, adapters included, and the reference's greedy tokens.
+    let cases = lora_reference_file("llama-q4_1-reference.json");
+    let dst = std::env::temp_dir().join(format!("inferd-q4_1-dequantized-{}.gguf", std::process::id()));
+    reference_common::dequantized_gguf(&generated("tiny-llama.q4_1.gguf"), &dst);
+    let mut b = CandleBackend::load(&WeightsFormat::Gguf(dst.clone()), &candle_core::Device::Cpu, None).expect("load");
+    let _ = std::fs::remove_file(&dst);
+    let d = llama_vs_reference(&mut b, &cases, false, true);
+    eprintln!("tiny-llama.q4_1.gguf dequantized to F32: max |logit diff| vs transformers + PEFT {d:e}");
+    assert!(d < 1e-4, "{d} from transformers + PEFT on the dequantised Q4_1 weights");
+}
+
 fn step(b: &mut CandleBackend, seq: SeqId, tokens: &[u32], a: Option<&Arc<LoraAdapter>>) -> Vec<f32> {
     b.step(&[StepInput { seq, tokens, adapter: a, want_logits: true }]).expect("step").remove(0).expect("logits")
 }

@@ -159,3 +159,28 @@ impl Rng {
     }
 }
 
+
+/// `src` (a GGUF file) with every tensor dequantized to F32, written to `dst` with the same
+/// metadata and tensor names: the exact-arithmetic twin of a quantized model. The CPU backend's
+/// quantized kernels round activations to 8 bits as ggml does; on this twin it multiplies by the
+/// dequantized weights exactly, as the GPU backend does, so the two can be held to a tight bound.
+pub fn dequantized_gguf(src: &std::path::Path, dst: &std::path::Path) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let cpu = candle_core::Device::Cpu;
+    let mut f = std::fs::File::open(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    let content = gguf_file::Content::read(&mut f).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(&str, QTensor)> = names
+        .iter()
+        .map(|n| {
+            let q = content.tensor(&mut f, n, &cpu).expect("reads the tensor");
+            (n.as_str(), QTensor::quantize(&q.dequantize(&cpu).expect("dequantizes"), GgmlDType::F32).expect("f32"))
+        })
+        .collect();
+    let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(dst).unwrap_or_else(|e| panic!("{}: {e}", dst.display())));
+    gguf_file::write(&mut out, &meta, &refs).expect("writes the GGUF file");
+    std::io::Write::flush(&mut out).expect("writes the GGUF file");
+}
