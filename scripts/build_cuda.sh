@@ -62,7 +62,7 @@ cargo build --release --locked --features cuda --tests
 if [ -n "$out" ]; then
     mkdir -p "$out"
     cp target/cuda/release/inferd "$out/"
-    for t in cuda_backend; do
+    for t in cuda_backend cuda_lora; do
         exe=$(ls -t target/cuda/release/deps/$t-* 2>/dev/null | grep -v '\.d$' | head -1)
         [ -n "$exe" ] && cp "$exe" "$out/$t"
     done

@@ -3,7 +3,8 @@
 #
 # The candle backend on CUDA (always): tests/cuda_backend.rs (the GPU against the CPU backend and
 # transformers' references on the tiny models, a batch of 64 against each row alone, decode
-# graphs against plain launches, the paged cache under pressure). Needs cuBLAS 13 on the loader
+# graphs against plain launches, the paged cache under pressure) and tests/cuda_lora.rs (adapter
+# rows against PEFT, base and adapter rows mixed at random against each alone). Needs cuBLAS 13 on the loader
 # path (found in the local Python's nvidia-* packages) and the tiny models
 # (scripts/make_tiny_model.py, or copied into tests/fixtures/generated).
 #
@@ -38,12 +39,15 @@ MODELS=("$@")
 [ ${#MODELS[@]} -gt 0 ] || MODELS=(tests/fixtures/onnx/tiny-qwen2)
 status=0
 
-echo "== the candle backend on cuda:0 (tests/cuda_backend.rs)"
-if [ -n "${INFERD_TEST_BINS:-}" ]; then
-    "$INFERD_TEST_BINS/cuda_backend" --test-threads 1 --nocapture 2>&1 | grep -E "^test |max|part|identical|preempt|panicked|result" || status=1
-else
-    cargo test --release --features cuda --test cuda_backend -- --test-threads 1 --nocapture || status=1
-fi
+for t in cuda_backend cuda_lora; do
+    echo "== the candle backend on cuda:0 (tests/$t.rs)"
+    if [ -n "${INFERD_TEST_BINS:-}" ]; then
+        "$INFERD_TEST_BINS/$t" --test-threads 1 --nocapture > "/tmp/inferd-$t.log" 2>&1 || status=1
+        grep -E "^test |max|part|identical|preempt|alone|panicked|result" "/tmp/inferd-$t.log"
+    else
+        cargo test --release --features cuda --test $t -- --test-threads 1 --nocapture || status=1
+    fi
+done
 if [ -z "${ORT_DYLIB_PATH:-}" ]; then
     echo "(ORT_DYLIB_PATH is not set: the ONNX backend's checks are skipped)"
     exit $status

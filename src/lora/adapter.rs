@@ -89,6 +89,8 @@ pub struct BaseDims {
     pub kv_dim: usize,
     pub intermediate: usize,
     pub qk_rows: QkRows,
+    /// The largest rank the backend applies (None: any).
+    pub max_rank: Option<usize>,
 }
 
 impl BaseDims {
@@ -260,6 +262,9 @@ impl LoraAdapter {
                 return Err(format!("the base model's head size {head_dim} does not divide its q/k widths into even heads"));
             }
         }
+        if let Some(max) = base.max_rank.filter(|&max| self.rank > max) {
+            return Err(format!("its rank {} is above the largest this backend applies ({max})", self.rank));
+        }
         for (&(layer, m), p) in &self.modules {
             if layer >= base.layers {
                 return Err(format!("it targets layer {layer} but the base model has {} layers", base.layers));
@@ -308,7 +313,7 @@ mod tests {
         // and every token's logits were NaN.
         assert!(LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, 1e308).is_err());
         assert!(LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, -1e39).is_err());
-        let base = BaseDims { layers: 2, hidden: 2, q_dim: 3, kv_dim: 2, intermediate: 4, qk_rows: QkRows::Hf };
+        let base = BaseDims { layers: 2, hidden: 2, q_dim: 3, kv_dim: 2, intermediate: 4, qk_rows: QkRows::Hf, max_rank: None };
         let mut m = BTreeMap::new();
         m.insert((0, Module::Q), LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, 1.0).unwrap());
         let before = live_bytes();
@@ -323,12 +328,18 @@ mod tests {
         m.insert((0, Module::K), LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, 1.0).unwrap());
         let e = LoraAdapter::new("c", PathBuf::from("x"), "peft", m).check_fits(&base).unwrap_err();
         assert!(e.contains("k_proj") && e.contains("different base model"), "{e}");
+        let mut m = BTreeMap::new();
+        m.insert((0, Module::Q), LoraPair::new(vec![0.; 4], vec![0.; 6], 2, 2, 3, 1.0).unwrap());
+        let d = LoraAdapter::new("d", PathBuf::from("x"), "peft", m);
+        assert!(d.check_fits(&BaseDims { max_rank: Some(2), ..base }).is_ok());
+        let e = d.check_fits(&BaseDims { max_rank: Some(1), ..base }).unwrap_err();
+        assert!(e.contains("rank 2") && e.contains("(1)"), "{e}");
     }
 
     #[test]
     fn binding_to_a_llama_gguf_base_interleaves_each_heads_q_and_k_rows_like_llama_cpp() {
         // Two heads of 4 rows, rank 1: B rows 0..8 hold their own index.
-        let base = BaseDims { layers: 1, hidden: 2, q_dim: 8, kv_dim: 4, intermediate: 2, qk_rows: QkRows::Interleaved { head_dim: 4 } };
+        let base = BaseDims { layers: 1, hidden: 2, q_dim: 8, kv_dim: 4, intermediate: 2, qk_rows: QkRows::Interleaved { head_dim: 4 }, max_rank: None };
         let rows: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let mut m = BTreeMap::new();
         m.insert((0, Module::Q), LoraPair::new(vec![1., 1.], rows.clone(), 1, 2, 8, 1.0).unwrap());

@@ -17,8 +17,11 @@ pub struct Case {
     pub steps: Vec<Vec<f32>>,
 }
 
+/// `rel` below the build's own repository root, else below the working directory (a test
+/// executable carried to another machine runs from its copy of the repository).
 fn read(rel: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let path = if built.exists() { built } else { std::env::current_dir().expect("a working directory").join(rel) };
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("reference json")
 }

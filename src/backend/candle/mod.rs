@@ -140,6 +140,7 @@ impl CandleBackend {
             kv_dim: c.num_kv_heads * c.head_dim,
             intermediate: self.model.intermediate_size(),
             qk_rows: if c.rope_interleaved { QkRows::Interleaved { head_dim: c.head_dim } } else { QkRows::Hf },
+            max_rank: None,
         }
     }
 

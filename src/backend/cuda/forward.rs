@@ -13,6 +13,7 @@
 //! Block tables live on the device ([slots + 1, max blocks]), indexed by each sequence's slot;
 //! a step uploads only the entries of blocks taken since the last one.
 use super::gpu::{Buf, Dtype, Gpu};
+use super::lora::{self, Group};
 use super::CudaBackend;
 use crate::backend::candle::ModelConfig;
 use crate::backend::gpu_sampling::PARAM_BYTES;
@@ -36,7 +37,8 @@ fn greedy_pick(gpu: &Gpu, logits: u64, vocab: usize, rows: usize, part_v: u64, p
 pub struct Scratch {
     pub rows: usize,
     pub logit_rows: usize,
-    /// ids [rows] | pos [rows] | slot [rows] | logit rows [logit_rows] | table updates [2 x updates]
+    /// ids [rows] | pos [rows] | slot [rows] | adapter slot [rows] | logit rows [logit_rows] |
+    /// table updates [2 x updates]
     meta: Buf<i32>,
     updates: usize,
     /// The residual stream, f32 [rows, hidden].
@@ -49,6 +51,8 @@ pub struct Scratch {
     q: Buf<f32>,
     /// gate/up product, f32 [rows, 2 intermediate].
     gu: Buf<f32>,
+    /// LoRA rows' `scale * A x`, f32 [rows, lora::GROUP, lora::MAX_RANK].
+    lora_t: Buf<f32>,
     /// Logits of the rows that want them, f32 [logit rows, vocab].
     pub logits: Buf<f32>,
     /// Greedy picks, then the device-sampled rows' draws, [logit rows].
@@ -68,13 +72,14 @@ impl Scratch {
         Ok(Scratch {
             rows,
             logit_rows,
-            meta: gpu.zeros(3 * rows + logit_rows + 2 * updates)?,
+            meta: gpu.zeros(4 * rows + logit_rows + 2 * updates)?,
             updates,
             x: gpu.zeros(rows * cfg.hidden_size)?,
             h: gpu.zeros(rows * wide * dtype.bytes())?,
             qkv: gpu.zeros(rows * (q + 2 * kv))?,
             q: gpu.zeros(rows * q)?,
             gu: gpu.zeros(rows * 2 * inter)?,
+            lora_t: gpu.zeros(rows * lora::GROUP * lora::MAX_RANK)?,
             logits: gpu.zeros(logit_rows * cfg.vocab_size)?,
             ids: gpu.zeros(logit_rows)?,
             part_v: gpu.zeros(logit_rows * ARGMAX_SLICES)?,
@@ -90,8 +95,9 @@ impl Scratch {
             Field::Ids => 0,
             Field::Pos => r,
             Field::Slot => 2 * r,
-            Field::LogitRows => 3 * r,
-            Field::Updates => 3 * r + self.logit_rows,
+            Field::Adapter => 3 * r,
+            Field::LogitRows => 4 * r,
+            Field::Updates => 4 * r + self.logit_rows,
         };
         self.meta.ptr + 4 * off as u64
     }
@@ -102,29 +108,34 @@ enum Field {
     Ids,
     Pos,
     Slot,
+    Adapter,
     LogitRows,
     Updates,
 }
 
-/// Writes the step's row data (padded with rows of the spare slot up to `padded` rows) and
-/// applies the block-table entries taken since the last step. Returns (rows, logit rows).
-pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], padded: usize, new_blocks: &[(usize, u32)]) -> Result<(usize, usize), BackendError> {
+/// Writes the step's row data (padded with rows of the spare slot up to `padded` rows), each
+/// input's adapter slot (`adapters`, -1 for the base model; None: no adapter rows), and applies
+/// the block-table entries taken since the last step. Returns (rows, logit rows).
+pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[i32]>, padded: usize, new_blocks: &[(usize, u32)]) -> Result<(usize, usize), BackendError> {
     let s = &b.scratch;
     let (cap, lcap) = (s.rows, s.logit_rows);
-    let mut data = vec![0i32; 3 * cap + lcap];
+    let mut data = vec![0i32; 4 * cap + lcap];
+    data[3 * cap..4 * cap].fill(-1);
     let mut r = 0;
     let mut l = 0;
-    for inp in inputs {
+    for (k, inp) in inputs.iter().enumerate() {
         let slot = b.slots[&inp.seq] as i32;
         let start = b.tables.len(inp.seq) - inp.tokens.len();
+        let adapter = adapters.map_or(-1, |a| a[k]);
         for (i, &t) in inp.tokens.iter().enumerate() {
             data[r] = t as i32;
             data[cap + r] = (start + i) as i32;
             data[2 * cap + r] = slot;
+            data[3 * cap + r] = adapter;
             r += 1;
         }
         if inp.want_logits {
-            data[3 * cap + l] = (r - 1) as i32;
+            data[4 * cap + l] = (r - 1) as i32;
             l += 1;
         }
     }
@@ -133,7 +144,7 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], padded: usize, new_
     let spare = b.spare_slot() as i32;
     while r < padded {
         data[2 * cap + r] = spare;
-        data[3 * cap + l] = r as i32;
+        data[4 * cap + l] = r as i32;
         r += 1;
         l += 1;
     }
@@ -152,16 +163,31 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], padded: usize, new_
     }
     for chunk in new_blocks.chunks(s.updates) {
         let pairs: Vec<i32> = chunk.iter().flat_map(|&(i, blk)| [i as i32, blk as i32]).collect();
-        gpu.write_at(&mut s.meta, 3 * cap + lcap, &pairs)?;
+        gpu.write_at(&mut s.meta, 4 * cap + lcap, &pairs)?;
         let n = chunk.len() as i32;
         gpu.launch(&gpu.k.scatter_i32, ((chunk.len() as u32).div_ceil(256), 1), 256, &[&b.dev_tables.ptr, &s.at(Field::Updates), &n])?;
     }
     Ok((r, l))
 }
 
+/// Adds the LoRA updates of group `g` of `layer` to the product's output `y` (f32 rows of
+/// `y_stride`) for the product's input (`x16` or `x32`, rows of `in_dim`) of `r` rows.
+#[allow(clippy::too_many_arguments)]
+fn lora_group(b: &CudaBackend, g: Group, layer: usize, r: usize, x16: u64, x32: u64, in_dim: usize, y: u64, y_stride: usize) -> Result<(), BackendError> {
+    let (gpu, s) = (&b.gpu, &b.scratch);
+    let (layer, layers, m0) = (layer as i32, b.cfg.num_layers as i32, g.first as i32);
+    let (table, slots) = (b.lora.table.ptr, s.at(Field::Adapter));
+    let (in_dim, y_stride) = (in_dim as i32, y_stride as i32);
+    gpu.launch(&gpu.k.lora_shrink, (r as u32, g.count as u32), 256, &[&table, &layer, &layers, &m0, &slots, &x16, &x32, &in_dim, &s.lora_t.ptr])?;
+    let col_blocks = b.lora.widest(g).div_ceil(256) as u32;
+    let cb = col_blocks as i32;
+    gpu.launch(&gpu.k.lora_expand, (r as u32, g.count as u32 * col_blocks), 256, &[&table, &layer, &layers, &m0, &slots, &s.lora_t.ptr, &y, &y_stride, &cb])
+}
+
 /// Launches the forward of `r` rows (data in place from `upload`), the logits of `l` rows and
-/// their greedy picks or device draws. Launches only: no copies, no waiting (it may be captured in a graph).
-pub fn launches(b: &CudaBackend, r: usize, l: usize) -> Result<(), BackendError> {
+/// their greedy picks or device draws; `adapters`: some rows use LoRA adapters. Launches only: no
+/// copies, no waiting (it may be captured in a graph).
+pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(), BackendError> {
     let (gpu, w, s, cfg) = (&b.gpu, &b.w, &b.scratch, &b.cfg);
     let dtype = w.dtype;
     let (ids, pos, slot, logit_rows) = (s.at(Field::Ids), s.at(Field::Pos), s.at(Field::Slot), s.at(Field::LogitRows));
@@ -184,6 +210,9 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize) -> Result<(), BackendError>
         let c = &b.cache[layer];
         gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps])?;
         gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false)?;
+        if adapters {
+            lora_group(b, lora::QKV, layer, r, h16, h32p, h, s.qkv.ptr, lw.qkv.n)?;
+        }
         let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
         gpu.launch(
             &gpu.k.qkv_rope_store,
@@ -198,11 +227,20 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize) -> Result<(), BackendError>
             &[&s.q.ptr, &c.k.ptr, &c.v.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &h16, &h32p, &nh32, &nkv32, &d32, &block, &scale, &kv32],
         )?;
         gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true)?;
+        if adapters {
+            lora_group(b, lora::O, layer, r, h16, h32p, nh * d, s.x.ptr, h)?;
+        }
         gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps])?;
         gpu.gemm(dtype, lw.gate_up.w.ptr, s.h.ptr, s.gu.ptr, r, lw.gate_up.n, h, false)?;
+        if adapters {
+            lora_group(b, lora::GATE_UP, layer, r, h16, h32p, h, s.gu.ptr, lw.gate_up.n)?;
+        }
         let inter = lw.gate_up.n / 2;
         gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32)])?;
         gpu.gemm(dtype, lw.down.w.ptr, s.h.ptr, s.x.ptr, r, h, inter, true)?;
+        if adapters {
+            lora_group(b, lora::DOWN, layer, r, h16, h32p, inter, s.x.ptr, h)?;
+        }
     }
     if l > 0 {
         gpu.launch(&gpu.k.rms_norm, (l as u32, 1), 256, &[&s.x.ptr, &w.final_norm.ptr, &logit_rows, &h16, &h32p, &h32, &eps])?;

@@ -511,3 +511,68 @@ extern "C" __global__ void scatter_i32(int* __restrict__ dst, const int* __restr
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) dst[pairs[2 * i]] = pairs[2 * i + 1];
 }
+
+// LoRA rows (Punica / S-LoRA's BGMV): each row of a step may use its own adapter (or none), and a
+// projection's low-rank updates for all rows are two launches, whatever the mix. `table` holds one
+// entry per (adapter slot, layer, module) (lora.rs writes it); `row_slot[r]` is row r's adapter
+// slot, -1 for a base-model row. A group is the modules that share one product's input (q/k/v,
+// gate/up) or one module alone; `m0` is its first module, `nmods` its size (grid.y of the shrink).
+struct LoraEntry {
+    const float* a;   // [rank, in_dim]
+    const float* bt;  // B transposed: [rank, out_dim]
+    int rank;         // 0: this adapter does not target the module
+    float scale;
+    int out_dim;
+    int col;          // first column of the module's output in the product's output row
+};
+#define LORA_MODULES 7
+#define LORA_MAX_RANK 256
+#define LORA_GROUP 3
+
+__device__ __forceinline__ const LoraEntry* lora_entry(const LoraEntry* table, int slot, int layer, int layers, int m) {
+    return table + ((size_t)slot * layers + layer) * LORA_MODULES + m;
+}
+
+// t[r, j, k] = scale * (A_j x_r)[k] for k < rank, with x the product's input (f16 `x16` or f32
+// `x32`, [rows, in_dim]). Grid: (rows, nmods); a warp per rank index at a time.
+extern "C" __global__ void lora_shrink(const LoraEntry* __restrict__ table, int layer, int layers, int m0, const int* __restrict__ row_slot,
+                                       const __half* __restrict__ x16, const float* __restrict__ x32, int in_dim, float* __restrict__ t) {
+    int r = blockIdx.x, j = blockIdx.y;
+    int slot = row_slot[r];
+    if (slot < 0) return;
+    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + j);
+    if (e.rank == 0) return;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, warps = blockDim.x / WARP;
+    for (int k = warp; k < e.rank; k += warps) {
+        const float* a = e.a + (size_t)k * in_dim;
+        float acc = 0.0f;
+        if (x16) {
+            const __half* x = x16 + (size_t)r * in_dim;
+            for (int i = lane; i < in_dim; i += WARP) acc += a[i] * __half2float(x[i]);
+        } else {
+            const float* x = x32 + (size_t)r * in_dim;
+            for (int i = lane; i < in_dim; i += WARP) acc += a[i] * x[i];
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) t[((size_t)r * LORA_GROUP + j) * LORA_MAX_RANK + k] = acc * e.scale;
+    }
+}
+
+// y[r, col_j + o] += sum_k Bt_j[k, o] t[r, j, k]: the update added to the product's output
+// (f32, rows of `y_stride`). Grid: (rows, nmods * col_blocks), a thread per output column.
+extern "C" __global__ void lora_expand(const LoraEntry* __restrict__ table, int layer, int layers, int m0, const int* __restrict__ row_slot,
+                                       const float* __restrict__ t, float* __restrict__ y, int y_stride, int col_blocks) {
+    __shared__ float ts[LORA_MAX_RANK];
+    int r = blockIdx.x, j = blockIdx.y / col_blocks;
+    int o = (blockIdx.y % col_blocks) * blockDim.x + threadIdx.x;
+    int slot = row_slot[r];
+    if (slot < 0) return;
+    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + j);
+    if (e.rank == 0) return;
+    for (int k = threadIdx.x; k < e.rank; k += blockDim.x) ts[k] = t[((size_t)r * LORA_GROUP + j) * LORA_MAX_RANK + k];
+    __syncthreads();
+    if (o >= e.out_dim) return;
+    float acc = 0.0f;
+    for (int k = 0; k < e.rank; k++) acc += e.bt[(size_t)k * e.out_dim + o] * ts[k];
+    y[(size_t)r * y_stride + e.col + o] += acc;
+}

@@ -12,18 +12,22 @@
 //!   prompt rows alike, each reading its own sequence's blocks up to its position). A decode
 //!   step (one token per row) of R rows, R padded to a power of two, replays a CUDA graph
 //!   captured the second time that R is seen (`INFERD_CUDA_GRAPHS=0` turns them off).
+//! - LoRA: base-model rows and rows of many adapters in one step, each row's update gathered by
+//!   its adapter (`lora.rs`, BGMV); adapters are uploaded when a step first uses them.
 //! - Sampling: greedy rows are picked on the device, and so are drawing rows (temperature, top-k,
 //!   top-p, min-p, the sequence's seed) without logprobs, penalties, bias or a grammar: only their
 //!   token ids cross to the host (`gpu_sampling`, `sample_rows` in `kernels.cu`). Other rows'
 //!   logits are copied and sampled by the engine's sampler.
 mod forward;
 pub mod gpu;
+mod lora;
 mod weights;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use self::gpu::{Buf, Dtype, Gpu, Graph};
+use self::lora::DevLora;
 use self::weights::DevWeights;
 use super::candle::attention::RopeTable;
 use super::candle::ModelConfig;
@@ -82,9 +86,12 @@ pub struct CudaBackend {
     /// padding rows) points at the spare block, which no sequence owns.
     dev_tables: Buf<i32>,
     max_blocks: usize,
-    /// Decode graphs by row count, and the row counts run once without a graph.
-    graphs: HashMap<usize, Graph>,
-    seen: HashSet<usize>,
+    /// Decode graphs by (row count, with adapter rows), and those run once without a graph.
+    graphs: HashMap<(usize, bool), Graph>,
+    seen: HashSet<(usize, bool)>,
+    /// The LoRA adapters on the device.
+    lora: DevLora,
+    lora_dims: crate::lora::BaseDims,
     use_graphs: bool,
     /// Sample drawing rows on the device (`INFERD_CUDA_DEVICE_SAMPLING`).
     device_sampling: bool,
@@ -167,6 +174,16 @@ impl CudaBackend {
         let mut host_tables = vec![0i32; (max_slots + 1) * max_blocks];
         host_tables[max_slots * max_blocks..].fill(blocks as i32);
         let dev_tables = gpu.upload(&host_tables)?;
+        let lora_dims = crate::lora::BaseDims {
+            layers: cfg.num_layers,
+            hidden: cfg.hidden_size,
+            q_dim: cfg.num_heads * d,
+            kv_dim,
+            intermediate: inter,
+            qk_rows: if cfg.rope_interleaved { crate::lora::QkRows::Interleaved { head_dim: d } } else { crate::lora::QkRows::Hf },
+            max_rank: Some(lora::MAX_RANK),
+        };
+        let lora = DevLora::new(&gpu, max_slots, lora_dims)?;
         tracing::info!(
             device = %gpu.name(), ordinal = opts.ordinal, dtype = ?opts.dtype, weights_mib = dw.bytes() >> 20,
             kv_blocks = blocks, kv_cache_mib = (blocks * block_bytes) >> 20, max_context, "CUDA backend ready"
@@ -188,6 +205,8 @@ impl CudaBackend {
             max_blocks,
             graphs: HashMap::new(),
             seen: HashSet::new(),
+            lora,
+            lora_dims,
             use_graphs: opts.graphs,
             device_sampling: gpu_sampling::enabled_from_env(),
             sample_params: Vec::new(),
@@ -203,7 +222,7 @@ impl CudaBackend {
     /// Rejects a step before it touches any cache.
     fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
         super::check_rows(inputs, self.cfg.vocab_size, self.max_context, |seq| self.tables.len(seq), |inp| match inp.adapter {
-            Some(_) => Err(BackendError::Compute("LoRA adapters are not applied on CUDA yet".into())),
+            Some(a) => a.check_fits(&self.lora_dims).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name))),
             None => Ok(()),
         })?;
         let growths: Vec<(SeqId, usize)> = inputs.iter().map(|i| (i.seq, i.tokens.len())).collect();
@@ -229,6 +248,7 @@ impl CudaBackend {
     /// `graph`: a decode step may replay a captured graph. Returns the logit rows written.
     fn run(&mut self, inputs: &[StepInput<'_>], graph: bool) -> Result<usize, BackendError> {
         self.check(inputs)?;
+        let adapters = self.lora.row_slots(&self.gpu, inputs)?;
         let mut assigned = Vec::new();
         for i in inputs {
             if !self.slots.contains_key(&i.seq) {
@@ -246,7 +266,7 @@ impl CudaBackend {
             new_blocks.extend(t.iter().enumerate().map(|(k, &blk)| (row + held + k, blk)));
             taken.push(t);
         }
-        let r = self.forward(inputs, graph, &new_blocks);
+        let r = self.forward(inputs, adapters.as_deref(), graph, &new_blocks);
         if r.is_err() {
             for (i, t) in inputs.iter().zip(&taken) {
                 self.tables.undo_grow(i.seq, i.tokens.len(), t);
@@ -258,7 +278,7 @@ impl CudaBackend {
         r
     }
 
-    fn forward(&mut self, inputs: &[StepInput<'_>], graph: bool, new_blocks: &[(usize, u32)]) -> Result<usize, BackendError> {
+    fn forward(&mut self, inputs: &[StepInput<'_>], adapters: Option<&[i32]>, graph: bool, new_blocks: &[(usize, u32)]) -> Result<usize, BackendError> {
         let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
         let logit_rows = inputs.iter().filter(|i| i.want_logits).count();
         if rows > self.scratch.rows || logit_rows > self.scratch.logit_rows {
@@ -270,23 +290,24 @@ impl CudaBackend {
         }
         let decode = graph && self.use_graphs && inputs.iter().all(|i| i.tokens.len() == 1 && i.want_logits);
         let padded = rows.next_power_of_two();
+        let lora = adapters.is_some();
         if !decode || padded > self.scratch.logit_rows {
-            let (r, l) = forward::upload(self, inputs, rows, new_blocks)?;
-            forward::launches(self, r, l)?;
+            let (r, l) = forward::upload(self, inputs, adapters, rows, new_blocks)?;
+            forward::launches(self, r, l, lora)?;
             return Ok(l);
         }
-        let (r, l) = forward::upload(self, inputs, padded, new_blocks)?;
-        if let Some(g) = self.graphs.get(&r) {
+        let (r, l) = forward::upload(self, inputs, adapters, padded, new_blocks)?;
+        if let Some(g) = self.graphs.get(&(r, lora)) {
             self.gpu.replay(g)?;
-        } else if self.seen.insert(r) {
+        } else if self.seen.insert((r, lora)) {
             // The first step of this size runs as launches (cuBLAS settles its kernels), the
             // second captures them.
-            forward::launches(self, r, l)?;
+            forward::launches(self, r, l, lora)?;
         } else {
-            let g = self.gpu.capture(|| forward::launches(self, r, l))?;
+            let g = self.gpu.capture(|| forward::launches(self, r, l, lora))?;
             self.gpu.replay(&g)?;
-            tracing::debug!(rows = r, "captured a decode graph");
-            self.graphs.insert(r, g);
+            tracing::debug!(rows = r, lora, "captured a decode graph");
+            self.graphs.insert((r, lora), g);
         }
         Ok(l)
     }
@@ -402,5 +423,9 @@ impl Backend for CudaBackend {
 
     fn kv_capacity(&self) -> Option<KvCapacity> {
         Some(self.tables.capacity())
+    }
+
+    fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
+        Some(self.lora_dims)
     }
 }

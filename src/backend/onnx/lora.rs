@@ -144,6 +144,7 @@ impl GraphLora {
             intermediate,
             // genai's builder exports Hugging Face's layout (rotary on the halves of each head).
             qk_rows: QkRows::Hf,
+            max_rank: None,
         };
         // The row mask is a plain (required) input: see scripts/export_onnx.py for why.
         let mask = session.inputs().iter().any(|i| i.name() == MASK).then(|| cname(MASK).ok()).flatten();

@@ -1,0 +1,178 @@
+//! LoRA rows on the candle backend's CUDA path (`src/backend/cuda/lora.rs`), run on a machine
+//! with an NVIDIA GPU (`scripts/cuda_check.sh`): logits with each adapter against transformers +
+//! PEFT, and base and adapter rows mixed at random in steps (prompt chunks, decode rows, CUDA
+//! graphs) against each sequence alone. Compiled only with `--features cuda`.
+#![cfg(feature = "cuda")]
+mod reference_common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use inferd::backend::cuda::gpu::Dtype;
+use inferd::backend::cuda::{CudaBackend, CudaOptions};
+use inferd::backend::{Backend, SampleSpec, SeqId, StepInput};
+use inferd::engine::sampler::TokenCounts;
+use inferd::engine::SamplingParams;
+use inferd::lora::{read_adapter, LoraAdapter};
+use inferd::model::WeightsFormat;
+use reference_common::{argmax, lora_reference_file, max_abs_diff, Rng};
+
+fn repo() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if built.join("tests/fixtures").exists() {
+        built
+    } else {
+        std::env::current_dir().expect("a working directory")
+    }
+}
+
+fn gpu(name: &str, dtype: Dtype) -> CudaBackend {
+    let p = repo().join("tests/fixtures/generated").join(name);
+    assert!(p.exists(), "{} is missing (scripts/make_tiny_model.py)", p.display());
+    let w = if p.is_dir() { WeightsFormat::Safetensors { dir: p } } else { WeightsFormat::Gguf(p) };
+    CudaBackend::load(&w, &CudaOptions { dtype, gpu_memory_fraction: 0.5, ..CudaOptions::default() }).unwrap_or_else(|e| panic!("{name} on cuda:0: {e}"))
+}
+
+/// An adapter of tests/fixtures/lora bound to `b`'s base, as the server's registry binds it.
+fn bound(b: &CudaBackend, name: &str) -> Arc<LoraAdapter> {
+    let a = read_adapter(name, &repo().join("tests/fixtures/lora").join(name)).expect("adapter reads");
+    Arc::new(a.bind(&b.lora_dims().expect("the CUDA backend applies adapters")).expect("the adapter fits"))
+}
+
+#[test]
+fn logits_with_each_adapter_match_transformers_and_peft() {
+    // (model, reference, f32 tolerance): the Q4_1 file's reference is on its dequantized weights,
+    // which the GPU multiplies by exactly.
+    let models = [
+        ("tiny-qwen2", "reference.json"),
+        ("tiny-llama.f32.gguf", "llama-reference.json"),
+        ("tiny-llama", "llama-reference.json"),
+        ("tiny-llama.q4_1.gguf", "llama-q4_1-reference.json"),
+    ];
+    for (dtype, tol) in [(Dtype::F32, 1e-3f32), (Dtype::F16, 0.1)] {
+        for (model, reference) in models {
+            let cases = lora_reference_file(reference);
+            assert!(cases.iter().any(|c| c.adapter.is_some()), "{reference} has adapter cases");
+            let mut g = gpu(model, dtype);
+            let mut worst = 0f32;
+            for (i, case) in cases.iter().enumerate() {
+                let a = case.adapter.as_deref().map(|n| bound(&g, n));
+                let seq = i as SeqId;
+                let mut feed = case.prompt.clone();
+                for (s, want) in case.steps.iter().enumerate() {
+                    let l = g.step(&[StepInput { seq, tokens: &feed, adapter: a.as_ref(), want_logits: true }]).expect("step").remove(0).expect("logits");
+                    worst = worst.max(max_abs_diff(&l, want));
+                    if let (Dtype::F32, Some(&t)) = (dtype, case.greedy.get(s)) {
+                        assert_eq!(argmax(&l), t, "{model} {:?} {} step {s}: greedy token vs PEFT", case.adapter, case.name);
+                    }
+                    feed = vec![case.greedy.get(s).copied().unwrap_or(0)];
+                }
+                g.release(seq);
+            }
+            eprintln!("{model} {dtype:?}: base and adapter rows vs transformers + PEFT, max |logit diff| {worst:e} (tolerance {tol:e})");
+            assert!(worst < tol, "{model} {dtype:?}: {worst} from transformers + PEFT");
+        }
+    }
+}
+
+/// One sequence of a randomized schedule: its prompt, adapter (index into the adapters, None:
+/// base model) and the step it arrives at.
+struct Plan {
+    prompt: Vec<u32>,
+    adapter: Option<usize>,
+    arrives: usize,
+}
+
+/// Runs `plans` together through `step_and_sample` (greedy): prompts in chunks of up to `chunk`
+/// tokens beside the others' decode rows, each sequence from its arrival step until it has `n`
+/// tokens. Returns each sequence's tokens.
+fn together(g: &mut CudaBackend, adapters: &[Arc<LoraAdapter>], plans: &[Plan], seq0: SeqId, chunk: usize, n: usize) -> Vec<Vec<u32>> {
+    let greedy = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+    let counts = TokenCounts::default();
+    let mut fed = vec![0usize; plans.len()];
+    let mut next: Vec<Vec<u32>> = vec![Vec::new(); plans.len()];
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); plans.len()];
+    let mut step = 0;
+    while got.iter().any(|t| t.len() < n) {
+        let mut rows: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+        for (i, p) in plans.iter().enumerate() {
+            if got[i].len() >= n || p.arrives > step {
+                continue;
+            }
+            if fed[i] < p.prompt.len() {
+                let k = (p.prompt.len() - fed[i]).min(chunk);
+                rows.push((i, p.prompt[fed[i]..fed[i] + k].to_vec(), fed[i] + k == p.prompt.len()));
+                fed[i] += k;
+            } else {
+                rows.push((i, next[i].clone(), true));
+            }
+        }
+        step += 1;
+        if rows.is_empty() {
+            continue;
+        }
+        let inputs: Vec<StepInput> = rows
+            .iter()
+            .map(|(i, t, w)| StepInput { seq: seq0 + *i as SeqId, tokens: t, adapter: plans[*i].adapter.map(|a| &adapters[a]), want_logits: *w })
+            .collect();
+        let specs: Vec<Option<SampleSpec>> = rows.iter().map(|(_, _, w)| w.then_some(SampleSpec { params: &greedy, counts: &counts, uniform: None, logprobs: None, mask: None })).collect();
+        for ((i, _, _), s) in rows.iter().zip(g.step_and_sample(&inputs, &specs).expect("mixed step")) {
+            if let Some(s) = s {
+                got[*i].push(s.token);
+                next[*i] = vec![s.token];
+            }
+        }
+    }
+    for i in 0..plans.len() {
+        g.release(seq0 + i as SeqId);
+    }
+    got
+}
+
+#[test]
+fn base_and_adapter_rows_mixed_at_random_give_what_each_gives_alone() {
+    // Random schedules: up to 40 sequences, each on the base model or one of three adapters
+    // (all seven modules, q and k only, a qwen2 pair), arriving at random steps, prompts of 1-40
+    // tokens in random chunk sizes. Decode steps of one token a row replay CUDA graphs (with and
+    // without adapter rows). Each sequence's greedy tokens must be those it gets alone.
+    for (model, names) in [("tiny-llama.f32.gguf", ["llama-adapter-all", "llama-adapter-qk"]), ("tiny-qwen2", ["adapter-a", "adapter-b"])] {
+        for dtype in [Dtype::F32, Dtype::F16] {
+            let mut g = gpu(model, dtype);
+            let adapters: Vec<Arc<LoraAdapter>> = names.iter().map(|n| bound(&g, n)).collect();
+            let mut rng = Rng(0x5eed ^ dtype as u64);
+            let mut seq0 = 10_000;
+            for round in 0..6 {
+                let count = 8 + rng.below(33);
+                let plans: Vec<Plan> = (0..count)
+                    .map(|_| Plan {
+                        prompt: (0..1 + rng.below(40)).map(|_| rng.below(500) as u32).collect(),
+                        adapter: rng.chance(0.7).then(|| rng.below(adapters.len())),
+                        arrives: rng.below(6),
+                    })
+                    .collect();
+                let chunk = 1 + rng.below(16);
+                let mixed = together(&mut g, &adapters, &plans, seq0, chunk, 10);
+                seq0 += 1000;
+                for (i, p) in plans.iter().enumerate() {
+                    let alone = together(&mut g, &adapters, &[Plan { prompt: p.prompt.clone(), adapter: p.adapter, arrives: 0 }], seq0, 64, 10);
+                    seq0 += 1;
+                    assert_eq!(mixed[i], alone[0], "{model} {dtype:?} round {round}: sequence {i} (adapter {:?}) in a batch of {count} vs alone", p.adapter.map(|a| names[a]));
+                }
+                let adapted = plans.iter().filter(|p| p.adapter.is_some()).count();
+                eprintln!("{model} {dtype:?} round {round}: {count} sequences ({adapted} with adapters), chunks of {chunk}: each as alone");
+            }
+            // The adapters change the logits (a step that applied none would pass the above).
+            let prompt: Vec<u32> = (1..20).collect();
+            let mut first = |a: Option<&Arc<LoraAdapter>>, seq: SeqId| {
+                let l = g.step(&[StepInput { seq, tokens: &prompt, adapter: a, want_logits: true }]).expect("step").remove(0).expect("logits");
+                g.release(seq);
+                l
+            };
+            let base = first(None, seq0);
+            for (k, a) in adapters.iter().enumerate() {
+                let d = max_abs_diff(&first(Some(a), seq0 + 1 + k as SeqId), &base);
+                assert!(d > 1e-2, "{model} {dtype:?}: adapter {} moves the logits by only {d}", names[k]);
+            }
+        }
+    }
+}
