@@ -134,6 +134,7 @@ fn open_backend(m: &ModelConfig, device: Device, assets: &model::ModelAssets, se
                 max_kv_blocks: None,
                 max_slots: m.max_batch(),
                 graphs: crate::backend::cuda::graphs_from_env(),
+                prefix_caching: m.prefix_cache_mb != Some(0),
             };
             Box::new(crate::backend::cuda::CudaBackend::load(&assets.weights, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
         }

@@ -435,3 +435,58 @@ fn teacher_forced(b: &mut dyn Backend, seq: SeqId, prompt: &[u32], tokens: &[u32
     b.release(seq);
     out
 }
+
+/// Prompt `prompt` on `seq` after `reuse_prefix` (as the engine calls it), then greedy decoding:
+/// the positions reused, the tokens and every step's logits.
+fn greedy_reusing(b: &mut CudaBackend, seq: SeqId, prompt: &[u32], n: usize) -> (usize, Vec<u32>, Vec<Vec<f32>>) {
+    let reused = b.reuse_prefix(seq, prompt, None);
+    let (mut toks, mut logits) = (Vec::new(), Vec::new());
+    let mut feed = prompt[reused..].to_vec();
+    for _ in 0..n {
+        let l = b.step(&[StepInput { seq, tokens: &feed, adapter: None, want_logits: true }]).expect("step").remove(0).expect("logits");
+        let t = argmax(&l);
+        toks.push(t);
+        logits.push(l);
+        feed = vec![t];
+    }
+    b.release(seq);
+    (reused, toks, logits)
+}
+
+#[test]
+fn prompts_that_reuse_a_cached_prefix_give_the_tokens_of_a_full_prefill() {
+    // Eight prompts behind one 40-token system prompt: the first computes it, the others reuse
+    // its first two blocks (32 positions, shared, not copied), live or after it ended. Against
+    // a backend without prefix caching: the same greedy tokens, logits within the batch
+    // tolerance (the cached keys and values were computed in another step's shape).
+    let system: Vec<u32> = (0..40).map(|j| (j * 37 + 11) % 500).collect();
+    let prompts: Vec<Vec<u32>> = (0..8u32).map(|i| system.iter().copied().chain((0..1 + i * 3).map(|j| (i * 131 + j * 7) % 500)).collect()).collect();
+    for dtype in [Dtype::F32, Dtype::F16] {
+        let name = "tiny-qwen2.q8_0.gguf";
+        let mut plain = CudaBackend::load(&weights(name), &CudaOptions { dtype, gpu_memory_fraction: 0.3, prefix_caching: false, ..CudaOptions::default() }).expect("loads");
+        let mut cached = gpu(name, dtype);
+        let mut worst = 0f32;
+        for (i, p) in prompts.iter().enumerate() {
+            let (none, want, want_l) = greedy_reusing(&mut plain, 100 + i as SeqId, p, 12);
+            assert_eq!(none, 0, "prefix caching off reuses nothing");
+            // Even prompts while another sequence still holds the prefix, odd ones after.
+            let holder = (i % 2 == 0 && i > 0).then(|| {
+                let seq = 900 + i as SeqId;
+                let n = cached.reuse_prefix(seq, &system, None);
+                assert_eq!(n, 32, "the holder shares the cached blocks too");
+                cached.step(&[StepInput { seq, tokens: &system[n..], adapter: None, want_logits: false }]).expect("step");
+                seq
+            });
+            let (reused, got, got_l) = greedy_reusing(&mut cached, 200 + i as SeqId, p, 12);
+            if let Some(seq) = holder {
+                cached.release(seq);
+            }
+            assert_eq!(reused, if i == 0 { 0 } else { 32 }, "prompt {i}: positions reused");
+            assert_eq!(got, want, "{dtype:?} prompt {i}: tokens with a reused prefix vs a full prefill");
+            worst = worst.max(max_diff(&got_l, &want_l));
+        }
+        assert!(cached.prefix_cache_bytes() > 0, "ended sequences' blocks stay cached");
+        eprintln!("{dtype:?}: 7 of 8 prompts reused 32 cached positions; greedy tokens as a full prefill; max |logit diff| {worst:e}");
+        assert!(worst < if dtype == Dtype::F32 { 1e-3 } else { 5e-2 }, "{dtype:?}: logits {worst} from a full prefill");
+    }
+}

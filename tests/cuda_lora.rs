@@ -176,3 +176,37 @@ fn base_and_adapter_rows_mixed_at_random_give_what_each_gives_alone() {
         }
     }
 }
+
+#[test]
+fn a_cached_prefix_serves_only_its_own_adapter() {
+    // A 40-token prompt computed with adapter-a: a later prompt behind it reuses its two full
+    // blocks with adapter-a only (not with the base model or adapter-b), and gets the tokens of
+    // a full prefill with adapter-a.
+    let greedy = |g: &mut CudaBackend, seq: SeqId, prompt: &[u32], a: Option<&Arc<LoraAdapter>>| -> (usize, Vec<u32>) {
+        let reused = g.reuse_prefix(seq, prompt, a);
+        let mut feed = prompt[reused..].to_vec();
+        let mut toks = Vec::new();
+        for _ in 0..10 {
+            let l = g.step(&[StepInput { seq, tokens: &feed, adapter: a, want_logits: true }]).expect("step").remove(0).expect("logits");
+            toks.push(argmax(&l));
+            feed = vec![argmax(&l)];
+        }
+        g.release(seq);
+        (reused, toks)
+    };
+    let system: Vec<u32> = (0..40).map(|j| (j * 53 + 5) % 500).collect();
+    let later: Vec<u32> = system.iter().copied().chain([7, 8, 9]).collect();
+    let mut g = gpu("tiny-qwen2", Dtype::F32);
+    let (a, b) = (bound(&g, "adapter-a"), bound(&g, "adapter-b"));
+    let plain = CudaBackend::load(&WeightsFormat::Safetensors { dir: repo().join("tests/fixtures/generated/tiny-qwen2") }, &CudaOptions { dtype: Dtype::F32, gpu_memory_fraction: 0.3, prefix_caching: false, ..CudaOptions::default() });
+    let mut plain = plain.expect("loads");
+    assert_eq!(greedy(&mut g, 1, &system, Some(&a)).0, 0);
+    assert_eq!(g.reuse_prefix(2, &later, None), 0, "the base model does not reuse adapter-a's blocks");
+    g.release(2);
+    assert_eq!(g.reuse_prefix(3, &later, Some(&b)), 0, "adapter-b does not reuse adapter-a's blocks");
+    g.release(3);
+    let (reused, got) = greedy(&mut g, 4, &later, Some(&a));
+    assert_eq!(reused, 32);
+    assert_eq!(got, greedy(&mut plain, 4, &later, Some(&a)).1, "tokens with adapter-a's cached prefix vs a full prefill");
+    eprintln!("adapter-a's cached prefix: reused by adapter-a only (32 positions), tokens as a full prefill");
+}

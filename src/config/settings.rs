@@ -188,8 +188,9 @@ pub struct ModelConfig {
     /// sequence's cache grows up to the context length). When it is full, the engine preempts
     /// the latest admitted sequence instead of failing a step.
     pub kv_cache_mb: Option<usize>,
-    /// MiB of finished sequences' KV caches kept for prefix reuse (candle on the CPU; 0 turns
-    /// prefix caching off; None: the backend's default, 512).
+    /// MiB of finished sequences' KV caches kept for prefix reuse (candle on the CPU, onnx; 0
+    /// turns prefix caching off; None: the backend's default, 512). On CUDA the cached blocks
+    /// live in the paged KV cache and are taken back when it runs short: only 0 (off) matters.
     pub prefix_cache_mb: Option<usize>,
     /// How the model's tool calls are found in its answers: `auto` (from its chat template),
     /// `hermes`, `llama3_json`, `mistral`, or `none` (answers stay content).

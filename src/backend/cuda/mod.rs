@@ -6,7 +6,9 @@
 //!   cuBLAS product with f32 accumulation.
 //! - KV cache: f16 (f32 in the exact f32 mode), paged in blocks of [`BLOCK`] positions with a block table per sequence
 //!   (`paged::BlockTables`), sized from `gpu_memory_fraction` of the device's memory; the engine
-//!   admits and preempts by its free blocks.
+//!   admits and preempts by its free blocks. Prefix caching shares full blocks between sequences
+//!   whose prompts start with the same tokens (same adapter), and keeps them after their
+//!   sequences end until the room is needed.
 //! - Step (`forward.rs`): all rows of all sequences through each layer together; RoPE and the
 //!   cache write in one kernel; attention in one launch per layer for every row (decode and
 //!   prompt rows alike, each reading its own sequence's blocks up to its position). A decode
@@ -54,11 +56,14 @@ pub struct CudaOptions {
     pub max_slots: usize,
     /// Replay decode steps from CUDA graphs.
     pub graphs: bool,
+    /// Keep full KV blocks for reuse by later prompts that start with the same tokens
+    /// (`paged::BlockTables`; idle cached blocks are taken back when the cache runs short).
+    pub prefix_caching: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env() }
+        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env(), prefix_caching: true }
     }
 }
 
@@ -76,6 +81,8 @@ pub struct CudaBackend {
     sin: Buf<f32>,
     cache: Vec<LayerCache>,
     tables: BlockTables,
+    /// Bytes of one KV block over all layers (keys and values).
+    block_bytes: usize,
     max_context: usize,
     scratch: forward::Scratch,
     /// Each live sequence's row of `dev_tables`.
@@ -195,7 +202,8 @@ impl CudaBackend {
             cos,
             sin,
             cache,
-            tables: BlockTables::new(BLOCK, blocks),
+            tables: if opts.prefix_caching { BlockTables::with_prefix_caching(BLOCK, blocks) } else { BlockTables::new(BLOCK, blocks) },
+            block_bytes,
             max_context,
             scratch,
             slots: HashMap::new(),
@@ -261,13 +269,21 @@ impl CudaBackend {
         let mut new_blocks = Vec::new();
         for i in inputs {
             let held = self.tables.table(i.seq).len();
-            let t = self.tables.grow(i.seq, i.tokens.len());
             let row = self.slots[&i.seq] as usize * self.max_blocks;
+            if assigned.contains(&i.seq) {
+                // A new slot's row: the blocks it starts with (a reused prefix's) first.
+                new_blocks.extend(self.tables.table(i.seq).iter().enumerate().map(|(k, &blk)| (row + k, blk)));
+            }
+            let t = self.tables.grow(i.seq, i.tokens.len());
             new_blocks.extend(t.iter().enumerate().map(|(k, &blk)| (row + held + k, blk)));
             taken.push(t);
         }
         let r = self.forward(inputs, adapters.as_deref(), graph, &new_blocks);
-        if r.is_err() {
+        if r.is_ok() {
+            for i in inputs {
+                self.tables.record(i.seq, i.tokens, i.adapter.map_or(0, |a| a.id));
+            }
+        } else {
             for (i, t) in inputs.iter().zip(&taken) {
                 self.tables.undo_grow(i.seq, i.tokens.len(), t);
             }
@@ -427,5 +443,16 @@ impl Backend for CudaBackend {
 
     fn lora_dims(&self) -> Option<crate::lora::BaseDims> {
         Some(self.lora_dims)
+    }
+
+    fn reuse_prefix(&mut self, seq: SeqId, tokens: &[u32], adapter: Option<&std::sync::Arc<crate::lora::LoraAdapter>>) -> usize {
+        if self.slots.contains_key(&seq) {
+            return 0;
+        }
+        self.tables.reuse(seq, tokens, adapter.map_or(0, |a| a.id))
+    }
+
+    fn prefix_cache_bytes(&self) -> usize {
+        self.tables.idle_cached_blocks() * self.block_bytes
     }
 }
