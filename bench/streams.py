@@ -9,6 +9,9 @@ run (each metric taken from every server back to back), with ratios to the first
 
 Every request: streaming, `ignore_eos`, temperature 0, `--new-tokens` tokens (128), prompts of
 ~`--prompt-tokens` distinct per stream (so no server can reuse another stream's prompt cache).
+`--request-models NAME=ID,ID,...` sends server NAME's streams to those model ids in turn (stream k
+to the k-th modulo their number): LoRA adapters by name beside the base model, to measure what
+adapter rows cost against the same server's base rows.
 Standard library only (runs on the GPU machine's Python); prints one table. Where `nvidia-smi`
 exists, a row "peak GPU MiB" gives each server process's largest device memory seen over the run
 (sampled every 0.5 s): what it took from the card, KV reservation included, not what it used.
@@ -49,18 +52,18 @@ def one(url, b, timeout):
 def measure(srv, args, n, salt):
     """(metric -> value) for n concurrent streams."""
     url = srv.base + "/v1/completions"
-    mid = srv.model_id
+    ids = srv.model_ids
     if n == 1:
         ttft, decode, prefill = [], [], []
         for rep in range(args.repeats):
-            r = one(url, body(salt + rep, args, mid), args.timeout)
+            r = one(url, body(salt + rep, args, ids[rep % len(ids)]), args.timeout)
             ttft.append(r.t_first * 1e3)
             gen = (r.completion_tokens or args.new_tokens) - 1
             decode.append(gen / (r.t_last - r.t_first) if r.t_last > r.t_first else float("nan"))
             prefill.append((r.prompt_tokens or 0) / r.t_first)
         return {"TTFT ms": statistics.median(ttft), "decode tok/s (1 stream)": statistics.median(decode),
                 "prefill tok/s": statistics.median(prefill)}
-    results, wall = concurrent(url, [body(salt + k, args, mid) for k in range(n)], n, args.timeout)
+    results, wall = concurrent(url, [body(salt + k, args, ids[k % len(ids)]) for k in range(n)], n, args.timeout)
     errors = [r.error if r else "no result" for r in results if r is None or r.error]
     if errors:
         # Recorded, not fatal: the other servers' figures still come out.
@@ -102,7 +105,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--port", type=int, default=18190)
     ap.add_argument("--log-dir", default="/tmp")
+    ap.add_argument("--request-models", action="append", default=[], help="NAME=ID,ID,...: model ids (adapters) for server NAME's streams, in turn")
     args = ap.parse_args()
+    request_models = {k: v.split(",") for k, _, v in (spec.partition("=") for spec in args.request_models)}
     servers = []
     for k, spec in enumerate(args.server):
         name, _, cmd = spec.partition("=")
@@ -116,8 +121,9 @@ def main():
     try:
         for s in servers:
             s.start(timeout=600)
-            s.model_id = __import__("servers").http_json(s.base + "/v1/models")["data"][0]["id"]
-            one(s.base + "/v1/completions", body(99999, args, s.model_id), args.timeout)  # warm-up
+            s.model_ids = request_models.get(s.name) or [__import__("servers").http_json(s.base + "/v1/models")["data"][0]["id"]]
+            for k, mid in enumerate(s.model_ids):
+                one(s.base + "/v1/completions", body(99999 + k, args, mid), args.timeout)  # warm-up
         for n in [int(x) for x in args.streams.split(",")]:
             for s in servers:
                 t = time.time()

@@ -51,8 +51,6 @@ pub struct Scratch {
     q: Buf<f32>,
     /// gate/up product, f32 [rows, 2 intermediate].
     gu: Buf<f32>,
-    /// LoRA rows' `scale * A x`, f32 [rows, lora::GROUP, lora::MAX_RANK].
-    lora_t: Buf<f32>,
     /// Logits of the rows that want them, f32 [logit rows, vocab].
     pub logits: Buf<f32>,
     /// Greedy picks, then the device-sampled rows' draws, [logit rows].
@@ -79,7 +77,6 @@ impl Scratch {
             qkv: gpu.zeros(rows * (q + 2 * kv))?,
             q: gpu.zeros(rows * q)?,
             gu: gpu.zeros(rows * 2 * inter)?,
-            lora_t: gpu.zeros(rows * lora::GROUP * lora::MAX_RANK)?,
             logits: gpu.zeros(logit_rows * cfg.vocab_size)?,
             ids: gpu.zeros(logit_rows)?,
             part_v: gpu.zeros(logit_rows * ARGMAX_SLICES)?,
@@ -178,10 +175,7 @@ fn lora_group(b: &CudaBackend, g: Group, layer: usize, r: usize, x16: u64, x32: 
     let (layer, layers, m0) = (layer as i32, b.cfg.num_layers as i32, g.first as i32);
     let (table, slots) = (b.lora.table.ptr, s.at(Field::Adapter));
     let (in_dim, y_stride) = (in_dim as i32, y_stride as i32);
-    gpu.launch(&gpu.k.lora_shrink, (r as u32, g.count as u32), 256, &[&table, &layer, &layers, &m0, &slots, &x16, &x32, &in_dim, &s.lora_t.ptr])?;
-    let col_blocks = b.lora.widest(g).div_ceil(256) as u32;
-    let cb = col_blocks as i32;
-    gpu.launch(&gpu.k.lora_expand, (r as u32, g.count as u32 * col_blocks), 256, &[&table, &layer, &layers, &m0, &slots, &s.lora_t.ptr, &y, &y_stride, &cb])
+    gpu.launch(&gpu.k.lora_apply, (r as u32, g.count as u32), lora::THREADS, &[&table, &layer, &layers, &m0, &slots, &x16, &x32, &in_dim, &y, &y_stride])
 }
 
 /// Launches the forward of `r` rows (data in place from `upload`), the logits of `l` rows and

@@ -513,10 +513,10 @@ extern "C" __global__ void scatter_i32(int* __restrict__ dst, const int* __restr
 }
 
 // LoRA rows (Punica / S-LoRA's BGMV): each row of a step may use its own adapter (or none), and a
-// projection's low-rank updates for all rows are two launches, whatever the mix. `table` holds one
-// entry per (adapter slot, layer, module) (lora.rs writes it); `row_slot[r]` is row r's adapter
-// slot, -1 for a base-model row. A group is the modules that share one product's input (q/k/v,
-// gate/up) or one module alone; `m0` is its first module, `nmods` its size (grid.y of the shrink).
+// projection group's low-rank updates for all rows are one launch, whatever the mix. `table` holds
+// one entry per (adapter slot, layer, module) (lora.rs writes it); `row_slot[r]` is row r's
+// adapter slot, -1 for a base-model row. A group is the modules that share one product's input
+// (q/k/v, gate/up) or one module alone; `m0` is its first module (grid.y counts its modules).
 struct LoraEntry {
     const float* a;   // [rank, in_dim]
     const float* bt;  // B transposed: [rank, out_dim]
@@ -527,20 +527,24 @@ struct LoraEntry {
 };
 #define LORA_MODULES 7
 #define LORA_MAX_RANK 256
-#define LORA_GROUP 3
+#define LORA_THREADS 512
 
 __device__ __forceinline__ const LoraEntry* lora_entry(const LoraEntry* table, int slot, int layer, int layers, int m) {
     return table + ((size_t)slot * layers + layer) * LORA_MODULES + m;
 }
 
-// t[r, j, k] = scale * (A_j x_r)[k] for k < rank, with x the product's input (f16 `x16` or f32
-// `x32`, [rows, in_dim]). Grid: (rows, nmods); a warp per rank index at a time.
-extern "C" __global__ void lora_shrink(const LoraEntry* __restrict__ table, int layer, int layers, int m0, const int* __restrict__ row_slot,
-                                       const __half* __restrict__ x16, const float* __restrict__ x32, int in_dim, float* __restrict__ t) {
-    int r = blockIdx.x, j = blockIdx.y;
+// For row r and module m0 + blockIdx.y: t = scale * A x (a warp per rank index at a time, x the
+// product's input: f16 `x16` or f32 `x32`, rows of `in_dim`), then y[r, col + o] += (B t)[o] (a
+// thread per output column), into the product's f32 output rows of `y_stride`. Grid: (rows,
+// modules of the group); block: LORA_THREADS. Each row reads only its own input and writes only
+// its own output.
+extern "C" __global__ void __launch_bounds__(LORA_THREADS) lora_apply(const LoraEntry* __restrict__ table, int layer, int layers, int m0,
+        const int* __restrict__ row_slot, const __half* __restrict__ x16, const float* __restrict__ x32, int in_dim, float* __restrict__ y, int y_stride) {
+    __shared__ float ts[LORA_MAX_RANK];
+    int r = blockIdx.x;
     int slot = row_slot[r];
     if (slot < 0) return;
-    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + j);
+    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + blockIdx.y);
     if (e.rank == 0) return;
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, warps = blockDim.x / WARP;
     for (int k = warp; k < e.rank; k += warps) {
@@ -548,31 +552,22 @@ extern "C" __global__ void lora_shrink(const LoraEntry* __restrict__ table, int 
         float acc = 0.0f;
         if (x16) {
             const __half* x = x16 + (size_t)r * in_dim;
+#pragma unroll 4
             for (int i = lane; i < in_dim; i += WARP) acc += a[i] * __half2float(x[i]);
         } else {
             const float* x = x32 + (size_t)r * in_dim;
+#pragma unroll 4
             for (int i = lane; i < in_dim; i += WARP) acc += a[i] * x[i];
         }
         acc = warp_sum(acc);
-        if (lane == 0) t[((size_t)r * LORA_GROUP + j) * LORA_MAX_RANK + k] = acc * e.scale;
+        if (lane == 0) ts[k] = acc * e.scale;
     }
-}
-
-// y[r, col_j + o] += sum_k Bt_j[k, o] t[r, j, k]: the update added to the product's output
-// (f32, rows of `y_stride`). Grid: (rows, nmods * col_blocks), a thread per output column.
-extern "C" __global__ void lora_expand(const LoraEntry* __restrict__ table, int layer, int layers, int m0, const int* __restrict__ row_slot,
-                                       const float* __restrict__ t, float* __restrict__ y, int y_stride, int col_blocks) {
-    __shared__ float ts[LORA_MAX_RANK];
-    int r = blockIdx.x, j = blockIdx.y / col_blocks;
-    int o = (blockIdx.y % col_blocks) * blockDim.x + threadIdx.x;
-    int slot = row_slot[r];
-    if (slot < 0) return;
-    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + j);
-    if (e.rank == 0) return;
-    for (int k = threadIdx.x; k < e.rank; k += blockDim.x) ts[k] = t[((size_t)r * LORA_GROUP + j) * LORA_MAX_RANK + k];
     __syncthreads();
-    if (o >= e.out_dim) return;
-    float acc = 0.0f;
-    for (int k = 0; k < e.rank; k++) acc += e.bt[(size_t)k * e.out_dim + o] * ts[k];
-    y[(size_t)r * y_stride + e.col + o] += acc;
+    float* out = y + (size_t)r * y_stride + e.col;
+    for (int o = threadIdx.x; o < e.out_dim; o += blockDim.x) {
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int k = 0; k < e.rank; k++) acc += e.bt[(size_t)k * e.out_dim + o] * ts[k];
+        out[o] += acc;
+    }
 }
