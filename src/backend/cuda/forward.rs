@@ -51,6 +51,8 @@ pub struct Scratch {
     q: Buf<f32>,
     /// gate/up product, f32 [rows, 2 intermediate].
     gu: Buf<f32>,
+    /// LoRA rows' `scale * A x`, f32 [rows, lora::GROUP, lora::MAX_RANK].
+    lora_t: Buf<f32>,
     /// Logits of the rows that want them, f32 [logit rows, vocab].
     pub logits: Buf<f32>,
     /// Greedy picks, then the device-sampled rows' draws, [logit rows].
@@ -77,6 +79,7 @@ impl Scratch {
             qkv: gpu.zeros(rows * (q + 2 * kv))?,
             q: gpu.zeros(rows * q)?,
             gu: gpu.zeros(rows * 2 * inter)?,
+            lora_t: gpu.zeros(rows * lora::GROUP * lora::MAX_RANK)?,
             logits: gpu.zeros(logit_rows * cfg.vocab_size)?,
             ids: gpu.zeros(logit_rows)?,
             part_v: gpu.zeros(logit_rows * ARGMAX_SLICES)?,
@@ -168,20 +171,26 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[
 }
 
 /// Adds the LoRA updates of group `g` of `layer` to the product's output `y` (f32 rows of
-/// `y_stride`) for the product's input (`x16` or `x32`, rows of `in_dim`) of `r` rows.
+/// `y_stride`) for the product's input (`x16` or `x32`, rows of `in_dim`) of `r` rows; `rank_cap`
+/// is at least every resident adapter's rank.
 #[allow(clippy::too_many_arguments)]
-fn lora_group(b: &CudaBackend, g: Group, layer: usize, r: usize, x16: u64, x32: u64, in_dim: usize, y: u64, y_stride: usize) -> Result<(), BackendError> {
+fn lora_group(b: &CudaBackend, g: Group, layer: usize, r: usize, rank_cap: usize, x16: u64, x32: u64, in_dim: usize, y: u64, y_stride: usize) -> Result<(), BackendError> {
     let (gpu, s) = (&b.gpu, &b.scratch);
     let (layer, layers, m0) = (layer as i32, b.cfg.num_layers as i32, g.first as i32);
     let (table, slots) = (b.lora.table.ptr, s.at(Field::Adapter));
-    let (in_dim, y_stride) = (in_dim as i32, y_stride as i32);
-    gpu.launch(&gpu.k.lora_apply, (r as u32, g.count as u32), lora::THREADS, &[&table, &layer, &layers, &m0, &slots, &x16, &x32, &in_dim, &y, &y_stride])
+    let (in_dim, y_stride, cap) = (in_dim as i32, y_stride as i32, rank_cap as i32);
+    let (rows, count) = (r as u32, g.count as u32);
+    gpu.launch(&gpu.k.lora_shrink, (rows, count * rank_cap as u32), 128, &[&table, &layer, &layers, &m0, &slots, &x16, &x32, &in_dim, &cap, &s.lora_t.ptr])?;
+    let col_blocks = b.lora.widest(g).div_ceil(256) as u32;
+    let cb = col_blocks as i32;
+    gpu.launch(&gpu.k.lora_expand, (rows, count * col_blocks), 256, &[&table, &layer, &layers, &m0, &slots, &s.lora_t.ptr, &y, &y_stride, &cb])
 }
 
 /// Launches the forward of `r` rows (data in place from `upload`), the logits of `l` rows and
-/// their greedy picks or device draws; `adapters`: some rows use LoRA adapters. Launches only: no
-/// copies, no waiting (it may be captured in a graph).
-pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(), BackendError> {
+/// their greedy picks or device draws; `rank_cap`: some rows use LoRA adapters, of ranks up to it
+/// (0: none). Launches only: no copies, no waiting (it may be captured in a graph).
+pub fn launches(b: &CudaBackend, r: usize, l: usize, rank_cap: usize) -> Result<(), BackendError> {
+    let adapters = rank_cap > 0;
     let (gpu, w, s, cfg) = (&b.gpu, &b.w, &b.scratch, &b.cfg);
     let dtype = w.dtype;
     let (ids, pos, slot, logit_rows) = (s.at(Field::Ids), s.at(Field::Pos), s.at(Field::Slot), s.at(Field::LogitRows));
@@ -205,7 +214,7 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(
         gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps])?;
         gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false)?;
         if adapters {
-            lora_group(b, lora::QKV, layer, r, h16, h32p, h, s.qkv.ptr, lw.qkv.n)?;
+            lora_group(b, lora::QKV, layer, r, rank_cap, h16, h32p, h, s.qkv.ptr, lw.qkv.n)?;
         }
         let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
         gpu.launch(
@@ -222,18 +231,18 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(
         )?;
         gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true)?;
         if adapters {
-            lora_group(b, lora::O, layer, r, h16, h32p, nh * d, s.x.ptr, h)?;
+            lora_group(b, lora::O, layer, r, rank_cap, h16, h32p, nh * d, s.x.ptr, h)?;
         }
         gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps])?;
         gpu.gemm(dtype, lw.gate_up.w.ptr, s.h.ptr, s.gu.ptr, r, lw.gate_up.n, h, false)?;
         if adapters {
-            lora_group(b, lora::GATE_UP, layer, r, h16, h32p, h, s.gu.ptr, lw.gate_up.n)?;
+            lora_group(b, lora::GATE_UP, layer, r, rank_cap, h16, h32p, h, s.gu.ptr, lw.gate_up.n)?;
         }
         let inter = lw.gate_up.n / 2;
         gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32)])?;
         gpu.gemm(dtype, lw.down.w.ptr, s.h.ptr, s.x.ptr, r, h, inter, true)?;
         if adapters {
-            lora_group(b, lora::DOWN, layer, r, h16, h32p, inter, s.x.ptr, h)?;
+            lora_group(b, lora::DOWN, layer, r, rank_cap, h16, h32p, inter, s.x.ptr, h)?;
         }
     }
     if l > 0 {

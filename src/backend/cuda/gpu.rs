@@ -72,7 +72,8 @@ pub struct Kernels {
     pub argmax_rows: CudaFunction,
     pub sample_rows: CudaFunction,
     pub scatter_i32: CudaFunction,
-    pub lora_apply: CudaFunction,
+    pub lora_shrink: CudaFunction,
+    pub lora_expand: CudaFunction,
 }
 
 pub struct Gpu {
@@ -152,7 +153,8 @@ impl Gpu {
             argmax_rows: f("argmax_rows")?,
             sample_rows: f("sample_rows")?,
             scatter_i32: f("scatter_i32")?,
-            lora_apply: f("lora_apply")?,
+            lora_shrink: f("lora_shrink")?,
+            lora_expand: f("lora_expand")?,
         };
         Ok(Gpu { ctx, stream, blas, _workspace: workspace, _module: module, k })
     }

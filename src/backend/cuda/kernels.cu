@@ -513,7 +513,7 @@ extern "C" __global__ void scatter_i32(int* __restrict__ dst, const int* __restr
 }
 
 // LoRA rows (Punica / S-LoRA's BGMV): each row of a step may use its own adapter (or none), and a
-// projection group's low-rank updates for all rows are one launch, whatever the mix. `table` holds
+// projection group's low-rank updates for all rows are two launches, whatever the mix. `table` holds
 // one entry per (adapter slot, layer, module) (lora.rs writes it); `row_slot[r]` is row r's
 // adapter slot, -1 for a base-model row. A group is the modules that share one product's input
 // (q/k/v, gate/up) or one module alone; `m0` is its first module (grid.y counts its modules).
@@ -527,47 +527,55 @@ struct LoraEntry {
 };
 #define LORA_MODULES 7
 #define LORA_MAX_RANK 256
-#define LORA_THREADS 512
+#define LORA_GROUP 3
 
 __device__ __forceinline__ const LoraEntry* lora_entry(const LoraEntry* table, int slot, int layer, int layers, int m) {
     return table + ((size_t)slot * layers + layer) * LORA_MODULES + m;
 }
 
-// For row r and module m0 + blockIdx.y: t = scale * A x (a warp per rank index at a time, x the
-// product's input: f16 `x16` or f32 `x32`, rows of `in_dim`), then y[r, col + o] += (B t)[o] (a
-// thread per output column), into the product's f32 output rows of `y_stride`. Grid: (rows,
-// modules of the group); block: LORA_THREADS. Each row reads only its own input and writes only
-// its own output.
-extern "C" __global__ void __launch_bounds__(LORA_THREADS) lora_apply(const LoraEntry* __restrict__ table, int layer, int layers, int m0,
-        const int* __restrict__ row_slot, const __half* __restrict__ x16, const float* __restrict__ x32, int in_dim, float* __restrict__ y, int y_stride) {
-    __shared__ float ts[LORA_MAX_RANK];
-    int r = blockIdx.x;
+// The updates are latency-bound for few rows (the adapters' weights come from memory each step),
+// so the work of one row spreads over many blocks, each with at most a few loads a thread.
+//
+// lora_shrink: t[r, j, k] = scale * (A_j x_r)[k], one block per (row, module j, rank index k):
+// x the product's input (f16 `x16` or f32 `x32`, rows of `in_dim`). Grid: (rows, modules *
+// rank_cap), rank_cap at least every resident adapter's rank; block: any multiple of 32.
+extern "C" __global__ void lora_shrink(const LoraEntry* __restrict__ table, int layer, int layers, int m0, const int* __restrict__ row_slot,
+                                       const __half* __restrict__ x16, const float* __restrict__ x32, int in_dim, int rank_cap, float* __restrict__ t) {
+    int r = blockIdx.x, j = blockIdx.y / rank_cap, k = blockIdx.y % rank_cap;
     int slot = row_slot[r];
     if (slot < 0) return;
-    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + blockIdx.y);
+    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + j);
+    if (k >= e.rank) return;
+    const float* a = e.a + (size_t)k * in_dim;
+    float acc = 0.0f;
+    if (x16) {
+        const __half* x = x16 + (size_t)r * in_dim;
+        for (int i = threadIdx.x; i < in_dim; i += blockDim.x) acc += a[i] * __half2float(x[i]);
+    } else {
+        const float* x = x32 + (size_t)r * in_dim;
+        for (int i = threadIdx.x; i < in_dim; i += blockDim.x) acc += a[i] * x[i];
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) t[((size_t)r * LORA_GROUP + j) * LORA_MAX_RANK + k] = acc * e.scale;
+}
+
+// lora_expand: y[r, col_j + o] += sum_k Bt_j[k, o] t[r, j, k], into the product's f32 output
+// rows of `y_stride`. Grid: (rows, modules * col_blocks); a thread per output column.
+extern "C" __global__ void lora_expand(const LoraEntry* __restrict__ table, int layer, int layers, int m0, const int* __restrict__ row_slot,
+                                       const float* __restrict__ t, float* __restrict__ y, int y_stride, int col_blocks) {
+    __shared__ float ts[LORA_MAX_RANK];
+    int r = blockIdx.x, j = blockIdx.y / col_blocks;
+    int o = (blockIdx.y % col_blocks) * blockDim.x + threadIdx.x;
+    int slot = row_slot[r];
+    if (slot < 0) return;
+    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + j);
     if (e.rank == 0) return;
-    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, warps = blockDim.x / WARP;
-    for (int k = warp; k < e.rank; k += warps) {
-        const float* a = e.a + (size_t)k * in_dim;
-        float acc = 0.0f;
-        if (x16) {
-            const __half* x = x16 + (size_t)r * in_dim;
-#pragma unroll 4
-            for (int i = lane; i < in_dim; i += WARP) acc += a[i] * __half2float(x[i]);
-        } else {
-            const float* x = x32 + (size_t)r * in_dim;
-#pragma unroll 4
-            for (int i = lane; i < in_dim; i += WARP) acc += a[i] * x[i];
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) ts[k] = acc * e.scale;
-    }
+    for (int k = threadIdx.x; k < e.rank; k += blockDim.x) ts[k] = t[((size_t)r * LORA_GROUP + j) * LORA_MAX_RANK + k];
     __syncthreads();
-    float* out = y + (size_t)r * y_stride + e.col;
-    for (int o = threadIdx.x; o < e.out_dim; o += blockDim.x) {
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int k = 0; k < e.rank; k++) acc += e.bt[(size_t)k * e.out_dim + o] * ts[k];
-        out[o] += acc;
-    }
+    if (o >= e.out_dim) return;
+    const float* bt = e.bt + o;
+    float acc = 0.0f;
+#pragma unroll 16
+    for (int k = 0; k < e.rank; k++) acc += bt[(size_t)k * e.out_dim] * ts[k];
+    y[(size_t)r * y_stride + e.col + o] += acc;
 }

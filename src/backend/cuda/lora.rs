@@ -5,12 +5,15 @@
 //! ([rank, in]) and `B` transposed ([rank, out]) in f32, and one entry per (layer, module) in a
 //! fixed table on the device ([slots, layers, 7], `LoraEntry` in kernels.cu; rank 0 where it
 //! targets nothing). Each step uploads one slot index per row (-1: base model). After each
-//! product, one `lora_apply` launch computes, for every adapted row and module of the product,
-//! `t = scale * A x` and adds `B t` to the product's output: a row's update never reads another
-//! row, so a row gives what it gives alone (up to the base product's own batch behaviour).
+//! product, `lora_shrink` computes `t = scale * A x` for every adapted row (a block per row,
+//! module and rank index) and `lora_expand` adds `B t` to the product's output (a thread per
+//! output value): a row's update never reads another row, so a row gives what it gives alone (up
+//! to the base product's own batch behaviour). Few rows are latency-bound (the adapters' weights
+//! come from memory each step), hence a row's work spread over many blocks.
 //!
 //! The table and the slot indices have fixed addresses, so decode steps with adapter rows replay
-//! CUDA graphs like the rest (captured per row count, with and without adapters). An adapter
+//! CUDA graphs like the rest (captured per row count and rank cap: the power of two at or above
+//! the largest resident adapter's rank, which sets the shrink's grid). An adapter
 //! leaves the device when no request holds it any more (the registry unloaded or reloaded it and
 //! its last stream ended), or when its slot is needed for another and it is not in the step.
 use std::collections::HashMap;
@@ -20,10 +23,10 @@ use super::gpu::{Buf, Gpu};
 use crate::backend::{BackendError, StepInput};
 use crate::lora::{BaseDims, LoraAdapter, Module};
 
-/// Largest rank applied (`LORA_MAX_RANK` in kernels.cu: a row's `A x` is kept in shared memory).
+/// Largest rank applied (`LORA_MAX_RANK` in kernels.cu): the width of a row's `t`.
 pub const MAX_RANK: usize = 256;
-/// Threads of a `lora_apply` block (`LORA_THREADS`).
-pub const THREADS: u32 = 512;
+/// Most modules sharing one product (`LORA_GROUP`: q, k and v).
+pub const GROUP: usize = 3;
 /// `sizeof(LoraEntry)`: two addresses, then rank, scale, out_dim and col (4 bytes each).
 const ENTRY_BYTES: usize = 32;
 
@@ -158,5 +161,15 @@ impl DevLora {
             Module::Up => d.intermediate,
             Module::Q | Module::O | Module::Gate | Module::Down => 0,
         }
+    }
+
+    /// The widest output of a group's modules.
+    pub fn widest(&self, g: Group) -> usize {
+        Module::ALL[g.first..g.first + g.count].iter().map(|&m| self.dims.io(m).1).max().unwrap_or(0)
+    }
+
+    /// The power of two at or above every resident adapter's rank (the shrink's grid).
+    pub fn rank_cap(&self) -> usize {
+        self.resident.values().filter_map(|r| r.adapter.upgrade()).map(|a| a.rank).max().unwrap_or(1).next_power_of_two()
     }
 }

@@ -93,9 +93,10 @@ pub struct CudaBackend {
     /// padding rows) points at the spare block, which no sequence owns.
     dev_tables: Buf<i32>,
     max_blocks: usize,
-    /// Decode graphs by (row count, with adapter rows), and those run once without a graph.
-    graphs: HashMap<(usize, bool), Graph>,
-    seen: HashSet<(usize, bool)>,
+    /// Decode graphs by (row count, LoRA rank cap: 0 without adapter rows), and those run once
+    /// without a graph.
+    graphs: HashMap<(usize, usize), Graph>,
+    seen: HashSet<(usize, usize)>,
     /// The LoRA adapters on the device.
     lora: DevLora,
     lora_dims: crate::lora::BaseDims,
@@ -306,7 +307,7 @@ impl CudaBackend {
         }
         let decode = graph && self.use_graphs && inputs.iter().all(|i| i.tokens.len() == 1 && i.want_logits);
         let padded = rows.next_power_of_two();
-        let lora = adapters.is_some();
+        let lora = if adapters.is_some() { self.lora.rank_cap() } else { 0 };
         if !decode || padded > self.scratch.logit_rows {
             let (r, l) = forward::upload(self, inputs, adapters, rows, new_blocks)?;
             forward::launches(self, r, l, lora)?;
