@@ -55,8 +55,12 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Greedy decoding of `n` tokens: the tokens and every step's logits.
 fn greedy(b: &mut dyn Backend, seq: SeqId, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    greedy_after(b, seq, prompt.to_vec(), n)
+}
+
+/// Feeds `feed` (the rest of a prompt), then decodes `n` greedy tokens; releases `seq`.
+fn greedy_after(b: &mut dyn Backend, seq: SeqId, mut feed: Vec<u32>, n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     let (mut toks, mut logits) = (Vec::new(), Vec::new());
-    let mut feed = prompt.to_vec();
     for _ in 0..n {
         let l = b.step(&[StepInput { seq, tokens: &feed, adapter: None, want_logits: true }]).expect("step").remove(0).expect("logits");
         let t = argmax(&l);
@@ -440,16 +444,7 @@ fn teacher_forced(b: &mut dyn Backend, seq: SeqId, prompt: &[u32], tokens: &[u32
 /// the positions reused, the tokens and every step's logits.
 fn greedy_reusing(b: &mut CudaBackend, seq: SeqId, prompt: &[u32], n: usize) -> (usize, Vec<u32>, Vec<Vec<f32>>) {
     let reused = b.reuse_prefix(seq, prompt, None);
-    let (mut toks, mut logits) = (Vec::new(), Vec::new());
-    let mut feed = prompt[reused..].to_vec();
-    for _ in 0..n {
-        let l = b.step(&[StepInput { seq, tokens: &feed, adapter: None, want_logits: true }]).expect("step").remove(0).expect("logits");
-        let t = argmax(&l);
-        toks.push(t);
-        logits.push(l);
-        feed = vec![t];
-    }
-    b.release(seq);
+    let (toks, logits) = greedy_after(b, seq, prompt[reused..].to_vec(), n);
     (reused, toks, logits)
 }
 

@@ -210,3 +210,39 @@ fn a_cached_prefix_serves_only_its_own_adapter() {
     assert_eq!(got, greedy(&mut plain, 4, &later, Some(&a)).1, "tokens with adapter-a's cached prefix vs a full prefill");
     eprintln!("adapter-a's cached prefix: reused by adapter-a only (32 positions), tokens as a full prefill");
 }
+
+#[test]
+fn more_adapters_than_device_slots_are_evicted_and_uploaded_again() {
+    // A backend of 4 slots (so 4 adapters on the device at most) and 10 loads of the two qwen2
+    // adapters (each load its own adapter, as a reload makes): steps of up to 4 sequences with
+    // random loads evict the least recently used and upload again, and each sequence's tokens
+    // are those its adapter gives alone. Dropping every load frees the device at the next step.
+    let dir = repo().join("tests/fixtures/generated/tiny-qwen2");
+    let mut g = CudaBackend::load(&WeightsFormat::Safetensors { dir }, &CudaOptions { dtype: Dtype::F32, gpu_memory_fraction: 0.3, max_slots: 4, ..CudaOptions::default() }).expect("loads");
+    let files = ["adapter-a", "adapter-b"];
+    let loads: Vec<Arc<LoraAdapter>> = (0..10).map(|i| bound(&g, files[i % 2])).collect();
+    let prompts: Vec<Vec<u32>> = (0..4u32).map(|i| (0..3 + i * 5).map(|j| (i * 97 + j * 13) % 500).collect()).collect();
+    // Alone, with the first load of each file.
+    let mut want = vec![vec![Vec::new(); prompts.len()]; 2];
+    for (f, w) in want.iter_mut().enumerate() {
+        for (k, p) in prompts.iter().enumerate() {
+            w[k] = together(&mut g, &loads[f..f + 1], &[Plan { prompt: p.clone(), adapter: Some(0), arrives: 0 }], 50_000 + (f * 10 + k) as SeqId, 64, 8).remove(0);
+        }
+    }
+    let mut rng = Rng(77);
+    for round in 0..12 {
+        let picks: Vec<usize> = (0..4).map(|_| rng.below(loads.len())).collect();
+        let plans: Vec<Plan> = picks.iter().enumerate().map(|(k, &a)| Plan { prompt: prompts[k].clone(), adapter: Some(a), arrives: rng.below(3) }).collect();
+        let got = together(&mut g, &loads, &plans, 60_000 + round * 10, 1 + rng.below(8), 8);
+        for (k, &a) in picks.iter().enumerate() {
+            assert_eq!(got[k], want[a % 2][k], "round {round}: sequence {k} with load {a} ({})", files[a % 2]);
+        }
+        assert!(g.resident_adapters() <= 4, "at most the slots' adapters on the device");
+    }
+    drop(loads);
+    let l = g.step(&[StepInput { seq: 70_000, tokens: &[1, 2, 3], adapter: None, want_logits: true }]).expect("step");
+    assert!(l[0].is_some());
+    g.release(70_000);
+    assert_eq!(g.resident_adapters(), 0, "adapters no request holds leave the device");
+    eprintln!("10 loads of 2 adapters over 4 slots, 12 random rounds: tokens as alone; none left after the last drop");
+}

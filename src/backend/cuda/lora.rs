@@ -163,6 +163,11 @@ impl DevLora {
         }
     }
 
+    /// Adapters on the device now.
+    pub fn resident(&self) -> usize {
+        self.resident.len()
+    }
+
     /// The widest output of a group's modules.
     pub fn widest(&self, g: Group) -> usize {
         Module::ALL[g.first..g.first + g.count].iter().map(|&m| self.dims.io(m).1).max().unwrap_or(0)

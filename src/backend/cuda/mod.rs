@@ -340,6 +340,12 @@ impl CudaBackend {
         Ok(forward::sample_only(&self.gpu, logits, &params)?.into_iter().map(|t| t as u32).collect())
     }
 
+    /// LoRA adapters on the device now (tests of their eviction).
+    #[doc(hidden)]
+    pub fn resident_adapters(&self) -> usize {
+        self.lora.resident()
+    }
+
     fn release_slot(&mut self, seq: SeqId) {
         if let Some(slot) = self.slots.remove(&seq) {
             self.free_slots.push(slot);
