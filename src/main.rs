@@ -34,10 +34,10 @@ fn main() -> ExitCode {
                 }
             };
             match rt.block_on(inferd::serve::run(cfg)) {
-                Ok(()) => exit_after_drain(),
+                Ok(()) => exit_now(0),
                 Err(e) => {
                     eprintln!("inferd: {e}");
-                    ExitCode::FAILURE
+                    exit_now(1)
                 }
             }
         }
@@ -54,15 +54,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Ends the process after a graceful shutdown: every stream is drained and answered, so nothing
-/// is left but the runtimes' teardown. `_exit` skips the C++ static destructors and `atexit`
-/// handlers of the GPU libraries, which may run after the CUDA driver has shut down: ONNX
-/// Runtime's CUDA allocator then frees pinned memory, fails ("driver shutting down") and aborts,
-/// so a clean SIGTERM ended with status 134 on an H200 (2026-12-03, the CUDA image's binary).
-fn exit_after_drain() -> ExitCode {
+/// Ends the serving process with `code`: after a graceful shutdown every stream is drained and
+/// answered, and after a failed start nothing is left to do, so only the runtimes' teardown
+/// remains. `_exit` skips the C++ static destructors and `atexit` handlers of the GPU
+/// libraries, which may run after the CUDA driver has shut down: ONNX Runtime's CUDA allocator
+/// then frees pinned memory, fails ("driver shutting down") and aborts, so a clean SIGTERM ended
+/// with status 134 on an H200 (2026-12-03, the CUDA image's binary).
+fn exit_now(code: i32) -> ExitCode {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     // SAFETY: `_exit` ends the process at once; no state of this process is used after it.
-    unsafe { libc::_exit(0) }
+    unsafe { libc::_exit(code) }
 }
