@@ -39,6 +39,21 @@ fn load_err(msg: impl Into<String>) -> BackendError {
 }
 
 impl ModelConfig {
+    /// The projection sizes LoRA adapters must fit (`intermediate`: the MLP's width), in the q/k
+    /// row order of these weights; `max_rank`: the largest rank the backend applies.
+    pub fn lora_dims(&self, intermediate: usize, max_rank: Option<usize>) -> crate::lora::BaseDims {
+        use crate::lora::QkRows;
+        crate::lora::BaseDims {
+            layers: self.num_layers,
+            hidden: self.hidden_size,
+            q_dim: self.num_heads * self.head_dim,
+            kv_dim: self.num_kv_heads * self.head_dim,
+            intermediate,
+            qk_rows: if self.rope_interleaved { QkRows::Interleaved { head_dim: self.head_dim } } else { QkRows::Hf },
+            max_rank,
+        }
+    }
+
     /// Reads the hyper-parameters from GGUF metadata (`<arch>.block_count`, ...).
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self, BackendError> {
         let arch_name = ct

@@ -25,7 +25,6 @@ use candle_core::Device;
 use self::kv_cache::SeqCache;
 use self::model::{SeqWork, Transformer};
 use crate::backend::{Backend, BackendError, KvCapacity, SeqId, StepInput};
-use crate::lora::QkRows;
 use crate::model::WeightsFormat;
 
 pub use self::config::{Arch, ModelConfig};
@@ -132,16 +131,7 @@ impl CandleBackend {
     }
 
     fn lora_base(&self) -> crate::lora::BaseDims {
-        let c = &self.model.cfg;
-        crate::lora::BaseDims {
-            layers: c.num_layers,
-            hidden: c.hidden_size,
-            q_dim: c.num_heads * c.head_dim,
-            kv_dim: c.num_kv_heads * c.head_dim,
-            intermediate: self.model.intermediate_size(),
-            qk_rows: if c.rope_interleaved { QkRows::Interleaved { head_dim: c.head_dim } } else { QkRows::Hf },
-            max_rank: None,
-        }
+        self.model.cfg.lora_dims(self.model.intermediate_size(), None)
     }
 
     /// Rejects a step before it touches any cache.

@@ -182,15 +182,7 @@ impl CudaBackend {
         let mut host_tables = vec![0i32; (max_slots + 1) * max_blocks];
         host_tables[max_slots * max_blocks..].fill(blocks as i32);
         let dev_tables = gpu.upload(&host_tables)?;
-        let lora_dims = crate::lora::BaseDims {
-            layers: cfg.num_layers,
-            hidden: cfg.hidden_size,
-            q_dim: cfg.num_heads * d,
-            kv_dim,
-            intermediate: inter,
-            qk_rows: if cfg.rope_interleaved { crate::lora::QkRows::Interleaved { head_dim: d } } else { crate::lora::QkRows::Hf },
-            max_rank: Some(lora::MAX_RANK),
-        };
+        let lora_dims = cfg.lora_dims(inter, Some(lora::MAX_RANK));
         let lora = DevLora::new(&gpu, max_slots, lora_dims)?;
         tracing::info!(
             device = %gpu.name(), ordinal = opts.ordinal, dtype = ?opts.dtype, weights_mib = dw.bytes() >> 20,
