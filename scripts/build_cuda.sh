@@ -8,8 +8,8 @@
 #   scripts/build_cuda.sh --toolchain  # only install the toolchain (what `cargo check --features cuda` needs)
 #   scripts/build_cuda.sh --check      # toolchain + `cargo check --features cuda --all-targets` (CI)
 #
-# Outputs: target/cuda/release/inferd, and the test executables under target/cuda/release/deps
-# (`--out DIR` copies the binary and the cuda test executables there). INFERD_CUDA_ARCHS picks
+# Outputs: target/cuda/release/inferd, and the GPU test executables under target/cuda/release/deps
+# (`--out DIR` copies the binary and those test executables there). INFERD_CUDA_ARCHS picks
 # the GPU architectures (default 80,86,89,90; build.rs). At run time the binary loads libcuda
 # (the driver) and cuBLAS 13 (libcublas.so.13, libcublasLt.so.13: `pip install nvidia-cublas==13.0.*`).
 set -euo pipefail
@@ -57,12 +57,14 @@ fi
 export CARGO_TARGET_DIR="$root/target/cuda"
 export RUSTFLAGS="-C target-cpu=x86-64-v3"
 echo "==> cargo build --release --features cuda (target/cuda)"
+# The test executables scripts/cuda_check.sh runs on the GPU machine.
+gpu_tests="cuda_backend cuda_lora onnx_backend lora_onnx onnx_sampling"
 cargo build --release --locked --features cuda --bin inferd
-cargo build --release --locked --features cuda --tests
+cargo build --release --locked --features cuda $(printf -- '--test %s ' $gpu_tests)
 if [ -n "$out" ]; then
     mkdir -p "$out"
     cp target/cuda/release/inferd "$out/"
-    for t in cuda_backend cuda_lora; do
+    for t in $gpu_tests; do
         exe=$(ls -t target/cuda/release/deps/$t-* 2>/dev/null | grep -v '\.d$' | head -1)
         [ -n "$exe" ] && cp "$exe" "$out/$t"
     done

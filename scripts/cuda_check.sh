@@ -9,8 +9,10 @@
 # (scripts/make_tiny_model.py, or copied into tests/fixtures/generated).
 #
 # Then the ONNX backend on ONNX Runtime's CUDA execution provider, when ORT_DYLIB_PATH is set:
-#  1. the tiny-model tests (tests/onnx_backend.rs, tests/lora_onnx.rs) with
-#     INFERD_TEST_ONNX_DEVICE=cuda:0: logits against transformers / PEFT, batched against alone;
+#  1. the tiny-model tests (tests/onnx_backend.rs, tests/lora_onnx.rs, tests/onnx_sampling.rs)
+#     with INFERD_TEST_ONNX_DEVICE=cuda:0: logits against transformers / PEFT, batched against
+#     alone, tokens sampled on the device against the host's sampler (INFERD_TEST_ONNX_MODELS
+#     adds model directories to the last, e.g. an fp16 CUDA export);
 #  2. `inferd serve --device cuda:0` on each model directory given (default: the tiny fp32
 #     fixture): prints the provider the log names and three greedy answers, and whether they
 #     equal the same server's on the CPU provider of the same library (informative only).
@@ -56,11 +58,11 @@ fi
 echo "== tiny-model tests on cuda:0"
 export INFERD_TEST_ONNX_DEVICE=cuda:0
 if [ -n "${INFERD_TEST_BINS:-}" ]; then
-    for t in onnx_backend lora_onnx; do
-        "$INFERD_TEST_BINS/$t" --test-threads 1 --nocapture 2>&1 | grep -E "^test |max|diff|panicked|result" || status=1
+    for t in onnx_backend lora_onnx onnx_sampling; do
+        "$INFERD_TEST_BINS/$t" --test-threads 1 --nocapture 2>&1 | grep -E "^test |max|diff|compared|panicked|result" || status=1
     done
 else
-    cargo test --release --features cuda --test onnx_backend --test lora_onnx -- --test-threads 1 || status=1
+    cargo test --release --features cuda --test onnx_backend --test lora_onnx --test onnx_sampling -- --test-threads 1 || status=1
 fi
 unset INFERD_TEST_ONNX_DEVICE
 

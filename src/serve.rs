@@ -78,12 +78,18 @@ pub fn load_model(
     let mut lora_dims = None;
     for &device in &m.devices {
         let backend = open_backend(m, device, &assets, server)?;
+        let mut engine_cfg = m.engine_config(server);
+        // A backend with a fixed number of sequence slots (the onnx backend's KV cache, sized
+        // by the device's memory on a GPU) runs at most that many.
+        if let Some(n) = backend.max_sequences() {
+            engine_cfg.max_batch = engine_cfg.max_batch.min(n);
+        }
         tracing::info!(
             model = %m.id, source = %m.source, backend = ?m.backend, device = ?device,
-            max_context = backend.max_context(), max_batch = m.max_batch(), "model loaded"
+            max_context = backend.max_context(), max_batch = engine_cfg.max_batch, "model loaded"
         );
         lora_dims = backend.lora_dims();
-        workers.push(engine::spawn(backend, Arc::clone(&assets.tokenizer), assets.eos_token_ids.clone(), m.engine_config(server)));
+        workers.push(engine::spawn(backend, Arc::clone(&assets.tokenizer), assets.eos_token_ids.clone(), engine_cfg));
     }
     let generator: Arc<dyn Generator> = if workers.len() == 1 {
         Arc::new(workers.pop().expect("one worker"))
@@ -176,6 +182,7 @@ fn open_backend(m: &ModelConfig, device: Device, assets: &model::ModelAssets, se
                 max_context: m.context_length,
                 // INFERD_ONNX_FIXED_SHAPES=0|1 overrides the provider's default (A/B runs).
                 fixed_shapes: std::env::var("INFERD_ONNX_FIXED_SHAPES").ok().map(|v| v != "0"),
+                gpu_memory_fraction: m.gpu_memory_fraction,
             };
             let mut b = OnnxBackend::load(dir, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?;
             if let Some(mb) = m.prefix_cache_mb {

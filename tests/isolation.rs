@@ -317,6 +317,7 @@ fn onnx(dir: &Path, max_batch: usize) -> OnnxBackend {
         max_batch,
         max_context: None,
         fixed_shapes: None,
+        gpu_memory_fraction: 0.9,
     };
     OnnxBackend::load(dir, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
 }

@@ -24,6 +24,7 @@ fn decode_throughput_onnx() {
         max_batch: 8,
         max_context: None,
         fixed_shapes: None,
+        gpu_memory_fraction: 0.9,
     };
     let mut b = OnnxBackend::load(std::path::Path::new(&dir), &opts).expect("load");
     b.prepare().expect("prepare");

@@ -95,6 +95,30 @@ pub fn check_rows(
     Ok(())
 }
 
+/// Samples each row's logits (from [`Backend::step`]) with its spec on the host: what
+/// [`Backend::step_and_sample`] does for a backend that keeps no sampling on a device.
+pub fn sample_on_host(logits: Vec<Option<Vec<f32>>>, samples: &[Option<SampleSpec<'_>>], vocab: usize) -> Result<Vec<Option<Sampled>>, BackendError> {
+    if let Some(l) = logits.iter().flatten().find(|l| l.len() != vocab) {
+        return Err(BackendError::Compute(format!("the step returned {} logits, expected {vocab}", l.len())));
+    }
+    Ok(logits
+        .into_iter()
+        .zip(samples)
+        .map(|(l, spec)| l.zip(spec.as_ref()).map(|(l, spec)| crate::engine::sampler::sample(l, spec)))
+        .collect())
+}
+
+/// Bytes of device memory a model's KV cache (and other buffers sized with it) may take on a
+/// GPU with `total` bytes: `fraction` of the device, less what the model took since `free_before`
+/// was measured (weights, buffers), within what is free now less a 256 MiB margin (other
+/// processes on the GPU keep theirs: several servers may share one GPU, each with its own
+/// fraction).
+pub fn device_cache_budget(total: usize, free_before: usize, free_now: usize, fraction: f64) -> usize {
+    let budget = (total as f64 * fraction) as usize;
+    let own = free_before.saturating_sub(free_now);
+    budget.saturating_sub(own).min(free_now.saturating_sub(256 << 20))
+}
+
 /// A loaded model that can run batched steps over many sequences, each with its own KV cache.
 pub trait Backend: Send {
     /// Size of the logits vector returned per sequence.
@@ -111,15 +135,12 @@ pub trait Backend: Send {
     fn step_and_sample(&mut self, inputs: &[StepInput<'_>], samples: &[Option<SampleSpec<'_>>]) -> Result<Vec<Option<Sampled>>, BackendError> {
         debug_assert_eq!(inputs.len(), samples.len(), "one sampling spec per row");
         let vocab = self.vocab_size();
-        let logits = self.step(inputs)?;
-        if let Some(l) = logits.iter().flatten().find(|l| l.len() != vocab) {
-            return Err(BackendError::Compute(format!("the step returned {} logits, expected {vocab}", l.len())));
-        }
-        Ok(logits
-            .into_iter()
-            .zip(samples)
-            .map(|(l, spec)| l.zip(spec.as_ref()).map(|(l, spec)| crate::engine::sampler::sample(l, spec)))
-            .collect())
+        sample_on_host(self.step(inputs)?, samples, vocab)
+    }
+    /// Most sequences the backend holds a cache for at once, when it has a fixed number of
+    /// sequence slots (the engine's `max_batch` is lowered to it); None: no such limit.
+    fn max_sequences(&self) -> Option<usize> {
+        None
     }
     /// The room left in the KV cache, when it is bounded (None: each sequence's cache grows up to
     /// the context length as needed).
@@ -150,5 +171,23 @@ pub trait Backend: Send {
     /// per thread) warms it up here.
     fn prepare(&mut self) -> Result<(), BackendError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_cache_budget;
+
+    const GIB: usize = 1 << 30;
+
+    #[test]
+    fn the_cache_budget_is_the_fraction_less_what_the_model_took_within_what_is_free() {
+        // 100 GiB device, 90%: the model took 10 GiB of 95 free -> 80 GiB left for the cache.
+        assert_eq!(device_cache_budget(100 * GIB, 95 * GIB, 85 * GIB, 0.9), 80 * GIB);
+        // Another process holds 60 GiB: what is free (less the margin) bounds the cache.
+        assert_eq!(device_cache_budget(100 * GIB, 40 * GIB, 30 * GIB, 0.9), 30 * GIB - (256 << 20));
+        // The model alone is over the fraction: nothing.
+        assert_eq!(device_cache_budget(100 * GIB, 100 * GIB, 5 * GIB, 0.9), 0);
+        assert_eq!(device_cache_budget(100 * GIB, 100 * GIB, 100 << 20, 1.0), 0);
     }
 }

@@ -209,7 +209,7 @@ impl ModelConfig {
     /// Most sequences decoding together on this model's device.
     pub fn max_batch(&self) -> usize {
         self.max_batch.unwrap_or(match (self.backend, self.device) {
-            (BackendKind::Candle, Device::Cuda(_)) => Self::DEFAULT_MAX_BATCH_GPU,
+            (_, Device::Cuda(_)) => Self::DEFAULT_MAX_BATCH_GPU,
             _ => EngineConfig::default().max_batch,
         })
     }

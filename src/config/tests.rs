@@ -245,7 +245,7 @@ fn prefill_chunk_and_max_batch_default_by_device() {
     assert_eq!((m.engine_config(&server).prefill_chunk, m.max_batch()), (2048, 256), "candle on a GPU");
     assert_eq!(m.engine_config(&server).max_waiting, 256, "a burst of max_batch requests is never refused");
     m.backend = BackendKind::Onnx;
-    assert_eq!((m.engine_config(&server).prefill_chunk, m.max_batch()), (2048, 16), "onnx on a GPU: slots of the full context each");
+    assert_eq!((m.engine_config(&server).prefill_chunk, m.max_batch()), (2048, 256), "onnx on a GPU: as many slots as the device's memory holds, up to 256");
     m.prefill_chunk = Some(512);
     m.max_batch = Some(64);
     assert_eq!((m.engine_config(&server).prefill_chunk, m.max_batch()), (512, 64));

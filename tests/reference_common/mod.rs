@@ -117,6 +117,7 @@ pub fn load_onnx(dir: &std::path::Path, intra_op_threads: usize, max_batch: usiz
         max_batch,
         max_context,
         fixed_shapes,
+        gpu_memory_fraction: 0.9,
     };
     inferd::backend::onnx::OnnxBackend::load(dir, &opts).unwrap_or_else(|e| panic!("{e} (run scripts/fetch_onnxruntime.sh)"))
 }

@@ -23,11 +23,11 @@ use crate::backend::{BackendError, StepInput};
 const ATTEND_THREADS: u32 = 8 * 32;
 
 /// Blocks of `argmax_part` per logit row (ARGMAX_SLICES in kernels.cu).
-const ARGMAX_SLICES: usize = 64;
+pub(super) const ARGMAX_SLICES: usize = 64;
 
 /// The greedy pick of `rows` rows of `vocab` logits at `logits` into `ids`, through the slices'
 /// winners in `part_v` / `part_i` ([rows, ARGMAX_SLICES]).
-fn greedy_pick(gpu: &Gpu, logits: u64, vocab: usize, rows: usize, part_v: u64, part_i: u64, ids: u64) -> Result<(), BackendError> {
+pub(super) fn greedy_pick(gpu: &Gpu, logits: u64, vocab: usize, rows: usize, part_v: u64, part_i: u64, ids: u64) -> Result<(), BackendError> {
     let v = vocab as i32;
     gpu.launch(&gpu.k.argmax_part, (rows as u32, ARGMAX_SLICES as u32), 256, &[&logits, &v, &part_v, &part_i])?;
     gpu.launch(&gpu.k.argmax_rows, (rows as u32, 1), 32, &[&part_v, &part_i, &ids])

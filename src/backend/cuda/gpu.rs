@@ -74,6 +74,7 @@ pub struct Kernels {
     pub scatter_i32: CudaFunction,
     pub lora_shrink: CudaFunction,
     pub lora_expand: CudaFunction,
+    pub f16_to_f32: CudaFunction,
 }
 
 pub struct Gpu {
@@ -155,6 +156,7 @@ impl Gpu {
             scatter_i32: f("scatter_i32")?,
             lora_shrink: f("lora_shrink")?,
             lora_expand: f("lora_expand")?,
+            f16_to_f32: f("f16_to_f32")?,
         };
         Ok(Gpu { ctx, stream, blas, _workspace: workspace, _module: module, k })
     }

@@ -272,6 +272,12 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gu, __half* __rest
     else out32[(size_t)r * inter + j] = v;
 }
 
+// Logits written in f16 by another runtime (ONNX Runtime's CUDA provider) widened to f32 for the
+// greedy pick and `sample_rows` (exact: every f16 is an f32). Grid-stride over n elements.
+extern "C" __global__ void f16_to_f32(const __half* __restrict__ in, float* __restrict__ out, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) out[i] = __half2float(in[i]);
+}
+
 // The greedy pick in two launches, so that one row's 150k logits spread over many blocks:
 // argmax_part writes each slice's (largest value, lowest index holding it) to part[r, slice]
 // (grid: (rows, ARGMAX_SLICES); block: 256), argmax_rows takes the winner of a row's slices

@@ -22,6 +22,7 @@
 //!   logits are copied and sampled by the engine's sampler.
 mod forward;
 pub mod gpu;
+pub mod logit_sampler;
 mod lora;
 mod weights;
 
@@ -146,12 +147,9 @@ impl CudaBackend {
         let max_slots = opts.max_slots.max(1);
         let scratch = forward::Scratch::new(&gpu, &cfg, opts.dtype, inter, max_slots + PREFILL_ROWS, max_slots)?;
         // The KV cache takes what the fraction of the device's memory leaves after what this
-        // model took (weights, buffers), within what is free: other processes on the GPU keep
-        // theirs (several servers may share one GPU, each with its own fraction).
+        // model took (weights, buffers), within what is free.
         let (free, _) = gpu.memory()?;
-        let budget = (total as f64 * opts.gpu_memory_fraction) as usize;
-        let own = free0.saturating_sub(free);
-        let kv_bytes = budget.saturating_sub(own).min(free.saturating_sub(256 << 20));
+        let kv_bytes = super::device_cache_budget(total, free0, free, opts.gpu_memory_fraction);
         let kv_dim = cfg.num_kv_heads * d;
         let block_bytes = 2 * cfg.num_layers * BLOCK * kv_dim * opts.dtype.bytes();
         // One block is the spare one that padding rows of a graph write into.

@@ -3,7 +3,8 @@
 use std::ffi::CString;
 
 use super::run::{self, Dtype, View};
-use super::{shapes, OnnxBackend};
+use super::{shapes, OnnxBackend, RowOut};
+use crate::backend::gpu_sampling::{Route, PARAM_BYTES};
 use crate::backend::{check_rows, BackendError, StepInput};
 
 impl OnnxBackend {
@@ -72,18 +73,31 @@ impl OnnxBackend {
         };
         let vocab = self.cfg.vocab_size;
         let rows = if self.last_only { 1 } else { s };
-        let need = (b * rows * vocab * self.logits_dtype.bytes()).div_ceil(8);
-        if self.logits.len() < need {
-            self.logits.resize(need, 0);
+        if let Some(d) = &self.sampler {
+            // Device logits: one row per sequence (`device` is made only for such graphs).
+            if rows != 1 || b > d.rows() {
+                return Err(BackendError::Compute(format!("{b} rows of {rows} positions exceed the device's logits buffer of {} rows", d.rows())));
+            }
+        } else {
+            let need = (b * rows * vocab * self.logits_dtype.bytes()).div_ceil(8);
+            if self.logits.len() < need {
+                self.logits.resize(need, 0);
+            }
         }
         let (bi, si, ti) = (b as i64, s as i64, total as i64);
         let e = |m: String| BackendError::Compute(m);
         let ids = View::ids(&self.host, tokens, &[bi, si]).map_err(e)?;
         let mask_v = View::ids(&self.host, &mut mask, &[bi, ti]).map_err(e)?;
         let pos_v = if pos.is_empty() { None } else { Some(View::ids(&self.host, &mut pos, &[bi, si]).map_err(e)?) };
-        // SAFETY: the logits buffer holds b*rows*vocab elements of logits_dtype and outlives the run.
-        let logits = unsafe { View::float(&self.host, self.logits_dtype, self.logits.as_mut_ptr().cast(), &[bi, rows as i64, vocab as i64]) }
-            .map_err(e)?;
+        let logits_shape = [bi, rows as i64, vocab as i64];
+        let logits = match &self.sampler {
+            // SAFETY: the device buffer holds the sampler's rows (>= b, checked above) of vocab
+            // elements of logits_dtype on the cache's device, and outlives the run.
+            Some(d) => unsafe { View::float(&self.kv.memory_info, self.logits_dtype, d.target(), &logits_shape) },
+            // SAFETY: the logits buffer holds b*rows*vocab elements of logits_dtype and outlives the run.
+            None => unsafe { View::float(&self.host, self.logits_dtype, self.logits.as_mut_ptr().cast(), &logits_shape) },
+        }
+        .map_err(e)?;
         let kv_shape = [bi, self.kv.shape.kv_heads as i64, self.kv.cap() as i64, self.kv.shape.head_size as i64];
         let mut kv_views = Vec::with_capacity(2 * self.cfg.num_layers);
         for layer in 0..self.cfg.num_layers {
@@ -117,6 +131,39 @@ impl OnnxBackend {
             outputs.push((ov.as_c_str(), v));
         }
         run::run(&mut self.session, &inputs, &outputs).map_err(|m| BackendError::Compute(format!("ONNX Runtime: {m}")))
+    }
+
+    /// After a run of `b` rows with `s` tokens each: gives each pick `(input index, batch row,
+    /// position)` its row's logits, or the token the device picked for it (`routes`).
+    pub(super) fn emit(&mut self, s: usize, b: usize, picks: &[(usize, usize, usize)], out: &mut [Option<RowOut>]) -> Result<(), BackendError> {
+        let Some(d) = self.sampler.as_mut() else {
+            for &(i, r, pos) in picks {
+                out[i] = Some(RowOut::Logits(self.logits_at(s, r, pos)));
+            }
+            return Ok(());
+        };
+        let routes = &self.routes;
+        let route = |i: usize| routes.get(i).map_or(Route::Host, |r| r.0);
+        let ids = if picks.iter().any(|&(i, ..)| route(i) != Route::Host) {
+            let params = picks.iter().any(|&(i, ..)| route(i) == Route::Device).then(|| {
+                let mut p = vec![0u8; b * PARAM_BYTES];
+                for &(i, r, _) in picks.iter().filter(|&&(i, ..)| route(i) == Route::Device) {
+                    p[r * PARAM_BYTES..(r + 1) * PARAM_BYTES].copy_from_slice(&routes[i].1);
+                }
+                p
+            });
+            d.pick(b, params.as_deref())?
+        } else {
+            d.widen(b)?;
+            Vec::new()
+        };
+        for &(i, r, _) in picks {
+            out[i] = Some(match route(i) {
+                Route::Host => RowOut::Logits(d.row(r)?),
+                _ => RowOut::Token(ids[r] as u32),
+            });
+        }
+        Ok(())
     }
 
     /// Logits of batch row `row` at position `pos` after a run with `s` tokens per row, as f32

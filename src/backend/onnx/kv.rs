@@ -17,42 +17,42 @@
 //! the graph a contiguous prefix of every buffer.
 //!
 //! Host buffers are allocated zeroed and untouched, so the OS maps pages only as sequences grow;
-//! device buffers (CUDA) come from the session's allocator for that device.
+//! device buffers (CUDA, a cuda build) are allocated through cudarc ([`Place::Cuda`]).
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::Session;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 
 use crate::backend::SeqId;
 
-/// One buffer's memory: host (Rust-owned, 8-byte aligned) or device (ORT-owned).
+/// One buffer's memory: host (Rust-owned, 8-byte aligned) or, in a cuda build on ONNX Runtime's
+/// CUDA provider, device memory allocated through cudarc in the device's primary context (the
+/// one the provider runs in): exact sizes, outside ONNX Runtime's arena, which is left to the
+/// weights and the activations.
 enum Memory {
     Host(Vec<u64>),
-    Device { ptr: *mut u8, allocator: Arc<Allocator> },
+    #[cfg(feature = "cuda")]
+    Device(crate::backend::cuda::gpu::Buf<u8>),
 }
-
-// SAFETY: the device pointer is owned by this value alone; the allocator is shared only by the
-// buffers of one cache, all used by the worker that owns the backend; ORT allocators are
-// thread-safe.
-unsafe impl Send for Memory {}
 
 impl Memory {
     fn base(&mut self) -> *mut u8 {
         match self {
             Memory::Host(v) => v.as_mut_ptr().cast(),
-            Memory::Device { ptr, .. } => *ptr,
+            #[cfg(feature = "cuda")]
+            Memory::Device(b) => b.ptr as *mut u8,
         }
     }
 }
 
-impl Drop for Memory {
-    fn drop(&mut self) {
-        if let Memory::Device { ptr, allocator } = self {
-            // SAFETY: allocated by this allocator in `KvSlots::new`, freed once.
-            unsafe { allocator.free(*ptr) };
-        }
-    }
+/// Where a cache's buffers go.
+pub enum Place<'a> {
+    Host,
+    /// Device memory of this GPU (ordinal given for ONNX Runtime's memory info).
+    #[cfg(feature = "cuda")]
+    Cuda(&'a crate::backend::cuda::gpu::Gpu, i32),
+    /// Never made: holds the lifetime in a build without the cuda feature.
+    #[doc(hidden)]
+    _Lifetime(std::marker::PhantomData<&'a ()>),
 }
 
 /// Geometry of the cache.
@@ -95,35 +95,30 @@ pub struct KvSlots {
 }
 
 impl KvSlots {
-    /// Allocates the buffers where `session` wants them: device memory for CUDA, host otherwise.
-    pub fn new(shape: KvShape, session: &Session, cuda_device: Option<i32>) -> Result<KvSlots, String> {
+    /// Allocates the buffers in `place`.
+    pub fn new(shape: KvShape, place: Place<'_>) -> Result<KvSlots, String> {
         let bytes = shape.slots * shape.slot_bytes(shape.max_len);
-        let memory_info = match cuda_device {
-            Some(id) => MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default),
-            None => MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default),
-        }
-        .map_err(|e| format!("memory info: {e}"))?;
-        // One device allocator serves every buffer; each buffer keeps it alive until it is freed.
-        let device_alloc = match cuda_device {
-            Some(_) => Some(Arc::new(Allocator::new(session, memory_info.clone()).map_err(|e| format!("CUDA allocator: {e}"))?)),
-            None => None,
+        let (device, id) = match &place {
+            #[cfg(feature = "cuda")]
+            Place::Cuda(_, id) => (AllocationDevice::CUDA, *id),
+            _ => (AllocationDevice::CPU, 0),
         };
+        let memory_info = MemoryInfo::new(device, id, AllocatorType::Device, MemoryType::Default).map_err(|e| format!("memory info: {e}"))?;
         let make = || -> Result<Memory, String> {
-            match &device_alloc {
-                None => Ok(Memory::Host(vec![0u64; bytes.div_ceil(8)])),
-                Some(alloc) => {
-                    let ptr = alloc
-                        .alloc::<u8>(bytes)
-                        .map_err(|e| format!("cannot allocate {bytes} bytes of KV cache on the device: {e}"))?
-                        .into_raw()
-                        .cast::<u8>();
-                    Ok(Memory::Device { ptr, allocator: Arc::clone(alloc) })
-                }
+            match &place {
+                #[cfg(feature = "cuda")]
+                Place::Cuda(gpu, _) => gpu.zeros::<u8>(bytes).map(Memory::Device).map_err(|e| format!("KV cache: {e}")),
+                _ => Ok(Memory::Host(vec![0u64; bytes.div_ceil(8)])),
             }
         };
         let mut buffers = Vec::with_capacity(shape.layers);
         for _ in 0..shape.layers {
             buffers.push((make()?, make()?));
+        }
+        // Cleared on cudarc's stream; ONNX Runtime reads them on its own.
+        #[cfg(feature = "cuda")]
+        if let Place::Cuda(gpu, _) = &place {
+            gpu.sync().map_err(|e| e.to_string())?;
         }
         Ok(KvSlots {
             shape,
@@ -132,7 +127,7 @@ impl KvSlots {
             lens: vec![0; shape.slots],
             owner: vec![None; shape.slots],
             slot_of: HashMap::new(),
-            cap: if cuda_device.is_some() { shape.max_len } else { MIN_CAP.min(shape.max_len) },
+            cap: if matches!(place, Place::Host) { MIN_CAP.min(shape.max_len) } else { shape.max_len },
         })
     }
 

@@ -8,9 +8,9 @@ use ort::session::Session;
 use ort::value::TensorElementType;
 
 use super::genai_config::GenaiConfig;
-use super::kv::{KvShape, KvSlots};
+use super::kv::{KvShape, KvSlots, Place};
 use super::run::{cname, Dtype};
-use super::{lora, load_err, op_edit, prefix, prune, runtime, Names, OnnxBackend, OnnxOptions, SessionSpec, DEFAULT_MAX_CONTEXT, DEFAULT_PREFIX_CACHE_BYTES};
+use super::{device, lora, load_err, op_edit, prefix, prune, runtime, Names, OnnxBackend, OnnxOptions, SessionSpec, DEFAULT_MAX_CONTEXT, DEFAULT_PREFIX_CACHE_BYTES};
 use crate::backend::BackendError;
 use crate::config::Device;
 
@@ -97,6 +97,13 @@ impl OnnxBackend {
         if !cfg.graph.is_file() {
             return Err(load_err(format!("{} names {} which does not exist", dir.join("genai_config.json").display(), cfg.graph.display())));
         }
+        // On a GPU the device is opened first, so that what the session's weights take is known
+        // when the KV slots are sized (`device`).
+        #[cfg(feature = "cuda")]
+        let opened = match opts.session.device {
+            Device::Cuda(id) => Some(device::open(id as usize)?),
+            _ => None,
+        };
         let (session, edits) = open_edited(env, &cfg, &opts.session)?;
         let logits_index = edits.logits_index;
         let provider = opts.session.provider_name();
@@ -158,7 +165,14 @@ impl OnnxBackend {
             Device::Cuda(id) => Some(id as i32),
             _ => None,
         };
-        let kv = KvSlots::new(shape, &session, cuda).map_err(load_err)?;
+        #[cfg(feature = "cuda")]
+        let (kv, sampler) = match opened {
+            Some(o) => o.cache(shape, cfg.vocab_size, logits_dtype == Dtype::F16, last_only, opts.gpu_memory_fraction)?,
+            None => (KvSlots::new(shape, Place::Host).map_err(load_err)?, None),
+        };
+        #[cfg(not(feature = "cuda"))]
+        let (kv, sampler): (KvSlots, Option<device::Sampler>) = (KvSlots::new(shape, Place::Host).map_err(load_err)?, None);
+        let shape = kv.shape;
         let c = |s: &str| cname(s).map_err(load_err);
         let names = Names {
             input_ids: c(&cfg.names.input_ids)?,
@@ -177,13 +191,16 @@ impl OnnxBackend {
             kv_dtype = ?kv_dtype, slots = shape.slots, max_len, logits_last_only = last_only, logits_index, attention_on_inferd = edits.on_inferd.attention, matmuls_on_inferd = edits.on_inferd.matmul, lora_matmuls_on_inferd = edits.on_inferd.lora, fixed_shapes,
             lora_modules = lora.as_ref().map_or(0, |l| l.modules.len()),
             lora_row_mask = lora.as_ref().is_some_and(|l| l.mixes()),
-            kv_cache_mib = shape.total_bytes() >> 20, "ONNX session ready"
+            kv_cache_mib = shape.total_bytes() >> 20, logits_on_device = sampler.is_some(), "ONNX session ready"
         );
         Ok(OnnxBackend {
             session, cfg, names, kv, kv_dtype, logits_dtype, host, logits: Vec::new(), last_only, provider, lora,
             adapter_of: Default::default(), fixed_shapes,
             fed: Default::default(), kept: prefix::PrefixStore::new(DEFAULT_PREFIX_CACHE_BYTES),
             on_inferd: edits.on_inferd,
+            sampler,
+            routes: Vec::new(),
+            device_sampling: crate::backend::gpu_sampling::enabled_from_env(),
         })
     }
 }

@@ -17,6 +17,7 @@
 //!
 //! On CUDA the runs take their shapes from a fixed set warmed up before serving ([`shapes`]):
 //! ONNX Runtime's CUDA provider pays 50-190 ms for the first run of every new input shape.
+mod device;
 pub mod genai_config;
 mod forward;
 pub mod gqa;
@@ -47,7 +48,8 @@ use self::genai_config::GenaiConfig;
 use self::kv::KvSlots;
 use self::run::Dtype;
 pub use self::runtime::SessionSpec;
-use crate::backend::{Backend, BackendError, SeqId, StepInput};
+use crate::backend::gpu_sampling::{self, Route, PARAM_BYTES};
+use crate::backend::{Backend, BackendError, SampleSpec, Sampled, SeqId, StepInput};
 
 /// Positions per sequence when the config sets no `context_length` (the model may allow more).
 pub const DEFAULT_MAX_CONTEXT: usize = 4096;
@@ -66,6 +68,9 @@ pub struct OnnxOptions {
     /// every new shape costs its first run 50-190 ms), off elsewhere. Needs the logits-index
     /// edit (`prune`); ignored without it.
     pub fixed_shapes: Option<bool>,
+    /// On a GPU, the fraction of the device's memory the model may fill (weights, KV slots,
+    /// logits buffers): fewer than `max_batch` slots when it holds fewer ([`device`]).
+    pub gpu_memory_fraction: f64,
 }
 
 struct Names {
@@ -106,6 +111,21 @@ pub struct OnnxBackend {
     kept: prefix::PrefixStore,
     /// Nodes the session runs on inferd's own kernels ([`op_edit`]).
     on_inferd: op_edit::Moved,
+    /// On a GPU: the logits stay in device memory and rows are sampled there ([`device`]).
+    sampler: Option<device::Sampler>,
+    /// Per input row of the step being run: where its token is picked and, for
+    /// `Route::Device`, its parameters as the kernel reads them (empty: every row's logits to the host).
+    routes: Vec<(Route, [u8; PARAM_BYTES])>,
+    /// Drawing rows may be sampled on the device (`INFERD_CUDA_DEVICE_SAMPLING`).
+    device_sampling: bool,
+}
+
+/// What a step gives a row that wanted the logits of its last token.
+pub(super) enum RowOut {
+    /// The logits, for the host's sampler (or for [`Backend::step`]'s caller).
+    Logits(Vec<f32>),
+    /// The token the device picked.
+    Token(u32),
 }
 
 fn load_err(e: impl std::fmt::Display) -> BackendError {
@@ -129,33 +149,16 @@ impl OnnxBackend {
         self.lora.as_ref().is_some_and(|g| g.mixes())
     }
 
-    /// Positions cached for `seq` (0 for unknown sequences).
-    pub fn cached_len(&self, seq: SeqId) -> usize {
-        self.kv.len_of(seq)
-    }
-
-}
-
-/// Bytes of finished sequences' KV kept for prefix reuse unless configured (`prefix_cache_mb`).
-pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 512 << 20;
-
-impl Backend for OnnxBackend {
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-
-    fn max_context(&self) -> usize {
-        self.kv.shape.max_len
-    }
-
-    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Option<Vec<f32>>>, BackendError> {
+    /// One step; each row that wants logits gets them, or its token when [`OnnxBackend::routes`]
+    /// sends it to the device sampler. A failed step leaves every cache as it was.
+    fn step_rows(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Option<RowOut>>, BackendError> {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
         self.check(inputs)?;
         let before: Vec<(SeqId, usize, bool)> =
             inputs.iter().map(|i| (i.seq, self.kv.len_of(i.seq), self.kv.slot(i.seq).is_some())).collect();
-        let mut out = vec![None; inputs.len()];
+        let mut out: Vec<Option<RowOut>> = (0..inputs.len()).map(|_| None).collect();
         match self.step_inner(inputs, &mut out) {
             Ok(()) => {
                 if self.kept.enabled() {
@@ -178,6 +181,79 @@ impl Backend for OnnxBackend {
                 Err(e)
             }
         }
+    }
+
+    /// Whether the logits stay on the device and rows are sampled there ([`device`]).
+    pub fn logits_on_device(&self) -> bool {
+        self.sampler.is_some()
+    }
+
+    /// Positions cached for `seq` (0 for unknown sequences).
+    pub fn cached_len(&self, seq: SeqId) -> usize {
+        self.kv.len_of(seq)
+    }
+
+}
+
+/// Bytes of finished sequences' KV kept for prefix reuse unless configured (`prefix_cache_mb`).
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 512 << 20;
+
+impl Backend for OnnxBackend {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_context(&self) -> usize {
+        self.kv.shape.max_len
+    }
+
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Option<Vec<f32>>>, BackendError> {
+        self.routes.clear();
+        self.step_rows(inputs)?
+            .into_iter()
+            .map(|r| match r {
+                None => Ok(None),
+                Some(RowOut::Logits(l)) => Ok(Some(l)),
+                Some(RowOut::Token(_)) => Err(BackendError::Compute("a row was sampled on the device where its logits were asked for".into())),
+            })
+            .collect()
+    }
+
+    fn step_and_sample(&mut self, inputs: &[StepInput<'_>], samples: &[Option<SampleSpec<'_>>]) -> Result<Vec<Option<Sampled>>, BackendError> {
+        debug_assert_eq!(inputs.len(), samples.len(), "one sampling spec per row");
+        if self.sampler.is_none() {
+            let vocab = self.cfg.vocab_size;
+            return crate::backend::sample_on_host(self.step(inputs)?, samples, vocab);
+        }
+        self.routes = inputs
+            .iter()
+            .zip(samples)
+            .map(|(inp, spec)| {
+                let mut params = Vec::with_capacity(PARAM_BYTES);
+                let route = match spec.as_ref().filter(|_| inp.want_logits) {
+                    Some(s) => gpu_sampling::route(s, self.device_sampling),
+                    None => Route::Host,
+                };
+                let spec = spec.as_ref().filter(|_| route == Route::Device);
+                gpu_sampling::push_params(&mut params, spec.map(|s| (s.params, s.uniform.unwrap_or(0.0))));
+                (route, params.try_into().expect("push_params writes PARAM_BYTES"))
+            })
+            .collect();
+        let rows = self.step_rows(inputs);
+        self.routes.clear();
+        Ok(rows?
+            .into_iter()
+            .zip(samples)
+            .map(|(row, spec)| match (row, spec) {
+                (Some(RowOut::Logits(l)), Some(spec)) => Some(crate::engine::sampler::sample(l, spec)),
+                (Some(RowOut::Token(token)), Some(_)) => Some(Sampled { token, logprobs: None }),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn max_sequences(&self) -> Option<usize> {
+        Some(self.kv.shape.slots)
     }
 
     fn release(&mut self, seq: SeqId) {

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::sync::Arc;
 
 use super::run::View;
-use super::{shapes, OnnxBackend};
+use super::{shapes, OnnxBackend, RowOut};
 use crate::backend::{BackendError, SeqId, StepInput};
 use crate::lora::LoraAdapter;
 
@@ -35,7 +35,7 @@ impl OnnxBackend {
         inputs: &[StepInput<'_>],
         slots: &[usize],
         rows: &[usize],
-        out: &mut [Option<Vec<f32>>],
+        out: &mut [Option<RowOut>],
     ) -> Result<(), BackendError> {
         let (lo, b) = (slots[rows[0]], rows.len());
         let s = rows.iter().map(|&i| inputs[i].tokens.len()).max().unwrap_or(1);
@@ -51,10 +51,9 @@ impl OnnxBackend {
         let adapters: Vec<_> = rows.iter().map(|&i| inputs[i].adapter).collect();
         let extra = self.adapter_inputs(&adapters)?;
         self.forward(lo, b, s, &mut tokens, &vec![0; b], &new, &extra)?;
+        let picks: Vec<(usize, usize, usize)> = rows.iter().enumerate().filter(|&(_, &i)| inputs[i].want_logits).map(|(r, &i)| (i, r, new[r] - 1)).collect();
+        self.emit(s, b, &picks, out)?;
         for (r, &i) in rows.iter().enumerate() {
-            if inputs[i].want_logits {
-                out[i] = Some(self.logits_at(s, r, new[r] - 1));
-            }
             self.kv.set_len(slots[i], new[r]);
         }
         Ok(())
@@ -83,7 +82,7 @@ impl OnnxBackend {
         }
     }
 
-    pub(super) fn step_inner(&mut self, inputs: &[StepInput<'_>], out: &mut [Option<Vec<f32>>]) -> Result<(), BackendError> {
+    pub(super) fn step_inner(&mut self, inputs: &[StepInput<'_>], out: &mut [Option<RowOut>]) -> Result<(), BackendError> {
         self.kv.shrink();
         for inp in inputs {
             self.kv.slot_for(inp.seq).expect("check() counted the free slots");
@@ -117,11 +116,10 @@ impl OnnxBackend {
             }
             let extra = self.adapter_inputs(&adapters)?;
             self.forward(lo, b, 1, &mut tokens, &lens, &vec![1; b], &extra)?;
+            let picks: Vec<(usize, usize, usize)> = rows.iter().filter(|&&i| inputs[i].want_logits).map(|&i| (i, slots[i] - lo, 0)).collect();
+            self.emit(1, b, &picks, out)?;
             for &i in rows {
                 let slot = slots[i];
-                if inputs[i].want_logits {
-                    out[i] = Some(self.logits_at(1, slot - lo, 0));
-                }
                 self.kv.set_len(slot, lens[slot - lo] + 1);
             }
         }
@@ -168,7 +166,7 @@ impl OnnxBackend {
             let extra = self.adapter_inputs(&[inputs[i].adapter])?;
             self.forward(slot, 1, s, &mut tokens, &[len], &[s], &extra)?;
             if inputs[i].want_logits {
-                out[i] = Some(self.logits_at(s, 0, s - 1));
+                self.emit(s, 1, &[(i, 0, s - 1)], out)?;
             }
             self.kv.set_len(slot, len + s);
         }
