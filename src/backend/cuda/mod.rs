@@ -98,6 +98,8 @@ pub struct CudaBackend {
     /// without a graph.
     graphs: HashMap<(usize, usize), Graph>,
     seen: HashSet<(usize, usize)>,
+    /// Sizes whose capture failed: they run as plain launches.
+    ungraphed: HashSet<(usize, usize)>,
     /// The LoRA adapters on the device.
     lora: DevLora,
     lora_dims: crate::lora::BaseDims,
@@ -204,6 +206,7 @@ impl CudaBackend {
             max_blocks,
             graphs: HashMap::new(),
             seen: HashSet::new(),
+            ungraphed: HashSet::new(),
             lora,
             lora_dims,
             use_graphs: opts.graphs,
@@ -292,6 +295,7 @@ impl CudaBackend {
             let inter = self.w.layers.first().map_or(0, |l| l.gate_up.n / 2);
             self.graphs.clear();
             self.seen.clear();
+            self.ungraphed.clear();
             self.params_on = false;
             self.scratch = forward::Scratch::new(&self.gpu, &self.cfg, self.w.dtype, inter, rows.next_power_of_two(), self.scratch.logit_rows.max(logit_rows))?;
         }
@@ -310,11 +314,24 @@ impl CudaBackend {
             // The first step of this size runs as launches (cuBLAS settles its kernels), the
             // second captures them.
             forward::launches(self, r, l, lora)?;
+        } else if self.ungraphed.contains(&(r, lora)) {
+            forward::launches(self, r, l, lora)?;
         } else {
-            let g = self.gpu.capture(|| forward::launches(self, r, l, lora))?;
-            self.gpu.replay(&g)?;
-            tracing::debug!(rows = r, lora, "captured a decode graph");
-            self.graphs.insert((r, lora), g);
+            match self.gpu.capture(|| forward::launches(self, r, l, lora)) {
+                Ok(g) => {
+                    self.gpu.replay(&g)?;
+                    tracing::debug!(rows = r, lora, "captured a decode graph");
+                    self.graphs.insert((r, lora), g);
+                }
+                // A graph that cannot be made (its instantiation needs device memory, which
+                // another process on the GPU may have taken) costs speed, not the step: the
+                // captured launches did not run, so they run now, and this size stays ungraphed.
+                Err(e) => {
+                    tracing::warn!(rows = r, lora, error = %e, "cannot capture a decode graph; this batch size runs as plain launches");
+                    self.ungraphed.insert((r, lora));
+                    forward::launches(self, r, l, lora)?;
+                }
+            }
         }
         Ok(l)
     }

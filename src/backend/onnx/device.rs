@@ -3,7 +3,8 @@
 //!
 //! - The device is opened (through cudarc, in the primary context the provider also uses) before
 //!   the session, so that what the session's weights take can be measured; the KV slots then get
-//!   `gpu_memory_fraction` of the device less that ([`crate::backend::device_cache_budget`]):
+//!   `gpu_memory_fraction` of the device less that ([`crate::backend::device_cache_budget`]),
+//!   less ONNX Runtime's working memory ([`activation_reserve`]):
 //!   `max_batch` slots (256 by default on a GPU), or as many as fit. Each slot holds the full
 //!   context (GroupQueryAttention's shared buffer), so `context_length` is what trades against
 //!   the number of sequences.
@@ -56,12 +57,24 @@ pub fn slots_within(max_batch: usize, per_slot: usize, budget: usize) -> Option<
     (n > 0).then_some(n)
 }
 
+/// Device memory left for ONNX Runtime's own arena, which grows during runs (activations: a
+/// prompt run of up to [`MAX_WARM_TOKENS`](super::shapes::MAX_WARM_TOKENS) tokens, each with
+/// the MLP's and attention's intermediates in f16/f32) and is not part of the KV budget:
+/// 128 bytes per token per unit of hidden size, at least 1 GiB. On Qwen2.5-0.5B's shape that
+/// is 1 GiB; a run on the H200 that left ONNX Runtime 256 MiB failed in warm-up (an 80 MB
+/// MatMulNBits output of 8192 tokens could not be allocated).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn activation_reserve(hidden_size: usize) -> usize {
+    (super::shapes::MAX_WARM_TOKENS * hidden_size * 128).max(1 << 30)
+}
+
 /// The start-up error for a device whose memory holds not one sequence.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub fn too_small(device: &str, per_slot: usize, budget: usize, max_len: usize, fraction: f64) -> BackendError {
     BackendError::Load(format!(
         "{device}: one sequence of {max_len} positions needs {} MiB of KV cache and logits, but {} MiB are left \
-         after the model's weights within gpu_memory_fraction {fraction}; raise gpu_memory_fraction or lower context_length",
+         after the model's weights and ONNX Runtime's working memory within gpu_memory_fraction {fraction}; raise gpu_memory_fraction \
+         or lower context_length",
         per_slot.div_ceil(1 << 20),
         budget >> 20
     ))
@@ -73,7 +86,7 @@ pub use self::gpu::open;
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::super::kv::{KvShape, KvSlots, Place};
-    use super::{device_logits_from_env, slots_within, too_small, Sampler};
+    use super::{activation_reserve, device_logits_from_env, slots_within, too_small, Sampler};
     use crate::backend::cuda::gpu::Gpu;
     use crate::backend::BackendError;
 
@@ -95,9 +108,9 @@ mod gpu {
     impl Opened {
         /// After the session loaded: the KV slots (`shape.slots` is the most wanted) in device
         /// memory, and the logits sampler when `sample` (the graph returns one row per sequence).
-        pub fn cache(self, mut shape: KvShape, vocab: usize, half_logits: bool, sample: bool, fraction: f64) -> Result<(KvSlots, Option<Sampler>), BackendError> {
+        pub fn cache(self, mut shape: KvShape, vocab: usize, hidden_size: usize, half_logits: bool, sample: bool, fraction: f64) -> Result<(KvSlots, Option<Sampler>), BackendError> {
             let (free_now, _) = self.gpu.memory()?;
-            let budget = crate::backend::device_cache_budget(self.total, self.free_before, free_now, fraction);
+            let budget = crate::backend::device_cache_budget(self.total, self.free_before, free_now, fraction).saturating_sub(activation_reserve(hidden_size));
             let sample = sample && device_logits_from_env();
             let logits = if sample { Sampler::bytes(vocab, 1, half_logits) } else { 0 };
             let per_slot = shape.total_bytes() / shape.slots.max(1) + logits;
@@ -127,5 +140,7 @@ mod tests {
         assert_eq!(slots_within(0, 1, 10), Some(1), "at least one slot is asked for");
         let e = too_small("cuda:3", 48 << 20, 10 << 20, 4096, 0.9).to_string();
         assert!(e.contains("cuda:3") && e.contains("48 MiB") && e.contains("10 MiB") && e.contains("gpu_memory_fraction 0.9"), "{e}");
+        assert_eq!(activation_reserve(896), 1 << 30, "Qwen2.5-0.5B: the 1 GiB floor");
+        assert_eq!(activation_reserve(3584), 8192 * 3584 * 128, "a 7B model: 3.5 GiB");
     }
 }

@@ -167,7 +167,7 @@ impl OnnxBackend {
         };
         #[cfg(feature = "cuda")]
         let (kv, sampler) = match opened {
-            Some(o) => o.cache(shape, cfg.vocab_size, logits_dtype == Dtype::F16, last_only, opts.gpu_memory_fraction)?,
+            Some(o) => o.cache(shape, cfg.vocab_size, cfg.hidden_size, logits_dtype == Dtype::F16, last_only, opts.gpu_memory_fraction)?,
             None => (KvSlots::new(shape, Place::Host).map_err(load_err)?, None),
         };
         #[cfg(not(feature = "cuda"))]
