@@ -119,6 +119,15 @@ pub fn device_cache_budget(total: usize, free_before: usize, free_now: usize, fr
     budget.saturating_sub(own).min(free_now.saturating_sub(256 << 20))
 }
 
+/// The row check of a backend that applies any adapter whose projections fit `dims` (passed as
+/// [`check_rows`]'s `row`): a row with an adapter that does not fit is refused by name.
+pub fn adapter_fits(inp: &StepInput<'_>, dims: &crate::lora::BaseDims) -> Result<(), BackendError> {
+    match inp.adapter {
+        Some(a) => a.check_fits(dims).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name))),
+        None => Ok(()),
+    }
+}
+
 /// A loaded model that can run batched steps over many sequences, each with its own KV cache.
 pub trait Backend: Send {
     /// Size of the logits vector returned per sequence.

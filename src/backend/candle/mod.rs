@@ -136,10 +136,8 @@ impl CandleBackend {
 
     /// Rejects a step before it touches any cache.
     fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
-        super::check_rows(inputs, self.model.cfg.vocab_size, self.max_context, |seq| self.cached_len(seq), |inp| match inp.adapter {
-            Some(a) => a.check_fits(&self.lora_base()).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name))),
-            None => Ok(()),
-        })?;
+        let dims = self.lora_base();
+        super::check_rows(inputs, self.model.cfg.vocab_size, self.max_context, |seq| self.cached_len(seq), |inp| super::adapter_fits(inp, &dims))?;
         if let Some(total) = self.kv_blocks {
             let mut free = total.saturating_sub(self.kv_blocks_used());
             for inp in inputs {

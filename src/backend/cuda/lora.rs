@@ -113,6 +113,8 @@ impl DevLora {
     }
 
     fn upload(&mut self, gpu: &Gpu, a: &Arc<LoraAdapter>) -> Result<(), BackendError> {
+        // `check()` refused misfits already; checked again here because the kernels index the
+        // tables written below by these dims (once per upload).
         a.check_fits(&self.dims).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name)))?;
         let slot = self.free.pop().expect("a slot was freed above");
         let (start, len) = self.region(slot);

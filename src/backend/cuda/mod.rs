@@ -223,10 +223,7 @@ impl CudaBackend {
 
     /// Rejects a step before it touches any cache.
     fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
-        super::check_rows(inputs, self.cfg.vocab_size, self.max_context, |seq| self.tables.len(seq), |inp| match inp.adapter {
-            Some(a) => a.check_fits(&self.lora_dims).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name))),
-            None => Ok(()),
-        })?;
+        super::check_rows(inputs, self.cfg.vocab_size, self.max_context, |seq| self.tables.len(seq), |inp| super::adapter_fits(inp, &self.lora_dims))?;
         let growths: Vec<(SeqId, usize)> = inputs.iter().map(|i| (i.seq, i.tokens.len())).collect();
         if let Some(seq) = self.tables.first_misfit(&growths) {
             return Err(BackendError::KvFull { seq });
@@ -251,12 +248,12 @@ impl CudaBackend {
     fn run(&mut self, inputs: &[StepInput<'_>], graph: bool) -> Result<usize, BackendError> {
         self.check(inputs)?;
         let adapters = self.lora.row_slots(&self.gpu, inputs)?;
-        let mut assigned = Vec::new();
+        let mut assigned = HashSet::new();
         for i in inputs {
             if !self.slots.contains_key(&i.seq) {
                 let slot = self.free_slots.pop().expect("counted in check()");
                 self.slots.insert(i.seq, slot);
-                assigned.push(i.seq);
+                assigned.insert(i.seq);
             }
         }
         let mut taken = Vec::with_capacity(inputs.len());
