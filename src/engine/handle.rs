@@ -37,6 +37,9 @@ pub(crate) struct Shared {
     pub step_nanos: AtomicU64,
     /// Nanoseconds spent after the steps: sampling, stop matching, detokenisation.
     pub sample_nanos: AtomicU64,
+    /// Nanoseconds the worker waited with nothing to run (no sequence, or every one waiting on
+    /// its client): with the two above, what a step's wall time splits into.
+    pub idle_nanos: AtomicU64,
     /// Sequences put back in the queue because the KV cache was full.
     pub preemptions: AtomicU64,
     /// Tokens whose keys and values came from the prefix cache instead of being computed.
@@ -70,6 +73,8 @@ pub struct EngineStats {
     pub step_seconds: f64,
     /// Seconds spent sampling and detokenising after the steps.
     pub sample_seconds: f64,
+    /// Seconds the worker waited with nothing to run.
+    pub idle_seconds: f64,
     /// Sequences preempted (KV cache full) since the engine started.
     pub preemptions: u64,
     /// Tokens taken from the prefix cache instead of computed, since the engine started.
@@ -119,6 +124,7 @@ pub fn spawn(
         steps: AtomicU64::new(0),
         step_nanos: AtomicU64::new(0),
         sample_nanos: AtomicU64::new(0),
+        idle_nanos: AtomicU64::new(0),
         preemptions: AtomicU64::new(0),
         prefix_hits: AtomicU64::new(0),
         kv_used_blocks: AtomicUsize::new(0),
@@ -191,6 +197,7 @@ impl EngineHandle {
             steps: self.shared.steps.load(Ordering::Relaxed),
             step_seconds: self.shared.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             sample_seconds: self.shared.sample_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            idle_seconds: self.shared.idle_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             preemptions: self.shared.preemptions.load(Ordering::Relaxed),
             prefix_cache_tokens: self.shared.prefix_hits.load(Ordering::Relaxed),
             kv_cache_usage: match self.shared.kv_total_blocks.load(Ordering::Relaxed) {

@@ -77,6 +77,7 @@ impl EnginePool {
             t.steps += s.steps;
             t.step_seconds += s.step_seconds;
             t.sample_seconds += s.sample_seconds;
+            t.idle_seconds += s.idle_seconds;
             t.preemptions += s.preemptions;
             t.prefix_cache_tokens += s.prefix_cache_tokens;
             t.prefix_cache_bytes += s.prefix_cache_bytes;

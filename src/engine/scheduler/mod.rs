@@ -142,7 +142,10 @@ impl Worker {
             if self.disconnected {
                 return false;
             }
-            match self.rx.recv() {
+            let t = std::time::Instant::now();
+            let got = self.rx.recv();
+            self.shared.idle_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            match got {
                 Ok(a) => self.enqueue(a),
                 Err(_) => return false,
             }
@@ -161,11 +164,16 @@ impl Worker {
 
     /// Sleeps briefly (or until a submission arrives) when every sequence waits on its client.
     fn wait_for_news(&mut self) {
-        if self.disconnected {
+        let t = std::time::Instant::now();
+        let got = if self.disconnected {
             std::thread::sleep(IDLE_POLL);
-            return;
-        }
-        match self.rx.recv_timeout(IDLE_POLL) {
+            None
+        } else {
+            Some(self.rx.recv_timeout(IDLE_POLL))
+        };
+        self.shared.idle_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let Some(got) = got else { return };
+        match got {
             Ok(a) => self.enqueue(a),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => self.disconnected = true,
