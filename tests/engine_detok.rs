@@ -2,7 +2,7 @@
 mod engine_common;
 
 use engine_common::tiny_tokenizer;
-use inferd::engine::detok::{is_byte_level, token_bytes, IncrementalDetokenizer};
+use inferd::engine::detok::{is_byte_level, token_bytes, ByteTable, IncrementalDetokenizer};
 use tokenizers::Tokenizer;
 
 /// Streams `ids` after `prompt`; returns the chunks (each a valid `String`) and the flush.
@@ -104,4 +104,50 @@ fn qwen_token_bytes() {
     assert_eq!(all, "🦀".as_bytes());
     let im_end = tok.token_to_id("<|im_end|>").unwrap();
     assert_eq!(token_bytes(&tok, im_end, bl), b"<|im_end|>");
+}
+
+/// The byte table against the tokenizer's own decode: random windows of ids (ordinary, added and
+/// special tokens, single bytes that split characters, ids past the vocabulary), and a random
+/// stream detokenised both ways.
+fn byte_table_matches(tok: &Tokenizer, what: &str) {
+    let table = ByteTable::new(tok).unwrap_or_else(|| panic!("{what}: a byte-level tokenizer gets a table"));
+    let n = tok.get_vocab_size(true) as u64;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut windows = 0;
+    for _ in 0..4000 {
+        let len = 1 + (next() % 12) as usize;
+        let ids: Vec<u32> = (0..len)
+            .map(|_| match next() % 10 {
+                0 => (n - 1 - next() % 30) as u32, // the added tokens at the end
+                1 => (n + next() % 5) as u32,       // past the vocabulary
+                2 | 3 => (next() % 256) as u32,     // low ids: byte tokens in GPT-2 style vocabularies
+                _ => (next() % n) as u32,
+            })
+            .collect();
+        assert_eq!(table.decode(&ids), tok.decode(&ids, true).unwrap_or_default(), "{what}: {ids:?}");
+        windows += 1;
+    }
+    let prompt: Vec<u32> = (0..6).map(|_| (next() % n) as u32).collect();
+    let ids: Vec<u32> = (0..500).map(|_| if next() % 3 == 0 { (next() % 256) as u32 } else { (next() % n) as u32 }).collect();
+    let (mut plain, mut fast) = (IncrementalDetokenizer::new(&prompt), IncrementalDetokenizer::new(&prompt));
+    for &id in &ids {
+        assert_eq!(fast.push_with(tok, Some(&table), id), plain.push(tok, id), "{what}: pushing {id}");
+    }
+    assert_eq!(fast.finish_with(tok, Some(&table)), plain.finish(tok));
+    eprintln!("{what}: {windows} windows and a stream of {} tokens decode alike", ids.len());
+}
+
+#[test]
+fn the_byte_table_decodes_as_the_tokenizer_does() {
+    let (tiny, _) = tiny_tokenizer();
+    byte_table_matches(&tiny, "tiny");
+    if let Some(q) = qwen() {
+        byte_table_matches(&q, "qwen");
+    }
 }

@@ -30,9 +30,15 @@ impl IncrementalDetokenizer {
 
     /// Appends a token; returns the newly complete text (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
+        self.push_with(tok, None, id)
+    }
+
+    /// [`IncrementalDetokenizer::push`], decoding through `table` when the tokenizer has one
+    /// ([`ByteTable`]: the same text, without the tokenizer's allocations).
+    pub fn push_with(&mut self, tok: &Tokenizer, table: Option<&ByteTable>, id: u32) -> String {
         self.ids.push(id);
-        let prefix = decode(tok, &self.ids[self.prefix_offset..self.read_offset]);
-        let full = decode(tok, &self.ids[self.prefix_offset..]);
+        let prefix = decode(tok, table, &self.ids[self.prefix_offset..self.read_offset]);
+        let full = decode(tok, table, &self.ids[self.prefix_offset..]);
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
             if let Some(new) = suffix_after(&full, &prefix) {
                 let new = new.to_owned();
@@ -48,8 +54,13 @@ impl IncrementalDetokenizer {
     /// Releases whatever is still pending at the end of generation (an incomplete character
     /// becomes U+FFFD, as a lossy decode would).
     pub fn finish(&mut self, tok: &Tokenizer) -> String {
-        let prefix = decode(tok, &self.ids[self.prefix_offset..self.read_offset]);
-        let full = decode(tok, &self.ids[self.prefix_offset..]);
+        self.finish_with(tok, None)
+    }
+
+    /// [`IncrementalDetokenizer::finish`] through `table` (see [`IncrementalDetokenizer::push_with`]).
+    pub fn finish_with(&mut self, tok: &Tokenizer, table: Option<&ByteTable>) -> String {
+        let prefix = decode(tok, table, &self.ids[self.prefix_offset..self.read_offset]);
+        let full = decode(tok, table, &self.ids[self.prefix_offset..]);
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         match suffix_after(&full, &prefix) {
@@ -77,11 +88,63 @@ fn suffix_after<'a>(full: &'a str, prefix: &str) -> Option<&'a str> {
     full.get(prefix.len()..)
 }
 
-fn decode(tok: &Tokenizer, ids: &[u32]) -> String {
+fn decode(tok: &Tokenizer, table: Option<&ByteTable>, ids: &[u32]) -> String {
     if ids.is_empty() {
         return String::new();
     }
-    tok.decode(ids, true).unwrap_or_default()
+    let Some(table) = table else {
+        return tok.decode(ids, true).unwrap_or_default();
+    };
+    let text = table.decode(ids);
+    debug_assert_eq!(text, tok.decode(ids, true).unwrap_or_default(), "the byte table decodes {ids:?} as the tokenizer does");
+    text
+}
+
+/// Each token's bytes as a tokenizer whose decoder is exactly byte-level BPE's gives them (None:
+/// a special token, which decoding skips). Decoding ids is then concatenating their bytes and
+/// converting lossily to UTF-8, which is what `Tokenizer::decode(ids, true)` does for such a
+/// tokenizer (per token: its added or model string, each character through GPT-2's table, or the
+/// string's own bytes when a character is outside it) without a `String` per token. Built once per
+/// model; the incremental detokeniser decodes two short windows per generated token, the largest
+/// part of the worker's per-row work after a step on a GPU (docs/perf-notes.md, session 15).
+pub struct ByteTable(Vec<Option<Box<[u8]>>>);
+
+impl ByteTable {
+    /// The table for `tok`, or None when its decoder is not byte-level BPE's alone.
+    pub fn new(tok: &Tokenizer) -> Option<ByteTable> {
+        if !matches!(tok.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_))) {
+            return None;
+        }
+        let added = tok.get_added_vocabulary();
+        let inv = byte_level_inverse();
+        let n = tok.get_vocab_size(true) as u32;
+        let max_id = (0..n).chain(added.get_vocab().values().copied()).max().map_or(0, |m| m + 1);
+        let table = (0..max_id)
+            .map(|id| {
+                let piece = tok.id_to_token(id)?;
+                if added.is_special_token(&piece) {
+                    return None;
+                }
+                let mapped: Option<Vec<u8>> = piece.chars().map(|c| inv.get(&c).copied()).collect();
+                Some(mapped.unwrap_or_else(|| piece.into_bytes()).into_boxed_slice())
+            })
+            .collect();
+        Some(ByteTable(table))
+    }
+
+    /// `ids` decoded, special and unknown ids skipped.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut bytes = Vec::with_capacity(ids.len() * 8);
+        for &id in ids {
+            if let Some(Some(b)) = self.0.get(id as usize) {
+                bytes.extend_from_slice(b);
+            }
+        }
+        match String::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        }
+    }
 }
 
 /// GPT-2's byte-to-unicode table inverted: maps the printable stand-in characters of byte-level

@@ -22,6 +22,8 @@ pub struct TokenContext<'a> {
     pub tokenizer: &'a Arc<Tokenizer>,
     pub eos: &'a [u32],
     pub byte_level: bool,
+    /// The tokenizer's byte table, when it is byte-level BPE (`detok::ByteTable`).
+    pub bytes: Option<&'a super::detok::ByteTable>,
     pub max_context: usize,
 }
 
@@ -157,7 +159,7 @@ impl Sequence {
         if self.finished {
             return;
         }
-        let mut tail = self.detok.finish(ctx.tokenizer);
+        let mut tail = self.detok.finish_with(ctx.tokenizer, ctx.bytes);
         tail = self.stop.push(&tail).text;
         tail.push_str(&self.stop.finish());
         if !tail.is_empty() {
@@ -228,7 +230,7 @@ impl Sequence {
             (Some(lp), Some(_)) => Some(self.logprob_entry(lp, token, ctx)),
             _ => None,
         };
-        let piece = self.detok.push(ctx.tokenizer, token);
+        let piece = self.detok.push_with(ctx.tokenizer, ctx.bytes, token);
         let out = self.stop.push(&piece);
         if out.stopped {
             if !out.text.is_empty() || logprob.is_some() {

@@ -50,6 +50,9 @@ pub(crate) struct Worker {
     pub rx: Receiver<Admission>,
     pub shared: Arc<Shared>,
     pub byte_level: bool,
+    /// The tokenizer's byte table (byte-level BPE tokenizers only): detokenisation without the
+    /// tokenizer's allocations.
+    byte_table: Option<super::detok::ByteTable>,
     next_id: SeqId,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -79,7 +82,9 @@ impl Worker {
         shared: Arc<Shared>,
     ) -> Self {
         let byte_level = super::detok::is_byte_level(&tokenizer);
+        let byte_table = super::detok::ByteTable::new(&tokenizer);
         Self {
+            byte_table,
             backend,
             tokenizer,
             eos,
@@ -225,6 +230,7 @@ impl Worker {
             tokenizer: &self.tokenizer,
             eos: &self.eos,
             byte_level: self.byte_level,
+            bytes: self.byte_table.as_ref(),
             max_context: self.backend.max_context(),
         }
     }
