@@ -82,7 +82,8 @@ impl Worker {
         shared: Arc<Shared>,
     ) -> Self {
         let byte_level = super::detok::is_byte_level(&tokenizer);
-        let byte_table = super::detok::ByteTable::new(&tokenizer);
+        // INFERD_DETOK_TABLE=0 decodes through the tokenizer (A/B runs).
+        let byte_table = if std::env::var("INFERD_DETOK_TABLE").is_ok_and(|v| v == "0") { None } else { super::detok::ByteTable::new(&tokenizer) };
         Self {
             byte_table,
             backend,
