@@ -116,7 +116,6 @@ impl ByteTable {
             return None;
         }
         let added = tok.get_added_vocabulary();
-        let inv = byte_level_inverse();
         let n = tok.get_vocab_size(true) as u32;
         let max_id = (0..n).chain(added.get_vocab().values().copied()).max().map_or(0, |m| m + 1);
         let table = (0..max_id)
@@ -125,8 +124,7 @@ impl ByteTable {
                 if added.is_special_token(&piece) {
                     return None;
                 }
-                let mapped: Option<Vec<u8>> = piece.chars().map(|c| inv.get(&c).copied()).collect();
-                Some(mapped.unwrap_or_else(|| piece.into_bytes()).into_boxed_slice())
+                Some(byte_level_bytes(&piece).unwrap_or_else(|| piece.into_bytes()).into_boxed_slice())
             })
             .collect();
         Some(ByteTable(table))
@@ -170,6 +168,13 @@ fn byte_level_inverse() -> &'static HashMap<char, u8> {
     })
 }
 
+/// A byte-level BPE vocabulary entry's raw bytes: each character through GPT-2's table inverted
+/// (None when a character is not in it).
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    let inv = byte_level_inverse();
+    piece.chars().map(|c| inv.get(&c).copied()).collect()
+}
+
 /// The raw bytes of one vocabulary entry, for logprobs: byte-level BPE entries are mapped back
 /// through GPT-2's table, SentencePiece byte-fallback entries (`<0xE2>`) become that byte, anything
 /// else is the token decoded alone (special tokens included). `byte_level` comes from
@@ -186,9 +191,7 @@ pub fn token_bytes(tok: &Tokenizer, id: u32, byte_level: bool) -> Vec<u8> {
             }
         }
         if byte_level {
-            let inv = byte_level_inverse();
-            let mapped: Option<Vec<u8>> = piece.chars().map(|c| inv.get(&c).copied()).collect();
-            if let Some(bytes) = mapped {
+            if let Some(bytes) = byte_level_bytes(&piece) {
                 return bytes;
             }
         }

@@ -46,7 +46,6 @@ impl LogitSampler {
         Ok(s)
     }
 
-
     /// Device bytes a sampler for `rows` rows takes.
     pub fn bytes(vocab: usize, rows: usize, half: bool) -> usize {
         rows * (vocab * (4 + if half { 2 } else { 0 }) + ARGMAX_SLICES * 8 + 4 + PARAM_BYTES)
