@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a model worker's time goes during a burst of requests, from the server's own /metrics.
 
-    python3 bench/worker_split.py http://127.0.0.1:8080 MODEL_ID 1,64,256,256j
+    python3 bench/worker_split.py http://127.0.0.1:8080 MODEL_ID[,MODEL_ID...] 1,64,256,256j
 
 Each spec is a burst of N concurrent requests (128 new tokens, `ignore_eos`, greedy, ~100-token
 prompts distinct per request): streaming, or non-streaming with a trailing `j` (the client then
@@ -11,7 +11,8 @@ prints the wall time, tokens a second, and the deltas of the worker's counters o
 holds the device's work), `inferd_engine_sampling_seconds_total` (handling each row's token after
 the step: detokenisation, stop checks, events) and `inferd_engine_idle_seconds_total` (waiting with
 nothing to run; added when a wait ends, so a burst's figure includes the wait before its first
-request). docs/perf-notes.md (session 15) has the H200 figures. Standard library only.
+request). Several model ids (adapters) take the requests in turn. docs/perf-notes.md (sessions 15
+and 16) has the H200 figures. Standard library only.
 """
 import json
 import re
@@ -49,10 +50,10 @@ def plain_burst(base, bodies):
 def main():
     if len(sys.argv) != 4:
         sys.exit(__doc__)
-    base, model, specs = sys.argv[1].rstrip("/"), sys.argv[2], sys.argv[3]
+    base, models, specs = sys.argv[1].rstrip("/"), sys.argv[2].split(","), sys.argv[3]
     for spec in specs.split(","):
         n, streaming = int(spec.rstrip("j")), not spec.endswith("j")
-        bodies = [{"model": model, "prompt": f"request {i}: " + "word " * 100, "max_tokens": 128, "temperature": 0,
+        bodies = [{"model": models[i % len(models)], "prompt": f"request {i}: " + "word " * 100, "max_tokens": 128, "temperature": 0,
                    "ignore_eos": True, "stream": streaming} for i in range(n)]
         before = counters(base)
         wall = concurrent(base + "/v1/completions", bodies, n, 300)[1] if streaming else plain_burst(base, bodies)

@@ -246,3 +246,24 @@ fn more_adapters_than_device_slots_are_evicted_and_uploaded_again() {
     assert_eq!(g.resident_adapters(), 0, "adapters no request holds leave the device");
     eprintln!("10 loads of 2 adapters over 4 slots, 12 random rounds: tokens as alone; none left after the last drop");
 }
+
+#[test]
+fn more_adapters_in_a_step_than_tile_blocks() {
+    // 16 loads of the two qwen2 adapters (each load its own adapter, so 16 on the device), one
+    // sequence each: a decode step of 16 rows has 16 one-row tiles and fewer tile blocks (12,
+    // `lora::tile_blocks`), so some blocks take a second tile in turn. Each sequence's tokens must be
+    // those its adapter's file gives alone.
+    let dir = repo().join("tests/fixtures/generated/tiny-qwen2");
+    let mut g = CudaBackend::load(&WeightsFormat::Safetensors { dir }, &CudaOptions { dtype: Dtype::F32, gpu_memory_fraction: 0.3, ..CudaOptions::default() }).expect("loads");
+    let files = ["adapter-a", "adapter-b"];
+    let loads: Vec<Arc<LoraAdapter>> = (0..16).map(|i| bound(&g, files[i % 2])).collect();
+    let prompts: Vec<Vec<u32>> = (0..16u32).map(|i| (0..2 + i % 5).map(|j| (i * 31 + j * 7) % 500).collect()).collect();
+    let plans: Vec<Plan> = (0..16).map(|k| Plan { prompt: prompts[k].clone(), adapter: Some(k), arrives: 0 }).collect();
+    let got = together(&mut g, &loads, &plans, 80_000, 3, 8);
+    assert_eq!(g.resident_adapters(), 16);
+    for (k, p) in prompts.iter().enumerate() {
+        let alone = together(&mut g, &loads[k % 2..k % 2 + 1], &[Plan { prompt: p.clone(), adapter: Some(0), arrives: 0 }], 81_000 + k as SeqId, 64, 8).remove(0);
+        assert_eq!(got[k], alone, "sequence {k} ({})", files[k % 2]);
+    }
+    eprintln!("16 adapters in one step over 12 tile blocks: tokens as alone");
+}

@@ -65,20 +65,25 @@ pub struct StepInput<'a> {
     pub want_logits: bool,
 }
 
-/// The checks every backend makes of a step's rows before it touches a cache, row by row:
-/// `row` (the backend's own, such as whether it can apply the row's adapter), then each sequence
-/// at most once, at least one token, ids below `vocab`, and the new tokens within `max_context`
-/// beside the `cached(seq)` positions the sequence already holds.
+/// The checks every backend makes of a step's rows before it touches a cache: `adapter` (the
+/// backend's own, such as whether it can apply an adapter) once for each adapter the step uses,
+/// then each sequence at most once, at least one token, ids below `vocab`, and the new tokens
+/// within `max_context` beside the `cached(seq)` positions the sequence already holds.
 pub fn check_rows(
     inputs: &[StepInput<'_>],
     vocab: usize,
     max_context: usize,
     cached: impl Fn(SeqId) -> usize,
-    row: impl Fn(&StepInput<'_>) -> Result<(), BackendError>,
+    adapter: impl Fn(&std::sync::Arc<crate::lora::LoraAdapter>) -> Result<(), BackendError>,
 ) -> Result<(), BackendError> {
     let mut seen = std::collections::HashSet::with_capacity(inputs.len());
+    // Adapters checked in this step: few, so a list.
+    let mut checked: Vec<u64> = Vec::new();
     for inp in inputs {
-        row(inp)?;
+        if let Some(a) = inp.adapter.filter(|a| !checked.contains(&a.id)) {
+            adapter(a)?;
+            checked.push(a.id);
+        }
         if !seen.insert(inp.seq) {
             return Err(BackendError::Compute(format!("sequence {} appears twice in one step", inp.seq)));
         }
@@ -119,13 +124,10 @@ pub fn device_cache_budget(total: usize, free_before: usize, free_now: usize, fr
     budget.saturating_sub(own).min(free_now.saturating_sub(256 << 20))
 }
 
-/// The row check of a backend that applies any adapter whose projections fit `dims` (passed as
-/// [`check_rows`]'s `row`): a row with an adapter that does not fit is refused by name.
-pub fn adapter_fits(inp: &StepInput<'_>, dims: &crate::lora::BaseDims) -> Result<(), BackendError> {
-    match inp.adapter {
-        Some(a) => a.check_fits(dims).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name))),
-        None => Ok(()),
-    }
+/// The adapter check of a backend that applies any adapter whose projections fit `dims` (passed
+/// as [`check_rows`]'s `adapter`): an adapter that does not fit is refused by name.
+pub fn adapter_fits(a: &std::sync::Arc<crate::lora::LoraAdapter>, dims: &crate::lora::BaseDims) -> Result<(), BackendError> {
+    a.check_fits(dims).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name)))
 }
 
 /// A loaded model that can run batched steps over many sequences, each with its own KV cache.

@@ -137,7 +137,7 @@ impl CandleBackend {
     /// Rejects a step before it touches any cache.
     fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
         let dims = self.lora_base();
-        super::check_rows(inputs, self.model.cfg.vocab_size, self.max_context, |seq| self.cached_len(seq), |inp| super::adapter_fits(inp, &dims))?;
+        super::check_rows(inputs, self.model.cfg.vocab_size, self.max_context, |seq| self.cached_len(seq), |a| super::adapter_fits(a, &dims))?;
         if let Some(total) = self.kv_blocks {
             let mut free = total.saturating_sub(self.kv_blocks_used());
             for inp in inputs {

@@ -38,7 +38,7 @@ pub struct Scratch {
     pub rows: usize,
     pub logit_rows: usize,
     /// ids [rows] | pos [rows] | slot [rows] | adapter slot [rows] | logit rows [logit_rows] |
-    /// table updates [2 x updates]
+    /// LoRA tiles [1 + rows x lora::TILE_INTS] | table updates [2 x updates]
     meta: Buf<i32>,
     updates: usize,
     /// The residual stream, f32 [rows, hidden].
@@ -51,8 +51,11 @@ pub struct Scratch {
     q: Buf<f32>,
     /// gate/up product, f32 [rows, 2 intermediate].
     gu: Buf<f32>,
-    /// LoRA rows' `scale * A x`, f32 [rows, lora::GROUP, lora::MAX_RANK].
-    lora_t: Buf<f32>,
+    /// LoRA rows' updates `B t` of the q/k/v product, the residual stream (o and down) and the
+    /// gate/up product: f32 rows of those products' widths.
+    z_qkv: Buf<f32>,
+    z_x: Buf<f32>,
+    z_gu: Buf<f32>,
     /// Logits of the rows that want them, f32 [logit rows, vocab].
     pub logits: Buf<f32>,
     /// Greedy picks, then the device-sampled rows' draws, [logit rows].
@@ -72,14 +75,16 @@ impl Scratch {
         Ok(Scratch {
             rows,
             logit_rows,
-            meta: gpu.zeros(4 * rows + logit_rows + 2 * updates)?,
+            meta: gpu.zeros(4 * rows + logit_rows + 1 + rows * lora::TILE_INTS + 2 * updates)?,
             updates,
             x: gpu.zeros(rows * cfg.hidden_size)?,
             h: gpu.zeros(rows * wide * dtype.bytes())?,
             qkv: gpu.zeros(rows * (q + 2 * kv))?,
             q: gpu.zeros(rows * q)?,
             gu: gpu.zeros(rows * 2 * inter)?,
-            lora_t: gpu.zeros(rows * lora::GROUP * lora::MAX_RANK)?,
+            z_qkv: gpu.zeros(rows * (q + 2 * kv))?,
+            z_x: gpu.zeros(rows * cfg.hidden_size)?,
+            z_gu: gpu.zeros(rows * 2 * inter)?,
             logits: gpu.zeros(logit_rows * cfg.vocab_size)?,
             ids: gpu.zeros(logit_rows)?,
             part_v: gpu.zeros(logit_rows * ARGMAX_SLICES)?,
@@ -97,7 +102,8 @@ impl Scratch {
             Field::Slot => 2 * r,
             Field::Adapter => 3 * r,
             Field::LogitRows => 4 * r,
-            Field::Updates => 4 * r + self.logit_rows,
+            Field::Tiles => 4 * r + self.logit_rows,
+            Field::Updates => 4 * r + self.logit_rows + 1 + r * lora::TILE_INTS,
         };
         self.meta.ptr + 4 * off as u64
     }
@@ -110,6 +116,7 @@ enum Field {
     Slot,
     Adapter,
     LogitRows,
+    Tiles,
     Updates,
 }
 
@@ -148,6 +155,9 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[
         r += 1;
         l += 1;
     }
+    if adapters.is_some() {
+        data.extend(lora::tiles(&data[3 * cap..3 * cap + r]));
+    }
     let gpu = &b.gpu;
     let s = &mut b.scratch;
     gpu.write(&mut s.meta, &data)?;
@@ -163,34 +173,38 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[
     }
     for chunk in new_blocks.chunks(s.updates) {
         let pairs: Vec<i32> = chunk.iter().flat_map(|&(i, blk)| [i as i32, blk as i32]).collect();
-        gpu.write_at(&mut s.meta, 4 * cap + lcap, &pairs)?;
+        gpu.write_at(&mut s.meta, 4 * cap + lcap + 1 + cap * lora::TILE_INTS, &pairs)?;
         let n = chunk.len() as i32;
         gpu.launch(&gpu.k.scatter_i32, ((chunk.len() as u32).div_ceil(256), 1), 256, &[&b.dev_tables.ptr, &s.at(Field::Updates), &n])?;
     }
     Ok((r, l))
 }
 
-/// Adds the LoRA updates of group `g` of `layer` to the product's output `y` (f32 rows of
-/// `y_stride`) for the product's input (`x16` or `x32`, rows of `in_dim`) of `r` rows; `rank_cap`
-/// is at least every resident adapter's rank.
+/// The product `y = W x` (`gemm`) of `r` rows, and with adapter rows (`adapters`) the LoRA updates of group `g` of `layer` beside it on the side
+/// stream: `z` (rows of `z_stride`, the product's width) gets each adapter row's update for the
+/// product's input (`x16` or `x32`, rows of `in_dim`), which the product's reader adds. The rows
+/// come in the step's tiles (`lora::tiles`).
 #[allow(clippy::too_many_arguments)]
-fn lora_group(b: &CudaBackend, g: Group, layer: usize, r: usize, rank_cap: usize, x16: u64, x32: u64, in_dim: usize, y: u64, y_stride: usize) -> Result<(), BackendError> {
+fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, g: Group, layer: usize, r: usize, adapters: bool, x16: u64, x32: u64, in_dim: usize, z: u64, z_stride: usize) -> Result<(), BackendError> {
+    if !adapters {
+        return gemm();
+    }
     let (gpu, s) = (&b.gpu, &b.scratch);
     let (layer, layers, m0) = (layer as i32, b.cfg.num_layers as i32, g.first as i32);
-    let (table, slots) = (b.lora.table.ptr, s.at(Field::Adapter));
-    let (in_dim, y_stride, cap) = (in_dim as i32, y_stride as i32, rank_cap as i32);
-    let (rows, count) = (r as u32, g.count as u32);
-    gpu.launch(&gpu.k.lora_shrink, (rows, count * rank_cap as u32), 128, &[&table, &layer, &layers, &m0, &slots, &x16, &x32, &in_dim, &cap, &s.lora_t.ptr])?;
-    let col_blocks = b.lora.widest(g).div_ceil(256) as u32;
+    let (table, tiles) = (b.lora.table.ptr, s.at(Field::Tiles));
+    let (in_dim, z_stride) = (in_dim as i32, z_stride as i32);
+    let (blocks, count) = (lora::tile_blocks(r) as u32, g.count as u32);
+    let col_blocks = b.lora.widest(g).div_ceil(lora::THREADS as usize) as u32;
     let cb = col_blocks as i32;
-    gpu.launch(&gpu.k.lora_expand, (rows, count * col_blocks), 256, &[&table, &layer, &layers, &m0, &slots, &s.lora_t.ptr, &y, &y_stride, &cb])
+    gpu.fork()?;
+    gpu.launch_side(&gpu.k.lora_update, (blocks, count * col_blocks), lora::THREADS, &[&table, &layer, &layers, &m0, &tiles, &x16, &x32, &in_dim, &z, &z_stride, &cb])?;
+    gemm()?;
+    gpu.join()
 }
 
 /// Launches the forward of `r` rows (data in place from `upload`), the logits of `l` rows and
-/// their greedy picks or device draws; `rank_cap`: some rows use LoRA adapters, of ranks up to it
-/// (0: none). Launches only: no copies, no waiting (it may be captured in a graph).
-pub fn launches(b: &CudaBackend, r: usize, l: usize, rank_cap: usize) -> Result<(), BackendError> {
-    let adapters = rank_cap > 0;
+/// their greedy picks or device draws; `adapters`: some rows use LoRA adapters. Launches only: no copies, no waiting (it may be captured in a graph).
+pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(), BackendError> {
     let (gpu, w, s, cfg) = (&b.gpu, &b.w, &b.scratch, &b.cfg);
     let dtype = w.dtype;
     let (ids, pos, slot, logit_rows) = (s.at(Field::Ids), s.at(Field::Pos), s.at(Field::Slot), s.at(Field::LogitRows));
@@ -208,20 +222,24 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, rank_cap: usize) -> Result<
     let (block, interleaved, scale) = (super::BLOCK as i32, i32::from(cfg.rope_interleaved), 1.0f32 / (d as f32).sqrt());
     let (nh32, nkv32, d32) = (nh as i32, nkv as i32, d as i32);
     let none = 0u64;
+    // The LoRA updates' buffers for the products' readers (null: no adapter rows) and each row's
+    // adapter slot.
+    let on = |z: &Buf<f32>| if adapters { z.ptr } else { 0u64 };
+    let (z_qkv, z_x, z_gu, row_slot) = (on(&s.z_qkv), on(&s.z_x), on(&s.z_gu), s.at(Field::Adapter));
     gpu.launch(embed, (r32, 1), 256, &[&w.embed.w.ptr, &ids, &s.x.ptr, &h32])?;
     for (layer, lw) in w.layers.iter().enumerate() {
         let c = &b.cache[layer];
-        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps])?;
-        gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false)?;
-        if adapters {
-            lora_group(b, lora::QKV, layer, r, rank_cap, h16, h32p, h, s.qkv.ptr, lw.qkv.n)?;
-        }
+        // The update of the previous layer's down product joins the residual stream here.
+        let z_down = if layer > 0 { z_x } else { 0 };
+        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_down, &row_slot])?;
+        let qkv = || gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false);
+        product(b, qkv, lora::QKV, layer, r, adapters, h16, h32p, h, z_qkv, lw.qkv.n)?;
         let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
         gpu.launch(
             &gpu.k.qkv_rope_store,
             (r32, (nh + cfg.num_kv_heads) as u32),
             ((d / 2).div_ceil(32) * 32) as u32,
-            &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32],
+            &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot],
         )?;
         gpu.launch(
             &gpu.k.attend,
@@ -229,24 +247,18 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, rank_cap: usize) -> Result<
             ATTEND_THREADS,
             &[&s.q.ptr, &c.k.ptr, &c.v.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &h16, &h32p, &nh32, &nkv32, &d32, &block, &scale, &kv32],
         )?;
-        gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true)?;
-        if adapters {
-            lora_group(b, lora::O, layer, r, rank_cap, h16, h32p, nh * d, s.x.ptr, h)?;
-        }
-        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps])?;
-        gpu.gemm(dtype, lw.gate_up.w.ptr, s.h.ptr, s.gu.ptr, r, lw.gate_up.n, h, false)?;
-        if adapters {
-            lora_group(b, lora::GATE_UP, layer, r, rank_cap, h16, h32p, h, s.gu.ptr, lw.gate_up.n)?;
-        }
+        let o = || gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true);
+        product(b, o, lora::O, layer, r, adapters, h16, h32p, nh * d, z_x, h)?;
+        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_x, &row_slot])?;
+        let gate_up = || gpu.gemm(dtype, lw.gate_up.w.ptr, s.h.ptr, s.gu.ptr, r, lw.gate_up.n, h, false);
+        product(b, gate_up, lora::GATE_UP, layer, r, adapters, h16, h32p, h, z_gu, lw.gate_up.n)?;
         let inter = lw.gate_up.n / 2;
-        gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32)])?;
-        gpu.gemm(dtype, lw.down.w.ptr, s.h.ptr, s.x.ptr, r, h, inter, true)?;
-        if adapters {
-            lora_group(b, lora::DOWN, layer, r, rank_cap, h16, h32p, inter, s.x.ptr, h)?;
-        }
+        gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32), &z_gu, &row_slot])?;
+        let down = || gpu.gemm(dtype, lw.down.w.ptr, s.h.ptr, s.x.ptr, r, h, inter, true);
+        product(b, down, lora::DOWN, layer, r, adapters, h16, h32p, inter, z_x, h)?;
     }
     if l > 0 {
-        gpu.launch(&gpu.k.rms_norm, (l as u32, 1), 256, &[&s.x.ptr, &w.final_norm.ptr, &logit_rows, &h16, &h32p, &h32, &eps])?;
+        gpu.launch(&gpu.k.rms_norm, (l as u32, 1), 256, &[&s.x.ptr, &w.final_norm.ptr, &logit_rows, &h16, &h32p, &h32, &eps, &z_x, &row_slot])?;
         let head = w.lm_head();
         gpu.gemm(dtype, head.w.ptr, s.h.ptr, s.logits.ptr, l, head.n, h, false)?;
         let vocab = cfg.vocab_size as i32;

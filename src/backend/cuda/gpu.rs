@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::{sys as driver_sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{sys as driver_sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 
 use crate::backend::BackendError;
@@ -72,14 +72,21 @@ pub struct Kernels {
     pub argmax_rows: CudaFunction,
     pub sample_rows: CudaFunction,
     pub scatter_i32: CudaFunction,
-    pub lora_shrink: CudaFunction,
-    pub lora_expand: CudaFunction,
+    pub lora_update: CudaFunction,
     pub f16_to_f32: CudaFunction,
 }
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// A second stream for work beside the main stream's (LoRA updates beside the products),
+    /// forked from and joined to it by the two events (`fork`, `join`; also inside a capture).
+    side: Arc<CudaStream>,
+    /// Whether the side stream is used (`INFERD_CUDA_SIDE_STREAM=0`: its work runs on the main
+    /// stream, in order, for A/B runs).
+    use_side: bool,
+    forked: CudaEvent,
+    joined: CudaEvent,
     blas: CudaBlas,
     /// cuBLAS's workspace, set explicitly so that no product allocates (a graph capture forbids it).
     _workspace: CudaSlice<u8>,
@@ -131,6 +138,9 @@ impl Gpu {
         // SAFETY: every buffer is used on the one stream below, in order; nothing needs events.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| driver_err("cannot create a CUDA stream", e))?;
+        let side = ctx.new_stream().map_err(|e| driver_err("cannot create a CUDA stream", e))?;
+        let event = || ctx.new_event(None).map_err(|e| driver_err("cannot create a CUDA event", e));
+        let (forked, joined) = (event()?, event()?);
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| driver_err("cannot start cuBLAS", e))?;
         let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(|e| oom(BLAS_WORKSPACE, e))?;
         let ws_ptr = workspace.device_ptr(&stream).0;
@@ -154,11 +164,11 @@ impl Gpu {
             argmax_rows: f("argmax_rows")?,
             sample_rows: f("sample_rows")?,
             scatter_i32: f("scatter_i32")?,
-            lora_shrink: f("lora_shrink")?,
-            lora_expand: f("lora_expand")?,
+            lora_update: f("lora_update")?,
             f16_to_f32: f("f16_to_f32")?,
         };
-        Ok(Gpu { ctx, stream, blas, _workspace: workspace, _module: module, k })
+        let use_side = std::env::var("INFERD_CUDA_SIDE_STREAM").map_or(true, |v| v != "0");
+        Ok(Gpu { ctx, stream, side, use_side, forked, joined, blas, _workspace: workspace, _module: module, k })
     }
 
     /// The device's name, for the log.
@@ -221,7 +231,34 @@ impl Gpu {
 
     /// Launches `f` on the stream with `args` (each a reference to a plain value or device address).
     pub fn launch(&self, f: &CudaFunction, grid: (u32, u32), block: u32, args: &[&dyn Arg]) -> Result<(), BackendError> {
-        let mut b = self.stream.launch_builder(f);
+        self.launch_on(&self.stream, f, grid, block, args)
+    }
+
+    /// Launches `f` on the side stream (between `fork` and `join`).
+    pub fn launch_side(&self, f: &CudaFunction, grid: (u32, u32), block: u32, args: &[&dyn Arg]) -> Result<(), BackendError> {
+        self.launch_on(if self.use_side { &self.side } else { &self.stream }, f, grid, block, args)
+    }
+
+    /// The side stream's next work waits for everything on the stream so far.
+    pub fn fork(&self) -> Result<(), BackendError> {
+        if !self.use_side {
+            return Ok(());
+        }
+        self.forked.record(&self.stream).map_err(|e| compute("record an event", e))?;
+        self.side.wait(&self.forked).map_err(|e| compute("wait for an event", e))
+    }
+
+    /// The stream's next work waits for everything on the side stream so far.
+    pub fn join(&self) -> Result<(), BackendError> {
+        if !self.use_side {
+            return Ok(());
+        }
+        self.joined.record(&self.side).map_err(|e| compute("record an event", e))?;
+        self.stream.wait(&self.joined).map_err(|e| compute("wait for an event", e))
+    }
+
+    fn launch_on(&self, stream: &CudaStream, f: &CudaFunction, grid: (u32, u32), block: u32, args: &[&dyn Arg]) -> Result<(), BackendError> {
+        let mut b = stream.launch_builder(f);
         for a in args {
             a.push(&mut b);
         }

@@ -50,6 +50,12 @@ __device__ float block_max(float v) {
     return block_reduce(v, -INFINITY, [](float a, float b) { return fmaxf(a, b); });
 }
 
+// Row r's LoRA update of a product (rows of `width` in `z`, from lora_expand) when row r uses an
+// adapter (`row_slot[r]` >= 0), else null: the kernels that read a product's output add it there.
+__device__ __forceinline__ const float* lora_row(const float* z, const int* row_slot, int r, int width) {
+    return z && row_slot[r] >= 0 ? z + (size_t)r * width : nullptr;
+}
+
 // x[r, :] = table[ids[r], :] (the embedding lookup). Grid: rows; block: any.
 extern "C" __global__ void embed_f16(const __half* __restrict__ table, const int* __restrict__ ids, float* __restrict__ x, int hidden) {
     int r = blockIdx.x;
@@ -65,10 +71,16 @@ extern "C" __global__ void embed_f32(const float* __restrict__ table, const int*
 
 // out[i, :] = x[row, :] / sqrt(mean(x[row, :]^2) + eps) * w, row = rows ? rows[i] : i.
 // Grid: output rows; block: 256. `out` is f16 (`out16`) or f32 (`out32`), whichever is not null.
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, const int* __restrict__ rows, __half* __restrict__ out16, float* __restrict__ out32, int hidden, float eps) {
+// With `z` (LoRA rows' updates of the residual stream, rows of `hidden`), an adapter row first
+// adds its update to x (in place: the residual stream goes on with it).
+extern "C" __global__ void rms_norm(float* __restrict__ x, const float* __restrict__ w, const int* __restrict__ rows, __half* __restrict__ out16, float* __restrict__ out32, int hidden, float eps,
+                                    const float* __restrict__ z, const int* __restrict__ row_slot) {
     int i = blockIdx.x;
     int row = rows ? rows[i] : i;
-    const float* xr = x + (size_t)row * hidden;
+    float* xr = x + (size_t)row * hidden;
+    const float* zr = lora_row(z, row_slot, row, hidden);
+    if (zr)
+        for (int j = threadIdx.x; j < hidden; j += blockDim.x) xr[j] += zr[j];
     float ss = 0.0f;
     for (int j = threadIdx.x; j < hidden; j += blockDim.x) ss += xr[j] * xr[j];
     ss = block_sum(ss);
@@ -84,14 +96,18 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // (tables cos/sin [positions, head_dim / 2]; pairs (2i, 2i + 1) when interleaved, else
 // (i, i + half)), writes q to `q` [rows, nh * d] and k, v into the paged cache. Grid: (rows,
 // nh + nkv): blocks y < nh take a query head, the others a key head and its value head; a thread
-// takes a pair (and the same pair of the value head).
+// takes a pair (and the same pair of the value head). With `z`, adapter rows add their LoRA
+// update (rows of the product's width) to the product first.
 extern "C" __global__ void qkv_rope_store(const float* __restrict__ qkv, const float* __restrict__ bias, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           const int* __restrict__ pos, const int* __restrict__ row_seq, const int* __restrict__ tables, int table_stride,
                                           float* __restrict__ q, void* __restrict__ kc, void* __restrict__ vc,
-                                          int nh, int nkv, int d, int block_size, int interleaved, int kv32) {
+                                          int nh, int nkv, int d, int block_size, int interleaved, int kv32,
+                                          const float* __restrict__ z, const int* __restrict__ row_slot) {
     int r = blockIdx.x, h = blockIdx.y;
     int qd = nh * d, kvd = nkv * d, width = qd + 2 * kvd;
     const float* row = qkv + (size_t)r * width;
+    const float* zr = lora_row(z, row_slot, r, width);
+#define QKV_AT(c) ((zr ? row[c] + zr[c] : row[c]) + (bias ? bias[c] : 0.0f))
     int p = pos[r], half = d / 2;
     const float* cs = cos_t + (size_t)p * half;
     const float* sn = sin_t + (size_t)p * half;
@@ -104,8 +120,8 @@ extern "C" __global__ void qkv_rope_store(const float* __restrict__ qkv, const f
     }
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-        float x = row[src + a] + (bias ? bias[src + a] : 0.0f);
-        float y = row[src + b] + (bias ? bias[src + b] : 0.0f);
+        float x = QKV_AT(src + a);
+        float y = QKV_AT(src + b);
         float ra = x * cs[i] - y * sn[i], rb = x * sn[i] + y * cs[i];
         if (is_q) {
             q[(size_t)r * qd + h * d + a] = ra;
@@ -113,8 +129,8 @@ extern "C" __global__ void qkv_rope_store(const float* __restrict__ qkv, const f
             continue;
         }
         int vs = src + kvd;
-        float va = row[vs + a] + (bias ? bias[vs + a] : 0.0f);
-        float vb = row[vs + b] + (bias ? bias[vs + b] : 0.0f);
+        float va = QKV_AT(vs + a);
+        float vb = QKV_AT(vs + b);
         if (kv32) {
             ((float*)kc)[slot + a] = ra;
             ((float*)kc)[slot + b] = rb;
@@ -127,6 +143,7 @@ extern "C" __global__ void qkv_rope_store(const float* __restrict__ qkv, const f
             ((__half*)vc)[slot + b] = __float2half(vb);
         }
     }
+#undef QKV_AT
 }
 
 // Causal attention of one query row and head over its sequence's cached positions 0..=pos:
@@ -259,15 +276,18 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP) attend(const floa
     else attend_impl<__half>(q, (const __half*)kc, (const __half*)vc, pos, row_seq, tables, table_stride, out16, out32, nh, nkv, d, block_size, scale);
 }
 
-// out[r, j] = silu(gu[r, j]) * gu[r, inter + j], f16 (`out16`) or f32 (`out32`). Grid: (rows,
-// ceil(inter / block)); one value a thread.
-extern "C" __global__ void silu_mul(const float* __restrict__ gu, __half* __restrict__ out16, float* __restrict__ out32, int inter) {
+// out[r, j] = silu(gu[r, j]) * gu[r, inter + j], f16 (`out16`) or f32 (`out32`), adapter rows'
+// LoRA updates `z` added to gu first. Grid: (rows, ceil(inter / block)); one value a thread.
+extern "C" __global__ void silu_mul(const float* __restrict__ gu, __half* __restrict__ out16, float* __restrict__ out32, int inter,
+                                    const float* __restrict__ z, const int* __restrict__ row_slot) {
     int r = blockIdx.x;
     int j = blockIdx.y * blockDim.x + threadIdx.x;
     if (j >= inter) return;
     const float* g = gu + (size_t)r * 2 * inter;
-    float x = g[j];
-    float v = x / (1.0f + expf(-x)) * g[inter + j];
+    const float* zr = lora_row(z, row_slot, r, 2 * inter);
+    float x = zr ? g[j] + zr[j] : g[j];
+    float u = zr ? g[inter + j] + zr[inter + j] : g[inter + j];
+    float v = x / (1.0f + expf(-x)) * u;
     if (out16) out16[(size_t)r * inter + j] = __float2half(v);
     else out32[(size_t)r * inter + j] = v;
 }
@@ -518,11 +538,17 @@ extern "C" __global__ void scatter_i32(int* __restrict__ dst, const int* __restr
     if (i < n) dst[pairs[2 * i]] = pairs[2 * i + 1];
 }
 
-// LoRA rows (Punica / S-LoRA's BGMV): each row of a step may use its own adapter (or none), and a
-// projection group's low-rank updates for all rows are two launches, whatever the mix. `table` holds
+// LoRA rows (Punica / S-LoRA): each row of a step may use its own adapter (or none), and a
+// projection group's low-rank updates for all rows are one launch, whatever the mix. `table` holds
 // one entry per (adapter slot, layer, module) (lora.rs writes it); `row_slot[r]` is row r's
 // adapter slot, -1 for a base-model row. A group is the modules that share one product's input
 // (q/k/v, gate/up) or one module alone; `m0` is its first module (grid.y counts its modules).
+//
+// The updates go to `z`, a buffer of the product's output width, not into the product: forward.rs
+// runs them on a second stream while cuBLAS runs the product, and the kernel that reads the
+// product (qkv_rope_store, silu_mul, or rms_norm for the residual stream) adds an adapter row's
+// update (`lora_row`). So every adapter row's update is written every step, zeros for the
+// modules its adapter does not target.
 struct LoraEntry {
     const float* a;   // [rank, in_dim]
     const float* bt;  // B transposed: [rank, out_dim]
@@ -533,55 +559,123 @@ struct LoraEntry {
 };
 #define LORA_MODULES 7
 #define LORA_MAX_RANK 256
-#define LORA_GROUP 3
 
 __device__ __forceinline__ const LoraEntry* lora_entry(const LoraEntry* table, int slot, int layer, int layers, int m) {
     return table + ((size_t)slot * layers + layer) * LORA_MODULES + m;
 }
 
-// The updates are latency-bound for few rows (the adapters' weights come from memory each step),
-// so the work of one row spreads over many blocks, each with at most a few loads a thread.
-//
-// lora_shrink: t[r, j, k] = scale * (A_j x_r)[k], one block per (row, module j, rank index k):
-// x the product's input (f16 `x16` or f32 `x32`, rows of `in_dim`). Grid: (rows, modules *
-// rank_cap), rank_cap at least every resident adapter's rank; block: any multiple of 32.
-extern "C" __global__ void lora_shrink(const LoraEntry* __restrict__ table, int layer, int layers, int m0, const int* __restrict__ row_slot,
-                                       const __half* __restrict__ x16, const float* __restrict__ x32, int in_dim, int rank_cap, float* __restrict__ t) {
-    int r = blockIdx.x, j = blockIdx.y / rank_cap, k = blockIdx.y % rank_cap;
-    int slot = row_slot[r];
-    if (slot < 0) return;
-    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + j);
-    if (k >= e.rank) return;
-    const float* a = e.a + (size_t)k * in_dim;
-    float acc = 0.0f;
-    if (x16) {
-        const __half* x = x16 + (size_t)r * in_dim;
-        for (int i = threadIdx.x; i < in_dim; i += blockDim.x) acc += a[i] * __half2float(x[i]);
-    } else {
-        const float* x = x32 + (size_t)r * in_dim;
-        for (int i = threadIdx.x; i < in_dim; i += blockDim.x) acc += a[i] * x[i];
+// The rows are gathered by adapter into tiles of up to LORA_TILE rows (Punica's SGMV: one small
+// product per adapter over its rows), so that a block reads an adapter's weights once for all
+// the rows of its tile. `tiles` (forward.rs writes it each step): tiles[0] the number of tiles,
+// then per tile its adapter slot and LORA_TILE row indices, -1 past its last row. Blocks take
+// tiles blockIdx.x, blockIdx.x + gridDim.x, ... (the grid is fixed per graph, the number of
+// tiles is not). A row's sums run in the same order whichever tile and position it has, so a
+// row gives what it gives alone, bit for bit.
+#define LORA_TILE 4
+#define LORA_TILE_INTS (1 + LORA_TILE)
+#define LORA_KG 2
+#define LORA_THREADS 256
+#define LORA_WARPS (LORA_THREADS / WARP)
+
+// x[i .. i + 4) of an f16 or f32 row (i a multiple of 4, the row's start 8-byte aligned for f16 and
+// 16-byte aligned for f32).
+__device__ __forceinline__ float4 load4(const __half* x16, const float* x32, size_t i) {
+    if (!x32) {
+        uint2 u = *(const uint2*)(x16 + i);
+        float2 lo = __half22float2(*(const __half2*)&u.x), hi = __half22float2(*(const __half2*)&u.y);
+        return make_float4(lo.x, lo.y, hi.x, hi.y);
     }
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) t[((size_t)r * LORA_GROUP + j) * LORA_MAX_RANK + k] = acc * e.scale;
+    return *(const float4*)(x32 + i);
 }
 
-// lora_expand: y[r, col_j + o] += sum_k Bt_j[k, o] t[r, j, k], into the product's f32 output
-// rows of `y_stride`. Grid: (rows, modules * col_blocks); a thread per output column.
-extern "C" __global__ void lora_expand(const LoraEntry* __restrict__ table, int layer, int layers, int m0, const int* __restrict__ row_slot,
-                                       const float* __restrict__ t, float* __restrict__ y, int y_stride, int col_blocks) {
-    __shared__ float ts[LORA_MAX_RANK];
-    int r = blockIdx.x, j = blockIdx.y / col_blocks;
-    int o = (blockIdx.y % col_blocks) * blockDim.x + threadIdx.x;
-    int slot = row_slot[r];
-    if (slot < 0) return;
-    const LoraEntry e = *lora_entry(table, slot, layer, layers, m0 + j);
-    if (e.rank == 0) return;
-    for (int k = threadIdx.x; k < e.rank; k += blockDim.x) ts[k] = t[((size_t)r * LORA_GROUP + j) * LORA_MAX_RANK + k];
-    __syncthreads();
-    if (o >= e.out_dim) return;
-    const float* bt = e.bt + o;
-    float acc = 0.0f;
-#pragma unroll 16
-    for (int k = 0; k < e.rank; k++) acc += bt[(size_t)k * e.out_dim] * ts[k];
-    y[(size_t)r * y_stride + e.col + o] += acc;
+// Sums each of a lane's 32 values over the warp's 32 lanes; lane l gets the sum of values l (a
+// transposing butterfly: 31 exchanges for 32 sums instead of 5 each). Every sum pairs lanes by
+// xor 16, 8, 4, 2, 1 as warp_sum does, so each is what warp_sum gives for its value, whatever
+// its index.
+// lora_update: z[r, col_j + o] = sum_k Bt_j[k, o] t[k], t = scale * A_j x_r, for the rows r of a
+// tile (zeros where the adapter does not target module j); x the product's input (f16 `x16` or
+// f32 `x32`, rows of `in_dim`), `z` rows of `z_stride`. One launch for a group: each block first
+// computes its tile's t for module j (warp w takes rank indices w * LORA_KG.., stepping by
+// LORA_WARPS * LORA_KG; a lane takes every 32nd run of 4 inputs, then warp sums, so a row's t
+// does not depend on the tile), then a thread per output column sums B's column against t, each
+// of B's values read once for the tile. Every column block of a tile computes t again: cheaper
+// than a second launch. Grid: (tile blocks, modules * col_blocks); block: LORA_THREADS.
+extern "C" __global__ void __launch_bounds__(LORA_THREADS, 2) lora_update(const LoraEntry* __restrict__ table, int layer, int layers, int m0, const int* __restrict__ tiles,
+                                       const __half* __restrict__ x16, const float* __restrict__ x32, int in_dim, float* __restrict__ z, int z_stride, int col_blocks) {
+    __shared__ float ts[LORA_TILE][LORA_MAX_RANK];
+    int j = blockIdx.y / col_blocks;
+    int o = (blockIdx.y % col_blocks) * LORA_THREADS + threadIdx.x;
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    int n4 = in_dim % 4 == 0 ? in_dim / 4 : 0;
+    int n = tiles[0];
+    for (int tile = blockIdx.x; tile < n; tile += gridDim.x) {
+        const int* tr = tiles + 1 + (size_t)tile * LORA_TILE_INTS;
+        int rows[LORA_TILE];
+#pragma unroll
+        for (int q = 0; q < LORA_TILE; q++) rows[q] = tr[1 + q];
+        const LoraEntry e = *lora_entry(table, tr[0], layer, layers, m0 + j);
+        for (int k0 = warp * LORA_KG; k0 < e.rank; k0 += LORA_WARPS * LORA_KG) {
+            int nk = min(LORA_KG, e.rank - k0);
+            float acc[LORA_TILE][LORA_KG];
+#pragma unroll
+            for (int q = 0; q < LORA_TILE; q++)
+#pragma unroll
+                for (int kk = 0; kk < LORA_KG; kk++) acc[q][kk] = 0.0f;
+#pragma unroll 2
+            for (int i4 = lane; i4 < n4; i4 += WARP) {
+                float4 a[LORA_KG];
+#pragma unroll
+                for (int kk = 0; kk < LORA_KG; kk++) a[kk] = kk < nk ? *(const float4*)(e.a + (size_t)(k0 + kk) * in_dim + 4 * i4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+                for (int q = 0; q < LORA_TILE; q++) {
+                    if (rows[q] < 0) continue;
+                    float4 xv = load4(x16, x32, (size_t)rows[q] * in_dim + 4 * i4);
+#pragma unroll
+                    for (int kk = 0; kk < LORA_KG; kk++) {
+                        acc[q][kk] += a[kk].x * xv.x;
+                        acc[q][kk] += a[kk].y * xv.y;
+                        acc[q][kk] += a[kk].z * xv.z;
+                        acc[q][kk] += a[kk].w * xv.w;
+                    }
+                }
+            }
+            for (int i = 4 * n4 + lane; i < in_dim; i += WARP) {
+                float a[LORA_KG];
+#pragma unroll
+                for (int kk = 0; kk < LORA_KG; kk++) a[kk] = kk < nk ? e.a[(size_t)(k0 + kk) * in_dim + i] : 0.0f;
+#pragma unroll
+                for (int q = 0; q < LORA_TILE; q++) {
+                    if (rows[q] < 0) continue;
+                    size_t xi = (size_t)rows[q] * in_dim + i;
+                    float xv = x32 ? x32[xi] : __half2float(x16[xi]);
+#pragma unroll
+                    for (int kk = 0; kk < LORA_KG; kk++) acc[q][kk] += a[kk] * xv;
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < LORA_TILE; q++)
+#pragma unroll
+                for (int kk = 0; kk < LORA_KG; kk++) {
+                    float v = warp_sum(acc[q][kk]);
+                    if (lane == 0 && kk < nk) ts[q][k0 + kk] = v * e.scale;
+                }
+        }
+        __syncthreads();
+        if (o < e.out_dim) {
+            const float* bt = e.bt + o;
+            float acc[LORA_TILE];
+#pragma unroll
+            for (int q = 0; q < LORA_TILE; q++) acc[q] = 0.0f;
+#pragma unroll 8
+            for (int k = 0; k < e.rank; k++) {
+                float b = bt[(size_t)k * e.out_dim];
+#pragma unroll
+                for (int q = 0; q < LORA_TILE; q++) acc[q] += b * ts[q][k];
+            }
+#pragma unroll
+            for (int q = 0; q < LORA_TILE; q++)
+                if (rows[q] >= 0) z[(size_t)rows[q] * z_stride + e.col + o] = acc[q];
+        }
+        __syncthreads();  // `ts` is written again for the next tile
+    }
 }

@@ -15,7 +15,7 @@
 //!   step (one token per row) of R rows, R padded to a power of two, replays a CUDA graph
 //!   captured the second time that R is seen (`INFERD_CUDA_GRAPHS=0` turns them off).
 //! - LoRA: base-model rows and rows of many adapters in one step, each row's update gathered by
-//!   its adapter (`lora.rs`, BGMV); adapters are uploaded when a step first uses them.
+//!   its adapter (`lora.rs`, SGMV); adapters are uploaded when a step first uses them.
 //! - Sampling: greedy rows are picked on the device, and so are drawing rows (temperature, top-k,
 //!   top-p, min-p, the sequence's seed) without logprobs, penalties, bias or a grammar: only their
 //!   token ids cross to the host (`gpu_sampling`, `sample_rows` in `kernels.cu`). Other rows'
@@ -94,12 +94,12 @@ pub struct CudaBackend {
     /// padding rows) points at the spare block, which no sequence owns.
     dev_tables: Buf<i32>,
     max_blocks: usize,
-    /// Decode graphs by (row count, LoRA rank cap: 0 without adapter rows), and those run once
+    /// Decode graphs by (row count, whether adapter rows are in the step), and those run once
     /// without a graph.
-    graphs: HashMap<(usize, usize), Graph>,
-    seen: HashSet<(usize, usize)>,
+    graphs: HashMap<(usize, bool), Graph>,
+    seen: HashSet<(usize, bool)>,
     /// Sizes whose capture failed: they run as plain launches.
-    ungraphed: HashSet<(usize, usize)>,
+    ungraphed: HashSet<(usize, bool)>,
     /// The LoRA adapters on the device.
     lora: DevLora,
     lora_dims: crate::lora::BaseDims,
@@ -223,7 +223,7 @@ impl CudaBackend {
 
     /// Rejects a step before it touches any cache.
     fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
-        super::check_rows(inputs, self.cfg.vocab_size, self.max_context, |seq| self.tables.len(seq), |inp| super::adapter_fits(inp, &self.lora_dims))?;
+        super::check_rows(inputs, self.cfg.vocab_size, self.max_context, |seq| self.tables.len(seq), |a| super::adapter_fits(a, &self.lora_dims))?;
         let growths: Vec<(SeqId, usize)> = inputs.iter().map(|i| (i.seq, i.tokens.len())).collect();
         if let Some(seq) = self.tables.first_misfit(&growths) {
             return Err(BackendError::KvFull { seq });
@@ -298,7 +298,7 @@ impl CudaBackend {
         }
         let decode = graph && self.use_graphs && inputs.iter().all(|i| i.tokens.len() == 1 && i.want_logits);
         let padded = rows.next_power_of_two();
-        let lora = if adapters.is_some() { self.lora.rank_cap() } else { 0 };
+        let lora = adapters.is_some();
         if !decode || padded > self.scratch.logit_rows {
             let (r, l) = forward::upload(self, inputs, adapters, rows, new_blocks)?;
             forward::launches(self, r, l, lora)?;

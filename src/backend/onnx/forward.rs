@@ -9,8 +9,7 @@ use crate::backend::{check_rows, BackendError, StepInput};
 
 impl OnnxBackend {
     pub(super) fn check(&self, inputs: &[StepInput<'_>]) -> Result<(), BackendError> {
-        check_rows(inputs, self.cfg.vocab_size, self.kv.shape.max_len, |seq| self.kv.len_of(seq), |inp| {
-            let Some(a) = inp.adapter else { return Ok(()) };
+        check_rows(inputs, self.cfg.vocab_size, self.kv.shape.max_len, |seq| self.kv.len_of(seq), |a| {
             let graph = self.lora.as_ref().ok_or_else(|| BackendError::Compute("this ONNX graph has no LoRA inputs (export it with --lora-inputs)".into()))?;
             graph.check(a).map_err(|e| BackendError::Compute(format!("adapter '{}': {e}", a.name)))
         })?;
