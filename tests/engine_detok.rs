@@ -151,3 +151,22 @@ fn the_byte_table_decodes_as_the_tokenizer_does() {
         byte_table_matches(&q, "qwen");
     }
 }
+
+#[test]
+fn workers_of_one_model_share_one_byte_table() {
+    // A model on several devices has a worker each, all holding the model's one tokenizer: they
+    // get the same table. Another tokenizer (another model) gets its own, built again once its
+    // first holder is gone.
+    let (tiny, _) = tiny_tokenizer();
+    let a = std::sync::Arc::new(tiny.clone());
+    let b = std::sync::Arc::new(tiny);
+    let (t1, t2) = (ByteTable::shared(&a).expect("byte-level"), ByteTable::shared(&a).expect("byte-level"));
+    assert!(std::sync::Arc::ptr_eq(&t1, &t2), "one table per tokenizer");
+    let other = ByteTable::shared(&b).expect("byte-level");
+    assert!(!std::sync::Arc::ptr_eq(&t1, &other), "a table per model");
+    assert_eq!(t1.decode(&[1, 2, 3]), other.decode(&[1, 2, 3]));
+    drop(a);
+    let c = std::sync::Arc::new(tiny_tokenizer().0);
+    let again = ByteTable::shared(&c).expect("byte-level");
+    assert!(!std::sync::Arc::ptr_eq(&again, &other));
+}

@@ -44,20 +44,24 @@ pub fn route(spec: &SampleSpec<'_>, device_sampling: bool) -> Route {
     }
 }
 
-/// Appends one row's parameters; `None` is a row the kernel leaves alone.
-pub fn push_params(out: &mut Vec<u8>, row: Option<(&crate::engine::request::SamplingParams, f64)>) {
-    let start = out.len();
-    out.resize(start + PARAM_BYTES, 0);
+/// One row's parameters; `None` is a row the kernel leaves alone (all zeros).
+pub fn params(row: Option<(&crate::engine::request::SamplingParams, f64)>) -> [u8; PARAM_BYTES] {
+    let mut b = [0u8; PARAM_BYTES];
     let Some((p, u)) = row else {
-        return;
+        return b;
     };
-    let b = &mut out[start..];
     b[0..4].copy_from_slice(&(1.0f32 / p.temperature.max(1e-6)).to_le_bytes());
     b[4..8].copy_from_slice(&(p.top_k.min(i32::MAX as usize) as i32).to_le_bytes());
     b[8..12].copy_from_slice(&p.top_p.to_le_bytes());
     b[12..16].copy_from_slice(&p.min_p.to_le_bytes());
     b[16..24].copy_from_slice(&u.to_le_bytes());
     b[24..28].copy_from_slice(&1i32.to_le_bytes());
+    b
+}
+
+/// Appends one row's parameters (`params`).
+pub fn push_params(out: &mut Vec<u8>, row: Option<(&crate::engine::request::SamplingParams, f64)>) {
+    out.extend_from_slice(&params(row));
 }
 
 /// What the device sampler draws for these logits, on the host: the host sampler's kept tokens

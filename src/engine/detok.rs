@@ -6,7 +6,7 @@
 //! `ids[prefix..read]` and `ids[prefix..]`, and emit the new suffix only when it is longer and does
 //! not end in U+FFFD (an incomplete character). Special tokens are skipped.
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokenizers::Tokenizer;
 
@@ -128,6 +128,21 @@ impl ByteTable {
             })
             .collect();
         Some(ByteTable(table))
+    }
+
+    /// The table for `tok`, built once and shared by every worker of the model that holds this
+    /// tokenizer (a model on several devices has one worker each). None as for `new`.
+    pub fn shared(tok: &Arc<Tokenizer>) -> Option<Arc<ByteTable>> {
+        type Built = Vec<(Weak<Tokenizer>, Option<Arc<ByteTable>>)>;
+        static BUILT: Mutex<Built> = Mutex::new(Vec::new());
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        built.retain(|(t, _)| t.strong_count() > 0);
+        if let Some((_, table)) = built.iter().find(|(t, _)| t.as_ptr() == Arc::as_ptr(tok)) {
+            return table.clone();
+        }
+        let table = ByteTable::new(tok).map(Arc::new);
+        built.push((Arc::downgrade(tok), table.clone()));
+        table
     }
 
     /// `ids` decoded, special and unknown ids skipped.

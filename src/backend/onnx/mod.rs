@@ -229,14 +229,12 @@ impl Backend for OnnxBackend {
             .iter()
             .zip(samples)
             .map(|(inp, spec)| {
-                let mut params = Vec::with_capacity(PARAM_BYTES);
                 let route = match spec.as_ref().filter(|_| inp.want_logits) {
                     Some(s) => gpu_sampling::route(s, self.device_sampling),
                     None => Route::Host,
                 };
                 let spec = spec.as_ref().filter(|_| route == Route::Device);
-                gpu_sampling::push_params(&mut params, spec.map(|s| (s.params, s.uniform.unwrap_or(0.0))));
-                (route, params.try_into().expect("push_params writes PARAM_BYTES"))
+                (route, gpu_sampling::params(spec.map(|s| (s.params, s.uniform.unwrap_or(0.0)))))
             })
             .collect();
         let rows = self.step_rows(inputs);

@@ -52,7 +52,7 @@ pub(crate) struct Worker {
     pub byte_level: bool,
     /// The tokenizer's byte table (byte-level BPE tokenizers only): detokenisation without the
     /// tokenizer's allocations.
-    byte_table: Option<super::detok::ByteTable>,
+    byte_table: Option<Arc<super::detok::ByteTable>>,
     next_id: SeqId,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -83,7 +83,7 @@ impl Worker {
     ) -> Self {
         let byte_level = super::detok::is_byte_level(&tokenizer);
         // INFERD_DETOK_TABLE=0 decodes through the tokenizer (A/B runs).
-        let byte_table = if std::env::var("INFERD_DETOK_TABLE").is_ok_and(|v| v == "0") { None } else { super::detok::ByteTable::new(&tokenizer) };
+        let byte_table = if std::env::var("INFERD_DETOK_TABLE").is_ok_and(|v| v == "0") { None } else { super::detok::ByteTable::shared(&tokenizer) };
         Self {
             byte_table,
             backend,
@@ -231,7 +231,7 @@ impl Worker {
             tokenizer: &self.tokenizer,
             eos: &self.eos,
             byte_level: self.byte_level,
-            bytes: self.byte_table.as_ref(),
+            bytes: self.byte_table.as_deref(),
             max_context: self.backend.max_context(),
         }
     }

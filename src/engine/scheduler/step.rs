@@ -77,7 +77,7 @@ impl Worker {
             tokenizer: &self.tokenizer,
             eos: &self.eos,
             byte_level: self.byte_level,
-            bytes: self.byte_table.as_ref(),
+            bytes: self.byte_table.as_deref(),
             max_context: self.backend.max_context(),
         };
         for ((row, out), rng) in rows.iter().zip(outs).zip(rngs) {
@@ -120,7 +120,7 @@ impl Worker {
             tokenizer: &self.tokenizer,
             eos: &self.eos,
             byte_level: self.byte_level,
-            bytes: self.byte_table.as_ref(),
+            bytes: self.byte_table.as_deref(),
             max_context: self.backend.max_context(),
         };
         let s = &mut self.running[r.idx];
