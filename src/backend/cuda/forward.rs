@@ -25,12 +25,19 @@ const ATTEND_THREADS: u32 = 8 * 32;
 /// Blocks of `argmax_part` per logit row (ARGMAX_SLICES in kernels.cu).
 pub(super) const ARGMAX_SLICES: usize = 64;
 
-/// The greedy pick of `rows` rows of `vocab` logits at `logits` into `ids`, through the slices'
-/// winners in `part_v` / `part_i` ([rows, ARGMAX_SLICES]).
-pub(super) fn greedy_pick(gpu: &Gpu, logits: u64, vocab: usize, rows: usize, part_v: u64, part_i: u64, ids: u64) -> Result<(), BackendError> {
+/// Each of `rows` rows of `vocab` f32 logits at `logits` picks its token into `ids`: the greedy
+/// pick (through the slices' winners in `part_v` / `part_i`, [rows, ARGMAX_SLICES]), then, with
+/// `params` (`gpu_sampling::PARAM_BYTES` a row), `sample_rows` draws the rows whose parameters
+/// are on in place of their greedy pick. Launches only.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pick_tokens(gpu: &Gpu, logits: u64, vocab: usize, rows: usize, part_v: u64, part_i: u64, params: Option<u64>, ids: u64) -> Result<(), BackendError> {
     let v = vocab as i32;
     gpu.launch(&gpu.k.argmax_part, (rows as u32, ARGMAX_SLICES as u32), 256, &[&logits, &v, &part_v, &part_i])?;
-    gpu.launch(&gpu.k.argmax_rows, (rows as u32, 1), 32, &[&part_v, &part_i, &ids])
+    gpu.launch(&gpu.k.argmax_rows, (rows as u32, 1), 32, &[&part_v, &part_i, &ids])?;
+    match params {
+        Some(p) => gpu.launch(&gpu.k.sample_rows, (rows as u32, 1), 1024, &[&logits, &v, &p, &ids]),
+        None => Ok(()),
+    }
 }
 
 /// The step's buffers, allocated once for `rows` rows (`logit_rows` of them wanting logits).
@@ -261,9 +268,7 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(
         gpu.launch(&gpu.k.rms_norm, (l as u32, 1), 256, &[&s.x.ptr, &w.final_norm.ptr, &logit_rows, &h16, &h32p, &h32, &eps, &z_x, &row_slot])?;
         let head = w.lm_head();
         gpu.gemm(dtype, head.w.ptr, s.h.ptr, s.logits.ptr, l, head.n, h, false)?;
-        let vocab = cfg.vocab_size as i32;
-        greedy_pick(gpu, s.logits.ptr, cfg.vocab_size, l, s.part_v.ptr, s.part_i.ptr, s.ids.ptr)?;
-        gpu.launch(&gpu.k.sample_rows, (l as u32, 1), 1024, &[&s.logits.ptr, &vocab, &s.params.ptr, &s.ids.ptr])?;
+        pick_tokens(gpu, s.logits.ptr, cfg.vocab_size, l, s.part_v.ptr, s.part_i.ptr, Some(s.params.ptr), s.ids.ptr)?;
     }
     Ok(())
 }
@@ -291,9 +296,7 @@ pub fn sample_only(gpu: &Gpu, logits: &[Vec<f32>], params: &[u8]) -> Result<Vec<
     let flat: Vec<f32> = logits.concat();
     let (l, p, ids) = (gpu.upload(&flat)?, gpu.upload(params)?, gpu.zeros::<i32>(n)?);
     let (part_v, part_i) = (gpu.zeros::<f32>(n * ARGMAX_SLICES)?, gpu.zeros::<i32>(n * ARGMAX_SLICES)?);
-    greedy_pick(gpu, l.ptr, width, n, part_v.ptr, part_i.ptr, ids.ptr)?;
-    let v = width as i32;
-    gpu.launch(&gpu.k.sample_rows, (n as u32, 1), 1024, &[&l.ptr, &v, &p.ptr, &ids.ptr])?;
+    pick_tokens(gpu, l.ptr, width, n, part_v.ptr, part_i.ptr, Some(p.ptr), ids.ptr)?;
     let mut out = vec![0i32; n];
     gpu.read(&ids, 0, &mut out)?;
     Ok(out)

@@ -8,7 +8,7 @@
 //! both use it), so the pointer is valid for both. ONNX Runtime's `Run` returns after its stream
 //! has finished, and [`LogitSampler::pick`] waits for this sampler's stream before it returns, so
 //! the next `Run` never overwrites logits that are still being read.
-use super::forward::{greedy_pick, ARGMAX_SLICES};
+use super::forward::{pick_tokens, ARGMAX_SLICES};
 use super::gpu::{Buf, Gpu};
 use crate::backend::gpu_sampling::PARAM_BYTES;
 use crate::backend::BackendError;
@@ -70,15 +70,14 @@ impl LogitSampler {
         }
         self.widen(b)?;
         let gpu = &self.gpu;
-        greedy_pick(gpu, self.logits.ptr, self.vocab, b, self.part_v.ptr, self.part_i.ptr, self.ids.ptr)?;
         if let Some(p) = params {
             if p.len() != b * PARAM_BYTES {
                 return Err(BackendError::Compute("device sampling: one parameter block per row".into()));
             }
             gpu.write(&mut self.params, p)?;
-            let v = self.vocab as i32;
-            gpu.launch(&gpu.k.sample_rows, (b as u32, 1), 1024, &[&self.logits.ptr, &v, &self.params.ptr, &self.ids.ptr])?;
         }
+        let params = params.map(|_| self.params.ptr);
+        pick_tokens(gpu, self.logits.ptr, self.vocab, b, self.part_v.ptr, self.part_i.ptr, params, self.ids.ptr)?;
         let mut out = vec![0i32; b];
         gpu.read(&self.ids, 0, &mut out)?;
         Ok(out)
