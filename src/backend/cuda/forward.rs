@@ -187,10 +187,11 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[
     Ok((r, l))
 }
 
-/// The product `y = W x` (`gemm`) of `r` rows, and with adapter rows (`adapters`) the LoRA updates of group `g` of `layer` beside it on the side
-/// stream: `z` (rows of `z_stride`, the product's width) gets each adapter row's update for the
-/// product's input (`x16` or `x32`, rows of `in_dim`), which the product's reader adds. The rows
-/// come in the step's tiles (`lora::tiles`).
+/// The product `y = W x` (`gemm`) of `r` rows, and with adapter rows (`adapters`) the LoRA
+/// updates of group `g` of `layer` beside it on the side stream: `z` (rows of `z_stride`, the
+/// product's width) gets each adapter row's update for the product's input (`x16` or `x32`, rows
+/// of `in_dim`), which the product's reader adds. The rows come in the step's tiles
+/// (`lora::tiles`). Joins before it returns, so the next launches may overwrite the input.
 #[allow(clippy::too_many_arguments)]
 fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, g: Group, layer: usize, r: usize, adapters: bool, x16: u64, x32: u64, in_dim: usize, z: u64, z_stride: usize) -> Result<(), BackendError> {
     if !adapters {
@@ -210,7 +211,8 @@ fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, g: 
 }
 
 /// Launches the forward of `r` rows (data in place from `upload`), the logits of `l` rows and
-/// their greedy picks or device draws; `adapters`: some rows use LoRA adapters. Launches only: no copies, no waiting (it may be captured in a graph).
+/// their greedy picks or device draws; `adapters`: some rows use LoRA adapters. Launches only: no
+/// copies, no waiting (it may be captured in a graph).
 pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(), BackendError> {
     let (gpu, w, s, cfg) = (&b.gpu, &b.w, &b.scratch, &b.cfg);
     let dtype = w.dtype;

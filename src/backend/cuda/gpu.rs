@@ -167,7 +167,7 @@ impl Gpu {
             lora_update: f("lora_update")?,
             f16_to_f32: f("f16_to_f32")?,
         };
-        let use_side = std::env::var("INFERD_CUDA_SIDE_STREAM").map_or(true, |v| v != "0");
+        let use_side = !std::env::var("INFERD_CUDA_SIDE_STREAM").is_ok_and(|v| v == "0");
         Ok(Gpu { ctx, stream, side, use_side, forked, joined, blas, _workspace: workspace, _module: module, k })
     }
 
