@@ -52,6 +52,9 @@ if [ "$mode" = check ]; then
     # The repository's own target directory and flags: only type-checks (and compiles the
     # kernels, in build.rs), so CI shares its dependencies' metadata with the CPU build.
     cargo check --locked --features cuda --all-targets
+    # The cuda code's host-side unit tests (the LoRA tiles' layout, the ONNX slots' sizing): no
+    # GPU needed; the checked profile shares the CPU build's dependencies.
+    cargo test --profile checked --locked --features cuda --lib -- backend::cuda backend::onnx::device
     exit 0
 fi
 export CARGO_TARGET_DIR="$root/target/cuda"

@@ -8,8 +8,9 @@
 #      Rust unit + integration tests; the OpenAI SDK and schema tests against that binary
 #      (tests/e2e_cors_browser.rs drives Debian's headless Chromium, installed here when
 #      missing and apt-get can run; where it could be installed the test must run, not skip)
-#   5. the `cuda` feature type-checks and its kernels compile (nvcc from PyPI; no GPU needed;
-#      the GPU tests themselves run on a GPU machine: scripts/cuda_check.sh)
+#   5. the `cuda` feature type-checks, its kernels compile and its host-side unit tests run
+#      (nvcc from PyPI; no GPU needed; the GPU tests themselves run on a GPU machine:
+#      scripts/cuda_check.sh)
 #   6. the Kubernetes manifests of deploy/ validate offline (deploy/validate.sh; ~15 s)
 # Set INFERD_SKIP_REAL_MODELS=1 to skip fetching the real models (their tests then skip).
 set -euo pipefail
@@ -63,7 +64,7 @@ cargo test --profile checked --locked --no-fail-fast -- --test-threads=2
 step "OpenAI SDK tests"
 "$PYTHON" -m pytest -q tests/python
 
-step "the cuda feature compiles (kernels with nvcc 13.0 from PyPI)"
+step "the cuda feature compiles (kernels with nvcc 13.0 from PyPI) and its host-side unit tests pass"
 PYTHON="$PYTHON" scripts/build_cuda.sh --check
 
 step "Kubernetes manifests (deploy/validate.sh: API schemas, CRD schema, cross-references)"
