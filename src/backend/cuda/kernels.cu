@@ -50,7 +50,7 @@ __device__ float block_max(float v) {
     return block_reduce(v, -INFINITY, [](float a, float b) { return fmaxf(a, b); });
 }
 
-// Row r's LoRA update of a product (rows of `width` in `z`, from lora_expand) when row r uses an
+// Row r's LoRA update of a product (rows of `width` in `z`, from lora_update) when row r uses an
 // adapter (`row_slot[r]` >= 0), else null: the kernels that read a product's output add it there.
 __device__ __forceinline__ const float* lora_row(const float* z, const int* row_slot, int r, int width) {
     return z && row_slot[r] >= 0 ? z + (size_t)r * width : nullptr;

@@ -26,7 +26,8 @@ use super::gpu::{Buf, Gpu};
 use crate::backend::{BackendError, StepInput};
 use crate::lora::{BaseDims, LoraAdapter, Module};
 
-/// Largest rank applied (`LORA_MAX_RANK` in kernels.cu): the width of a row's `t`.
+/// Largest rank applied (`LORA_MAX_RANK` in kernels.cu): the most values of a row's `t` that a
+/// `lora_update` block holds.
 pub const MAX_RANK: usize = 256;
 /// Most rows of one tile (`LORA_TILE`).
 pub const TILE: usize = 4;
@@ -150,7 +151,7 @@ impl DevLora {
         let slot = self.free.pop().expect("a slot was freed above");
         let (start, len) = self.region(slot);
         // Every (layer, module) gets its output's width and column, rank 0 where the adapter has
-        // nothing: `lora_expand` writes zeros there (the update buffers are not cleared).
+        // nothing: `lora_update` writes zeros there (the update buffers are not cleared).
         let mut entries = vec![0u8; len];
         for layer in 0..self.dims.layers {
             for (mi, &m) in Module::ALL.iter().enumerate() {
