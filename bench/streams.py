@@ -8,7 +8,9 @@ run (each metric taken from every server back to back), with ratios to the first
         --server "inferd=target/release/inferd serve --model {model} --device cuda:0 --port {port}"
 
 Every request: streaming, `ignore_eos`, temperature 0, `--new-tokens` tokens (128), prompts of
-~`--prompt-tokens` distinct per stream (so no server can reuse another stream's prompt cache).
+`--prompt-tokens` words (100), distinct per stream (so no server can reuse another stream's
+prompt cache). The words are `itemNNN`, several tokens each: the table's "prompt tokens" row is
+what the server's `usage` counted (about 410 for 100 words with SmolLM2's tokenizer).
 `--request-models NAME=ID,ID,...` sends server NAME's streams to those model ids in turn (stream k
 to the k-th modulo their number): LoRA adapters by name beside the base model, to measure what
 adapter rows cost against the same server's base rows.
@@ -54,15 +56,16 @@ def measure(srv, args, n, salt):
     url = srv.base + "/v1/completions"
     ids = srv.model_ids
     if n == 1:
-        ttft, decode, prefill = [], [], []
+        ttft, decode, prefill, prompt_tokens = [], [], [], []
         for rep in range(args.repeats):
             r = one(url, body(salt + rep, args, ids[rep % len(ids)]), args.timeout)
             ttft.append(r.t_first * 1e3)
             gen = (r.completion_tokens or args.new_tokens) - 1
             decode.append(gen / (r.t_last - r.t_first) if r.t_last > r.t_first else float("nan"))
             prefill.append((r.prompt_tokens or 0) / r.t_first)
-        return {"TTFT ms": statistics.median(ttft), "decode tok/s (1 stream)": statistics.median(decode),
-                "prefill tok/s": statistics.median(prefill)}
+            prompt_tokens.append(r.prompt_tokens or float("nan"))
+        return {"prompt tokens": statistics.median(prompt_tokens), "TTFT ms": statistics.median(ttft),
+                "decode tok/s (1 stream)": statistics.median(decode), "prefill tok/s": statistics.median(prefill)}
     results, wall = concurrent(url, [body(salt + k, args, ids[k % len(ids)]) for k in range(n)], n, args.timeout)
     errors = [r.error if r else "no result" for r in results if r is None or r.error]
     if errors:
@@ -99,7 +102,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--server", action="append", required=True, help="NAME=COMMAND with {model} and {port}")
     ap.add_argument("--streams", default="1,8,64,256")
-    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--prompt-tokens", type=int, default=100, help="words a prompt (several tokens each)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=300.0)
