@@ -44,15 +44,11 @@ const IDLE_POLL: Duration = Duration::from_millis(1);
 /// Everything the worker thread owns.
 pub(crate) struct Worker {
     pub backend: Box<dyn Backend>,
-    pub tokenizer: Arc<Tokenizer>,
-    pub eos: Vec<u32>,
     pub cfg: EngineConfig,
     pub rx: Receiver<Admission>,
     pub shared: Arc<Shared>,
-    pub byte_level: bool,
-    /// The tokenizer's byte table (byte-level BPE tokenizers only): detokenisation without the
-    /// tokenizer's allocations.
-    byte_table: Option<Arc<super::detok::ByteTable>>,
+    /// What turns a sequence's tokens into its text (`TokenContext`).
+    decoding: Decoding,
     next_id: SeqId,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -63,6 +59,31 @@ pub(crate) struct Worker {
     /// step through: no admission until a running sequence has finished and freed its cache,
     /// so the preempted sequence does not come straight back into the same full cache.
     kv_hold: bool,
+}
+
+/// The model's tokenizer and what goes with it, from which each sequence's tokens become text.
+struct Decoding {
+    tokenizer: Arc<Tokenizer>,
+    eos: Vec<u32>,
+    byte_level: bool,
+    /// The tokenizer's byte table (byte-level BPE tokenizers only): detokenisation without the
+    /// tokenizer's allocations.
+    byte_table: Option<Arc<super::detok::ByteTable>>,
+}
+
+impl Decoding {
+    /// The context of a sequence's `on_sampled` / `finish`, for a backend of `max_context`
+    /// positions. A method of this part of the worker alone, so that it can be taken beside a
+    /// mutable borrow of a running sequence.
+    fn ctx(&self, max_context: usize) -> TokenContext<'_> {
+        TokenContext {
+            tokenizer: &self.tokenizer,
+            eos: &self.eos,
+            byte_level: self.byte_level,
+            bytes: self.byte_table.as_deref(),
+            max_context,
+        }
+    }
 }
 
 /// One row of a planned step: index into `running`, tokens to feed, whether logits are needed.
@@ -85,14 +106,11 @@ impl Worker {
         // INFERD_DETOK_TABLE=0 decodes through the tokenizer (A/B runs).
         let byte_table = if std::env::var("INFERD_DETOK_TABLE").is_ok_and(|v| v == "0") { None } else { super::detok::ByteTable::shared(&tokenizer) };
         Self {
-            byte_table,
             backend,
-            tokenizer,
-            eos,
             cfg,
             rx,
             shared,
-            byte_level,
+            decoding: Decoding { tokenizer, eos, byte_level, byte_table },
             next_id: 1,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -218,22 +236,12 @@ impl Worker {
         if seq.req.max_new_tokens == 0 {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             let last = seq.tokens.last().copied().unwrap_or(0);
-            seq.finish(FinishReason::Length, &self.ctx(), last);
+            seq.finish(FinishReason::Length, &self.decoding.ctx(self.backend.max_context()), last);
             self.ended(&seq);
             self.draining.push(seq);
             return;
         }
         self.waiting.push_back(seq);
-    }
-
-    fn ctx(&self) -> TokenContext<'_> {
-        TokenContext {
-            tokenizer: &self.tokenizer,
-            eos: &self.eos,
-            byte_level: self.byte_level,
-            bytes: self.byte_table.as_deref(),
-            max_context: self.backend.max_context(),
-        }
     }
 
     /// Delivers pending events, frees cancelled and finished sequences, drops hung-up waiters.

@@ -8,7 +8,6 @@ use std::time::Instant;
 use super::{Row, Worker};
 use crate::backend::{BackendError, SeqId, StepInput};
 use crate::engine::request::FinishReason;
-use crate::engine::sequence::TokenContext;
 
 impl Worker {
     pub(super) fn step(&mut self, rows: Vec<Row>) {
@@ -73,13 +72,7 @@ impl Worker {
             Err(_) => return self.fail_rows(&rows, "the model backend panicked during a forward pass"),
         };
         let vocab = self.backend.vocab_size();
-        let ctx = TokenContext {
-            tokenizer: &self.tokenizer,
-            eos: &self.eos,
-            byte_level: self.byte_level,
-            bytes: self.byte_table.as_deref(),
-            max_context: self.backend.max_context(),
-        };
+        let ctx = self.decoding.ctx(self.backend.max_context());
         for ((row, out), rng) in rows.iter().zip(outs).zip(rngs) {
             let s = &mut self.running[row.idx];
             s.fed += row.n;
@@ -116,13 +109,7 @@ impl Worker {
         let Some(r) = rows.iter().find(|r| self.running[r.idx].id == seq) else {
             return self.fail_rows(rows, "backend reported a full context for an unknown sequence");
         };
-        let ctx = TokenContext {
-            tokenizer: &self.tokenizer,
-            eos: &self.eos,
-            byte_level: self.byte_level,
-            bytes: self.byte_table.as_deref(),
-            max_context: self.backend.max_context(),
-        };
+        let ctx = self.decoding.ctx(self.backend.max_context());
         let s = &mut self.running[r.idx];
         let last = s.tokens.last().copied().unwrap_or(0);
         s.finish(FinishReason::Length, &ctx, last);
