@@ -233,7 +233,7 @@ fn the_paged_cache_under_pressure_preempts_and_keeps_every_answer() {
     let run = |blocks: Option<usize>| {
         let o = CudaOptions { max_kv_blocks: blocks, gpu_memory_fraction: 0.5, ..CudaOptions::default() };
         let b = CudaBackend::load(&assets.weights, &o).expect("loads");
-        let h = spawn(Box::new(b), Arc::clone(&assets.tokenizer), vec![], EngineConfig { max_batch: 32, max_waiting: 64, prefill_chunk: 64, channel_capacity: 64 });
+        let h = spawn(Box::new(b), Arc::clone(&assets.tokenizer), vec![], EngineConfig { max_batch: 32, max_waiting: 64, prefill_chunk: 64, channel_capacity: 64, overlap_output: false });
         let rxs: Vec<_> = (0..24u32)
             .map(|i| {
                 let prompt: Vec<u32> = (0..5 + i % 30).map(|j| (i * 13 + j * 7) % 500).collect();

@@ -11,7 +11,7 @@ use inferd::engine::{spawn, EngineConfig, EngineHandle, FinishReason, SamplingPa
 
 fn engine(b: MockBackend, max_batch: usize, prefill_chunk: usize) -> EngineHandle {
     let (tok, eos) = tiny_tokenizer();
-    spawn(Box::new(b), Arc::new(tok), vec![eos], EngineConfig { max_batch, max_waiting: 64, prefill_chunk, channel_capacity: 64 })
+    spawn(Box::new(b), Arc::new(tok), vec![eos], EngineConfig { max_batch, max_waiting: 64, prefill_chunk, channel_capacity: 64, overlap_output: false })
 }
 
 fn mock() -> MockBackend {
@@ -99,7 +99,7 @@ fn the_candle_backend_bounded_by_bytes_preempts_and_keeps_every_answer() {
         if let Some(n) = bytes {
             b.set_kv_cache_bytes(Some(n)).expect("room for a block");
         }
-        let h = spawn(Box::new(b), Arc::clone(&assets.tokenizer), vec![], EngineConfig { max_batch: 8, max_waiting: 64, prefill_chunk: 64, channel_capacity: 64 });
+        let h = spawn(Box::new(b), Arc::clone(&assets.tokenizer), vec![], EngineConfig { max_batch: 8, max_waiting: 64, prefill_chunk: 64, channel_capacity: 64, overlap_output: false });
         let rxs: Vec<_> = prompts(10).into_iter().map(|p| h.submit(req(p, 48, sampling.clone())).unwrap()).collect();
         let out: Vec<Vec<u32>> = rxs.into_iter().map(|rx| collect(rx).ids).collect();
         (out, h.stats().preemptions)

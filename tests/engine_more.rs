@@ -61,7 +61,7 @@ fn hung_up_waiter_leaves_the_queue() {
     let (tok, eos) = tiny_tokenizer();
     let (mut b, log) = MockBackend::new(tok.get_vocab_size(true), eos);
     b.delay = Duration::from_millis(5);
-    let h = engine(b, EngineConfig { max_batch: 1, max_waiting: 4, prefill_chunk: 64, channel_capacity: 8 });
+    let h = engine(b, EngineConfig { max_batch: 1, max_waiting: 4, prefill_chunk: 64, channel_capacity: 8, overlap_output: false });
     let running = h.submit(req(vec![1], 200, greedy())).unwrap();
     let waiter = h.submit(req(vec![2], 5, greedy())).unwrap();
     let t0 = Instant::now();

@@ -13,7 +13,7 @@ fn worker(delay_ms: u64, max_batch: usize, max_waiting: usize) -> (EngineHandle,
     let (tok, eos) = tiny_tokenizer();
     let (mut b, log) = MockBackend::new(tok.get_vocab_size(true), eos);
     b.delay = Duration::from_millis(delay_ms);
-    (spawn(Box::new(b), Arc::new(tok), vec![eos], EngineConfig { max_batch, max_waiting, prefill_chunk: 256, channel_capacity: 64 }), log)
+    (spawn(Box::new(b), Arc::new(tok), vec![eos], EngineConfig { max_batch, max_waiting, prefill_chunk: 256, channel_capacity: 64, overlap_output: false }), log)
 }
 
 /// Sequences each worker ran (distinct sequence ids in its log).

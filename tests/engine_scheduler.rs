@@ -8,7 +8,7 @@ use engine_common::*;
 use inferd::engine::{spawn, EngineConfig, Event, FinishReason, SamplingParams, SubmitError};
 
 fn cfg(max_batch: usize) -> EngineConfig {
-    EngineConfig { max_batch, max_waiting: 64, prefill_chunk: 256, channel_capacity: 64 }
+    EngineConfig { max_batch, max_waiting: 64, prefill_chunk: 256, channel_capacity: 64, overlap_output: false }
 }
 
 fn engine(b: MockBackend, c: EngineConfig) -> inferd::engine::EngineHandle {
@@ -106,7 +106,7 @@ fn queue_full_is_immediate() {
     let (tok, eos) = tiny_tokenizer();
     let (mut b, _) = MockBackend::new(tok.get_vocab_size(true), eos);
     b.delay = Duration::from_millis(20);
-    let h = engine(b, EngineConfig { max_batch: 1, max_waiting: 2, prefill_chunk: 64, channel_capacity: 64 });
+    let h = engine(b, EngineConfig { max_batch: 1, max_waiting: 2, prefill_chunk: 64, channel_capacity: 64, overlap_output: false });
     let _a = h.submit(req(vec![1], 1000, greedy())).unwrap();
     let t0 = Instant::now();
     while h.stats().running < 1 {
@@ -128,7 +128,7 @@ fn long_prompt_is_chunked_while_decode_continues() {
     let (tok, eos) = tiny_tokenizer();
     let (mut b, log) = MockBackend::new(tok.get_vocab_size(true), eos);
     b.delay = Duration::from_millis(1); // A needs ~300 ms: it is still decoding throughout B's prefill
-    let h = engine(b, EngineConfig { max_batch: 4, max_waiting: 8, prefill_chunk: 64, channel_capacity: 1024 });
+    let h = engine(b, EngineConfig { max_batch: 4, max_waiting: 8, prefill_chunk: 64, channel_capacity: 1024, overlap_output: false });
     let mut rx_a = h.submit(req(vec![7, 8, 9], 300, greedy())).unwrap();
     assert!(matches!(rx_a.blocking_recv(), Some(Event::Token { .. })));
     let long: Vec<u32> = (0..2000).map(|i| (i % 250) as u32).collect();
@@ -154,7 +154,7 @@ fn long_prompt_is_chunked_while_decode_continues() {
 fn slow_consumer_does_not_block_others() {
     let (tok, eos) = tiny_tokenizer();
     let (b, log) = MockBackend::new(tok.get_vocab_size(true), eos);
-    let h = engine(b, EngineConfig { max_batch: 4, max_waiting: 8, prefill_chunk: 64, channel_capacity: 2 });
+    let h = engine(b, EngineConfig { max_batch: 4, max_waiting: 8, prefill_chunk: 64, channel_capacity: 2, overlap_output: false });
     let slow = h.submit(req(vec![1, 2, 3], 50, greedy())).unwrap();
     let fast = collect(h.submit(req(vec![4, 5, 6], 50, greedy())).unwrap());
     assert_eq!(fast.finish, Some(FinishReason::Length));

@@ -222,6 +222,18 @@ impl ModelConfig {
         })
     }
 
+    /// Whether the worker makes a step's events beside the next step (`EngineConfig::
+    /// overlap_output`): on a GPU, where the CPU would wait for the device, and not on the CPU,
+    /// where the helper thread would take a core from the forward pass. `INFERD_OVERLAP_OUTPUT`
+    /// (0 or 1) overrides it, for A/B runs.
+    pub fn overlap_output(&self) -> bool {
+        match std::env::var("INFERD_OVERLAP_OUTPUT").as_deref() {
+            Ok("0") => false,
+            Ok("1") => true,
+            _ => matches!(self.device, Device::Cuda(_)),
+        }
+    }
+
     /// The engine knobs for this model.
     pub fn engine_config(&self, server: &ServerConfig) -> EngineConfig {
         EngineConfig {
@@ -230,6 +242,7 @@ impl ModelConfig {
             // wait until the worker's next loop admits them.
             max_waiting: server.max_waiting.max(self.max_batch()),
             prefill_chunk: self.prefill_chunk(),
+            overlap_output: self.overlap_output(),
             ..EngineConfig::default()
         }
     }

@@ -42,6 +42,11 @@ pub(crate) struct Shared {
     pub idle_nanos: AtomicU64,
     /// Sequences put back in the queue because the KV cache was full.
     pub preemptions: AtomicU64,
+    /// Tokens whose events were made beside the next step (`EngineConfig::overlap_output`), and
+    /// sampled tokens dropped because their sequence had ended in the meantime (a stop string
+    /// found in the previous token's text while the step ran).
+    pub overlapped: AtomicU64,
+    pub dropped: AtomicU64,
     /// Tokens whose keys and values came from the prefix cache instead of being computed.
     pub prefix_hits: AtomicU64,
     /// KV cache blocks in use and in all (0 and 0 when the cache is unbounded).
@@ -77,6 +82,11 @@ pub struct EngineStats {
     pub idle_seconds: f64,
     /// Sequences preempted (KV cache full) since the engine started.
     pub preemptions: u64,
+    /// Tokens whose events were made on the output thread beside the next step.
+    pub overlapped_tokens: u64,
+    /// Sampled tokens dropped because their sequence had ended while the step ran (a stop
+    /// string found one step late by the output thread); never seen by a client.
+    pub dropped_tokens: u64,
     /// Tokens taken from the prefix cache instead of computed, since the engine started.
     pub prefix_cache_tokens: u64,
     /// Fraction of the KV cache in use, in [0, 1] (0 when the cache is unbounded).
@@ -126,6 +136,8 @@ pub fn spawn(
         sample_nanos: AtomicU64::new(0),
         idle_nanos: AtomicU64::new(0),
         preemptions: AtomicU64::new(0),
+        overlapped: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
         prefix_hits: AtomicU64::new(0),
         kv_used_blocks: AtomicUsize::new(0),
         kv_total_blocks: AtomicUsize::new(0),
@@ -199,6 +211,8 @@ impl EngineHandle {
             sample_seconds: self.shared.sample_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             idle_seconds: self.shared.idle_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             preemptions: self.shared.preemptions.load(Ordering::Relaxed),
+            overlapped_tokens: self.shared.overlapped.load(Ordering::Relaxed),
+            dropped_tokens: self.shared.dropped.load(Ordering::Relaxed),
             prefix_cache_tokens: self.shared.prefix_hits.load(Ordering::Relaxed),
             kv_cache_usage: match self.shared.kv_total_blocks.load(Ordering::Relaxed) {
                 0 => 0.0,

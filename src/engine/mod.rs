@@ -15,6 +15,7 @@ pub mod detok;
 mod masks;
 mod handle;
 pub mod metrics;
+mod output;
 pub mod pool;
 pub mod request;
 pub mod sampler;
@@ -38,11 +39,16 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Capacity of each sequence's event channel.
     pub channel_capacity: usize,
+    /// Make each step's events (detokenisation, stop strings, logprob entries) on a helper thread
+    /// while the backend runs the next step (`output::OutputLane`). Worth it when the step runs
+    /// on a device and the CPU would otherwise wait; on a CPU backend the helper would take a
+    /// core from the forward pass.
+    pub overlap_output: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch: 16, max_waiting: 64, prefill_chunk: 256, channel_capacity: 64 }
+        Self { max_batch: 16, max_waiting: 64, prefill_chunk: 256, channel_capacity: 64, overlap_output: false }
     }
 }
 

@@ -79,6 +79,8 @@ impl EnginePool {
             t.sample_seconds += s.sample_seconds;
             t.idle_seconds += s.idle_seconds;
             t.preemptions += s.preemptions;
+            t.overlapped_tokens += s.overlapped_tokens;
+            t.dropped_tokens += s.dropped_tokens;
             t.prefix_cache_tokens += s.prefix_cache_tokens;
             t.prefix_cache_bytes += s.prefix_cache_bytes;
             t.kv_cache_usage += s.kv_cache_usage / self.workers.len() as f64;

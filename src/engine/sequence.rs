@@ -1,31 +1,16 @@
 //! One sequence's life inside the worker: its tokens, how far the backend has seen them, sampling
-//! state, detokeniser, stop matcher and the events not yet delivered.
-use std::collections::VecDeque;
-use std::sync::Arc;
-
+//! state, and its output side (`output::Output`: detokeniser, stop matcher and the events not yet
+//! delivered), which may be lent to the output lane for the length of a step.
 use rand::rngs::StdRng;
+use rand::Rng;
 use rand::SeedableRng;
-use tokenizers::Tokenizer;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::Sender;
 
-use super::detok::{token_bytes, IncrementalDetokenizer};
-use super::request::{Event, FinishReason, GenRequest, LogprobEntry, TokenLogprob};
-use rand::Rng;
-
+use super::output::{Emit, Emitted, Job, Output};
+pub use super::output::TokenContext;
+use super::request::{Event, FinishReason, GenRequest};
 use super::sampler::{SampleSpec, Sampled, TokenCounts};
-use super::stop::StopMatcher;
 use crate::backend::SeqId;
-
-/// Read-only context the worker shares with every sequence when it turns a token into events.
-pub struct TokenContext<'a> {
-    pub tokenizer: &'a Arc<Tokenizer>,
-    pub eos: &'a [u32],
-    pub byte_level: bool,
-    /// The tokenizer's byte table, when it is byte-level BPE (`detok::ByteTable`).
-    pub bytes: Option<&'a super::detok::ByteTable>,
-    pub max_context: usize,
-}
 
 /// Per-sequence state owned by the worker thread.
 pub struct Sequence {
@@ -38,11 +23,10 @@ pub struct Sequence {
     pub generated: usize,
     counts: TokenCounts,
     rng: StdRng,
-    detok: IncrementalDetokenizer,
-    stop: StopMatcher,
-    tx: Sender<Event>,
-    /// Events produced but not yet accepted by the channel (the client is slow).
-    pending: VecDeque<Event>,
+    /// The output side; `None` only while the output lane holds it, within a step.
+    out: Option<Box<Output>>,
+    /// The last sampled token, when its events are still to be made (`settle` or the lane).
+    later: Option<Emit>,
     /// Set once `Done` or `Error` is queued: the sequence only drains `pending` from then on.
     pub finished: bool,
     /// The receiver was dropped: the sequence must be released now.
@@ -54,8 +38,6 @@ pub struct Sequence {
     pub last_token_at: Option<std::time::Instant>,
     /// How it ended, once it has (None while running; a hang-up is counted as an abort).
     pub outcome: Option<super::metrics::Outcome>,
-    /// Prompt tokens the backend took from its prefix cache at the first admission.
-    pub cached_prompt_tokens: usize,
 }
 
 impl Sequence {
@@ -69,17 +51,14 @@ impl Sequence {
             generated: 0,
             counts: TokenCounts::from_prompt(&req.prompt_tokens),
             rng: StdRng::seed_from_u64(seed),
-            detok: IncrementalDetokenizer::new(&req.prompt_tokens),
-            stop: StopMatcher::new(&req.stop),
-            tx,
-            pending: VecDeque::new(),
+            out: Some(Box::new(Output::new(&req, tx))),
+            later: None,
             finished: false,
             cancelled: false,
             arrived,
             admitted: false,
             last_token_at: None,
             outcome: None,
-            cached_prompt_tokens: 0,
             req,
         }
     }
@@ -106,48 +85,37 @@ impl Sequence {
         debug_assert!(self.fed == 0 && n < self.tokens.len(), "a prefix is reused only before the first step, and not the last token");
         self.fed = n;
         if !self.admitted {
-            self.cached_prompt_tokens = n.min(self.req.prompt_tokens.len());
+            self.out().cached_prompt_tokens = n.min(self.req.prompt_tokens.len());
         }
     }
 
     /// May take part in the next step: alive, not finished, and no undelivered events.
     pub fn is_schedulable(&self) -> bool {
-        !self.finished && !self.cancelled && self.pending.is_empty() && self.unfed() > 0
+        !self.finished && !self.cancelled && self.out.as_ref().is_none_or(|o| o.is_empty()) && self.unfed() > 0
+    }
+
+    fn out(&mut self) -> &mut Output {
+        self.out.as_deref_mut().expect("a sequence's output is lent only within a step")
     }
 
     /// Tries to hand pending events to the channel; stops at the first full slot. Marks the
     /// sequence cancelled when the receiver is gone.
     pub fn flush(&mut self) {
-        if self.tx.is_closed() {
+        if !self.out().flush() {
             self.cancelled = true;
-            self.pending.clear();
-            return;
-        }
-        while let Some(ev) = self.pending.pop_front() {
-            match self.tx.try_send(ev) {
-                Ok(()) => {}
-                Err(TrySendError::Full(ev)) => {
-                    self.pending.push_front(ev);
-                    return;
-                }
-                Err(TrySendError::Closed(_)) => {
-                    self.cancelled = true;
-                    self.pending.clear();
-                    return;
-                }
-            }
         }
     }
 
     /// Whether everything owed to the client has been delivered (or the client is gone).
     pub fn is_drained(&self) -> bool {
-        self.cancelled || self.pending.is_empty()
+        self.cancelled || self.out.as_ref().is_none_or(|o| o.is_empty())
     }
 
     /// Queues an error and finishes the sequence.
     pub fn fail(&mut self, msg: impl Into<String>) {
+        debug_assert!(self.later.is_none(), "a sequence fails only once its last token has its events");
         if !self.finished {
-            self.pending.push_back(Event::Error(msg.into()));
+            self.out().error(msg.into());
             self.finished = true;
             self.outcome = Some(super::metrics::Outcome::Error);
         }
@@ -156,32 +124,66 @@ impl Sequence {
 
     /// Ends the sequence normally, flushing held-back text into a last `Token` event when needed.
     pub fn finish(&mut self, reason: FinishReason, ctx: &TokenContext<'_>, last_token: u32) {
+        // Not flushed in between: held-back text joins the last token's event when it is queued.
+        self.make_owed_events(ctx);
         if self.finished {
-            return;
+            // Its last token completed a stop string (or it had ended before).
+            return self.flush();
         }
-        let mut tail = self.detok.finish_with(ctx.tokenizer, ctx.bytes);
-        tail = self.stop.push(&tail).text;
-        tail.push_str(&self.stop.finish());
-        if !tail.is_empty() {
-            // Append to this token's own event when it is still queued (Length); otherwise (EOS,
-            // whose text is never emitted) the held-back text rides on an event for the EOS id.
-            match self.pending.back_mut() {
-                Some(Event::Token { text, token_id, .. }) if *token_id == last_token => text.push_str(&tail),
-                _ => self.pending.push_back(Event::Token { text: tail, token_id: last_token, logprob: None }),
-            }
-        }
-        self.pending.push_back(Event::Done {
-            finish_reason: reason,
-            prompt_tokens: self.req.prompt_tokens.len(),
-            completion_tokens: self.generated,
-            cached_prompt_tokens: self.cached_prompt_tokens,
-        });
+        let generated = self.generated;
+        self.out().finish(reason, ctx, last_token, generated);
         self.finished = true;
         self.outcome = Some(match reason {
             FinishReason::Stop => super::metrics::Outcome::Stop,
             FinishReason::Length => super::metrics::Outcome::Length,
         });
         self.flush();
+    }
+
+    /// Makes the events of the last sampled token now, when they are still owed.
+    pub fn settle(&mut self, ctx: &TokenContext<'_>) {
+        if self.make_owed_events(ctx) {
+            self.flush();
+        }
+    }
+
+    /// Queues the last sampled token's events when they are owed; returns whether they were.
+    fn make_owed_events(&mut self, ctx: &TokenContext<'_>) -> bool {
+        let Some(e) = self.later.take() else { return false };
+        if self.out().token(&e, ctx) {
+            self.stopped();
+        }
+        true
+    }
+
+    /// The last sampled token's events are still to be made.
+    pub fn owes_events(&self) -> bool {
+        self.later.is_some()
+    }
+
+    /// Lends the output and the token it owes to the output lane, when a token is owed.
+    pub fn lend(&mut self, idx: usize) -> Option<Job> {
+        let emit = self.later.take()?;
+        let out = self.out.take().expect("a sequence's output is lent once a step");
+        Some(Job { idx, out, emit, result: Emitted::Queued })
+    }
+
+    /// Takes the output back from the lane, with what became of the token.
+    pub fn returned(&mut self, job: Job) {
+        debug_assert!(self.out.is_none(), "only a lent output comes back");
+        self.out = Some(job.out);
+        match job.result {
+            Emitted::Queued => {}
+            Emitted::Stopped => self.stopped(),
+            Emitted::Gone => self.cancelled = true,
+            Emitted::Panicked => self.fail("the server failed while producing this sequence's output"),
+        }
+    }
+
+    /// Its text completed a stop string (the `Done` event is queued).
+    fn stopped(&mut self) {
+        self.finished = true;
+        self.outcome = Some(super::metrics::Outcome::Stop);
     }
 
     /// What decides this sequence's next token, for a step that samples it, and the state of its
@@ -200,13 +202,17 @@ impl Sequence {
     }
 
     /// Takes the token the backend sampled for the last fed token (with `rng`, the generator's
-    /// state after its draw, from `sample_spec`) and queues its events. Returns the token.
+    /// state after its draw, from `sample_spec`): what the next step needs (the token, penalty
+    /// counts, the grammar's commit, EOS and length) at once, and its events too unless `later`,
+    /// in which case they wait in the sequence for `settle` or the output lane. A token that ends
+    /// the sequence always has its events made at once. Returns the token.
     ///
     /// EOS tokens are never masked. With `ignore_eos` they are ordinary tokens (their text is
     /// empty after skip_special_tokens); otherwise sampling one ends the sequence with `Stop` and
     /// it counts in `completion_tokens` (as in vLLM) but gets no `Token` event of its own, except
     /// one carrying held-back text (a partial stop string) when there is any.
-    pub fn on_sampled(&mut self, s: Sampled, rng: Option<StdRng>, ctx: &TokenContext<'_>) -> u32 {
+    pub fn on_sampled(&mut self, s: Sampled, rng: Option<StdRng>, ctx: &TokenContext<'_>, later: bool) -> u32 {
+        debug_assert!(self.later.is_none() && !self.finished, "a token is sampled only for a live sequence whose last token has its events");
         if let Some(rng) = rng {
             self.rng = rng;
         }
@@ -222,45 +228,18 @@ impl Sequence {
         }
         if let Some(c) = &self.req.constraint {
             if let Err(e) = c.commit(token) {
-                self.fail(&format!("structured output: {e}"));
+                self.fail(format!("structured output: {e}"));
                 return token;
             }
         }
-        let logprob = match (&s.logprobs, self.req.logprobs) {
-            (Some(lp), Some(_)) => Some(self.logprob_entry(lp, token, ctx)),
-            _ => None,
-        };
-        let piece = self.detok.push_with(ctx.tokenizer, ctx.bytes, token);
-        let out = self.stop.push(&piece);
-        if out.stopped {
-            if !out.text.is_empty() || logprob.is_some() {
-                self.pending.push_back(Event::Token { text: out.text, token_id: token, logprob });
-            }
-            self.pending.push_back(Event::Done {
-                finish_reason: FinishReason::Stop,
-                prompt_tokens: self.req.prompt_tokens.len(),
-                completion_tokens: self.generated,
-                cached_prompt_tokens: self.cached_prompt_tokens,
-            });
-            self.finished = true;
-            self.outcome = Some(super::metrics::Outcome::Stop);
-            self.flush();
-            return token;
-        }
-        self.pending.push_back(Event::Token { text: out.text, token_id: token, logprob });
-        if self.generated >= self.req.max_new_tokens || self.tokens.len() >= ctx.max_context {
+        let logprobs = s.logprobs.filter(|_| self.req.logprobs.is_some());
+        self.later = Some(Emit { token, logprobs, generated: self.generated });
+        let length = self.generated >= self.req.max_new_tokens || self.tokens.len() >= ctx.max_context;
+        if length {
             self.finish(FinishReason::Length, ctx, token);
-        } else {
-            self.flush();
+        } else if !later {
+            self.settle(ctx);
         }
         token
-    }
-
-    fn logprob_entry(&self, lp: &super::sampler::TokenLogprobs, token: u32, ctx: &TokenContext<'_>) -> LogprobEntry {
-        let entry = |id: u32, logprob: f32| {
-            let bytes = token_bytes(ctx.tokenizer, id, ctx.byte_level);
-            TokenLogprob { token_id: id, token: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob }
-        };
-        LogprobEntry { chosen: entry(token, lp.chosen), top: lp.top.iter().map(|&(id, l)| entry(id, l)).collect() }
     }
 }

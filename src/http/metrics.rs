@@ -15,7 +15,7 @@ use crate::engine::metrics::{HistogramSnapshot, Outcome};
 use crate::engine::EngineStats;
 
 /// (name, type, help, value) of each series.
-fn series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 12] {
+fn series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 14] {
     [
         ("inferd_requests_running", "gauge", "Sequences in the running batch (prefilling or decoding).", s.running as f64),
         ("inferd_requests_waiting", "gauge", "Sequences submitted and not yet running.", s.waiting as f64),
@@ -26,6 +26,8 @@ fn series(s: &EngineStats) -> [(&'static str, &'static str, &'static str, f64); 
         ("inferd_engine_sampling_seconds_total", "counter", "Seconds spent sampling, matching stops and detokenising after steps.", s.sample_seconds),
         ("inferd_engine_idle_seconds_total", "counter", "Seconds the worker waited with nothing to run (no sequence, or every one waiting on its client).", s.idle_seconds),
         ("inferd_num_preemptions_total", "counter", "Sequences preempted because the KV cache was full (they run again later).", s.preemptions as f64),
+        ("inferd_engine_overlapped_tokens_total", "counter", "Tokens whose events (text, stop strings, logprobs) were made on the output thread while the next step ran.", s.overlapped_tokens as f64),
+        ("inferd_engine_dropped_tokens_total", "counter", "Sampled tokens dropped unseen because their sequence had ended by a stop string found while the step ran.", s.dropped_tokens as f64),
         ("inferd_kv_cache_usage_perc", "gauge", "Fraction of the KV cache in use, 0 to 1 (0 when the cache is unbounded).", s.kv_cache_usage),
         ("inferd_prefix_cache_tokens_total", "counter", "Prompt tokens whose keys and values came from the prefix cache instead of being computed.", s.prefix_cache_tokens as f64),
         ("inferd_prefix_cache_bytes", "gauge", "Bytes of finished sequences' keys and values the prefix cache holds (bounded by prefix_cache_mb).", s.prefix_cache_bytes as f64),
@@ -127,7 +129,7 @@ mod tests {
 
     #[test]
     fn renders_one_series_per_model_with_help_and_type() {
-        let a = EngineStats { running: 2, waiting: 1, generated_tokens: 40, prompt_tokens: 12, steps: 21, step_seconds: 0.5, sample_seconds: 0.25, idle_seconds: 0.125, preemptions: 3, kv_cache_usage: 0.25, prefix_cache_tokens: 7, prefix_cache_bytes: 4096, latency: Default::default() };
+        let a = EngineStats { running: 2, waiting: 1, generated_tokens: 40, prompt_tokens: 12, steps: 21, step_seconds: 0.5, sample_seconds: 0.25, idle_seconds: 0.125, preemptions: 3, overlapped_tokens: 9, dropped_tokens: 1, kv_cache_usage: 0.25, prefix_cache_tokens: 7, prefix_cache_bytes: 4096, latency: Default::default() };
         let b = EngineStats::default();
         let text = render(&[("qwen".into(), a), ("we\"ird".into(), b)]);
         assert!(text.starts_with("# HELP inferd_requests_running "), "{text}");
@@ -138,7 +140,8 @@ mod tests {
         assert!(text.contains("vllm:prefix_cache_hits_total{model_name=\"qwen\"} 7\n"), "{text}");
         assert!(text.contains("# TYPE inferd_prefix_cache_bytes gauge\ninferd_prefix_cache_bytes{model=\"qwen\"} 4096\n"), "{text}");
         assert!(text.contains("inferd_engine_idle_seconds_total{model=\"qwen\"} 0.125\n"), "{text}");
-        assert_eq!(text.matches("# TYPE").count(), 12 + 7 + 2 + 4);
+        assert!(text.contains("inferd_engine_overlapped_tokens_total{model=\"qwen\"} 9\n") && text.contains("inferd_engine_dropped_tokens_total{model=\"qwen\"} 1\n"), "{text}");
+        assert_eq!(text.matches("# TYPE").count(), 14 + 7 + 2 + 4);
         assert_eq!(render(&[]), "");
     }
 }

@@ -32,7 +32,8 @@ use tokenizers::Tokenizer;
 
 use super::handle::{Admission, Shared};
 use super::request::FinishReason;
-use super::sequence::{Sequence, TokenContext};
+use super::output::{Decoding, OutputLane};
+use super::sequence::Sequence;
 use super::EngineConfig;
 use crate::backend::{Backend, KvCapacity, SeqId};
 
@@ -49,6 +50,9 @@ pub(crate) struct Worker {
     pub shared: Arc<Shared>,
     /// What turns a sequence's tokens into its text (`TokenContext`).
     decoding: Decoding,
+    /// The helper thread that makes a step's events during the next step
+    /// (`EngineConfig::overlap_output`).
+    lane: Option<OutputLane>,
     next_id: SeqId,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -59,31 +63,6 @@ pub(crate) struct Worker {
     /// step through: no admission until a running sequence has finished and freed its cache,
     /// so the preempted sequence does not come straight back into the same full cache.
     kv_hold: bool,
-}
-
-/// The model's tokenizer and what goes with it, from which each sequence's tokens become text.
-struct Decoding {
-    tokenizer: Arc<Tokenizer>,
-    eos: Vec<u32>,
-    byte_level: bool,
-    /// The tokenizer's byte table (byte-level BPE tokenizers only): detokenisation without the
-    /// tokenizer's allocations.
-    byte_table: Option<Arc<super::detok::ByteTable>>,
-}
-
-impl Decoding {
-    /// The context of a sequence's `on_sampled` / `finish`, for a backend of `max_context`
-    /// positions. A method of this part of the worker alone, so that it can be taken beside a
-    /// mutable borrow of a running sequence.
-    fn ctx(&self, max_context: usize) -> TokenContext<'_> {
-        TokenContext {
-            tokenizer: &self.tokenizer,
-            eos: &self.eos,
-            byte_level: self.byte_level,
-            bytes: self.byte_table.as_deref(),
-            max_context,
-        }
-    }
 }
 
 /// One row of a planned step: index into `running`, tokens to feed, whether logits are needed.
@@ -105,12 +84,18 @@ impl Worker {
         let byte_level = super::detok::is_byte_level(&tokenizer);
         // INFERD_DETOK_TABLE=0 decodes through the tokenizer (A/B runs).
         let byte_table = if std::env::var("INFERD_DETOK_TABLE").is_ok_and(|v| v == "0") { None } else { super::detok::ByteTable::shared(&tokenizer) };
+        let decoding = Decoding { tokenizer, eos, byte_level, byte_table };
+        // Without the thread the worker makes each step's events itself, as it would anyway.
+        let lane = cfg.overlap_output.then(|| OutputLane::new(decoding.clone())).and_then(|r| {
+            r.map_err(|e| tracing::warn!(error = %e, "cannot start the output thread; making events on the worker")).ok()
+        });
         Self {
             backend,
             cfg,
             rx,
             shared,
-            decoding: Decoding { tokenizer, eos, byte_level, byte_table },
+            decoding,
+            lane,
             next_id: 1,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -135,6 +120,8 @@ impl Worker {
             let rows = self.plan();
             let rows = self.fit_kv(rows);
             if rows.is_empty() {
+                // No step to overlap with: the owed events are made now.
+                self.settle_all();
                 if self.running.is_empty() && self.waiting.is_empty() && self.draining.is_empty() {
                     continue; // intake blocks next time
                 }
@@ -339,6 +326,12 @@ impl Worker {
 
     /// Puts the running sequence at `idx` back at the front of the queue without its KV cache.
     fn preempt(&mut self, idx: usize) {
+        let ctx = self.decoding.ctx(self.backend.max_context());
+        self.running[idx].settle(&ctx);
+        if self.running[idx].finished {
+            // Its last token completed a stop string: it ends here instead of waiting for room.
+            return self.reap();
+        }
         let mut s = self.running.remove(idx);
         self.release(s.id);
         s.preempted();
@@ -382,6 +375,14 @@ impl Worker {
             true
         });
         rows
+    }
+
+    /// Makes every owed event now (`Sequence::settle`).
+    fn settle_all(&mut self) {
+        let ctx = self.decoding.ctx(self.backend.max_context());
+        for s in &mut self.running {
+            s.settle(&ctx);
+        }
     }
 
     fn publish(&self) {

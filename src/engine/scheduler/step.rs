@@ -6,11 +6,24 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::{Row, Worker};
+
 use crate::backend::{BackendError, SeqId, StepInput};
 use crate::engine::request::FinishReason;
 
+/// Fewest owed events worth handing to the output lane: below it the hand-over (two channel
+/// messages and a wake-up, some microseconds) costs about what making them here does (about
+/// 3 us a row, docs/perf-notes.md session 15).
+const LANE_MIN_ROWS: usize = 8;
+
 impl Worker {
     pub(super) fn step(&mut self, rows: Vec<Row>) {
+        // The events the last step's tokens owe are made during this one (`output::OutputLane`),
+        // when there are enough of them to be worth the hand-over.
+        let lend = self.lane.is_some() && self.running.iter().filter(|s| s.owes_events()).count() >= LANE_MIN_ROWS;
+        let jobs: Vec<_> = if lend { self.running.iter_mut().enumerate().filter_map(|(i, s)| s.lend(i)).collect() } else { Vec::new() };
+        if !lend {
+            self.settle_all();
+        }
         let mut rngs = Vec::with_capacity(rows.len());
         let constraint = |r: &Row| if r.want_logits { self.running[r.idx].req.constraint.as_ref() } else { None };
         let masks = crate::engine::masks::slots(rows.iter().map(constraint));
@@ -43,13 +56,26 @@ impl Worker {
             self.shared.prompt_fed.fetch_add(prompt as u64, Ordering::Relaxed);
             let backend = &mut self.backend;
             let t = Instant::now();
-            let jobs = rows.iter().zip(&masks).filter_map(|(r, m)| Some((constraint(r)?, m.as_ref()?))).collect();
-            let r = crate::engine::masks::while_computing(jobs, || catch_unwind(AssertUnwindSafe(|| backend.step_and_sample(&inputs, &samples))));
+            let mask_jobs = rows.iter().zip(&masks).filter_map(|(r, m)| Some((constraint(r)?, m.as_ref()?))).collect();
+            let max_context = backend.max_context();
+            let compute = || crate::engine::masks::while_computing(mask_jobs, || catch_unwind(AssertUnwindSafe(|| backend.step_and_sample(&inputs, &samples))));
+            let (r, jobs) = match &self.lane {
+                Some(lane) => lane.while_computing(jobs, max_context, &self.decoding, compute),
+                None => (compute(), jobs),
+            };
             self.shared.steps.fetch_add(1, Ordering::Relaxed);
             self.shared.step_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            r
+            (r, jobs)
         };
+        let (result, jobs) = result;
         let t = Instant::now();
+        // Outputs back first: a sequence whose last token completed a stop string has ended, and
+        // its row in this step is dropped below.
+        self.shared.overlapped.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        for job in jobs {
+            let idx = job.idx;
+            self.running[idx].returned(job);
+        }
         let outs = match result {
             Ok(Ok(outs)) if outs.len() == rows.len() => outs,
             Ok(Ok(outs)) => {
@@ -73,10 +99,17 @@ impl Worker {
         };
         let vocab = self.backend.vocab_size();
         let ctx = self.decoding.ctx(self.backend.max_context());
+        let later = self.lane.is_some();
         for ((row, out), rng) in rows.iter().zip(outs).zip(rngs) {
             let s = &mut self.running[row.idx];
             s.fed += row.n;
             if !row.want_logits {
+                continue;
+            }
+            if s.finished || s.cancelled {
+                // Ended while the step ran (a stop string in its last token's text, found one
+                // step late, or a hang-up): this token is never seen.
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             match out {
@@ -89,7 +122,7 @@ impl Worker {
                         Some(t) => self.shared.latency.tpot.observe(now - t),
                     }
                     s.last_token_at = Some(now);
-                    s.on_sampled(sampled, rng, &ctx);
+                    s.on_sampled(sampled, rng, &ctx, later);
                 }
                 Some(sampled) => s.fail(format!("backend sampled token {} outside the vocabulary of {vocab}", sampled.token)),
                 None => s.fail("backend sampled no token for a row that asked for one"),
