@@ -1,10 +1,12 @@
-//! The output lane (`EngineConfig::overlap_output`) as a property: with a step's events made on a
-//! helper thread while the backend runs the next step, every request gets exactly the events the
-//! synchronous worker gives it (same tokens, text pieces, logprobs, finish reason and usage),
-//! even when a stop string is found one step late and that sequence's next token is dropped.
+//! The host's work beside the device's as a property. With a step's events made on a helper
+//! thread while the backend runs the next step (the output lane, `EngineConfig::overlap_output`),
+//! with step N+1 launched before step N's tokens are collected (async scheduling,
+//! `Backend::pipelines`), and with both, every request gets exactly the events the synchronous
+//! worker gives it (same tokens, text pieces, logprobs, finish reason and usage), even when a
+//! stop string or EOS is found one step late and that sequence's next token is dropped.
 //!
-//! Each trial draws a mix of 8 to 28 requests (greedy and seeded sampling, logprobs, EOS and
-//! `ignore_eos`, lengths, small or large event channels, a bounded KV cache that forces
+//! Each trial draws a mix of 8 to 28 requests (greedy and seeded sampling, penalties, logprobs,
+//! EOS and `ignore_eos`, lengths, small or large event channels, a bounded KV cache that forces
 //! preemption, prefill chunks) and stop strings cut from the requests' own output, so that many
 //! sequences stop on them. `OVERLAP_SEED=N` replays one trial and `OVERLAP_TRIALS=N` runs more.
 mod engine_common;
@@ -25,16 +27,44 @@ struct Trial {
     eos_at_len: Option<usize>,
 }
 
-fn run(t: &Trial, overlap: bool) -> (Vec<Collected>, EngineStats) {
+/// How the worker runs the trial: the output lane, async scheduling.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    lane: bool,
+    pipelined: bool,
+}
+
+const SYNC: Mode = Mode { lane: false, pipelined: false };
+const MODES: [Mode; 3] = [Mode { lane: true, pipelined: false }, Mode { lane: false, pipelined: true }, Mode { lane: true, pipelined: true }];
+
+/// What a run did besides its events: the engine's counters and (pipelined) the launches that
+/// had following rows and those rows.
+struct Ran {
+    stats: EngineStats,
+    follows: (usize, usize),
+}
+
+fn run(t: &Trial, mode: Mode) -> (Vec<Collected>, Ran) {
     let (tok, eos) = tiny_tokenizer();
     let (mut b, _) = MockBackend::new(tok.get_vocab_size(true), eos);
     b.kv = t.kv;
     b.eos_at_len = t.eos_at_len;
-    let h = spawn(Box::new(b), Arc::new(tok), vec![eos], EngineConfig { overlap_output: overlap, ..t.cfg.clone() });
+    let mut follow_log = None;
+    let b: Box<dyn inferd::backend::Backend> = if mode.pipelined {
+        let p = Pipelining::new(b);
+        follow_log = Some(Arc::clone(&p.follow_log));
+        Box::new(p)
+    } else {
+        Box::new(b)
+    };
+    let h = spawn(b, Arc::new(tok), vec![eos], EngineConfig { overlap_output: mode.lane, ..t.cfg.clone() });
     let rxs: Vec<_> = t.reqs.iter().map(|r| h.submit(r.clone()).expect("the queue has room")).collect();
     // Each client reads on its own thread, so a small channel fills and empties as in a server.
     let got = std::thread::scope(|sc| rxs.into_iter().map(|rx| sc.spawn(move || collect(rx))).collect::<Vec<_>>().into_iter().map(|j| j.join().unwrap()).collect());
-    (got, h.stats())
+    let stats = h.stats();
+    drop(h);
+    let follows = follow_log.map_or((0, 0), |l| *l.lock().unwrap());
+    (got, Ran { stats, follows })
 }
 
 fn draw_trial(rng: &mut StdRng) -> Trial {
@@ -53,6 +83,12 @@ fn draw_trial(rng: &mut StdRng) -> Trial {
                     ..SamplingParams::default()
                 }
             };
+            let mut sampling = sampling;
+            if rng.random_bool(0.1) {
+                // Penalties read the last token: such a row waits for the token in flight.
+                sampling.presence_penalty = 0.5;
+                sampling.repetition_penalty = 1.2;
+            }
             let mut r = req(prompt, rng.random_range(1..48), sampling);
             r.logprobs = rng.random_bool(0.3).then(|| rng.random_range(0..4));
             r.ignore_eos = rng.random_bool(0.2);
@@ -88,18 +124,26 @@ fn add_stops(t: &mut Trial, outputs: &[Collected], rng: &mut StdRng) {
     }
 }
 
-fn trial(seed: u64) -> EngineStats {
+/// Runs one trial in every mode against the synchronous worker; returns each mode's run.
+fn trial(seed: u64) -> Vec<Ran> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut t = draw_trial(&mut rng);
-    let (plain, _) = run(&t, false);
+    let (plain, _) = run(&t, SYNC);
     add_stops(&mut t, &plain, &mut rng);
-    let (want, _) = run(&t, false);
-    let (got, stats) = run(&t, true);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+    let (want, _) = run(&t, SYNC);
+    for (i, w) in want.iter().enumerate() {
         assert_eq!(w.error, None, "seed {seed}: request {i} failed on the synchronous worker");
-        assert_eq!(g.events, w.events, "seed {seed}: request {i} (stop {:?}) differs with the output lane", t.reqs[i].stop);
     }
-    stats
+    MODES
+        .iter()
+        .map(|&mode| {
+            let (got, ran) = run(&t, mode);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.events, w.events, "seed {seed}, {mode:?}: request {i} (stop {:?}, sampling {:?}) differs from the synchronous worker's", t.reqs[i].stop, t.reqs[i].sampling);
+            }
+            ran
+        })
+        .collect()
 }
 
 #[test]
@@ -108,31 +152,48 @@ fn events_with_the_output_lane_are_the_synchronous_events() {
         Ok(s) => (s.parse().expect("OVERLAP_SEED is a number"), 1),
         Err(_) => (1, std::env::var("OVERLAP_TRIALS").map_or(40, |s| s.parse().expect("OVERLAP_TRIALS is a number"))),
     };
-    let (mut overlapped, mut dropped) = (0, 0);
+    // Per mode: tokens whose events the lane made, tokens dropped, launches with following
+    // rows, following rows, preemptions.
+    let mut sums = [[0u64; 5]; MODES.len()];
     for seed in first..first + trials {
-        let s = trial(seed);
-        overlapped += s.overlapped_tokens;
-        dropped += s.dropped_tokens;
+        for (sum, ran) in sums.iter_mut().zip(trial(seed)) {
+            let s = &ran.stats;
+            for (x, v) in sum.iter_mut().zip([s.overlapped_tokens, s.dropped_tokens, ran.follows.0 as u64, ran.follows.1 as u64, s.preemptions]) {
+                *x += v;
+            }
+        }
     }
-    eprintln!("{trials} trials: {overlapped} tokens' events made beside a step, {dropped} tokens dropped after a late stop");
-    assert!(overlapped > 0, "the lane never ran: the property was not exercised");
+    for (mode, s) in MODES.iter().zip(&sums) {
+        eprintln!("{trials} trials, {mode:?}: events of {} tokens made by the lane, {} tokens dropped, {} launches with {} following rows, {} preemptions", s[0], s[1], s[2], s[3], s[4]);
+    }
     if trials >= 20 {
-        assert!(dropped > 0, "no stop string was found one step late: the dropped-token path was not exercised");
+        // Each mode's own path was taken, or the property says nothing about it.
+        assert!(sums[0][0] > 0 && sums[2][0] > 0, "the lane never ran");
+        assert!(sums[0][1] > 0 && sums[1][1] > 0, "no token was dropped after a late stop");
+        assert!(sums[1][3] > 0 && sums[2][3] > 0, "no row followed a token in flight");
+        assert!(sums[1][4] > 0, "nothing was preempted with pipelining");
     }
 }
 
-/// Clients that hang up while the lane holds their output: the others finish with their
-/// synchronous events and the engine stays up.
+/// Clients that hang up while the lane holds their output or a step of theirs is in flight: the
+/// others finish with their synchronous events and the engine stays up.
 #[test]
 fn hang_ups_beside_the_lane_leave_the_others_whole() {
+    for mode in MODES {
+        hang_ups(mode);
+    }
+}
+
+fn hang_ups(mode: Mode) {
     let mut rng = StdRng::seed_from_u64(99);
     let mut t = draw_trial(&mut rng);
     t.cfg.channel_capacity = 1;
     t.reqs.iter_mut().for_each(|r| r.max_new_tokens = 40);
-    let (want, _) = run(&t, false);
+    let (want, _) = run(&t, SYNC);
     let (tok, eos) = tiny_tokenizer();
     let (b, _) = MockBackend::new(tok.get_vocab_size(true), eos);
-    let h = spawn(Box::new(b), Arc::new(tok), vec![eos], EngineConfig { overlap_output: true, ..t.cfg.clone() });
+    let b: Box<dyn inferd::backend::Backend> = if mode.pipelined { Box::new(Pipelining::new(b)) } else { Box::new(b) };
+    let h = spawn(b, Arc::new(tok), vec![eos], EngineConfig { overlap_output: mode.lane, ..t.cfg.clone() });
     let rxs: Vec<_> = t.reqs.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
     let got: Vec<Option<Collected>> = std::thread::scope(|sc| {
         let joins: Vec<_> = rxs
@@ -156,7 +217,7 @@ fn hang_ups_beside_the_lane_leave_the_others_whole() {
     });
     for (i, g) in got.iter().enumerate() {
         if let Some(g) = g {
-            assert_eq!(g.events, want[i].events, "request {i} changed when others hung up");
+            assert_eq!(g.events, want[i].events, "{mode:?}: request {i} changed when others hung up");
             assert!(matches!(g.events.last(), Some(Event::Done { .. })));
         }
     }

@@ -1,7 +1,9 @@
-//! What the output lane (`EngineConfig::overlap_output`) saves when the backend waits on a device:
-//! a backend that samples "on the device" (returns token ids only) and sleeps a fixed time per
-//! step, as a GPU backend's host thread waits on its stream, with Qwen2.5's tokenizer turning its
-//! tokens into text. Prints tokens a second with the lane off and on, alternating, for 64 and 256
+//! What the host's work beside the device's saves: the output lane (`EngineConfig::
+//! overlap_output`) and async scheduling (`Backend::pipelines`). A backend that samples "on the
+//! device" (returns token ids only) and takes a fixed time per step, as a GPU backend's host
+//! thread waits on its stream (pipelined: a step starts when it is launched or when the one
+//! before ends, whichever is later, and `collect` waits for its end), with Qwen2.5's tokenizer
+//! turning its tokens into text. Prints tokens a second in each mode, alternating, for 64 and 256
 //! streams with and without stop strings and logprobs; timings are never asserted. Ignored by
 //! default; run in release mode:
 //! `cargo test --release --test engine_overlap_speed -- --ignored --nocapture`
@@ -23,6 +25,11 @@ struct DeviceLike {
     vocab: usize,
     words: u32,
     step: Duration,
+    pipelined: bool,
+    /// Pipelined: when each launched step ends on the "device", and its tokens.
+    flight: std::collections::VecDeque<(Instant, Vec<Option<Sampled>>)>,
+    /// Each sequence's rows so far (the tokens depend on it).
+    rows: std::collections::HashMap<SeqId, u64>,
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -43,19 +50,42 @@ impl Backend for DeviceLike {
     }
     fn step_and_sample(&mut self, inputs: &[StepInput<'_>], samples: &[Option<SampleSpec<'_>>]) -> Result<Vec<Option<Sampled>>, BackendError> {
         std::thread::sleep(self.step);
-        Ok(inputs
+        Ok(self.tokens(inputs, samples))
+    }
+    fn pipelines(&self) -> bool {
+        self.pipelined
+    }
+    fn launch(&mut self, inputs: &[StepInput<'_>], samples: &[Option<SampleSpec<'_>>], _follows: &[bool]) -> Result<(), BackendError> {
+        let start = self.flight.back().map_or(Instant::now(), |f| f.0.max(Instant::now()));
+        let out = self.tokens(inputs, samples);
+        self.flight.push_back((start + self.step, out));
+        Ok(())
+    }
+    fn collect(&mut self) -> Result<Vec<Option<Sampled>>, BackendError> {
+        let (end, out) = self.flight.pop_front().expect("a launched step");
+        std::thread::sleep(end.saturating_duration_since(Instant::now()));
+        Ok(out)
+    }
+    fn release(&mut self, seq: SeqId) {
+        self.rows.remove(&seq);
+    }
+}
+
+impl DeviceLike {
+    fn tokens(&mut self, inputs: &[StepInput<'_>], samples: &[Option<SampleSpec<'_>>]) -> Vec<Option<Sampled>> {
+        inputs
             .iter()
             .zip(samples)
             .map(|(i, s)| {
+                let n = self.rows.entry(i.seq).or_default();
+                *n += 1;
                 let s = s.as_ref()?;
-                let h = mix(i.seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ *i.tokens.last().unwrap() as u64 ^ (i.tokens.len() as u64) << 40);
-                let token = (h % self.words as u64) as u32;
+                let token = (mix(i.seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ *n << 32) % self.words as u64) as u32;
                 let logprobs = s.logprobs.map(|k| TokenLogprobs { chosen: -1.0, top: (0..k as u32).map(|j| ((token + j) % self.words, -1.0 - j as f32)).collect() });
                 Some(Sampled { token, logprobs })
             })
-            .collect())
+            .collect()
     }
-    fn release(&mut self, _: SeqId) {}
 }
 
 fn tokenizer() -> Option<Tokenizer> {
@@ -70,8 +100,8 @@ fn tokenizer() -> Option<Tokenizer> {
 }
 
 /// Tokens a second for `streams` requests of 128 tokens each.
-fn burst(tok: &Arc<Tokenizer>, streams: usize, overlap: bool, stops: bool, logprobs: bool, step: Duration) -> f64 {
-    let b = DeviceLike { vocab: tok.get_vocab_size(true), words: 151_643, step };
+fn burst(tok: &Arc<Tokenizer>, streams: usize, (overlap, pipelined): (bool, bool), stops: bool, logprobs: bool, step: Duration) -> f64 {
+    let b = DeviceLike { vocab: tok.get_vocab_size(true), words: 151_643, step, pipelined, flight: Default::default(), rows: Default::default() };
     let cfg = EngineConfig { max_batch: 256, max_waiting: 512, prefill_chunk: 2048, channel_capacity: 256, overlap_output: overlap };
     let h = spawn(Box::new(b), Arc::clone(tok), vec![151_643], cfg);
     let t = Instant::now();
@@ -96,23 +126,20 @@ fn output_lane_against_the_worker_making_events() {
     let Some(tok) = tokenizer() else { return };
     let tok = Arc::new(tok);
     let step = Duration::from_micros(std::env::var("OVERLAP_STEP_US").map_or(2000, |s| s.parse().unwrap()));
-    eprintln!("simulated device step {step:?}; tok/s, lane off / on, 3 alternating rounds");
-    for streams in [64, 256] {
+    // (output lane, async scheduling)
+    let modes = [(false, false), (true, false), (false, true), (true, true)];
+    eprintln!("simulated device step {step:?}; tok/s, best of 3 alternating rounds; modes: neither, lane, async scheduling, both (ratio to neither)");
+    for streams in [1, 64, 256] {
         for (stops, logprobs) in [(false, false), (true, false), (true, true)] {
-            let (mut off, mut on) = (Vec::new(), Vec::new());
+            let mut got = vec![Vec::new(); modes.len()];
             for _ in 0..3 {
-                off.push(burst(&tok, streams, false, stops, logprobs, step));
-                on.push(burst(&tok, streams, true, stops, logprobs, step));
+                for (g, &m) in got.iter_mut().zip(&modes) {
+                    g.push(burst(&tok, streams, m, stops, logprobs, step));
+                }
             }
-            let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-            eprintln!(
-                "{streams:>3} streams, stops {stops:<5}, logprobs {logprobs:<5}: off {:>8.0}  on {:>8.0}  ratio {:.3}  (rounds off {:?} on {:?})",
-                best(&off),
-                best(&on),
-                best(&on) / best(&off),
-                off.iter().map(|x| *x as u64).collect::<Vec<_>>(),
-                on.iter().map(|x| *x as u64).collect::<Vec<_>>()
-            );
+            let best: Vec<f64> = got.iter().map(|v| v.iter().cloned().fold(0.0, f64::max)).collect();
+            let cols: Vec<String> = best.iter().map(|b| format!("{b:>8.0} ({:.2}x)", b / best[0])).collect();
+            eprintln!("{streams:>3} streams, stops {stops:<5}, logprobs {logprobs:<5}: {}", cols.join("  "));
         }
     }
 }

@@ -65,6 +65,10 @@ pub struct StepInput<'a> {
     pub want_logits: bool,
 }
 
+/// The placeholder token of a row that feeds the token still in flight for its sequence
+/// (`Backend::launch`'s `follows`).
+pub const FOLLOWS: u32 = u32::MAX;
+
 /// The checks every backend makes of a step's rows before it touches a cache: `adapter` (the
 /// backend's own, such as whether it can apply an adapter) once for each adapter the step uses,
 /// then each sequence at most once, at least one token, ids below `vocab`, and the new tokens
@@ -147,6 +151,26 @@ pub trait Backend: Send {
         debug_assert_eq!(inputs.len(), samples.len(), "one sampling spec per row");
         let vocab = self.vocab_size();
         sample_on_host(self.step(inputs)?, samples, vocab)
+    }
+    /// Async scheduling (vLLM's): whether this backend takes step N+1 (`launch`) before step N's
+    /// tokens are collected (`collect`), so that the engine's work between steps (the tokens'
+    /// events, the next plan and its inputs) runs while the device computes. A backend that says
+    /// so implements both; the others are stepped with `step_and_sample`.
+    fn pipelines(&self) -> bool {
+        false
+    }
+    /// Starts a step whose tokens `collect` returns later; at most two are launched and not
+    /// collected at once. A row with `follows[i]` feeds the token that the step launched before
+    /// this one samples for the same sequence, which the host does not know yet: its `tokens` is
+    /// one placeholder ([`FOLLOWS`]) and its position the next. `samples` are read within the
+    /// call. A failed launch started nothing and changed no cache, as a failed `step_and_sample`.
+    fn launch(&mut self, _inputs: &[StepInput<'_>], _samples: &[Option<SampleSpec<'_>>], _follows: &[bool]) -> Result<(), BackendError> {
+        Err(BackendError::Compute("this backend does not pipeline its steps".into()))
+    }
+    /// Waits for the oldest launched step not collected yet and returns its rows' tokens, as
+    /// `step_and_sample` would have.
+    fn collect(&mut self) -> Result<Vec<Option<Sampled>>, BackendError> {
+        Err(BackendError::Compute("this backend does not pipeline its steps".into()))
     }
     /// Most sequences the backend holds a cache for at once, when it has a fixed number of
     /// sequence slots (the engine's `max_batch` is lowered to it); None: no such limit.

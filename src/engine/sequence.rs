@@ -18,8 +18,12 @@ pub struct Sequence {
     pub req: GenRequest,
     /// Prompt followed by every generated token.
     pub tokens: Vec<u32>,
-    /// How many of `tokens` the backend has in its KV cache.
+    /// How many of `tokens` the backend has in its KV cache (or in a launched step).
     pub fed: usize,
+    /// Async scheduling (`Backend::launch`): samples launched and not collected yet (0 to 2),
+    /// and whether a launched row already feeds the token the oldest of them gives.
+    pub sampling: u8,
+    pub ahead: bool,
     pub generated: usize,
     counts: TokenCounts,
     rng: StdRng,
@@ -48,6 +52,8 @@ impl Sequence {
             id,
             tokens: req.prompt_tokens.clone(),
             fed: 0,
+            sampling: 0,
+            ahead: false,
             generated: 0,
             counts: TokenCounts::from_prompt(&req.prompt_tokens),
             rng: StdRng::seed_from_u64(seed),
@@ -77,6 +83,7 @@ impl Sequence {
     /// Forgets the KV cache (the backend released it): the sequence feeds all its tokens again
     /// when it next runs, and its output so far stands.
     pub fn preempted(&mut self) {
+        debug_assert!(self.sampling == 0, "a sequence is preempted only with no step in flight");
         self.fed = 0;
     }
 
@@ -92,6 +99,52 @@ impl Sequence {
     /// May take part in the next step: alive, not finished, and no undelivered events.
     pub fn is_schedulable(&self) -> bool {
         !self.finished && !self.cancelled && self.out.as_ref().is_none_or(|o| o.is_empty()) && self.unfed() > 0
+    }
+
+    /// Async scheduling: its next row may feed the token still in flight for it. Nothing in its
+    /// sampling may depend on that token (penalty counts, a grammar), and that token must not be
+    /// its last by length.
+    pub fn can_follow(&self, max_context: usize) -> bool {
+        self.sampling == 1 && !self.ahead && self.is_schedulable_but_unfed() && !self.needs_its_last_token() && self.wants_another(max_context)
+    }
+
+    /// Async scheduling: it would run now, but only once the token in flight for it is known.
+    pub fn waits_for_flight(&self, max_context: usize) -> bool {
+        self.sampling == 1 && !self.ahead && self.is_schedulable_but_unfed() && self.needs_its_last_token() && self.wants_another(max_context)
+    }
+
+    fn is_schedulable_but_unfed(&self) -> bool {
+        !self.finished && !self.cancelled && self.out.as_ref().is_none_or(|o| o.is_empty())
+    }
+
+    /// Its next sampling reads its last token: penalty counts or a grammar's state.
+    fn needs_its_last_token(&self) -> bool {
+        let p = &self.req.sampling;
+        self.req.constraint.is_some() || p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+    }
+
+    /// Another token after the ones known and in flight is within `max_tokens` and the context.
+    fn wants_another(&self, max_context: usize) -> bool {
+        let flight = self.sampling as usize;
+        self.generated + flight < self.req.max_new_tokens && self.tokens.len() + flight < max_context
+    }
+
+    /// Records a launched row (async scheduling): `n` tokens fed, or with `follows` the token in
+    /// flight; with `want_logits` one more sample in flight, drawn with `rng` (the generator's
+    /// state after its draw, kept now: the draw does not depend on the token).
+    pub fn launched(&mut self, n: usize, want_logits: bool, follows: bool, rng: Option<StdRng>) {
+        if follows {
+            debug_assert!(self.sampling == 1 && !self.ahead && n == 1, "a row follows the one token in flight");
+            self.ahead = true;
+        } else {
+            self.fed += n;
+        }
+        if want_logits {
+            self.sampling += 1;
+            if let Some(rng) = rng {
+                self.rng = rng;
+            }
+        }
     }
 
     fn out(&mut self) -> &mut Output {
@@ -218,6 +271,11 @@ impl Sequence {
         }
         let token = s.token;
         self.tokens.push(token);
+        if self.ahead {
+            // A launched row feeds this token already (async scheduling).
+            self.fed += 1;
+            self.ahead = false;
+        }
         self.counts.push_output(token);
         self.generated += 1;
         let is_eos = ctx.eos.contains(&token);

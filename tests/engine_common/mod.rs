@@ -251,3 +251,96 @@ pub fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> Collected {
     }
     c
 }
+
+/// A backend that pipelines its steps (async scheduling) on top of another: `launch` runs the
+/// step at once, each following row fed its sequence's last pick, and `collect` hands the
+/// results out in launch order after `collect_delay` (a device's time). It checks the engine
+/// keeps the contract: at most two steps uncollected, a following row only behind a launched
+/// pick of its sequence.
+pub struct Pipelining<B: Backend> {
+    pub inner: B,
+    pub collect_delay: Duration,
+    /// Launches that had following rows, and following rows in all.
+    pub follow_log: Arc<Mutex<(usize, usize)>>,
+    /// Collects (0-based) that fail with a compute error, as a device fault surfaces there.
+    pub fail_collects: Vec<usize>,
+    collects: usize,
+    /// Each sequence's last pick, and whether it is not collected yet.
+    last: HashMap<SeqId, (u32, bool)>,
+    /// Launched steps not collected: their results and the sequences they sample.
+    queue: std::collections::VecDeque<(Vec<Option<inferd::engine::sampler::Sampled>>, Vec<SeqId>)>,
+}
+
+impl<B: Backend> Pipelining<B> {
+    pub fn new(inner: B) -> Self {
+        Self { inner, collect_delay: Duration::ZERO, follow_log: Arc::default(), fail_collects: Vec::new(), collects: 0, last: HashMap::new(), queue: Default::default() }
+    }
+}
+
+impl<B: Backend> Backend for Pipelining<B> {
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn max_context(&self) -> usize {
+        self.inner.max_context()
+    }
+    fn step(&mut self, _: &[StepInput<'_>]) -> Result<Vec<Option<Vec<f32>>>, BackendError> {
+        panic!("a pipelining backend is launched and collected, never stepped")
+    }
+    fn pipelines(&self) -> bool {
+        true
+    }
+    fn launch(&mut self, inputs: &[StepInput<'_>], samples: &[Option<inferd::engine::sampler::SampleSpec<'_>>], follows: &[bool]) -> Result<(), BackendError> {
+        assert!(self.queue.len() < 2, "a third step launched before the first was collected");
+        assert_eq!((inputs.len(), samples.len()), (follows.len(), follows.len()));
+        let fed: Vec<u32> = inputs
+            .iter()
+            .zip(follows)
+            .map(|(i, &f)| {
+                if !f {
+                    return 0;
+                }
+                assert_eq!(i.tokens, &[inferd::backend::FOLLOWS], "a following row's token is the placeholder");
+                let (t, pending) = *self.last.get(&i.seq).expect("a following row's sequence has a launched pick");
+                assert!(pending, "sequence {}: a row follows a pick that was already collected or followed", i.seq);
+                t
+            })
+            .collect();
+        let real: Vec<StepInput<'_>> = inputs.iter().zip(follows).zip(&fed).map(|((i, &f), t)| if f { StepInput { tokens: std::slice::from_ref(t), ..*i } } else { *i }).collect();
+        let outs = self.inner.step_and_sample(&real, samples)?;
+        let n_follow = follows.iter().filter(|&&f| f).count();
+        if n_follow > 0 {
+            let mut log = self.follow_log.lock().unwrap();
+            log.0 += 1;
+            log.1 += n_follow;
+        }
+        for ((i, &f), o) in inputs.iter().zip(follows).zip(&outs) {
+            if f {
+                self.last.get_mut(&i.seq).unwrap().1 = false;
+            }
+            if let Some(o) = o {
+                self.last.insert(i.seq, (o.token, true));
+            }
+        }
+        let sampled = inputs.iter().filter(|i| i.want_logits).map(|i| i.seq).collect();
+        self.queue.push_back((outs, sampled));
+        Ok(())
+    }
+    fn collect(&mut self) -> Result<Vec<Option<inferd::engine::sampler::Sampled>>, BackendError> {
+        std::thread::sleep(self.collect_delay);
+        let (outs, _) = self.queue.pop_front().expect("collect() only after a launch");
+        self.collects += 1;
+        if self.fail_collects.contains(&(self.collects - 1)) {
+            return Err(BackendError::Compute("injected device fault".into()));
+        }
+        Ok(outs)
+    }
+    fn kv_capacity(&self) -> Option<KvCapacity> {
+        self.inner.kv_capacity()
+    }
+    fn release(&mut self, seq: SeqId) {
+        assert!(!self.queue.iter().any(|q| q.1.contains(&seq)), "sequence {seq} released with a pick not collected");
+        self.last.remove(&seq);
+        self.inner.release(seq)
+    }
+}

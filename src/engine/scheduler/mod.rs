@@ -7,7 +7,10 @@
 //! out until the client catches up, so one slow reader never stalls the batch.
 //!
 //! The backend samples each row's next token (`Backend::step_and_sample`) from what the sequence
-//! decides it with (`Sequence::sample_spec`); the worker turns tokens into events.
+//! decides it with (`Sequence::sample_spec`); the worker turns tokens into events, on a helper
+//! thread during the next step when `EngineConfig::overlap_output` is on (`output::OutputLane`).
+//! A backend that `pipelines` is launched a step ahead instead: step N+1 goes to the device before
+//! step N's tokens are collected (`pipeline.rs`).
 //!
 //! KV memory: when the backend's cache is bounded (`Backend::kv_capacity`), a waiting sequence
 //! is admitted only when its tokens fit beside what the running ones need for their next token,
@@ -37,6 +40,7 @@ use super::sequence::Sequence;
 use super::EngineConfig;
 use crate::backend::{Backend, KvCapacity, SeqId};
 
+mod pipeline;
 mod step;
 
 /// How long the worker waits for news when every live sequence is blocked on a slow client.
@@ -63,13 +67,17 @@ pub(crate) struct Worker {
     /// step through: no admission until a running sequence has finished and freed its cache,
     /// so the preempted sequence does not come straight back into the same full cache.
     kv_hold: bool,
+    /// Async scheduling (`Backend::pipelines`): the launched step whose tokens are not collected.
+    inflight: Option<pipeline::InFlight>,
 }
 
-/// One row of a planned step: index into `running`, tokens to feed, whether logits are needed.
+/// One row of a planned step: index into `running`, tokens to feed, whether logits are needed,
+/// and (async scheduling) whether its one token is the one still in flight for its sequence.
 struct Row {
     idx: usize,
     n: usize,
     want_logits: bool,
+    follows: bool,
 }
 
 impl Worker {
@@ -102,6 +110,7 @@ impl Worker {
             draining: Vec::new(),
             disconnected: false,
             kv_hold: false,
+            inflight: None,
         }
     }
 
@@ -117,8 +126,17 @@ impl Worker {
             self.reap();
             self.admit();
             self.publish();
+            if self.backend.pipelines() && self.inflight.is_some() && self.running.iter().any(|s| s.waits_for_flight(self.backend.max_context())) {
+                // A row needs the token in flight before it can be planned (penalties, a grammar).
+                self.drain();
+                continue;
+            }
             let rows = self.plan();
             let rows = self.fit_kv(rows);
+            if rows.is_empty() && self.inflight.is_some() {
+                self.drain();
+                continue;
+            }
             if rows.is_empty() {
                 // No step to overlap with: the owed events are made now.
                 self.settle_all();
@@ -128,7 +146,11 @@ impl Worker {
                 self.wait_for_news();
                 continue;
             }
-            self.step(rows);
+            if self.backend.pipelines() {
+                self.launch(rows);
+            } else {
+                self.step(rows);
+            }
             self.reap();
             self.publish();
         }
@@ -237,7 +259,8 @@ impl Worker {
         while i < self.running.len() {
             let s = &mut self.running[i];
             s.flush();
-            if s.cancelled || s.finished {
+            // One with a step in flight is released once that step is collected.
+            if (s.cancelled || s.finished) && s.sampling == 0 {
                 let s = self.running.remove(i);
                 self.release(s.id);
                 self.kv_hold = false;
@@ -269,7 +292,8 @@ impl Worker {
 
     /// Blocks the running sequences need for their next token beyond what they hold.
     fn decode_reserve(&self, cap: &KvCapacity) -> usize {
-        self.running.iter().filter(|s| !s.finished && !s.cancelled).map(|s| cap.blocks(s.tokens.len()) - cap.blocks(s.fed).min(cap.blocks(s.tokens.len()))).sum()
+        let next = |s: &Sequence| cap.blocks(s.tokens.len() + s.sampling as usize);
+        self.running.iter().filter(|s| !s.finished && !s.cancelled).map(|s| next(s) - cap.blocks(s.fed).min(next(s))).sum()
     }
 
     fn admit(&mut self) {
@@ -351,7 +375,14 @@ impl Worker {
             if decode <= cap.free_blocks || self.running.len() <= 1 {
                 break;
             }
-            self.preempt(self.running.len() - 1);
+            if self.inflight.is_some() {
+                // Preemption frees a sequence's cache: first the step in flight is collected,
+                // and the sequences it ended free theirs.
+                self.drain();
+                self.reap();
+            } else {
+                self.preempt(self.running.len() - 1);
+            }
             rows = self.plan();
             cap = self.backend.kv_capacity().expect("a bounded cache stays bounded");
         }
@@ -398,7 +429,14 @@ impl Worker {
     fn plan(&self) -> Vec<Row> {
         let mut budget = self.cfg.prefill_chunk.max(1);
         let mut rows = Vec::new();
+        let max_context = self.backend.max_context();
         for (idx, s) in self.running.iter().enumerate() {
+            if s.sampling > 0 {
+                if s.can_follow(max_context) {
+                    rows.push(Row { idx, n: 1, want_logits: true, follows: true });
+                }
+                continue;
+            }
             if !s.is_schedulable() {
                 continue;
             }
@@ -408,9 +446,9 @@ impl Worker {
                 }
                 let n = s.unfed().min(budget);
                 budget -= n;
-                rows.push(Row { idx, n, want_logits: n == s.unfed() });
+                rows.push(Row { idx, n, want_logits: n == s.unfed(), follows: false });
             } else {
-                rows.push(Row { idx, n: 1, want_logits: true });
+                rows.push(Row { idx, n: 1, want_logits: true, follows: false });
             }
         }
         rows
