@@ -5,8 +5,8 @@
 //! worker gives it (same tokens, text pieces, logprobs, finish reason and usage), even when a
 //! stop string or EOS is found one step late and that sequence's next token is dropped.
 //!
-//! Each trial draws a mix of 8 to 28 requests (greedy and seeded sampling, penalties, logprobs,
-//! EOS and `ignore_eos`, lengths, small or large event channels, a bounded KV cache that forces
+//! Each trial draws a mix of 8 to 28 requests (greedy and seeded sampling, penalties, a JSON
+//! grammar, logprobs, EOS and `ignore_eos`, lengths, small or large event channels, a bounded KV cache that forces
 //! preemption, prefill chunks) and stop strings cut from the requests' own output, so that many
 //! sequences stop on them. `OVERLAP_SEED=N` replays one trial and `OVERLAP_TRIALS=N` runs more.
 mod engine_common;
@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use engine_common::*;
 use inferd::engine::{spawn, EngineConfig, EngineStats, Event, GenRequest, SamplingParams};
+use inferd::structured::Structured;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -22,6 +23,8 @@ use rand::{Rng, SeedableRng};
 #[derive(Clone)]
 struct Trial {
     reqs: Vec<GenRequest>,
+    /// Requests that answer in JSON (each run gets its own matchers).
+    json: Vec<bool>,
     cfg: EngineConfig,
     kv: Option<(usize, usize)>,
     eos_at_len: Option<usize>,
@@ -57,8 +60,21 @@ fn run(t: &Trial, mode: Mode) -> (Vec<Collected>, Ran) {
     } else {
         Box::new(b)
     };
-    let h = spawn(b, Arc::new(tok), vec![eos], EngineConfig { overlap_output: mode.lane, ..t.cfg.clone() });
-    let rxs: Vec<_> = t.reqs.iter().map(|r| h.submit(r.clone()).expect("the queue has room")).collect();
+    let tok = Arc::new(tok);
+    let structured = Structured::new(Arc::clone(&tok), tok.get_vocab_size(true), Some(eos));
+    let h = spawn(b, tok, vec![eos], EngineConfig { overlap_output: mode.lane, ..t.cfg.clone() });
+    let rxs: Vec<_> = t
+        .reqs
+        .iter()
+        .zip(&t.json)
+        .map(|(r, &json)| {
+            let mut r = r.clone();
+            if json {
+                r.constraint = Some(structured.constraints(inferd::structured::grammar::json_object(), 1).expect("the JSON grammar compiles").remove(0));
+            }
+            h.submit(r).expect("the queue has room")
+        })
+        .collect();
     // Each client reads on its own thread, so a small channel fills and empties as in a server.
     let got = std::thread::scope(|sc| rxs.into_iter().map(|rx| sc.spawn(move || collect(rx))).collect::<Vec<_>>().into_iter().map(|j| j.join().unwrap()).collect());
     let stats = h.stats();
@@ -69,8 +85,11 @@ fn run(t: &Trial, mode: Mode) -> (Vec<Collected>, Ran) {
 
 fn draw_trial(rng: &mut StdRng) -> Trial {
     let n = rng.random_range(8..=28);
-    let reqs = (0..n)
-        .map(|_| {
+    // A grammar's mask reads the token before: such a row waits for the token in flight.
+    let json: Vec<bool> = (0..n).map(|_| rng.random_bool(0.1)).collect();
+    let reqs = json
+        .iter()
+        .map(|&json| {
             let prompt = (0..rng.random_range(1..40)).map(|_| rng.random_range(1..262u32)).collect();
             let sampling = if rng.random_bool(0.5) {
                 greedy()
@@ -91,7 +110,7 @@ fn draw_trial(rng: &mut StdRng) -> Trial {
             }
             let mut r = req(prompt, rng.random_range(1..48), sampling);
             r.logprobs = rng.random_bool(0.3).then(|| rng.random_range(0..4));
-            r.ignore_eos = rng.random_bool(0.2);
+            r.ignore_eos = !json && rng.random_bool(0.2);
             r
         })
         .collect();
@@ -104,7 +123,7 @@ fn draw_trial(rng: &mut StdRng) -> Trial {
     };
     let kv = rng.random_bool(0.3).then(|| (4, rng.random_range(40..120)));
     let eos_at_len = rng.random_bool(0.4).then(|| rng.random_range(20..80));
-    Trial { reqs, cfg, kv, eos_at_len }
+    Trial { reqs, json, cfg, kv, eos_at_len }
 }
 
 /// Stop strings cut from each request's own output (or one it never writes), for about two
@@ -133,6 +152,12 @@ fn trial(seed: u64) -> Vec<Ran> {
     let (want, _) = run(&t, SYNC);
     for (i, w) in want.iter().enumerate() {
         assert_eq!(w.error, None, "seed {seed}: request {i} failed on the synchronous worker");
+        if t.json[i] && w.finish == Some(inferd::engine::FinishReason::Stop) && t.reqs[i].stop.is_empty() {
+            // The grammar held: an answer that ended by itself is a JSON object.
+            // (Read past, not into numbers: the grammar allows exponents beyond f64's range.)
+            let json = w.text.trim();
+            assert!(json.starts_with('{') && serde_json::from_str::<serde::de::IgnoredAny>(json).is_ok(), "seed {seed}: request {i}: {:?}", w.text);
+        }
     }
     MODES
         .iter()
@@ -189,9 +214,12 @@ fn hang_ups(mode: Mode) {
     let mut t = draw_trial(&mut rng);
     t.cfg.channel_capacity = 1;
     t.reqs.iter_mut().for_each(|r| r.max_new_tokens = 40);
+    t.json.iter_mut().for_each(|j| *j = false);
     let (want, _) = run(&t, SYNC);
     let (tok, eos) = tiny_tokenizer();
-    let (b, _) = MockBackend::new(tok.get_vocab_size(true), eos);
+    let (mut b, _) = MockBackend::new(tok.get_vocab_size(true), eos);
+    b.kv = t.kv;
+    b.eos_at_len = t.eos_at_len;
     let b: Box<dyn inferd::backend::Backend> = if mode.pipelined { Box::new(Pipelining::new(b)) } else { Box::new(b) };
     let h = spawn(b, Arc::new(tok), vec![eos], EngineConfig { overlap_output: mode.lane, ..t.cfg.clone() });
     let rxs: Vec<_> = t.reqs.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
