@@ -45,7 +45,8 @@ pub struct Scratch {
     pub rows: usize,
     pub logit_rows: usize,
     /// ids [rows] | pos [rows] | slot [rows] | adapter slot [rows] | logit rows [logit_rows] |
-    /// LoRA tiles [1 + rows x lora::TILE_INTS] | table updates [2 x updates]
+    /// LoRA tiles [1 + rows x lora::TILE_INTS] | table updates [2 x updates] | following rows
+    /// [2 x logit_rows] (async scheduling: row, and its sequence's pick in the step before)
     meta: Buf<i32>,
     updates: usize,
     /// The residual stream, f32 [rows, hidden].
@@ -66,7 +67,7 @@ pub struct Scratch {
     /// Logits of the rows that want them, f32 [logit rows, vocab].
     pub logits: Buf<f32>,
     /// Greedy picks, then the device-sampled rows' draws, [logit rows].
-    ids: Buf<i32>,
+    pub ids: Buf<i32>,
     /// Each logit row's slices' largest values and their indices, [logit rows, ARGMAX_SLICES].
     part_v: Buf<f32>,
     part_i: Buf<i32>,
@@ -82,7 +83,7 @@ impl Scratch {
         Ok(Scratch {
             rows,
             logit_rows,
-            meta: gpu.zeros(4 * rows + logit_rows + 1 + rows * lora::TILE_INTS + 2 * updates)?,
+            meta: gpu.zeros(4 * rows + logit_rows + 1 + rows * lora::TILE_INTS + 2 * updates + 2 * logit_rows)?,
             updates,
             x: gpu.zeros(rows * cfg.hidden_size)?,
             h: gpu.zeros(rows * wide * dtype.bytes())?,
@@ -111,6 +112,7 @@ impl Scratch {
             Field::LogitRows => 4 * r,
             Field::Tiles => 4 * r + self.logit_rows,
             Field::Updates => 4 * r + self.logit_rows + 1 + r * lora::TILE_INTS,
+            Field::Follows => 4 * r + self.logit_rows + 1 + r * lora::TILE_INTS + 2 * self.updates,
         };
         self.meta.ptr + 4 * off as u64
     }
@@ -125,19 +127,33 @@ enum Field {
     LogitRows,
     Tiles,
     Updates,
+    Follows,
+}
+
+impl Scratch {
+    /// Bytes of the metadata buffer (what one step uploads at most, beside the parameters).
+    pub fn meta_bytes(&self) -> usize {
+        4 * self.meta.len()
+    }
 }
 
 /// Writes the step's row data (padded with rows of the spare slot up to `padded` rows), each
 /// input's adapter slot (`adapters`, -1 for the base model; None: no adapter rows), and applies
-/// the block-table entries taken since the last step. Returns (rows, logit rows).
-pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[i32]>, padded: usize, new_blocks: &[(usize, u32)]) -> Result<(usize, usize), BackendError> {
+/// the block-table entries taken since the last step. An input with `picks[i]` (async
+/// scheduling) takes its one token from the step before's pick of that logit row, still on the
+/// device. Returns (rows, logit rows).
+pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[i32]>, padded: usize, new_blocks: &[(usize, u32)], picks: &[Option<i32>]) -> Result<(usize, usize), BackendError> {
     let s = &b.scratch;
     let (cap, lcap) = (s.rows, s.logit_rows);
     let mut data = vec![0i32; 4 * cap + lcap];
     data[3 * cap..4 * cap].fill(-1);
     let mut r = 0;
     let mut l = 0;
+    let mut follows = Vec::new();
     for (k, inp) in inputs.iter().enumerate() {
+        if let Some(&Some(pick)) = picks.get(k) {
+            follows.extend([r as i32, pick]);
+        }
         let slot = b.slots[&inp.seq] as i32;
         let start = b.tables.len(inp.seq) - inp.tokens.len();
         let adapter = adapters.map_or(-1, |a| a[k]);
@@ -183,6 +199,13 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[
         gpu.write_at(&mut s.meta, 4 * cap + lcap + 1 + cap * lora::TILE_INTS, &pairs)?;
         let n = chunk.len() as i32;
         gpu.launch(&gpu.k.scatter_i32, ((chunk.len() as u32).div_ceil(256), 1), 256, &[&b.dev_tables.ptr, &s.at(Field::Updates), &n])?;
+    }
+    if !follows.is_empty() {
+        // The step before's picks are still in `ids`: this step's own picks overwrite them later.
+        let n = (follows.len() / 2) as i32;
+        let at = (s.at(Field::Follows) - s.meta.ptr) as usize / 4;
+        gpu.write_at(&mut s.meta, at, &follows)?;
+        gpu.launch(&gpu.k.gather_ids, ((n as u32).div_ceil(256), 1), 256, &[&s.at(Field::Ids), &s.ids.ptr, &s.at(Field::Follows), &n])?;
     }
     Ok((r, l))
 }

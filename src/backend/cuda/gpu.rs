@@ -5,10 +5,11 @@
 //! serves on the CPU on a machine without a GPU or driver, and `Gpu::open` says clearly what is
 //! missing. Buffers are addressed by raw device pointers within one stream (event tracking is
 //! off), so the step is a plain sequence of launches that a CUDA graph can later capture.
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
-use cudarc::driver::{sys as driver_sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{sys as driver_sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits};
 use cudarc::nvrtc::Ptx;
 
 use crate::backend::BackendError;
@@ -72,6 +73,7 @@ pub struct Kernels {
     pub argmax_rows: CudaFunction,
     pub sample_rows: CudaFunction,
     pub scatter_i32: CudaFunction,
+    pub gather_ids: CudaFunction,
     pub lora_update: CudaFunction,
     pub f16_to_f32: CudaFunction,
 }
@@ -87,11 +89,43 @@ pub struct Gpu {
     use_side: bool,
     forked: CudaEvent,
     joined: CudaEvent,
+    /// Page-locked staging of the steps' uploads (async scheduling; `stage_uploads`).
+    staging: RefCell<Option<Staging>>,
     blas: CudaBlas,
     /// cuBLAS's workspace, set explicitly so that no product allocates (a graph capture forbids it).
     _workspace: CudaSlice<u8>,
     _module: Arc<CudaModule>,
     pub k: Kernels,
+}
+
+/// Two page-locked arenas that the steps' uploads are copied from, alternating by step, each with
+/// the event recorded after the last copy from it.
+struct Staging {
+    arenas: [PinnedHostSlice<u8>; 2],
+    done: [Option<CudaEvent>; 2],
+    cur: usize,
+    used: usize,
+}
+
+impl Staging {
+    /// Copies `data` into the current arena; None when it does not fit.
+    fn stage<T>(&mut self, data: &[T]) -> Result<Option<&[T]>, BackendError> {
+        let bytes = std::mem::size_of_val(data);
+        let at = self.used.next_multiple_of(16);
+        let arena = &mut self.arenas[self.cur];
+        if at + bytes > arena.len() {
+            return Ok(None);
+        }
+        let base = arena.as_mut_ptr().map_err(|e| compute("page-locked buffer", e))?;
+        self.used = at + bytes;
+        // SAFETY: [at, at + bytes) lies inside the arena, which nothing reads until the copy
+        // queued from it runs; 16-byte alignment covers every T the uploads use.
+        unsafe {
+            let dst = base.add(at);
+            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, dst, bytes);
+            Ok(Some(std::slice::from_raw_parts(dst as *const T, data.len())))
+        }
+    }
 }
 
 /// A captured CUDA graph, movable to the worker thread that owns the backend.
@@ -164,11 +198,12 @@ impl Gpu {
             argmax_rows: f("argmax_rows")?,
             sample_rows: f("sample_rows")?,
             scatter_i32: f("scatter_i32")?,
+            gather_ids: f("gather_ids")?,
             lora_update: f("lora_update")?,
             f16_to_f32: f("f16_to_f32")?,
         };
         let use_side = !std::env::var("INFERD_CUDA_SIDE_STREAM").is_ok_and(|v| v == "0");
-        Ok(Gpu { ctx, stream, side, use_side, forked, joined, blas, _workspace: workspace, _module: module, k })
+        Ok(Gpu { ctx, stream, side, use_side, forked, joined, staging: RefCell::new(None), blas, _workspace: workspace, _module: module, k })
     }
 
     /// The device's name, for the log.
@@ -200,10 +235,63 @@ impl Gpu {
         self.write_at(buf, 0, data)
     }
 
-    /// Copies `data` into `buf` from element `offset` on.
+    /// Copies `data` into `buf` from element `offset` on, queued on the stream. With staging on
+    /// (`stage_uploads`) the copy goes through page-locked memory and returns at once; otherwise
+    /// it is a copy from pageable memory, which may wait for the stream's earlier work.
     pub fn write_at<T: DeviceRepr>(&self, buf: &mut Buf<T>, offset: usize, data: &[T]) -> Result<(), BackendError> {
+        assert!(offset + data.len() <= buf.len(), "a write past the end of a device buffer");
+        if let Some(st) = self.staging.borrow_mut().as_mut() {
+            if let Some(src) = st.stage(data)? {
+                // SAFETY: `src` is page-locked memory that stays untouched until the event
+                // recorded after this step's uploads has passed (`Staging::flip`), and the
+                // destination lies inside `buf` (asserted above).
+                return unsafe { cudarc::driver::result::memcpy_htod_async(buf.ptr + (offset * std::mem::size_of::<T>()) as u64, src, self.stream.cu_stream()) }
+                    .map_err(|e| compute("copy to the device", e));
+            }
+        }
         let mut view = buf.slice.slice_mut(offset..offset + data.len());
         self.stream.memcpy_htod(data, &mut view).map_err(|e| compute("copy to the device", e))
+    }
+
+    /// Stages every later upload through two page-locked arenas of `bytes` each (async
+    /// scheduling: the next step's uploads must not wait for the step in flight). An upload that
+    /// does not fit goes from pageable memory, as without staging.
+    pub fn stage_uploads(&self, bytes: usize) -> Result<(), BackendError> {
+        // SAFETY: the arenas are written before any copy reads them (`Staging::stage`).
+        let arena = || unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }.map_err(|e| oom(bytes, e));
+        *self.staging.borrow_mut() = Some(Staging { arenas: [arena()?, arena()?], done: [None, None], cur: 0, used: 0 });
+        Ok(())
+    }
+
+    /// Ends one step's uploads (staging on): the arena they came from is refilled only after they
+    /// have run.
+    pub fn end_uploads(&self) -> Result<(), BackendError> {
+        let mut staging = self.staging.borrow_mut();
+        let Some(st) = staging.as_mut() else { return Ok(()) };
+        st.done[st.cur] = Some(self.stream.record_event(None).map_err(|e| compute("record an event", e))?);
+        st.cur ^= 1;
+        st.used = 0;
+        if let Some(e) = st.done[st.cur].take() {
+            e.synchronize().map_err(|e| compute("the uploads of two steps before", e))?;
+        }
+        Ok(())
+    }
+
+    /// A page-locked host buffer of `n` elements (cached, for the host to read).
+    pub fn pinned<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<PinnedHostSlice<T>, BackendError> {
+        // SAFETY: the buffer is only read after a copy into it has completed (`read_async`).
+        unsafe { self.ctx.alloc_pinned_with_flags::<T>(n.max(1), 0) }.map_err(|e| oom(n * std::mem::size_of::<T>(), e))
+    }
+
+    /// Queues a copy of `n` elements of `buf` into `dst` (page-locked) and returns the event that
+    /// marks its end: `dst` may be read once that event has passed.
+    pub fn read_async<T: DeviceRepr + ValidAsZeroBits>(&self, buf: &Buf<T>, n: usize, dst: &mut PinnedHostSlice<T>) -> Result<CudaEvent, BackendError> {
+        assert!(n <= buf.len() && n <= dst.len(), "an asynchronous read past a buffer's end");
+        let host = dst.as_mut_slice().map_err(|e| compute("page-locked buffer", e))?;
+        // SAFETY: both ranges are in bounds (asserted above); the caller reads `dst` only after
+        // the returned event has passed.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host[..n], buf.ptr, self.stream.cu_stream()) }.map_err(|e| compute("copy to the host", e))?;
+        self.stream.record_event(None).map_err(|e| compute("record an event", e))
     }
 
     /// Records what `launches` puts on the stream into a CUDA graph (nothing runs).

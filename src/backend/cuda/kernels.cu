@@ -538,6 +538,14 @@ extern "C" __global__ void scatter_i32(int* __restrict__ dst, const int* __restr
     if (i < n) dst[pairs[2 * i]] = pairs[2 * i + 1];
 }
 
+// Async scheduling: a row that feeds the token the step before picked for its sequence takes it
+// from that step's picks, which the host has not read yet. pairs[2i] is the row, pairs[2i+1] the
+// sequence's logit row in `picks`.
+extern "C" __global__ void gather_ids(int* __restrict__ ids, const int* __restrict__ picks, const int* __restrict__ pairs, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) ids[pairs[2 * i]] = picks[pairs[2 * i + 1]];
+}
+
 // LoRA rows (Punica / S-LoRA): each row of a step may use its own adapter (or none), and a
 // projection group's low-rank updates for all rows are one launch, whatever the mix. `table` holds
 // one entry per (adapter slot, layer, module) (lora.rs writes it); `row_slot[r]` is row r's

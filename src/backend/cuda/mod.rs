@@ -22,6 +22,7 @@
 //!   logits are copied and sampled by the engine's sampler.
 mod forward;
 pub mod gpu;
+mod pipeline;
 pub mod logit_sampler;
 mod lora;
 mod weights;
@@ -60,11 +61,14 @@ pub struct CudaOptions {
     /// Keep full KV blocks for reuse by later prompts that start with the same tokens
     /// (`paged::BlockTables`; idle cached blocks are taken back when the cache runs short).
     pub prefix_caching: bool,
+    /// Async scheduling: the engine launches step N+1 before it collects step N's tokens
+    /// (`pipeline.rs`; `INFERD_CUDA_PIPELINE=1` until it has run on a GPU).
+    pub pipeline: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env(), prefix_caching: true }
+        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env(), prefix_caching: true, pipeline: pipeline::enabled_from_env() }
     }
 }
 
@@ -110,11 +114,18 @@ pub struct CudaBackend {
     sample_params: Vec<u8>,
     /// Whether the device's parameter buffer holds a row that is on.
     params_on: bool,
+    /// Async scheduling (`INFERD_CUDA_PIPELINE=1`): the steps launched and not collected.
+    pipeline: Option<pipeline::Pipeline>,
 }
 
 /// `INFERD_CUDA_GRAPHS=0` turns the decode graphs off (A/B runs).
 pub fn graphs_from_env() -> bool {
     std::env::var("INFERD_CUDA_GRAPHS").map_or(true, |v| v != "0")
+}
+
+/// `INFERD_CUDA_PIPELINE=1` turns async scheduling on (`CudaOptions::pipeline`).
+pub fn pipeline_from_env() -> bool {
+    pipeline::enabled_from_env()
 }
 
 /// Prompt rows one step is sized for beside the decode rows (the engine's default chunk on a GPU);
@@ -188,7 +199,7 @@ impl CudaBackend {
             device = %gpu.name(), ordinal = opts.ordinal, dtype = ?opts.dtype, weights_mib = dw.bytes() >> 20,
             kv_blocks = blocks, kv_cache_mib = (blocks * block_bytes) >> 20, max_context, "CUDA backend ready"
         );
-        Ok(CudaBackend {
+        let mut b = CudaBackend {
             gpu,
             cfg,
             w: dw,
@@ -213,7 +224,12 @@ impl CudaBackend {
             device_sampling: gpu_sampling::enabled_from_env(),
             sample_params: Vec::new(),
             params_on: false,
-        })
+            pipeline: None,
+        };
+        if opts.pipeline {
+            b.pipeline = Some(pipeline::Pipeline::new(&b.gpu, &b.scratch, max_slots)?);
+        }
+        Ok(b)
     }
 
     /// The model's hyper-parameters.
@@ -244,8 +260,11 @@ impl CudaBackend {
 
     /// Runs the step on the device: the logits of the rows that want them end in
     /// `scratch.logits` (one row per such input, in order) and their greedy picks beside them.
-    /// `graph`: a decode step may replay a captured graph. Returns the logit rows written.
-    fn run(&mut self, inputs: &[StepInput<'_>], graph: bool) -> Result<usize, BackendError> {
+    /// `graph`: a decode step may replay a captured graph. An input with `picks[i]` (async
+    /// scheduling) feeds the step before's pick of that logit row, read on the device; its
+    /// token goes into the block tables once the host knows it (`pipeline::collect`). Returns the
+    /// logit rows written.
+    fn run(&mut self, inputs: &[StepInput<'_>], graph: bool, picks: &[Option<i32>]) -> Result<usize, BackendError> {
         self.check(inputs)?;
         let adapters = self.lora.row_slots(&self.gpu, inputs)?;
         let mut assigned = HashSet::new();
@@ -269,10 +288,12 @@ impl CudaBackend {
             new_blocks.extend(t.iter().enumerate().map(|(k, &blk)| (row + held + k, blk)));
             taken.push(t);
         }
-        let r = self.forward(inputs, adapters.as_deref(), graph, &new_blocks);
+        let r = self.forward(inputs, adapters.as_deref(), graph, &new_blocks, picks);
         if r.is_ok() {
-            for i in inputs {
-                self.tables.record(i.seq, i.tokens, i.adapter.map_or(0, |a| a.id));
+            for (k, i) in inputs.iter().enumerate() {
+                if picks.get(k).is_none_or(Option::is_none) {
+                    self.tables.record(i.seq, i.tokens, i.adapter.map_or(0, |a| a.id));
+                }
             }
         } else {
             for (i, t) in inputs.iter().zip(&taken) {
@@ -285,11 +306,13 @@ impl CudaBackend {
         r
     }
 
-    fn forward(&mut self, inputs: &[StepInput<'_>], adapters: Option<&[i32]>, graph: bool, new_blocks: &[(usize, u32)]) -> Result<usize, BackendError> {
+    fn forward(&mut self, inputs: &[StepInput<'_>], adapters: Option<&[i32]>, graph: bool, new_blocks: &[(usize, u32)], picks: &[Option<i32>]) -> Result<usize, BackendError> {
         let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
         let logit_rows = inputs.iter().filter(|i| i.want_logits).count();
         if rows > self.scratch.rows || logit_rows > self.scratch.logit_rows {
             let inter = self.w.layers.first().map_or(0, |l| l.gate_up.n / 2);
+            // A step in flight (async scheduling) may still read the buffers dropped here.
+            self.gpu.sync()?;
             self.graphs.clear();
             self.seen.clear();
             self.ungraphed.clear();
@@ -300,11 +323,11 @@ impl CudaBackend {
         let padded = rows.next_power_of_two();
         let lora = adapters.is_some();
         if !decode || padded > self.scratch.logit_rows {
-            let (r, l) = forward::upload(self, inputs, adapters, rows, new_blocks)?;
+            let (r, l) = forward::upload(self, inputs, adapters, rows, new_blocks, picks)?;
             forward::launches(self, r, l, lora)?;
             return Ok(l);
         }
-        let (r, l) = forward::upload(self, inputs, adapters, padded, new_blocks)?;
+        let (r, l) = forward::upload(self, inputs, adapters, padded, new_blocks, picks)?;
         if let Some(g) = self.graphs.get(&(r, lora)) {
             self.gpu.replay(g)?;
         } else if self.seen.insert((r, lora)) {
@@ -350,6 +373,22 @@ impl CudaBackend {
         self.lora.resident()
     }
 
+    /// Where each row is sampled (None: it wants no token), with the device rows' parameters
+    /// set for the next step.
+    fn sampling_routes(&mut self, inputs: &[StepInput<'_>], samples: &[Option<SampleSpec<'_>>]) -> Vec<Option<Route>> {
+        let routes: Vec<Option<Route>> = inputs.iter().zip(samples).map(|(inp, spec)| spec.as_ref().filter(|_| inp.want_logits).map(|s| gpu_sampling::route(s, self.device_sampling))).collect();
+        self.sample_params.clear();
+        if routes.contains(&Some(Route::Device)) {
+            for ((inp, spec), route) in inputs.iter().zip(samples).zip(&routes) {
+                if inp.want_logits {
+                    let row = spec.as_ref().filter(|_| *route == Some(Route::Device)).map(|s| (s.params, s.uniform.unwrap_or(0.0)));
+                    gpu_sampling::push_params(&mut self.sample_params, row);
+                }
+            }
+        }
+        routes
+    }
+
     fn release_slot(&mut self, seq: SeqId) {
         if let Some(slot) = self.slots.remove(&seq) {
             self.free_slots.push(slot);
@@ -387,7 +426,7 @@ impl Backend for CudaBackend {
             return Ok(Vec::new());
         }
         self.sample_params.clear();
-        self.run(inputs, false)?;
+        self.run(inputs, false, &[])?;
         self.gpu.sync()?;
         let vocab = self.cfg.vocab_size;
         let mut k = 0;
@@ -409,17 +448,8 @@ impl Backend for CudaBackend {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        let routes: Vec<Option<Route>> = inputs.iter().zip(samples).map(|(inp, spec)| spec.as_ref().filter(|_| inp.want_logits).map(|s| gpu_sampling::route(s, self.device_sampling))).collect();
-        self.sample_params.clear();
-        if routes.contains(&Some(Route::Device)) {
-            for ((inp, spec), route) in inputs.iter().zip(samples).zip(&routes) {
-                if inp.want_logits {
-                    let row = spec.as_ref().filter(|_| *route == Some(Route::Device)).map(|s| (s.params, s.uniform.unwrap_or(0.0)));
-                    gpu_sampling::push_params(&mut self.sample_params, row);
-                }
-            }
-        }
-        self.run(inputs, true)?;
+        let routes = self.sampling_routes(inputs, samples);
+        self.run(inputs, true, &[])?;
         let vocab = self.cfg.vocab_size;
         let ids = forward::greedy_ids(self, inputs.iter().filter(|i| i.want_logits).count())?;
         let mut out = Vec::with_capacity(inputs.len());
@@ -441,6 +471,18 @@ impl Backend for CudaBackend {
             k += 1;
         }
         Ok(out)
+    }
+
+    fn pipelines(&self) -> bool {
+        self.pipeline.is_some()
+    }
+
+    fn launch(&mut self, inputs: &[StepInput<'_>], samples: &[Option<SampleSpec<'_>>], follows: &[bool]) -> Result<(), BackendError> {
+        self.launch_step(inputs, samples, follows)
+    }
+
+    fn collect(&mut self) -> Result<Vec<Option<Sampled>>, BackendError> {
+        self.collect_step()
     }
 
     fn release(&mut self, seq: SeqId) {
