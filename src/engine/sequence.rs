@@ -31,7 +31,8 @@ pub struct Sequence {
     out: Option<Box<Output>>,
     /// The last sampled token, when its events are still to be made (`settle` or the lane).
     later: Option<Emit>,
-    /// Set once `Done` or `Error` is queued: the sequence only drains `pending` from then on.
+    /// Set once `Done` or `Error` is queued: the sequence only delivers its queued events from
+    /// then on.
     pub finished: bool,
     /// The receiver was dropped: the sequence must be released now.
     pub cancelled: bool,
@@ -98,22 +99,23 @@ impl Sequence {
 
     /// May take part in the next step: alive, not finished, and no undelivered events.
     pub fn is_schedulable(&self) -> bool {
-        !self.finished && !self.cancelled && self.out.as_ref().is_none_or(|o| o.is_empty()) && self.unfed() > 0
+        self.is_live_and_caught_up() && self.unfed() > 0
     }
 
     /// Async scheduling: its next row may feed the token still in flight for it. Nothing in its
     /// sampling may depend on that token (penalty counts, a grammar), and that token must not be
     /// its last by length.
     pub fn can_follow(&self, max_context: usize) -> bool {
-        self.sampling == 1 && !self.ahead && self.is_schedulable_but_unfed() && !self.needs_its_last_token() && self.wants_another(max_context)
+        self.sampling == 1 && !self.ahead && self.is_live_and_caught_up() && !self.needs_its_last_token() && self.wants_another(max_context)
     }
 
     /// Async scheduling: it would run now, but only once the token in flight for it is known.
     pub fn waits_for_flight(&self, max_context: usize) -> bool {
-        self.sampling == 1 && !self.ahead && self.is_schedulable_but_unfed() && self.needs_its_last_token() && self.wants_another(max_context)
+        self.sampling == 1 && !self.ahead && self.is_live_and_caught_up() && self.needs_its_last_token() && self.wants_another(max_context)
     }
 
-    fn is_schedulable_but_unfed(&self) -> bool {
+    /// Not finished, and the client has taken every event so far.
+    fn is_live_and_caught_up(&self) -> bool {
         !self.finished && !self.cancelled && self.out.as_ref().is_none_or(|o| o.is_empty())
     }
 
