@@ -11,8 +11,8 @@
 //!   pageable memory may wait for the stream's earlier work.
 //! - A step with a row sampled on the host (logprobs, penalties, bias, a grammar) runs to its end
 //!   inside `launch`, as `step_and_sample` (its logits would be overwritten by the next step);
-//!   rows that follow it get their tokens on the host. So does a step whose following rows' picks
-//!   are still needed on the host.
+//!   its following rows get their tokens on the host, as do those of a step that grows the
+//!   buffers (the picks on the device go with the old ones).
 //! - A following row's token enters the block tables (the prefix cache's content) when the step
 //!   before is collected, which is before the next launch grows any table again.
 use std::collections::VecDeque;
@@ -94,8 +94,13 @@ impl CudaBackend {
             }
         }
         let host_rows = inputs.iter().zip(samples).any(|(i, s)| i.want_logits && s.as_ref().is_some_and(|s| super::gpu_sampling::route(s, self.device_sampling) == Route::Host));
-        if host_rows && on_device.iter().any(Option::is_some) {
-            // This step runs to its end here: its following rows' tokens are read first.
+        // A step larger than the buffers reallocates them (`forward`), and the picks on the
+        // device go with them.
+        let rows_in = inputs.iter().map(|i| i.tokens.len()).sum::<usize>();
+        let grows = rows_in > self.scratch.rows || rows.iter().filter(|r| r.1).count() > self.scratch.logit_rows;
+        if (host_rows || grows) && on_device.iter().any(Option::is_some) {
+            // The following rows' tokens are read on the host first (this step runs to its end
+            // here, or the buffers that hold the picks are about to be replaced).
             let Pipeline { flight, picks, .. } = self.pipeline.as_mut().expect("checked above");
             let before = flight.back_mut().expect("a following row has a step before");
             let known = wait_picks(before, picks)?;
