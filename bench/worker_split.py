@@ -11,8 +11,12 @@ prints the wall time, tokens a second, and the deltas of the worker's counters o
 holds the device's work), `inferd_engine_sampling_seconds_total` (handling each row's token after
 the step: detokenisation, stop checks, events) and `inferd_engine_idle_seconds_total` (waiting with
 nothing to run; added when a wait ends, so a burst's figure includes the wait before its first
-request). Several model ids (adapters) take the requests in turn. docs/perf-notes.md (sessions 15
-and 16) has the H200 figures. Standard library only.
+request). With the output lane on (a GPU model, or `INFERD_OVERLAP_OUTPUT=1`) the token handling
+is partly on a helper thread during the steps: `inferd_engine_overlapped_tokens_total` counts the
+tokens it handled, `inferd_engine_dropped_tokens_total` the tokens dropped after a stop string or
+EOS found a step late. With async scheduling (`INFERD_CUDA_PIPELINE=1`) the backend's time is its
+launches plus the waits for each step's tokens. Several model ids (adapters) take the requests in
+turn. docs/perf-notes.md (sessions 15 to 17) has the H200 figures. Standard library only.
 """
 import json
 import re
@@ -26,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import concurrent  # noqa: E402
 
 COUNTERS = ["inferd_engine_step_seconds_total", "inferd_engine_steps_total", "inferd_engine_sampling_seconds_total",
-            "inferd_generation_tokens_total", "inferd_engine_idle_seconds_total"]
+            "inferd_generation_tokens_total", "inferd_engine_idle_seconds_total", "inferd_engine_overlapped_tokens_total",
+            "inferd_engine_dropped_tokens_total"]
 
 
 def counters(base):
@@ -57,11 +62,12 @@ def main():
                    "ignore_eos": True, "stream": streaming} for i in range(n)]
         before = counters(base)
         wall = concurrent(base + "/v1/completions", bodies, n, 300)[1] if streaming else plain_burst(base, bodies)
-        step, steps, handling, tokens, idle = (b - a for a, b in zip(before, counters(base)))
+        step, steps, handling, tokens, idle, lane, dropped = (b - a for a, b in zip(before, counters(base)))
         per = 1000 / max(steps, 1)
         print(f"{n} {'streams' if streaming else 'plain requests'}: wall {wall:.2f} s, {tokens / wall:.0f} tok/s, {steps:.0f} steps; "
               f"backend step {100 * step / wall:.0f}% of wall ({step * per:.2f} ms a step), token handling {100 * handling / wall:.0f}% "
-              f"({handling * per:.2f} ms a step), idle {100 * idle / wall:.0f}%, the rest {(wall - step - handling) * per:.2f} ms a step", flush=True)
+              f"({handling * per:.2f} ms a step), idle {100 * idle / wall:.0f}%, the rest {(wall - step - handling) * per:.2f} ms a step; "
+              f"events of {lane:.0f} tokens made beside a step, {dropped:.0f} tokens dropped", flush=True)
 
 
 if __name__ == "__main__":
