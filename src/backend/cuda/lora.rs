@@ -175,8 +175,7 @@ impl DevLora {
             e[8..16].copy_from_slice(&bbuf.ptr.to_le_bytes());
             e[16..20].copy_from_slice(&(p.rank as i32).to_le_bytes());
             e[20..24].copy_from_slice(&(p.scale as f32).to_le_bytes());
-            e[24..28].copy_from_slice(&(p.out_dim as i32).to_le_bytes());
-            e[28..32].copy_from_slice(&(self.column(m) as i32).to_le_bytes());
+            // Its width and column are written above: `check_fits` made `p.out_dim` the base's.
             bufs.push(abuf);
             bufs.push(bbuf);
         }
