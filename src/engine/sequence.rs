@@ -303,3 +303,52 @@ impl Sequence {
         token
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::SamplingParams;
+
+    fn seq(max_new: usize, sampling: SamplingParams) -> (Sequence, tokio::sync::mpsc::Receiver<Event>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let req = GenRequest { prompt_tokens: vec![1, 2, 3], sampling, max_new_tokens: max_new, stop: vec![], logprobs: None, ignore_eos: false, adapter: None, constraint: None };
+        (Sequence::new(7, req, tx, std::time::Instant::now()), rx)
+    }
+
+    /// Async scheduling's bookkeeping: a row follows the one token in flight only while another
+    /// token is wanted and nothing in the sampling reads that token; the followed token counts as
+    /// fed once it is known.
+    #[test]
+    fn a_row_follows_the_token_in_flight_only_when_nothing_reads_it() {
+        let greedy = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+        let (mut s, _rx) = seq(3, greedy.clone());
+        s.launched(3, true, false, None);
+        assert_eq!((s.fed, s.sampling, s.unfed()), (3, 1, 0));
+        assert!(s.can_follow(100) && !s.waits_for_flight(100));
+        // The context would be full with the token in flight: nothing follows it.
+        assert!(!s.can_follow(4));
+        s.launched(1, true, true, None);
+        assert!(s.ahead && s.sampling == 2 && !s.can_follow(100), "one following row at a time");
+        // The first token arrives: the following row fed it.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/qwen-tokenizer/tokenizer.json");
+        let tok = std::sync::Arc::new(tokenizers::Tokenizer::from_file(path).expect("models/qwen-tokenizer/tokenizer.json loads"));
+        let decoding = crate::engine::output::Decoding { tokenizer: tok, eos: vec![], byte_level: false, byte_table: None };
+        let ctx = decoding.ctx(100);
+        s.sampling -= 1;
+        s.on_sampled(Sampled { token: 5, logprobs: None }, None, &ctx, false);
+        assert_eq!((s.fed, s.tokens.len(), s.ahead, s.generated), (4, 4, false, 1));
+        // Its second token is in flight; a third is wanted (max 3): it may follow again.
+        assert!(s.can_follow(100));
+        s.launched(1, true, true, None);
+        s.sampling -= 1;
+        s.on_sampled(Sampled { token: 6, logprobs: None }, None, &ctx, false);
+        // Two known, the third in flight: it is the last by max_tokens, so nothing follows it.
+        assert_eq!((s.generated, s.sampling), (2, 1));
+        assert!(!s.can_follow(100) && !s.waits_for_flight(100));
+
+        // Penalties read the last token: such a sequence waits for it instead.
+        let (mut p, _rx) = seq(10, SamplingParams { repetition_penalty: 1.3, ..greedy });
+        p.launched(3, true, false, None);
+        assert!(!p.can_follow(100) && p.waits_for_flight(100));
+    }
+}
