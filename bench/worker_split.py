@@ -14,7 +14,7 @@ nothing to run; added when a wait ends, so a burst's figure includes the wait be
 request). With the output lane on (a GPU model, or `INFERD_OVERLAP_OUTPUT=1`) the token handling
 is partly on a helper thread during the steps: `inferd_engine_overlapped_tokens_total` counts the
 tokens it handled, `inferd_engine_dropped_tokens_total` the tokens dropped after a stop string or
-EOS found a step late. With async scheduling (`INFERD_CUDA_PIPELINE=1`) the backend's time is its
+EOS found a step late. With async scheduling (on CUDA unless `INFERD_CUDA_PIPELINE=0`) the backend's time is its
 launches plus the waits for each step's tokens. Several model ids (adapters) take the requests in
 turn. docs/perf-notes.md (sessions 15 to 17) has the H200 figures. Standard library only.
 """

@@ -267,3 +267,57 @@ fn more_adapters_in_a_step_than_tile_blocks() {
     }
     eprintln!("16 adapters in one step over 12 tile blocks: tokens as alone");
 }
+
+/// Async scheduling (the server's default on CUDA) with adapter rows: base, adapter-a and
+/// adapter-b requests mixed (greedy and seeded device draws, stop strings, a cache small enough
+/// to preempt) give every request the events of the synchronous engine, with and without the
+/// output lane.
+#[test]
+fn async_scheduling_with_adapter_rows_gives_the_events_of_the_synchronous_engine() {
+    use inferd::engine::{spawn, EngineConfig, Event, GenRequest};
+    let dir = repo().join("tests/fixtures/generated/tiny-qwen2");
+    let opts = inferd::model::SourceOptions { cache_dir: None, offline: true, progress: false };
+    let assets = inferd::model::load_assets(dir.to_str().unwrap(), &opts).expect("assets");
+    let run = |pipeline: bool, blocks: Option<usize>, lane: bool| {
+        let o = CudaOptions { dtype: Dtype::F32, max_kv_blocks: blocks, gpu_memory_fraction: 0.3, pipeline, ..CudaOptions::default() };
+        let b = CudaBackend::load(&assets.weights, &o).expect("loads");
+        let adapters = [bound(&b, "adapter-a"), bound(&b, "adapter-b")];
+        let h = spawn(Box::new(b), Arc::clone(&assets.tokenizer), vec![], EngineConfig { max_batch: 40, max_waiting: 64, prefill_chunk: 48, channel_capacity: 64, overlap_output: lane });
+        let rxs: Vec<_> = (0..40u32)
+            .map(|i| {
+                let prompt: Vec<u32> = (0..2 + i % 23).map(|j| (i * 13 + j * 7) % 500).collect();
+                let sampling = match i % 4 {
+                    0 | 1 => SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+                    _ => SamplingParams { temperature: 0.8, top_k: 40, seed: Some(i as u64), ..SamplingParams::default() },
+                };
+                let stop = if i % 6 == 0 { vec!["a".to_string()] } else { vec![] };
+                let adapter = match i % 3 {
+                    0 => None,
+                    k => Some(Arc::clone(&adapters[k as usize - 1])),
+                };
+                let req = GenRequest { prompt_tokens: prompt, sampling, max_new_tokens: 16 + (i as usize % 13), stop, logprobs: None, ignore_eos: true, adapter, constraint: None };
+                h.submit(req).expect("queued")
+            })
+            .collect();
+        let outs: Vec<Vec<Event>> = rxs
+            .into_iter()
+            .map(|mut rx| {
+                let mut evs = Vec::new();
+                while let Some(ev) = rx.blocking_recv() {
+                    evs.push(ev);
+                }
+                evs
+            })
+            .collect();
+        (outs, h.stats())
+    };
+    let (want, _) = run(false, None, false);
+    for (pipeline, blocks, lane) in [(true, None, false), (true, Some(30), false), (true, None, true), (true, Some(30), true)] {
+        let (got, stats) = run(pipeline, blocks, lane);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(!w.iter().any(|e| matches!(e, Event::Error(_))), "request {i} failed: {w:?}");
+            assert_eq!(g, w, "pipeline {pipeline}, blocks {blocks:?}, lane {lane}: request {i} differs from the synchronous engine");
+        }
+        eprintln!("adapters, pipeline {pipeline}, blocks {blocks:?}, lane {lane}: 40 requests equal; {} steps, {} preemptions, {} dropped tokens", stats.steps, stats.preemptions, stats.dropped_tokens);
+    }
+}

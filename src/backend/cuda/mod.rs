@@ -62,13 +62,13 @@ pub struct CudaOptions {
     /// (`paged::BlockTables`; idle cached blocks are taken back when the cache runs short).
     pub prefix_caching: bool,
     /// Async scheduling: the engine launches step N+1 before it collects step N's tokens
-    /// (`pipeline.rs`; `INFERD_CUDA_PIPELINE=1` until it has run on a GPU).
+    /// (`pipeline.rs`). Off by default here; the server turns it on (`pipeline_from_env`).
     pub pipeline: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env(), prefix_caching: true, pipeline: pipeline::enabled_from_env() }
+        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env(), prefix_caching: true, pipeline: false }
     }
 }
 
@@ -114,7 +114,7 @@ pub struct CudaBackend {
     sample_params: Vec<u8>,
     /// Whether the device's parameter buffer holds a row that is on.
     params_on: bool,
-    /// Async scheduling (`INFERD_CUDA_PIPELINE=1`): the steps launched and not collected.
+    /// Async scheduling (`CudaOptions::pipeline`): the steps launched and not collected.
     pipeline: Option<pipeline::Pipeline>,
 }
 
@@ -123,7 +123,7 @@ pub fn graphs_from_env() -> bool {
     std::env::var("INFERD_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
-/// `INFERD_CUDA_PIPELINE=1` turns async scheduling on (`CudaOptions::pipeline`).
+/// Async scheduling for the server (`CudaOptions::pipeline`): on unless `INFERD_CUDA_PIPELINE=0`.
 pub fn pipeline_from_env() -> bool {
     pipeline::enabled_from_env()
 }

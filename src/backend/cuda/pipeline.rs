@@ -1,5 +1,6 @@
-//! Async scheduling on the device (`Backend::launch` / `collect`; on with
-//! `INFERD_CUDA_PIPELINE=1`): the engine launches step N+1 before it collects step N's tokens.
+//! Async scheduling on the device (`Backend::launch` / `collect`; the server's default on CUDA,
+//! `INFERD_CUDA_PIPELINE=0` turns it off): the engine launches step N+1 before it collects step
+//! N's tokens.
 //!
 //! - A row that follows the token in flight for its sequence reads it on the device: the
 //!   metadata upload writes a stand-in id and `gather_ids` copies the step before's pick of that
@@ -25,9 +26,9 @@ use super::CudaBackend;
 use crate::backend::gpu_sampling::Route;
 use crate::backend::{Backend, BackendError, SampleSpec, Sampled, SeqId, StepInput};
 
-/// `INFERD_CUDA_PIPELINE=1` turns async scheduling on (off until it has run on a GPU).
+/// Async scheduling is on for the server unless `INFERD_CUDA_PIPELINE=0` (A/B runs).
 pub fn enabled_from_env() -> bool {
-    std::env::var("INFERD_CUDA_PIPELINE").is_ok_and(|v| v == "1")
+    std::env::var("INFERD_CUDA_PIPELINE").map_or(true, |v| v != "0")
 }
 
 /// The launched steps not collected, and where their picks land on the host.
@@ -72,7 +73,7 @@ impl Pipeline {
 impl CudaBackend {
     pub(super) fn launch_step(&mut self, inputs: &[StepInput<'_>], samples: &[Option<SampleSpec<'_>>], follows: &[bool]) -> Result<(), BackendError> {
         let Some(p) = self.pipeline.as_mut() else {
-            return Err(BackendError::Compute("async scheduling is off (INFERD_CUDA_PIPELINE)".into()));
+            return Err(BackendError::Compute("async scheduling is off (CudaOptions::pipeline)".into()));
         };
         if p.flight.len() >= 2 {
             return Err(BackendError::Compute("a third step launched before the first was collected".into()));
@@ -134,7 +135,7 @@ impl CudaBackend {
     }
 
     pub(super) fn collect_step(&mut self) -> Result<Vec<Option<Sampled>>, BackendError> {
-        let p = self.pipeline.as_mut().ok_or_else(|| BackendError::Compute("async scheduling is off (INFERD_CUDA_PIPELINE)".into()))?;
+        let p = self.pipeline.as_mut().ok_or_else(|| BackendError::Compute("async scheduling is off (CudaOptions::pipeline)".into()))?;
         let mut l = p.flight.pop_front().ok_or_else(|| BackendError::Compute("collect() without a launched step".into()))?;
         let outs = wait_picks(&mut l, &p.picks)?;
         // The next step's following rows fed these tokens: into the block tables now, in order.

@@ -126,8 +126,13 @@ impl Worker {
     pub(super) fn take_tokens(&mut self, rows: impl Iterator<Item = (usize, bool)>, outs: Vec<Option<Sampled>>, rngs: Vec<Option<StdRng>>) {
         let vocab = self.backend.vocab_size();
         let ctx = self.decoding.ctx(self.backend.max_context());
-        let later = self.lane.is_some();
-        for (((idx, want_logits), out), rng) in rows.zip(outs).zip(rngs) {
+        let rows: Vec<(usize, bool)> = rows.collect();
+        // Events are left owed only where the lane will take them: fewer would be made on this
+        // thread anyway, after the next step is planned and launched, so they are made now and
+        // the client sees them that much sooner (with async scheduling, in the H200 bench, a
+        // first token came a step later: 8.0 ms against 6.7).
+        let later = self.lane.is_some() && rows.iter().filter(|r| r.1).count() >= LANE_MIN_ROWS;
+        for (((idx, want_logits), out), rng) in rows.into_iter().zip(outs).zip(rngs) {
             let s = &mut self.running[idx];
             if !want_logits {
                 continue;
