@@ -141,7 +141,7 @@ fn open_backend(m: &ModelConfig, device: Device, assets: &model::ModelAssets, se
                 max_slots: m.max_batch(),
                 graphs: crate::backend::cuda::graphs_from_env(),
                 prefix_caching: m.prefix_cache_mb != Some(0),
-                pipeline: crate::backend::cuda::pipeline_from_env(),
+                pipeline: m.cuda_pipeline(),
             };
             Box::new(crate::backend::cuda::CudaBackend::load(&assets.weights, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
         }

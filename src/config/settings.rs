@@ -222,15 +222,26 @@ impl ModelConfig {
         })
     }
 
+    /// Whether the candle backend on CUDA runs with async scheduling (`CudaOptions::pipeline`: the
+    /// next step launched before the last one's tokens are read): on unless
+    /// `INFERD_CUDA_PIPELINE=0`, for A/B runs.
+    pub fn cuda_pipeline(&self) -> bool {
+        self.backend == BackendKind::Candle && matches!(self.device, Device::Cuda(_)) && std::env::var("INFERD_CUDA_PIPELINE").map_or(true, |v| v != "0")
+    }
+
     /// Whether the worker makes a step's events beside the next step (`EngineConfig::
-    /// overlap_output`): on a GPU, where the CPU would wait for the device, and not on the CPU,
-    /// where the helper thread would take a core from the forward pass. `INFERD_OVERLAP_OUTPUT`
-    /// (0 or 1) overrides it, for A/B runs.
+    /// overlap_output`): on a GPU without async scheduling (the ONNX backend, or candle with
+    /// `INFERD_CUDA_PIPELINE=0`), where the CPU would wait for the device. Off with async
+    /// scheduling: a launch returns once the step before has ended, so the worker's own work
+    /// already runs while the device computes and the lane would find no wait to fill (the H200
+    /// measured it equal, docs/perf-notes.md session 18), only holding each token's events a step
+    /// longer. Off on the CPU, where the helper thread would take a core from the forward pass.
+    /// `INFERD_OVERLAP_OUTPUT` (0 or 1) overrides it, for A/B runs.
     pub fn overlap_output(&self) -> bool {
         match std::env::var("INFERD_OVERLAP_OUTPUT").as_deref() {
             Ok("0") => false,
             Ok("1") => true,
-            _ => matches!(self.device, Device::Cuda(_)),
+            _ => matches!(self.device, Device::Cuda(_)) && !self.cuda_pipeline(),
         }
     }
 

@@ -264,7 +264,10 @@ impl Gpu {
     }
 
     /// Ends one step's uploads (staging on): the arena they came from is refilled only after they
-    /// have run.
+    /// have run. The event is recorded after the step's last launch, so the wait here, at the end
+    /// of the next step's launch, lasts until the step before has ended: with async scheduling a
+    /// launch returns with its work queued and the step before done, and the host's work for the
+    /// step after runs while this one computes.
     pub fn end_uploads(&self) -> Result<(), BackendError> {
         let mut staging = self.staging.borrow_mut();
         let Some(st) = staging.as_mut() else { return Ok(()) };

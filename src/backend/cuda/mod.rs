@@ -62,7 +62,7 @@ pub struct CudaOptions {
     /// (`paged::BlockTables`; idle cached blocks are taken back when the cache runs short).
     pub prefix_caching: bool,
     /// Async scheduling: the engine launches step N+1 before it collects step N's tokens
-    /// (`pipeline.rs`). Off by default here; the server turns it on (`pipeline_from_env`).
+    /// (`pipeline.rs`). Off by default here; the server turns it on (`ModelConfig::cuda_pipeline`).
     pub pipeline: bool,
 }
 
@@ -121,11 +121,6 @@ pub struct CudaBackend {
 /// `INFERD_CUDA_GRAPHS=0` turns the decode graphs off (A/B runs).
 pub fn graphs_from_env() -> bool {
     std::env::var("INFERD_CUDA_GRAPHS").map_or(true, |v| v != "0")
-}
-
-/// Async scheduling for the server (`CudaOptions::pipeline`): on unless `INFERD_CUDA_PIPELINE=0`.
-pub fn pipeline_from_env() -> bool {
-    pipeline::enabled_from_env()
 }
 
 /// Prompt rows one step is sized for beside the decode rows (the engine's default chunk on a GPU);

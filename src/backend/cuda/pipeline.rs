@@ -26,11 +26,6 @@ use super::CudaBackend;
 use crate::backend::gpu_sampling::Route;
 use crate::backend::{Backend, BackendError, SampleSpec, Sampled, SeqId, StepInput};
 
-/// Async scheduling is on for the server unless `INFERD_CUDA_PIPELINE=0` (A/B runs).
-pub fn enabled_from_env() -> bool {
-    std::env::var("INFERD_CUDA_PIPELINE").map_or(true, |v| v != "0")
-}
-
 /// The launched steps not collected, and where their picks land on the host.
 pub struct Pipeline {
     flight: VecDeque<Launched>,
