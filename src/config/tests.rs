@@ -252,6 +252,20 @@ fn prefill_chunk_and_max_batch_default_by_device() {
 }
 
 #[test]
+fn async_scheduling_and_the_output_lane_default_by_backend_and_device() {
+    // Read from the environment (A/B switches): checked only where neither is set.
+    if std::env::var_os("INFERD_CUDA_PIPELINE").is_some() || std::env::var_os("INFERD_OVERLAP_OUTPUT").is_some() {
+        return;
+    }
+    let mut m = super::model_from_spec("models/x.gguf", None);
+    assert_eq!((m.cuda_pipeline(), m.overlap_output()), (false, false), "the CPU: neither");
+    m.device = Device::Cuda(0);
+    assert_eq!((m.cuda_pipeline(), m.overlap_output()), (true, false), "candle on a GPU: async scheduling, no lane");
+    m.backend = BackendKind::Onnx;
+    assert_eq!((m.cuda_pipeline(), m.overlap_output()), (false, true), "onnx on a GPU: the lane");
+}
+
+#[test]
 fn devices_give_one_worker_each_and_exclude_device() {
     let f = file("[[models]]\nsource = \"m.gguf\"\ndevices = [\"cuda:0\", \"cuda:1\"]\n");
     let c = load_with_env(&args_with(&f), &env_of(&[])).expect("config loads");
