@@ -11,11 +11,12 @@ prints the wall time, tokens a second, and the deltas of the worker's counters o
 holds the device's work), `inferd_engine_sampling_seconds_total` (handling each row's token after
 the step: detokenisation, stop checks, events) and `inferd_engine_idle_seconds_total` (waiting with
 nothing to run; added when a wait ends, so a burst's figure includes the wait before its first
-request). With the output lane on (a GPU model, or `INFERD_OVERLAP_OUTPUT=1`) the token handling
-is partly on a helper thread during the steps: `inferd_engine_overlapped_tokens_total` counts the
-tokens it handled, `inferd_engine_dropped_tokens_total` the tokens dropped after a stop string or
-EOS found a step late. With async scheduling (on CUDA unless `INFERD_CUDA_PIPELINE=0`) the backend's time is its
-launches plus the waits for each step's tokens. Several model ids (adapters) take the requests in
+request). With the output lane on (a GPU model without async scheduling, or
+`INFERD_OVERLAP_OUTPUT=1`) the token handling is partly on a helper thread during the steps:
+`inferd_engine_overlapped_tokens_total` counts the tokens it handled,
+`inferd_engine_dropped_tokens_total` the tokens dropped after a stop string or EOS found a step
+late. With async scheduling (candle on CUDA unless `INFERD_CUDA_PIPELINE=0`) the backend's time
+is its launches plus the waits for each step's tokens. Several model ids (adapters) take the requests in
 turn. docs/perf-notes.md (sessions 15 to 17) has the H200 figures. Standard library only.
 """
 import json
