@@ -6,6 +6,7 @@
 //! Fixtures are found below the repository root (`INFERD_REPO`, else the build's own root, else
 //! the working directory), since the executable may run on another machine.
 #![cfg(feature = "cuda")]
+mod cuda_common;
 mod reference_common;
 
 use std::path::PathBuf;
@@ -270,15 +271,12 @@ fn the_paged_cache_under_pressure_preempts_and_keeps_every_answer() {
 /// small enough to preempt gives every request the events of the synchronous engine.
 #[test]
 fn async_scheduling_gives_every_request_the_events_of_the_synchronous_engine() {
-    use inferd::engine::{spawn, EngineConfig, Event, GenRequest, SamplingParams};
+    use inferd::engine::{GenRequest, SamplingParams};
     let opts = inferd::model::SourceOptions { cache_dir: None, offline: true, progress: false };
     let path = repo().join("tests/fixtures/generated/tiny-qwen2.q8_0.gguf");
     let assets = inferd::model::load_assets(path.to_str().unwrap(), &opts).expect("assets");
-    let run = |pipeline: bool, blocks: Option<usize>, lane: bool| {
-        let o = CudaOptions { max_kv_blocks: blocks, gpu_memory_fraction: 0.3, pipeline, ..CudaOptions::default() };
-        let b = CudaBackend::load(&assets.weights, &o).expect("loads");
-        let h = spawn(Box::new(b), Arc::clone(&assets.tokenizer), vec![], EngineConfig { max_batch: 48, max_waiting: 64, prefill_chunk: 64, channel_capacity: 64, overlap_output: lane });
-        let rxs: Vec<_> = (0..48u32)
+    let requests = || -> Vec<GenRequest> {
+        (0..48u32)
             .map(|i| {
                 let prompt: Vec<u32> = (0..3 + i % 29).map(|j| (i * 17 + j * 11) % 500).collect();
                 let sampling = match i % 3 {
@@ -287,31 +285,15 @@ fn async_scheduling_gives_every_request_the_events_of_the_synchronous_engine() {
                 };
                 let logprobs = (i % 7 == 0).then_some(2);
                 let stop = if i % 5 == 0 { vec!["e".to_string()] } else { vec![] };
-                let req = GenRequest { prompt_tokens: prompt, sampling, max_new_tokens: 24 + (i as usize % 17), stop, logprobs, ignore_eos: true, adapter: None, constraint: None };
-                h.submit(req).expect("queued")
+                GenRequest { prompt_tokens: prompt, sampling, max_new_tokens: 24 + (i as usize % 17), stop, logprobs, ignore_eos: true, adapter: None, constraint: None }
             })
-            .collect();
-        let outs: Vec<Vec<Event>> = rxs
-            .into_iter()
-            .map(|mut rx| {
-                let mut evs = Vec::new();
-                while let Some(ev) = rx.blocking_recv() {
-                    evs.push(ev);
-                }
-                evs
-            })
-            .collect();
-        (outs, h.stats())
+            .collect()
     };
-    let (want, _) = run(false, None, false);
-    for (pipeline, blocks, lane) in [(true, None, false), (true, Some(40), false), (true, None, true), (false, Some(40), true)] {
-        let (got, stats) = run(pipeline, blocks, lane);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(!w.iter().any(|e| matches!(e, Event::Error(_))), "request {i} failed: {w:?}");
-            assert_eq!(g, w, "pipeline {pipeline}, blocks {blocks:?}, lane {lane}: request {i} differs from the synchronous engine");
-        }
-        eprintln!("pipeline {pipeline}, blocks {blocks:?}, lane {lane}: 48 requests equal; {} steps, {} preemptions, {} dropped tokens", stats.steps, stats.preemptions, stats.dropped_tokens);
-    }
+    cuda_common::assert_modes_match("base rows", &[(true, None, false), (true, Some(40), false), (true, None, true), (false, Some(40), true)], |pipeline, blocks, lane| {
+        let o = CudaOptions { max_kv_blocks: blocks, gpu_memory_fraction: 0.3, pipeline, ..CudaOptions::default() };
+        let b = CudaBackend::load(&assets.weights, &o).expect("loads");
+        cuda_common::events_of(b, &assets.tokenizer, requests(), 64, lane)
+    });
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! PEFT, and base and adapter rows mixed at random in steps (prompt chunks, decode rows, CUDA
 //! graphs) against each sequence alone. Compiled only with `--features cuda`.
 #![cfg(feature = "cuda")]
+mod cuda_common;
 mod reference_common;
 
 use std::path::PathBuf;
@@ -274,16 +275,15 @@ fn more_adapters_in_a_step_than_tile_blocks() {
 /// output lane.
 #[test]
 fn async_scheduling_with_adapter_rows_gives_the_events_of_the_synchronous_engine() {
-    use inferd::engine::{spawn, EngineConfig, Event, GenRequest};
+    use inferd::engine::GenRequest;
     let dir = repo().join("tests/fixtures/generated/tiny-qwen2");
     let opts = inferd::model::SourceOptions { cache_dir: None, offline: true, progress: false };
     let assets = inferd::model::load_assets(dir.to_str().unwrap(), &opts).expect("assets");
-    let run = |pipeline: bool, blocks: Option<usize>, lane: bool| {
+    cuda_common::assert_modes_match("adapters", &[(true, None, false), (true, Some(30), false), (true, None, true), (true, Some(30), true)], |pipeline, blocks, lane| {
         let o = CudaOptions { dtype: Dtype::F32, max_kv_blocks: blocks, gpu_memory_fraction: 0.3, pipeline, ..CudaOptions::default() };
         let b = CudaBackend::load(&assets.weights, &o).expect("loads");
         let adapters = [bound(&b, "adapter-a"), bound(&b, "adapter-b")];
-        let h = spawn(Box::new(b), Arc::clone(&assets.tokenizer), vec![], EngineConfig { max_batch: 40, max_waiting: 64, prefill_chunk: 48, channel_capacity: 64, overlap_output: lane });
-        let rxs: Vec<_> = (0..40u32)
+        let requests = (0..40u32)
             .map(|i| {
                 let prompt: Vec<u32> = (0..2 + i % 23).map(|j| (i * 13 + j * 7) % 500).collect();
                 let sampling = match i % 4 {
@@ -295,29 +295,9 @@ fn async_scheduling_with_adapter_rows_gives_the_events_of_the_synchronous_engine
                     0 => None,
                     k => Some(Arc::clone(&adapters[k as usize - 1])),
                 };
-                let req = GenRequest { prompt_tokens: prompt, sampling, max_new_tokens: 16 + (i as usize % 13), stop, logprobs: None, ignore_eos: true, adapter, constraint: None };
-                h.submit(req).expect("queued")
+                GenRequest { prompt_tokens: prompt, sampling, max_new_tokens: 16 + (i as usize % 13), stop, logprobs: None, ignore_eos: true, adapter, constraint: None }
             })
             .collect();
-        let outs: Vec<Vec<Event>> = rxs
-            .into_iter()
-            .map(|mut rx| {
-                let mut evs = Vec::new();
-                while let Some(ev) = rx.blocking_recv() {
-                    evs.push(ev);
-                }
-                evs
-            })
-            .collect();
-        (outs, h.stats())
-    };
-    let (want, _) = run(false, None, false);
-    for (pipeline, blocks, lane) in [(true, None, false), (true, Some(30), false), (true, None, true), (true, Some(30), true)] {
-        let (got, stats) = run(pipeline, blocks, lane);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(!w.iter().any(|e| matches!(e, Event::Error(_))), "request {i} failed: {w:?}");
-            assert_eq!(g, w, "pipeline {pipeline}, blocks {blocks:?}, lane {lane}: request {i} differs from the synchronous engine");
-        }
-        eprintln!("adapters, pipeline {pipeline}, blocks {blocks:?}, lane {lane}: 40 requests equal; {} steps, {} preemptions, {} dropped tokens", stats.steps, stats.preemptions, stats.dropped_tokens);
-    }
+        cuda_common::events_of(b, &assets.tokenizer, requests, 48, lane)
+    });
 }
