@@ -98,7 +98,7 @@ impl Worker {
         let msg = match result {
             Ok(Ok(outs)) if outs.len() == rows.len() => {
                 let n = outs.len();
-                self.take_tokens(rows.into_iter(), outs, vec![None; n]);
+                self.take_tokens(rows, outs, vec![None; n]);
                 self.shared.sample_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 return;
             }

@@ -89,7 +89,7 @@ impl Worker {
         for row in &rows {
             self.running[row.idx].fed += row.n;
         }
-        self.take_tokens(rows.iter().map(|r| (r.idx, r.want_logits)), outs, rngs);
+        self.take_tokens(rows.iter().map(|r| (r.idx, r.want_logits)).collect(), outs, rngs);
         self.shared.sample_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
@@ -123,10 +123,9 @@ impl Worker {
     /// A step's sampled tokens into their sequences: `rows` gives each row's place in `running`
     /// and whether it sampled; `rngs` the generators' states after their draws (None where they
     /// were kept at launch).
-    pub(super) fn take_tokens(&mut self, rows: impl Iterator<Item = (usize, bool)>, outs: Vec<Option<Sampled>>, rngs: Vec<Option<StdRng>>) {
+    pub(super) fn take_tokens(&mut self, rows: Vec<(usize, bool)>, outs: Vec<Option<Sampled>>, rngs: Vec<Option<StdRng>>) {
         let vocab = self.backend.vocab_size();
         let ctx = self.decoding.ctx(self.backend.max_context());
-        let rows: Vec<(usize, bool)> = rows.collect();
         // Events are left owed only where the lane will take them: fewer would be made on this
         // thread anyway, after the next step is planned and launched, so they are made now and
         // the client sees them that much sooner (with async scheduling, in the H200 bench, a
