@@ -4,7 +4,8 @@
 # The candle backend on CUDA (always): tests/cuda_backend.rs (the GPU against the CPU backend and
 # transformers' references on the tiny models, a batch of 64 against each row alone, decode
 # graphs against plain launches, the paged cache under pressure) and tests/cuda_lora.rs (adapter
-# rows against PEFT, base and adapter rows mixed at random against each alone). Needs cuBLAS 13 on the loader
+# rows against PEFT, base and adapter rows mixed at random against each alone, through the tiled
+# kernel and through LoRA stacks). Needs cuBLAS 13 on the loader
 # path (found in the local Python's nvidia-* packages) and the tiny models
 # (scripts/make_tiny_model.py, or copied into tests/fixtures/generated).
 #
@@ -50,6 +51,16 @@ for t in cuda_backend cuda_lora; do
         cargo test --release --features cuda --test $t -- --test-threads 1 --nocapture || status=1
     fi
 done
+# The adapter tests that take the default options, again with LoRA stacks (`lora_stack.rs`; the
+# tests that set the stacks themselves ran above).
+echo "== tests/cuda_lora.rs with INFERD_LORA_STACK=4x8"
+lora_filters=(async_scheduling more_adapters_than_device_slots)
+if [ -n "${INFERD_TEST_BINS:-}" ]; then
+    INFERD_LORA_STACK=4x8 "$INFERD_TEST_BINS/cuda_lora" --test-threads 1 --nocapture "${lora_filters[@]}" > /tmp/inferd-cuda_lora-stacks.log 2>&1 || status=1
+    grep -E "^test |alone|panicked|result" /tmp/inferd-cuda_lora-stacks.log
+else
+    INFERD_LORA_STACK=4x8 cargo test --release --features cuda --test cuda_lora -- --test-threads 1 --nocapture "${lora_filters[@]}" || status=1
+fi
 if [ -z "${ORT_DYLIB_PATH:-}" ]; then
     echo "(ORT_DYLIB_PATH is not set: the ONNX backend's checks are skipped)"
     exit $status

@@ -142,6 +142,7 @@ fn open_backend(m: &ModelConfig, device: Device, assets: &model::ModelAssets, se
                 graphs: crate::backend::cuda::graphs_from_env(),
                 prefix_caching: m.prefix_cache_mb != Some(0),
                 pipeline: m.cuda_pipeline(),
+                lora_stack: crate::backend::cuda::lora_stack::StackSize::from_env(),
             };
             Box::new(crate::backend::cuda::CudaBackend::load(&assets.weights, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
         }

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use inferd::backend::cuda::gpu::Dtype;
+use inferd::backend::cuda::lora_stack::StackSize;
 use inferd::backend::cuda::{CudaBackend, CudaOptions};
 use inferd::backend::{Backend, SampleSpec, SeqId, StepInput};
 use inferd::engine::sampler::TokenCounts;
@@ -27,11 +28,25 @@ fn repo() -> PathBuf {
     }
 }
 
-fn gpu(name: &str, dtype: Dtype) -> CudaBackend {
+/// The two ways adapter rows are applied: the tiled kernel (no stacks), and stacks that hold
+/// every test adapter (ranks 4 and 8, at most 4 in a step).
+const MODES: [Option<StackSize>; 2] = [None, Some(StackSize { slots: 4, rank: 8 })];
+
+fn gpu(name: &str, dtype: Dtype, lora_stack: Option<StackSize>) -> CudaBackend {
     let p = repo().join("tests/fixtures/generated").join(name);
     assert!(p.exists(), "{} is missing (scripts/make_tiny_model.py)", p.display());
     let w = if p.is_dir() { WeightsFormat::Safetensors { dir: p } } else { WeightsFormat::Gguf(p) };
-    CudaBackend::load(&w, &CudaOptions { dtype, gpu_memory_fraction: 0.5, ..CudaOptions::default() }).unwrap_or_else(|e| panic!("{name} on cuda:0: {e}"))
+    CudaBackend::load(&w, &CudaOptions { dtype, gpu_memory_fraction: 0.5, lora_stack, ..CudaOptions::default() }).unwrap_or_else(|e| panic!("{name} on cuda:0: {e}"))
+}
+
+/// Every adapter step of `g` went the way `lora_stack` says (stacks that hold every adapter of
+/// the test: all of them through the stacks; none: all through the tiled kernel).
+fn assert_lora_path(g: &CudaBackend, lora_stack: Option<StackSize>, what: &str) {
+    let (stacked, tiled) = g.lora_steps();
+    match lora_stack {
+        Some(_) => assert!(stacked > 0 && tiled == 0, "{what}: {stacked} steps through the stacks, {tiled} through the tiled kernel"),
+        None => assert!(stacked == 0 && tiled > 0, "{what}: {stacked} steps through the stacks, {tiled} through the tiled kernel"),
+    }
 }
 
 /// An adapter of tests/fixtures/lora bound to `b`'s base, as the server's registry binds it.
@@ -51,10 +66,10 @@ fn logits_with_each_adapter_match_transformers_and_peft() {
         ("tiny-llama.q4_1.gguf", "llama-q4_1-reference.json"),
     ];
     for (dtype, tol) in [(Dtype::F32, 1e-3f32), (Dtype::F16, 0.1)] {
-        for (model, reference) in models {
+        for ((model, reference), stack) in models.into_iter().flat_map(|m| MODES.map(|s| (m, s))) {
             let cases = lora_reference_file(reference);
             assert!(cases.iter().any(|c| c.adapter.is_some()), "{reference} has adapter cases");
-            let mut g = gpu(model, dtype);
+            let mut g = gpu(model, dtype, stack);
             let mut worst = 0f32;
             for (i, case) in cases.iter().enumerate() {
                 let a = case.adapter.as_deref().map(|n| bound(&g, n));
@@ -70,8 +85,9 @@ fn logits_with_each_adapter_match_transformers_and_peft() {
                 }
                 g.release(seq);
             }
-            eprintln!("{model} {dtype:?}: base and adapter rows vs transformers + PEFT, max |logit diff| {worst:e} (tolerance {tol:e})");
-            assert!(worst < tol, "{model} {dtype:?}: {worst} from transformers + PEFT");
+            eprintln!("{model} {dtype:?} (stacks {stack:?}): base and adapter rows vs transformers + PEFT, max |logit diff| {worst:e} (tolerance {tol:e})");
+            assert!(worst < tol, "{model} {dtype:?} (stacks {stack:?}): {worst} from transformers + PEFT");
+            assert_lora_path(&g, stack, model);
         }
     }
 }
@@ -137,8 +153,8 @@ fn base_and_adapter_rows_mixed_at_random_give_what_each_gives_alone() {
     // tokens in random chunk sizes. Decode steps of one token a row replay CUDA graphs (with and
     // without adapter rows). Each sequence's greedy tokens must be those it gets alone.
     for (model, names) in [("tiny-llama.f32.gguf", ["llama-adapter-all", "llama-adapter-qk"]), ("tiny-qwen2", ["adapter-a", "adapter-b"])] {
-        for dtype in [Dtype::F32, Dtype::F16] {
-            let mut g = gpu(model, dtype);
+        for (dtype, stack) in [Dtype::F32, Dtype::F16].into_iter().flat_map(|d| MODES.map(|s| (d, s))) {
+            let mut g = gpu(model, dtype, stack);
             let adapters: Vec<Arc<LoraAdapter>> = names.iter().map(|n| bound(&g, n)).collect();
             let mut rng = Rng(0x5eed ^ dtype as u64);
             let mut seq0 = 10_000;
@@ -157,11 +173,12 @@ fn base_and_adapter_rows_mixed_at_random_give_what_each_gives_alone() {
                 for (i, p) in plans.iter().enumerate() {
                     let alone = together(&mut g, &adapters, &[Plan { prompt: p.prompt.clone(), adapter: p.adapter, arrives: 0 }], seq0, 64, 10);
                     seq0 += 1;
-                    assert_eq!(mixed[i], alone[0], "{model} {dtype:?} round {round}: sequence {i} (adapter {:?}) in a batch of {count} vs alone", p.adapter.map(|a| names[a]));
+                    assert_eq!(mixed[i], alone[0], "{model} {dtype:?} (stacks {stack:?}) round {round}: sequence {i} (adapter {:?}) in a batch of {count} vs alone", p.adapter.map(|a| names[a]));
                 }
                 let adapted = plans.iter().filter(|p| p.adapter.is_some()).count();
-                eprintln!("{model} {dtype:?} round {round}: {count} sequences ({adapted} with adapters), chunks of {chunk}: each as alone");
+                eprintln!("{model} {dtype:?} (stacks {stack:?}) round {round}: {count} sequences ({adapted} with adapters), chunks of {chunk}: each as alone");
             }
+            assert_lora_path(&g, stack, model);
             // The adapters change the logits (a step that applied none would pass the above).
             let prompt: Vec<u32> = (1..20).collect();
             let mut first = |a: Option<&Arc<LoraAdapter>>, seq: SeqId| {
@@ -197,7 +214,7 @@ fn a_cached_prefix_serves_only_its_own_adapter() {
     };
     let system: Vec<u32> = (0..40).map(|j| (j * 53 + 5) % 500).collect();
     let later: Vec<u32> = system.iter().copied().chain([7, 8, 9]).collect();
-    let mut g = gpu("tiny-qwen2", Dtype::F32);
+    let mut g = gpu("tiny-qwen2", Dtype::F32, None);
     let (a, b) = (bound(&g, "adapter-a"), bound(&g, "adapter-b"));
     let plain = CudaBackend::load(&WeightsFormat::Safetensors { dir: repo().join("tests/fixtures/generated/tiny-qwen2") }, &CudaOptions { dtype: Dtype::F32, gpu_memory_fraction: 0.3, prefix_caching: false, ..CudaOptions::default() });
     let mut plain = plain.expect("loads");
@@ -246,6 +263,57 @@ fn more_adapters_than_device_slots_are_evicted_and_uploaded_again() {
     g.release(70_000);
     assert_eq!(g.resident_adapters(), 0, "adapters no request holds leave the device");
     eprintln!("10 loads of 2 adapters over 4 slots, 12 random rounds: tokens as alone; none left after the last drop");
+}
+
+#[test]
+fn stacks_take_steps_whose_adapters_fit_and_leave_the_rest_to_the_tiled_kernel() {
+    // Stacks of 2 slots of rank 4 and four loads of the qwen2 adapters: three of adapter-a (rank
+    // 4) and one of adapter-b (rank 8). Steps with two adapter-a loads go through the stacks (a
+    // third load takes the least recently used slot); three loads in a step, or adapter-b, take
+    // the tiled kernel. Every sequence's tokens must be those of its adapter's file alone on a
+    // backend without stacks.
+    let dir = repo().join("tests/fixtures/generated/tiny-qwen2");
+    let load = |lora_stack| CudaBackend::load(&WeightsFormat::Safetensors { dir: dir.clone() }, &CudaOptions { dtype: Dtype::F32, gpu_memory_fraction: 0.2, lora_stack, ..CudaOptions::default() }).expect("loads");
+    let (mut g, mut plain) = (load(Some(StackSize { slots: 2, rank: 4 })), load(None));
+    let files = ["adapter-a", "adapter-a", "adapter-a", "adapter-b"];
+    let loads: Vec<Arc<LoraAdapter>> = files.iter().map(|f| bound(&g, f)).collect();
+    let prompts: Vec<Vec<u32>> = (0..3u32).map(|i| (0..4 + i * 6).map(|j| (i * 71 + j * 17) % 500).collect()).collect();
+    let alone = |plain: &mut CudaBackend, f: &str, k: usize, seq: SeqId| {
+        let a = [bound(plain, f)];
+        together(plain, &a, &[Plan { prompt: prompts[k].clone(), adapter: Some(0), arrives: 0 }], seq, 64, 8).remove(0)
+    };
+    // (loads of the round's three sequences, None: base model; whether the stacks take it)
+    let rounds: [([Option<usize>; 3], bool); 6] = [
+        ([Some(0), Some(1), None], true),
+        ([Some(2), Some(0), Some(0)], true),
+        ([Some(0), Some(1), Some(2)], false),
+        ([Some(1), None, Some(1)], true),
+        ([Some(0), Some(3), None], false),
+        ([Some(2), Some(1), Some(2)], true),
+    ];
+    let mut seq = 90_000;
+    for (round, (picks, stacked)) in rounds.iter().enumerate() {
+        let before = g.lora_steps();
+        let plans: Vec<Plan> = picks.iter().enumerate().map(|(k, &a)| Plan { prompt: prompts[k].clone(), adapter: a, arrives: k % 2 }).collect();
+        let got = together(&mut g, &loads, &plans, seq, 5, 8);
+        seq += 10;
+        for (k, &a) in picks.iter().enumerate() {
+            let want = match a {
+                Some(a) => alone(&mut plain, files[a], k, seq + k as SeqId),
+                None => together(&mut plain, &[], &[Plan { prompt: prompts[k].clone(), adapter: None, arrives: 0 }], seq + k as SeqId, 64, 8).remove(0),
+            };
+            assert_eq!(got[k], want, "round {round}: sequence {k} with load {a:?}");
+        }
+        seq += 10;
+        let after = g.lora_steps();
+        let (s, t) = (after.0 - before.0, after.1 - before.1);
+        if *stacked {
+            assert!(s > 0 && t == 0, "round {round}: {s} steps through the stacks, {t} through the tiled kernel; all should take the stacks");
+        } else {
+            assert!(t > 0, "round {round}: no step through the tiled kernel");
+        }
+    }
+    eprintln!("stacks of 2x4: rounds through the stacks and the tiled kernel, tokens as alone without stacks");
 }
 
 #[test]

@@ -14,10 +14,22 @@
 //! a step uploads only the entries of blocks taken since the last one.
 use super::gpu::{Buf, Dtype, Gpu};
 use super::lora::{self, Group};
+use super::lora_stack::{StackArg, StackSize, GROUPS};
 use super::CudaBackend;
 use crate::backend::candle::ModelConfig;
 use crate::backend::gpu_sampling::PARAM_BYTES;
 use crate::backend::{BackendError, StepInput};
+
+/// How a step applies LoRA adapters (part of a decode graph's key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoraMode {
+    /// No adapter rows.
+    Off,
+    /// `lora_update` beside each product, rows gathered into tiles (`lora.rs`).
+    Tiles,
+    /// The stacked products beside each product, the update added by its reader (`lora_stack.rs`).
+    Stacks,
+}
 
 /// Threads of one `attend` block: ATT_WARPS (kernels.cu) warps.
 const ATTEND_THREADS: u32 = 8 * 32;
@@ -64,6 +76,12 @@ pub struct Scratch {
     z_qkv: Buf<f32>,
     z_x: Buf<f32>,
     z_gu: Buf<f32>,
+    /// The stacked products `t = A x` (`lora_stack.rs`) of the q/k/v group, of o and down (one
+    /// buffer: each is read before the next is written) and of gate/up: f32 rows of
+    /// `StackSize::t_cols` (one element when the backend has no stacks).
+    t_qkv: Buf<f32>,
+    t_x: Buf<f32>,
+    t_gu: Buf<f32>,
     /// Logits of the rows that want them, f32 [logit rows, vocab].
     pub logits: Buf<f32>,
     /// Greedy picks, then the device-sampled rows' draws, [logit rows].
@@ -76,8 +94,9 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn new(gpu: &Gpu, cfg: &ModelConfig, dtype: Dtype, inter: usize, rows: usize, logit_rows: usize) -> Result<Scratch, BackendError> {
+    pub fn new(gpu: &Gpu, cfg: &ModelConfig, dtype: Dtype, inter: usize, rows: usize, logit_rows: usize, stacks: Option<StackSize>) -> Result<Scratch, BackendError> {
         let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let t_len = |g: Group| stacks.map_or(1, |st| rows * st.t_cols(g));
         let wide = cfg.hidden_size.max(q).max(inter);
         let updates = logit_rows.max(64) * 4;
         Ok(Scratch {
@@ -93,6 +112,9 @@ impl Scratch {
             z_qkv: gpu.zeros(rows * (q + 2 * kv))?,
             z_x: gpu.zeros(rows * cfg.hidden_size)?,
             z_gu: gpu.zeros(rows * 2 * inter)?,
+            t_qkv: gpu.zeros(t_len(lora::QKV))?,
+            t_x: gpu.zeros(t_len(lora::O).max(t_len(lora::DOWN)))?,
+            t_gu: gpu.zeros(t_len(lora::GATE_UP))?,
             logits: gpu.zeros(logit_rows * cfg.vocab_size)?,
             ids: gpu.zeros(logit_rows)?,
             part_v: gpu.zeros(logit_rows * ARGMAX_SLICES)?,
@@ -138,11 +160,12 @@ impl Scratch {
 }
 
 /// Writes the step's row data (padded with rows of the spare slot up to `padded` rows), each
-/// input's adapter slot (`adapters`, -1 for the base model; None: no adapter rows), and applies
+/// input's adapter slot (`adapters`, -1 for the base model; None: no adapter rows; the table's
+/// slot in `LoraMode::Tiles`, with the tiles, the stacks' in `LoraMode::Stacks`), and applies
 /// the block-table entries taken since the last step. An input with `picks[i]` (async
 /// scheduling) takes its one token from the step before's pick of that logit row, still on the
 /// device. Returns (rows, logit rows).
-pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[i32]>, padded: usize, new_blocks: &[(usize, u32)], picks: &[Option<i32>]) -> Result<(usize, usize), BackendError> {
+pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<(&[i32], LoraMode)>, padded: usize, new_blocks: &[(usize, u32)], picks: &[Option<i32>]) -> Result<(usize, usize), BackendError> {
     let s = &b.scratch;
     let (cap, lcap) = (s.rows, s.logit_rows);
     let mut data = vec![0i32; 4 * cap + lcap];
@@ -156,7 +179,7 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[
         }
         let slot = b.slots[&inp.seq] as i32;
         let start = b.tables.len(inp.seq) - inp.tokens.len();
-        let adapter = adapters.map_or(-1, |a| a[k]);
+        let adapter = adapters.map_or(-1, |(a, _)| a[k]);
         for (i, &t) in inp.tokens.iter().enumerate() {
             data[r] = t as i32;
             data[cap + r] = (start + i) as i32;
@@ -178,7 +201,7 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[
         r += 1;
         l += 1;
     }
-    if adapters.is_some() {
+    if let Some((_, LoraMode::Tiles)) = adapters {
         data.extend(lora::tiles(&data[3 * cap..3 * cap + r]));
     }
     let gpu = &b.gpu;
@@ -210,17 +233,38 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<&[
     Ok((r, l))
 }
 
-/// The product `y = W x` (`gemm`) of `r` rows, and with adapter rows (`adapters`) the LoRA
-/// updates of group `g` of `layer` beside it on the side stream: `z` (rows of `z_stride`, the
-/// product's width) gets each adapter row's update for the product's input (`x16` or `x32`, rows
-/// of `in_dim`), which the product's reader adds. The rows come in the step's tiles
-/// (`lora::tiles`). Joins before it returns, so the next launches may overwrite the input.
-#[allow(clippy::too_many_arguments)]
-fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, g: Group, layer: usize, r: usize, adapters: bool, x16: u64, x32: u64, in_dim: usize, z: u64, z_stride: usize) -> Result<(), BackendError> {
-    if !adapters {
-        return gemm();
+/// The stacked products' buffer of group `gi` (of `lora_stack::GROUPS`).
+fn t_buf(s: &Scratch, gi: usize) -> u64 {
+    match gi {
+        0 => s.t_qkv.ptr,
+        2 => s.t_gu.ptr,
+        _ => s.t_x.ptr,
     }
-    let (gpu, s) = (&b.gpu, &b.scratch);
+}
+
+/// The product `y = W x` (`gemm`) of `r` rows, and with adapter rows the LoRA work of group
+/// `gi` (of `lora_stack::GROUPS`) of `layer` beside it on the side stream, for the product's
+/// input (`x16` or `x32`, rows of `in_dim`):
+/// - `LoraMode::Tiles`: `z` (rows of `z_stride`, the product's width) gets each adapter row's
+///   update, which the product's reader adds; the rows come in the step's tiles (`lora::tiles`).
+/// - `LoraMode::Stacks`: the stacked product `t = A x` of every row and stack slot (`t_buf`),
+///   from which the product's reader adds each adapter row's `B t`.
+///
+/// Joins before it returns, so the next launches may overwrite the input.
+#[allow(clippy::too_many_arguments)]
+fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, gi: usize, layer: usize, r: usize, mode: LoraMode, x16: u64, x32: u64, in_dim: usize, z: u64, z_stride: usize) -> Result<(), BackendError> {
+    let (gpu, s, g) = (&b.gpu, &b.scratch, GROUPS[gi]);
+    match mode {
+        LoraMode::Off => return gemm(),
+        LoraMode::Stacks => {
+            let st = b.stacks.as_ref().expect("a step in LoraMode::Stacks has stacks");
+            gpu.fork()?;
+            gpu.gemm_side(b.w.dtype, st.a(layer, gi), s.h.ptr, t_buf(s, gi), r, st.size().t_cols(g), in_dim, false)?;
+            gemm()?;
+            return gpu.join();
+        }
+        LoraMode::Tiles => {}
+    }
     let (layer, layers, m0) = (layer as i32, b.cfg.num_layers as i32, g.first as i32);
     let (table, tiles) = (b.lora.table.ptr, s.at(Field::Tiles));
     let (in_dim, z_stride) = (in_dim as i32, z_stride as i32);
@@ -234,9 +278,9 @@ fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, g: 
 }
 
 /// Launches the forward of `r` rows (data in place from `upload`), the logits of `l` rows and
-/// their greedy picks or device draws; `adapters`: some rows use LoRA adapters. Launches only: no
-/// copies, no waiting (it may be captured in a graph).
-pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(), BackendError> {
+/// their greedy picks or device draws; `mode`: how the step applies LoRA adapters. Launches only:
+/// no copies, no waiting (it may be captured in a graph).
+pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(), BackendError> {
     let (gpu, w, s, cfg) = (&b.gpu, &b.w, &b.scratch, &b.cfg);
     let dtype = w.dtype;
     let (ids, pos, slot, logit_rows) = (s.at(Field::Ids), s.at(Field::Pos), s.at(Field::Slot), s.at(Field::LogitRows));
@@ -254,24 +298,28 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(
     let (block, interleaved, scale) = (super::BLOCK as i32, i32::from(cfg.rope_interleaved), 1.0f32 / (d as f32).sqrt());
     let (nh32, nkv32, d32) = (nh as i32, nkv as i32, d as i32);
     let none = 0u64;
-    // The LoRA updates' buffers for the products' readers (null: no adapter rows) and each row's
-    // adapter slot.
-    let on = |z: &Buf<f32>| if adapters { z.ptr } else { 0u64 };
+    // The LoRA updates' buffers for the products' readers (null: no tiled updates), each row's
+    // adapter slot, and the readers' argument for the stacks' updates (null `t`: none).
+    let on = |z: &Buf<f32>| if mode == LoraMode::Tiles { z.ptr } else { 0u64 };
     let (z_qkv, z_x, z_gu, row_slot) = (on(&s.z_qkv), on(&s.z_x), on(&s.z_gu), s.at(Field::Adapter));
+    let stacked = |layer: usize, gi: usize| match (mode, &b.stacks) {
+        (LoraMode::Stacks, Some(st)) => st.arg(layer, gi, t_buf(s, gi), row_slot),
+        _ => StackArg::default(),
+    };
     gpu.launch(embed, (r32, 1), 256, &[&w.embed.w.ptr, &ids, &s.x.ptr, &h32])?;
     for (layer, lw) in w.layers.iter().enumerate() {
         let c = &b.cache[layer];
         // The update of the previous layer's down product joins the residual stream here.
-        let z_down = if layer > 0 { z_x } else { 0 };
-        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_down, &row_slot])?;
+        let (z_down, t_down) = if layer > 0 { (z_x, stacked(layer - 1, 3)) } else { (0, StackArg::default()) };
+        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_down, &row_slot, &t_down])?;
         let qkv = || gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false);
-        product(b, qkv, lora::QKV, layer, r, adapters, h16, h32p, h, z_qkv, lw.qkv.n)?;
+        product(b, qkv, 0, layer, r, mode, h16, h32p, h, z_qkv, lw.qkv.n)?;
         let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
         gpu.launch(
             &gpu.k.qkv_rope_store,
             (r32, (nh + cfg.num_kv_heads) as u32),
             ((d / 2).div_ceil(32) * 32) as u32,
-            &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot],
+            &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot, &stacked(layer, 0)],
         )?;
         gpu.launch(
             &gpu.k.attend,
@@ -280,17 +328,18 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, adapters: bool) -> Result<(
             &[&s.q.ptr, &c.k.ptr, &c.v.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &h16, &h32p, &nh32, &nkv32, &d32, &block, &scale, &kv32],
         )?;
         let o = || gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true);
-        product(b, o, lora::O, layer, r, adapters, h16, h32p, nh * d, z_x, h)?;
-        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_x, &row_slot])?;
+        product(b, o, 1, layer, r, mode, h16, h32p, nh * d, z_x, h)?;
+        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_x, &row_slot, &stacked(layer, 1)])?;
         let gate_up = || gpu.gemm(dtype, lw.gate_up.w.ptr, s.h.ptr, s.gu.ptr, r, lw.gate_up.n, h, false);
-        product(b, gate_up, lora::GATE_UP, layer, r, adapters, h16, h32p, h, z_gu, lw.gate_up.n)?;
+        product(b, gate_up, 2, layer, r, mode, h16, h32p, h, z_gu, lw.gate_up.n)?;
         let inter = lw.gate_up.n / 2;
-        gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32), &z_gu, &row_slot])?;
+        gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32), &z_gu, &row_slot, &stacked(layer, 2)])?;
         let down = || gpu.gemm(dtype, lw.down.w.ptr, s.h.ptr, s.x.ptr, r, h, inter, true);
-        product(b, down, lora::DOWN, layer, r, adapters, h16, h32p, inter, z_x, h)?;
+        product(b, down, 3, layer, r, mode, h16, h32p, inter, z_x, h)?;
     }
     if l > 0 {
-        gpu.launch(&gpu.k.rms_norm, (l as u32, 1), 256, &[&s.x.ptr, &w.final_norm.ptr, &logit_rows, &h16, &h32p, &h32, &eps, &z_x, &row_slot])?;
+        let t_down = w.layers.len().checked_sub(1).map_or(StackArg::default(), |last| stacked(last, 3));
+        gpu.launch(&gpu.k.rms_norm, (l as u32, 1), 256, &[&s.x.ptr, &w.final_norm.ptr, &logit_rows, &h16, &h32p, &h32, &eps, &z_x, &row_slot, &t_down])?;
         let head = w.lm_head();
         gpu.gemm(dtype, head.w.ptr, s.h.ptr, s.logits.ptr, l, head.n, h, false)?;
         pick_tokens(gpu, s.logits.ptr, cfg.vocab_size, l, s.part_v.ptr, s.part_i.ptr, Some(s.params.ptr), s.ids.ptr)?;

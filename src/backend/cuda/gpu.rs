@@ -94,6 +94,9 @@ pub struct Gpu {
     blas: CudaBlas,
     /// cuBLAS's workspace, set explicitly so that no product allocates (a graph capture forbids it).
     _workspace: CudaSlice<u8>,
+    /// A cuBLAS handle on the side stream, with its own workspace (LoRA's stacked products).
+    blas_side: CudaBlas,
+    _workspace_side: CudaSlice<u8>,
     _module: Arc<CudaModule>,
     pub k: Kernels,
 }
@@ -175,14 +178,8 @@ impl Gpu {
         let side = ctx.new_stream().map_err(|e| driver_err("cannot create a CUDA stream", e))?;
         let event = || ctx.new_event(None).map_err(|e| driver_err("cannot create a CUDA event", e));
         let (forked, joined) = (event()?, event()?);
-        let blas = CudaBlas::new(Arc::clone(&stream)).map_err(|e| driver_err("cannot start cuBLAS", e))?;
-        let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(|e| oom(BLAS_WORKSPACE, e))?;
-        let ws_ptr = workspace.device_ptr(&stream).0;
-        // SAFETY: the workspace outlives the handle (both are fields of `Gpu`, dropped together).
-        let status = unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ws_ptr as *mut _, BLAS_WORKSPACE) };
-        if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(driver_err("cannot set cuBLAS's workspace", status));
-        }
+        let (blas, workspace) = blas_on(&stream)?;
+        let (blas_side, workspace_side) = blas_on(&side)?;
         let module = ctx
             .load_module(Ptx::from_binary(KERNELS.to_vec()))
             .map_err(|e| driver_err(&format!("cuda:{ordinal}: cannot load inferd's kernels (built for sm_80..sm_90; is the driver older than CUDA 13.0?)"), e))?;
@@ -203,7 +200,21 @@ impl Gpu {
             f16_to_f32: f("f16_to_f32")?,
         };
         let use_side = !std::env::var("INFERD_CUDA_SIDE_STREAM").is_ok_and(|v| v == "0");
-        Ok(Gpu { ctx, stream, side, use_side, forked, joined, staging: RefCell::new(None), blas, _workspace: workspace, _module: module, k })
+        Ok(Gpu {
+            ctx,
+            stream,
+            side,
+            use_side,
+            forked,
+            joined,
+            staging: RefCell::new(None),
+            blas,
+            _workspace: workspace,
+            blas_side,
+            _workspace_side: workspace_side,
+            _module: module,
+            k,
+        })
     }
 
     /// The device's name, for the log.
@@ -362,33 +373,13 @@ impl Gpu {
     /// `y[rows, n] = x[rows, k] W^T (+ y when accumulate)`: `w` row-major [n, k] of `dtype`, `x`
     /// row-major [rows, k] of `dtype`, `y` f32. f32 inputs compute in full f32 (no TF32).
     pub fn gemm(&self, dtype: Dtype, w: u64, x: u64, y: u64, rows: usize, n: usize, k: usize, accumulate: bool) -> Result<(), BackendError> {
-        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
-        // Column-major view: Y^T [n, rows] = W [n, k] (stored as k x n, transposed) X^T [k, rows].
-        // SAFETY: the handle is bound to this stream; the addresses hold the sizes described above.
-        unsafe {
-            blas_result::gemm_ex(
-                *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                rows as i32,
-                k as i32,
-                (&alpha as *const f32).cast(),
-                w as *const _,
-                dtype.cuda(),
-                k as i32,
-                x as *const _,
-                dtype.cuda(),
-                k as i32,
-                (&beta as *const f32).cast(),
-                y as *mut _,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                n as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| compute("cuBLAS product", e))
+        gemm_with(&self.blas, dtype, w, x, y, rows, n, k, accumulate)
+    }
+
+    /// `gemm` on the side stream (between `fork` and `join`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_side(&self, dtype: Dtype, w: u64, x: u64, y: u64, rows: usize, n: usize, k: usize, accumulate: bool) -> Result<(), BackendError> {
+        gemm_with(if self.use_side { &self.blas_side } else { &self.blas }, dtype, w, x, y, rows, n, k, accumulate)
     }
 
     /// Waits for the stream; surfaces any asynchronous error of the launches before.
@@ -404,6 +395,53 @@ fn oom(bytes: usize, e: impl std::fmt::Debug) -> BackendError {
 fn compute(what: &str, e: impl std::fmt::Debug) -> BackendError {
     BackendError::Compute(format!("CUDA: {what}: {e:?}"))
 }
+
+/// `Gpu::gemm` on the handle `blas` (bound to its stream).
+#[allow(clippy::too_many_arguments)]
+fn gemm_with(blas: &CudaBlas, dtype: Dtype, w: u64, x: u64, y: u64, rows: usize, n: usize, k: usize, accumulate: bool) -> Result<(), BackendError> {
+    let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+    // Column-major view: Y^T [n, rows] = W [n, k] (stored as k x n, transposed) X^T [k, rows].
+    // SAFETY: the handle is bound to this stream; the addresses hold the sizes described above.
+    unsafe {
+        blas_result::gemm_ex(
+            *blas.handle(),
+            blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            n as i32,
+            rows as i32,
+            k as i32,
+            (&alpha as *const f32).cast(),
+            w as *const _,
+            dtype.cuda(),
+            k as i32,
+            x as *const _,
+            dtype.cuda(),
+            k as i32,
+            (&beta as *const f32).cast(),
+            y as *mut _,
+            blas_sys::cudaDataType::CUDA_R_32F,
+            n as i32,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| compute("cuBLAS product", e))
+}
+
+/// A cuBLAS handle on `stream` with a workspace of its own, set explicitly so that no product
+/// allocates (a graph capture forbids it).
+fn blas_on(stream: &Arc<CudaStream>) -> Result<(CudaBlas, CudaSlice<u8>), BackendError> {
+    let blas = CudaBlas::new(Arc::clone(stream)).map_err(|e| driver_err("cannot start cuBLAS", e))?;
+    let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(|e| oom(BLAS_WORKSPACE, e))?;
+    let ws_ptr = workspace.device_ptr(stream).0;
+    // SAFETY: the workspace outlives the handle (both are fields of `Gpu`, dropped together).
+    let status = unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ws_ptr as *mut _, BLAS_WORKSPACE) };
+    if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        return Err(driver_err("cannot set cuBLAS's workspace", status));
+    }
+    Ok((blas, workspace))
+}
+
 
 /// A kernel argument: a plain value pushed by reference.
 pub trait Arg {

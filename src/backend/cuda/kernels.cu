@@ -56,6 +56,32 @@ __device__ __forceinline__ const float* lora_row(const float* z, const int* row_
     return z && row_slot[r] >= 0 ? z + (size_t)r * width : nullptr;
 }
 
+// LoRA rows through stacked weights (lora_stack.rs), the other way to apply adapters: `t`
+// ([rows, t_stride], a cuBLAS product on the side stream) holds every row's `A x` for every stack
+// slot's adapter, `count` modules of `rank` values a slot; `bt` ([slots, rank, width]) each slot's
+// scaled B transposed, each module's columns where its output sits in the product's row. A row
+// of slot `row_stack[r]` (-1: none) adds `sum_k t[k] bt[k, c]` to column c of module j. Null `t`:
+// the step applies no stacked adapters. Passed by value (lora_stack::StackArg).
+struct LoraStack {
+    const float* t;
+    const int* row_stack;
+    const float* bt;
+    int t_stride;
+    int width;
+    int rank;
+    int count;
+};
+
+__device__ __forceinline__ float lora_stack_at(const LoraStack& L, int r, int c, int j) {
+    int s = L.t ? L.row_stack[r] : -1;
+    if (s < 0) return 0.0f;
+    const float* t = L.t + (size_t)r * L.t_stride + (size_t)(s * L.count + j) * L.rank;
+    const float* b = L.bt + (size_t)s * L.rank * L.width + c;
+    float acc = 0.0f;
+    for (int k = 0; k < L.rank; k++) acc += t[k] * b[(size_t)k * L.width];
+    return acc;
+}
+
 // x[r, :] = table[ids[r], :] (the embedding lookup). Grid: rows; block: any.
 extern "C" __global__ void embed_f16(const __half* __restrict__ table, const int* __restrict__ ids, float* __restrict__ x, int hidden) {
     int r = blockIdx.x;
@@ -72,15 +98,19 @@ extern "C" __global__ void embed_f32(const float* __restrict__ table, const int*
 // out[i, :] = x[row, :] / sqrt(mean(x[row, :]^2) + eps) * w, row = rows ? rows[i] : i.
 // Grid: output rows; block: 256. `out` is f16 (`out16`) or f32 (`out32`), whichever is not null.
 // With `z` (LoRA rows' updates of the residual stream, rows of `hidden`), an adapter row first
-// adds its update to x (in place: the residual stream goes on with it).
+// adds its update to x (in place: the residual stream goes on with it); with the stacks' `ls`
+// (module 0 of the product that wrote x), likewise.
 extern "C" __global__ void rms_norm(float* __restrict__ x, const float* __restrict__ w, const int* __restrict__ rows, __half* __restrict__ out16, float* __restrict__ out32, int hidden, float eps,
-                                    const float* __restrict__ z, const int* __restrict__ row_slot) {
+                                    const float* __restrict__ z, const int* __restrict__ row_slot, LoraStack ls) {
     int i = blockIdx.x;
     int row = rows ? rows[i] : i;
     float* xr = x + (size_t)row * hidden;
     const float* zr = lora_row(z, row_slot, row, hidden);
     if (zr)
         for (int j = threadIdx.x; j < hidden; j += blockDim.x) xr[j] += zr[j];
+    if (ls.t && ls.row_stack[row] >= 0) {
+        for (int j = threadIdx.x; j < hidden; j += blockDim.x) xr[j] += lora_stack_at(ls, row, j, 0);
+    }
     float ss = 0.0f;
     for (int j = threadIdx.x; j < hidden; j += blockDim.x) ss += xr[j] * xr[j];
     ss = block_sum(ss);
@@ -97,17 +127,18 @@ extern "C" __global__ void rms_norm(float* __restrict__ x, const float* __restri
 // (i, i + half)), writes q to `q` [rows, nh * d] and k, v into the paged cache. Grid: (rows,
 // nh + nkv): blocks y < nh take a query head, the others a key head and its value head; a thread
 // takes a pair (and the same pair of the value head). With `z`, adapter rows add their LoRA
-// update (rows of the product's width) to the product first.
+// update (rows of the product's width) to the product first; with the stacks' `ls`, likewise.
 extern "C" __global__ void qkv_rope_store(const float* __restrict__ qkv, const float* __restrict__ bias, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           const int* __restrict__ pos, const int* __restrict__ row_seq, const int* __restrict__ tables, int table_stride,
                                           float* __restrict__ q, void* __restrict__ kc, void* __restrict__ vc,
                                           int nh, int nkv, int d, int block_size, int interleaved, int kv32,
-                                          const float* __restrict__ z, const int* __restrict__ row_slot) {
+                                          const float* __restrict__ z, const int* __restrict__ row_slot, LoraStack ls) {
     int r = blockIdx.x, h = blockIdx.y;
     int qd = nh * d, kvd = nkv * d, width = qd + 2 * kvd;
     const float* row = qkv + (size_t)r * width;
     const float* zr = lora_row(z, row_slot, r, width);
-#define QKV_AT(c) ((zr ? row[c] + zr[c] : row[c]) + (bias ? bias[c] : 0.0f))
+    bool stacked = ls.t && ls.row_stack[r] >= 0;
+#define QKV_AT(c) ((zr ? row[c] + zr[c] : row[c]) + (bias ? bias[c] : 0.0f) + (stacked ? lora_stack_at(ls, r, c, (c) < qd ? 0 : (c) < qd + kvd ? 1 : 2) : 0.0f))
     int p = pos[r], half = d / 2;
     const float* cs = cos_t + (size_t)p * half;
     const float* sn = sin_t + (size_t)p * half;
@@ -277,9 +308,10 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP) attend(const floa
 }
 
 // out[r, j] = silu(gu[r, j]) * gu[r, inter + j], f16 (`out16`) or f32 (`out32`), adapter rows'
-// LoRA updates `z` added to gu first. Grid: (rows, ceil(inter / block)); one value a thread.
+// LoRA updates `z` (or the stacks' `ls`) added to gu first. Grid: (rows, ceil(inter / block));
+// one value a thread.
 extern "C" __global__ void silu_mul(const float* __restrict__ gu, __half* __restrict__ out16, float* __restrict__ out32, int inter,
-                                    const float* __restrict__ z, const int* __restrict__ row_slot) {
+                                    const float* __restrict__ z, const int* __restrict__ row_slot, LoraStack ls) {
     int r = blockIdx.x;
     int j = blockIdx.y * blockDim.x + threadIdx.x;
     if (j >= inter) return;
@@ -287,6 +319,10 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gu, __half* __rest
     const float* zr = lora_row(z, row_slot, r, 2 * inter);
     float x = zr ? g[j] + zr[j] : g[j];
     float u = zr ? g[inter + j] + zr[inter + j] : g[inter + j];
+    if (ls.t && ls.row_stack[r] >= 0) {
+        x += lora_stack_at(ls, r, j, 0);
+        u += lora_stack_at(ls, r, inter + j, 1);
+    }
     float v = x / (1.0f + expf(-x)) * u;
     if (out16) out16[(size_t)r * inter + j] = __float2half(v);
     else out32[(size_t)r * inter + j] = v;

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::gpu::Gpu;
 use super::lora::{self, DevLora};
+use super::lora_stack::LoraStacks;
 use super::weights::DevWeights;
 use super::{forward, pipeline, CudaBackend, CudaOptions, LayerCache, BLOCK};
 use crate::backend::gpu_sampling;
@@ -44,7 +45,12 @@ impl CudaBackend {
         let (cos, sin) = (gpu.upload(cos)?, gpu.upload(sin)?);
         let inter = dw.layers.first().map_or(0, |l| l.gate_up.n / 2);
         let max_slots = opts.max_slots.max(1);
-        let scratch = forward::Scratch::new(&gpu, &cfg, opts.dtype, inter, max_slots + PREFILL_ROWS, max_slots)?;
+        let scratch = forward::Scratch::new(&gpu, &cfg, opts.dtype, inter, max_slots + PREFILL_ROWS, max_slots, opts.lora_stack)?;
+        let lora_dims = cfg.lora_dims(inter, Some(lora::MAX_RANK));
+        let stacks = opts.lora_stack.map(|size| LoraStacks::new(&gpu, size, opts.dtype, lora_dims)).transpose()?;
+        if let Some(st) = &stacks {
+            tracing::info!(slots = st.size().slots, rank = st.size().rank, mib = st.bytes() >> 20, "LoRA stacks on the device");
+        }
         // The KV cache takes what the fraction of the device's memory leaves after what this
         // model took (weights, buffers), within what is free.
         let (free, _) = gpu.memory()?;
@@ -79,7 +85,6 @@ impl CudaBackend {
         let mut host_tables = vec![0i32; (max_slots + 1) * max_blocks];
         host_tables[max_slots * max_blocks..].fill(blocks as i32);
         let dev_tables = gpu.upload(&host_tables)?;
-        let lora_dims = cfg.lora_dims(inter, Some(lora::MAX_RANK));
         let lora = DevLora::new(&gpu, max_slots, lora_dims)?;
         tracing::info!(
             device = %gpu.name(), ordinal = opts.ordinal, dtype = ?opts.dtype, weights_mib = dw.bytes() >> 20,
@@ -105,6 +110,8 @@ impl CudaBackend {
             seen: HashSet::new(),
             ungraphed: HashSet::new(),
             lora,
+            stacks,
+            lora_steps: (0, 0),
             lora_dims,
             use_graphs: opts.graphs,
             device_sampling: gpu_sampling::enabled_from_env(),

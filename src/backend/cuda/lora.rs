@@ -74,6 +74,29 @@ pub const O: Group = Group { first: 3, count: 1 };
 pub const GATE_UP: Group = Group { first: 4, count: 2 };
 pub const DOWN: Group = Group { first: 6, count: 1 };
 
+/// The first column of module `m`'s output in its product's output row.
+pub fn column(d: &BaseDims, m: Module) -> usize {
+    match m {
+        Module::K => d.q_dim,
+        Module::V => d.q_dim + d.kv_dim,
+        Module::Up => d.intermediate,
+        Module::Q | Module::O | Module::Gate | Module::Down => 0,
+    }
+}
+
+impl Group {
+    /// The group's modules, in their order in the product's output row.
+    pub fn modules(self) -> &'static [Module] {
+        &Module::ALL[self.first..self.first + self.count]
+    }
+
+    /// (in, out) of the group's product: its input's width and its output row's.
+    pub fn io(self, d: &BaseDims) -> (usize, usize) {
+        let ms = self.modules();
+        (d.io(ms[0]).0, ms.iter().map(|&m| d.io(m).1).sum())
+    }
+}
+
 struct Resident {
     slot: u32,
     adapter: Weak<LoraAdapter>,
@@ -194,15 +217,8 @@ impl DevLora {
         Ok(())
     }
 
-    /// The first column of module `m`'s output in its product's output row.
     fn column(&self, m: Module) -> usize {
-        let d = &self.dims;
-        match m {
-            Module::K => d.q_dim,
-            Module::V => d.q_dim + d.kv_dim,
-            Module::Up => d.intermediate,
-            Module::Q | Module::O | Module::Gate | Module::Down => 0,
-        }
+        column(&self.dims, m)
     }
 
     /// Adapters on the device now.

@@ -15,7 +15,9 @@
 //!   step (one token per row) of R rows, R padded to a power of two, replays a CUDA graph
 //!   captured the second time that R is seen (`INFERD_CUDA_GRAPHS=0` turns them off).
 //! - LoRA: base-model rows and rows of many adapters in one step, each row's update gathered by
-//!   its adapter (`lora.rs`, SGMV); adapters are uploaded when a step first uses them.
+//!   its adapter (`lora.rs`, SGMV); adapters are uploaded when a step first uses them. With
+//!   stacks (`CudaOptions::lora_stack`, `lora_stack.rs`), a step whose adapters fit them takes a
+//!   cuBLAS product of the stacked A beside each base product instead, its readers adding `B t`.
 //! - Sampling: greedy rows are picked on the device, and so are drawing rows (temperature, top-k,
 //!   top-p, min-p, the sequence's seed) without logprobs, penalties, bias or a grammar: only their
 //!   token ids cross to the host (`gpu_sampling`, `sample_rows` in `kernels.cu`). Other rows'
@@ -26,12 +28,15 @@ mod load;
 mod pipeline;
 pub mod logit_sampler;
 mod lora;
+pub mod lora_stack;
 mod weights;
 
 use std::collections::{HashMap, HashSet};
 
+use self::forward::LoraMode;
 use self::gpu::{Buf, Dtype, Gpu, Graph};
 use self::lora::DevLora;
+use self::lora_stack::{LoraStacks, StackSize};
 use self::weights::DevWeights;
 use super::candle::ModelConfig;
 use super::gpu_sampling::{self, Route};
@@ -62,11 +67,14 @@ pub struct CudaOptions {
     /// Async scheduling: the engine launches step N+1 before it collects step N's tokens
     /// (`pipeline.rs`). Off by default here; the server turns it on (`ModelConfig::cuda_pipeline`).
     pub pipeline: bool,
+    /// Stacked LoRA weights (`lora_stack.rs`) of this size; None: adapters always take the tiled
+    /// kernel (`lora.rs`). Default from `INFERD_LORA_STACK` ("4x16"; unset: none).
+    pub lora_stack: Option<StackSize>,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env(), prefix_caching: true, pipeline: false }
+        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env(), prefix_caching: true, pipeline: false, lora_stack: StackSize::from_env() }
     }
 }
 
@@ -96,14 +104,18 @@ pub struct CudaBackend {
     /// padding rows) points at the spare block, which no sequence owns.
     dev_tables: Buf<i32>,
     max_blocks: usize,
-    /// Decode graphs by (row count, whether adapter rows are in the step), and those run once
-    /// without a graph.
-    graphs: HashMap<(usize, bool), Graph>,
-    seen: HashSet<(usize, bool)>,
+    /// Decode graphs by (row count, how the step applies adapters), and those run once without
+    /// a graph.
+    graphs: HashMap<(usize, LoraMode), Graph>,
+    seen: HashSet<(usize, LoraMode)>,
     /// Sizes whose capture failed: they run as plain launches.
-    ungraphed: HashSet<(usize, bool)>,
+    ungraphed: HashSet<(usize, LoraMode)>,
     /// The LoRA adapters on the device.
     lora: DevLora,
+    /// The stacked adapters (`CudaOptions::lora_stack`).
+    stacks: Option<LoraStacks>,
+    /// Steps with adapter rows that took the stacks, and the tiled kernel (tests).
+    lora_steps: (u64, u64),
     lora_dims: crate::lora::BaseDims,
     use_graphs: bool,
     /// Sample drawing rows on the device (`INFERD_CUDA_DEVICE_SAMPLING`).
@@ -157,7 +169,16 @@ impl CudaBackend {
     /// logit rows written.
     fn run(&mut self, inputs: &[StepInput<'_>], graph: bool, picks: &[Option<i32>]) -> Result<usize, BackendError> {
         self.check(inputs)?;
-        let adapters = self.lora.row_slots(&self.gpu, inputs)?;
+        let tiled = self.lora.row_slots(&self.gpu, inputs)?;
+        let stacked = match (&tiled, &mut self.stacks) {
+            (Some(_), Some(st)) => st.rows(&self.gpu, inputs)?,
+            _ => None,
+        };
+        let adapters = match (stacked, tiled) {
+            (Some(rows), _) => Some((rows, LoraMode::Stacks)),
+            (None, Some(rows)) => Some((rows, LoraMode::Tiles)),
+            (None, None) => None,
+        };
         let mut assigned = HashSet::new();
         for i in inputs {
             if !self.slots.contains_key(&i.seq) {
@@ -179,7 +200,14 @@ impl CudaBackend {
             new_blocks.extend(t.iter().enumerate().map(|(k, &blk)| (row + held + k, blk)));
             taken.push(t);
         }
-        let r = self.forward(inputs, adapters.as_deref(), graph, &new_blocks, picks);
+        let r = self.forward(inputs, adapters.as_ref().map(|(rows, mode)| (rows.as_slice(), *mode)), graph, &new_blocks, picks);
+        if r.is_ok() {
+            match adapters {
+                Some((_, LoraMode::Stacks)) => self.lora_steps.0 += 1,
+                Some(_) => self.lora_steps.1 += 1,
+                None => {}
+            }
+        }
         if r.is_ok() {
             for (k, i) in inputs.iter().enumerate() {
                 if picks.get(k).is_none_or(Option::is_none) {
@@ -197,7 +225,7 @@ impl CudaBackend {
         r
     }
 
-    fn forward(&mut self, inputs: &[StepInput<'_>], adapters: Option<&[i32]>, graph: bool, new_blocks: &[(usize, u32)], picks: &[Option<i32>]) -> Result<usize, BackendError> {
+    fn forward(&mut self, inputs: &[StepInput<'_>], adapters: Option<(&[i32], LoraMode)>, graph: bool, new_blocks: &[(usize, u32)], picks: &[Option<i32>]) -> Result<usize, BackendError> {
         let rows: usize = inputs.iter().map(|i| i.tokens.len()).sum();
         let logit_rows = inputs.iter().filter(|i| i.want_logits).count();
         if rows > self.scratch.rows || logit_rows > self.scratch.logit_rows {
@@ -208,11 +236,12 @@ impl CudaBackend {
             self.seen.clear();
             self.ungraphed.clear();
             self.params_on = false;
-            self.scratch = forward::Scratch::new(&self.gpu, &self.cfg, self.w.dtype, inter, rows.next_power_of_two(), self.scratch.logit_rows.max(logit_rows))?;
+            let stacks = self.stacks.as_ref().map(LoraStacks::size);
+            self.scratch = forward::Scratch::new(&self.gpu, &self.cfg, self.w.dtype, inter, rows.next_power_of_two(), self.scratch.logit_rows.max(logit_rows), stacks)?;
         }
         let decode = graph && self.use_graphs && inputs.iter().all(|i| i.tokens.len() == 1 && i.want_logits);
         let padded = rows.next_power_of_two();
-        let lora = adapters.is_some();
+        let lora = adapters.map_or(LoraMode::Off, |(_, mode)| mode);
         if !decode || padded > self.scratch.logit_rows {
             let (r, l) = forward::upload(self, inputs, adapters, rows, new_blocks, picks)?;
             forward::launches(self, r, l, lora)?;
@@ -231,14 +260,14 @@ impl CudaBackend {
             match self.gpu.capture(|| forward::launches(self, r, l, lora)) {
                 Ok(g) => {
                     self.gpu.replay(&g)?;
-                    tracing::debug!(rows = r, lora, "captured a decode graph");
+                    tracing::debug!(rows = r, lora = ?lora, "captured a decode graph");
                     self.graphs.insert((r, lora), g);
                 }
                 // A graph that cannot be made (its instantiation needs device memory, which
                 // another process on the GPU may have taken) costs speed, not the step: the
                 // captured launches did not run, so they run now, and this size stays ungraphed.
                 Err(e) => {
-                    tracing::warn!(rows = r, lora, error = %e, "cannot capture a decode graph; this batch size runs as plain launches");
+                    tracing::warn!(rows = r, lora = ?lora, error = %e, "cannot capture a decode graph; this batch size runs as plain launches");
                     self.ungraphed.insert((r, lora));
                     forward::launches(self, r, l, lora)?;
                 }
@@ -262,6 +291,12 @@ impl CudaBackend {
     #[doc(hidden)]
     pub fn resident_adapters(&self) -> usize {
         self.lora.resident()
+    }
+
+    /// Steps with adapter rows so far: (through the stacks, through the tiled kernel) (tests).
+    #[doc(hidden)]
+    pub fn lora_steps(&self) -> (u64, u64) {
+        self.lora_steps
     }
 
     /// Where each row is sampled (None: it wants no token), with the device rows' parameters

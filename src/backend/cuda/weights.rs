@@ -38,7 +38,7 @@ fn load_err(e: impl std::fmt::Display) -> BackendError {
 }
 
 /// f32 values as the bytes of `dtype`.
-fn to_bytes(data: &[f32], dtype: Dtype) -> Vec<u8> {
+pub(super) fn to_bytes(data: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
         Dtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         Dtype::F16 => data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
