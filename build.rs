@@ -35,6 +35,7 @@ fn main() {
     }
     let src = "src/backend/cuda/kernels.cu";
     println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-changed=src/backend/cuda/gemv_row.cuh");
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "INFERD_CUDA_ARCHS"] {
         println!("cargo:rerun-if-env-changed={var}");
     }

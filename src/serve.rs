@@ -143,6 +143,7 @@ fn open_backend(m: &ModelConfig, device: Device, assets: &model::ModelAssets, se
                 prefix_caching: m.prefix_cache_mb != Some(0),
                 pipeline: m.cuda_pipeline(),
                 lora_stack: crate::backend::cuda::lora_stack::StackSize::from_env(),
+                fused_row: crate::backend::cuda::fused_row_from_env(),
             };
             Box::new(crate::backend::cuda::CudaBackend::load(&assets.weights, &opts).map_err(|source| StartError::Backend { id: m.id.clone(), source })?)
         }

@@ -195,6 +195,49 @@ fn a_sequence_alone_and_in_a_mixed_batch_of_64_agree() {
 }
 
 #[test]
+fn fused_one_row_steps_match_the_unfused_launches_and_the_cpu_backend() {
+    // `CudaOptions::fused_row` (f16): one-row steps fold RMSNorm and SiLU into `gemv_row`'s
+    // products. Their inputs are the unfused kernels' f16 values; only the products' summation
+    // order differs from cuBLAS's. One sequence at a time, so every decode step is a one-row step,
+    // through `step` and through `step_and_sample` (graph replays).
+    use inferd::backend::SampleSpec;
+    use inferd::engine::sampler::TokenCounts;
+    use inferd::engine::SamplingParams;
+    let greedy_params = SamplingParams { temperature: 0.0, ..SamplingParams::default() };
+    let counts = TokenCounts::default();
+    for name in ["tiny-qwen2", "tiny-qwen2.f32.gguf", "tiny-llama", "tiny-llama.f32.gguf"] {
+        let load = |fused_row| CudaBackend::load(&weights(name), &CudaOptions { dtype: Dtype::F16, gpu_memory_fraction: 0.2, fused_row, ..CudaOptions::default() }).expect("loads");
+        let (mut fused, mut plain, mut c) = (load(true), load(false), cpu(name));
+        assert!(fused.fused_row() && !plain.fused_row(), "{name}: the fused one-row products are taken only when asked for");
+        let (mut to_plain, mut to_cpu) = (0f32, 0f32);
+        for (i, p) in prompts().iter().enumerate() {
+            let (ft, fl) = greedy(&mut fused, i as SeqId, p, 32);
+            let (pt, pl) = greedy(&mut plain, i as SeqId, p, 32);
+            let (ct, cl) = greedy(&mut c, i as SeqId, p, 32);
+            assert_eq!(ft, pt, "{name} prompt {i}: fused one-row steps vs unfused launches, greedy tokens");
+            assert_eq!(ft, ct, "{name} prompt {i}: fused one-row steps vs the CPU backend, greedy tokens");
+            to_plain = to_plain.max(max_diff(&fl, &pl));
+            to_cpu = to_cpu.max(max_diff(&fl, &cl));
+            // The same sequence through step_and_sample: decode steps replay a one-row graph.
+            let mut next = p.clone();
+            let mut got = Vec::new();
+            for _ in 0..32 {
+                let inputs = [StepInput { seq: 100 + i as SeqId, tokens: &next, adapter: None, want_logits: true }];
+                let specs = [Some(SampleSpec { params: &greedy_params, counts: &counts, uniform: None, logprobs: None, mask: None })];
+                let t = fused.step_and_sample(&inputs, &specs).expect("step").remove(0).expect("sampled").token;
+                got.push(t);
+                next = vec![t];
+            }
+            fused.release(100 + i as SeqId);
+            assert_eq!(got, ft, "{name} prompt {i}: fused one-row graph replays vs `step`");
+        }
+        eprintln!("{name} f16: 3 prompts x 32 greedy tokens, fused one-row steps = unfused = CPU; max |logit diff| {to_plain:e} to unfused, {to_cpu:e} to the CPU");
+        assert!(to_plain < 2e-2, "{name}: fused one-row logits {to_plain} from the unfused launches'");
+        assert!(to_cpu < 0.1, "{name}: fused one-row logits {to_cpu} from the CPU backend's");
+    }
+}
+
+#[test]
 fn decode_steps_replayed_from_cuda_graphs_give_the_tokens_of_plain_launches() {
     use inferd::backend::SampleSpec;
     use inferd::engine::sampler::TokenCounts;

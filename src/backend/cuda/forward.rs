@@ -13,6 +13,7 @@
 //! Block tables live on the device ([slots + 1, max blocks]), indexed by each sequence's slot;
 //! a step uploads only the entries of blocks taken since the last one.
 use super::gpu::{Buf, Dtype, Gpu};
+use super::weights::{DevLinear, DevWeights};
 use super::lora::{self, Group};
 use super::lora_stack::{StackArg, StackSize, GROUPS};
 use super::CudaBackend;
@@ -29,6 +30,40 @@ pub enum LoraMode {
     Tiles,
     /// The stacked products beside each product, the update added by its reader (`lora_stack.rs`).
     Stacks,
+}
+
+/// The largest input `gemv_row` stages (GEMV_MAX_K in gemv_row.cuh), and its warps a block.
+const GEMV_MAX_K: usize = 16384;
+const GEMV_WARPS: usize = 8;
+
+/// Whether every product of the model suits `gemv_row`: f16 weights, inputs of at most
+/// GEMV_MAX_K values and a multiple of 8 (16-byte rows).
+pub fn fused_row_fits(w: &DevWeights, dtype: Dtype) -> bool {
+    let fits = |l: &DevLinear| {
+        let k = l.w.len() / (2 * l.n.max(1));
+        (8..=GEMV_MAX_K).contains(&k) && k % 8 == 0
+    };
+    dtype == Dtype::F16 && w.layers.iter().all(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down].into_iter().all(fits))
+}
+
+/// `gemv_row`'s input: attention's f16 output, the residual stream through RMSNorm, or SiLU of
+/// the gate times the up product.
+enum RowInput {
+    Plain { h16: u64 },
+    Norm { x: u64, weight: u64, eps: f32 },
+    Silu { gu: u64 },
+}
+
+/// `y (+)= lin x` for a one-row step, its input made in the same launch (`gemv_row`).
+fn gemv_row(gpu: &Gpu, lin: &DevLinear, k: usize, input: RowInput, y: u64, accumulate: bool) -> Result<(), BackendError> {
+    let (mode, h16, x, nw, eps, gu) = match input {
+        RowInput::Plain { h16 } => (0i32, h16, 0u64, 0u64, 0f32, 0u64),
+        RowInput::Norm { x, weight, eps } => (1, 0, x, weight, eps, 0),
+        RowInput::Silu { gu } => (2, 0, 0, 0, 0.0, gu),
+    };
+    let (n, k, acc) = (lin.n as i32, k as i32, i32::from(accumulate));
+    let blocks = lin.n.div_ceil(GEMV_WARPS) as u32;
+    gpu.launch(&gpu.k.gemv_row, (blocks, 1), (GEMV_WARPS * 32) as u32, &[&lin.w.ptr, &n, &k, &mode, &h16, &x, &nw, &eps, &gu, &y, &acc])
 }
 
 /// Threads of one `attend` block: ATT_WARPS (kernels.cu) warps.
@@ -306,14 +341,20 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(
         (LoraMode::Stacks, Some(st)) => st.arg(layer, gi, t_buf(s, gi), row_slot),
         _ => StackArg::default(),
     };
+    // A one-row step without adapters folds the norms and SiLU into its products (`gemv_row`).
+    let fused = b.fused_row && r == 1 && mode == LoraMode::Off;
     gpu.launch(embed, (r32, 1), 256, &[&w.embed.w.ptr, &ids, &s.x.ptr, &h32])?;
     for (layer, lw) in w.layers.iter().enumerate() {
         let c = &b.cache[layer];
-        // The update of the previous layer's down product joins the residual stream here.
-        let (z_down, t_down) = if layer > 0 { (z_x, stacked(layer - 1, 3)) } else { (0, StackArg::default()) };
-        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_down, &row_slot, &t_down])?;
-        let qkv = || gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false);
-        product(b, qkv, 0, layer, r, mode, h16, h32p, h, z_qkv, lw.qkv.n)?;
+        if fused {
+            gemv_row(gpu, &lw.qkv, h, RowInput::Norm { x: s.x.ptr, weight: lw.attn_norm.ptr, eps }, s.qkv.ptr, false)?;
+        } else {
+            // The update of the previous layer's down product joins the residual stream here.
+            let (z_down, t_down) = if layer > 0 { (z_x, stacked(layer - 1, 3)) } else { (0, StackArg::default()) };
+            gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_down, &row_slot, &t_down])?;
+            let qkv = || gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false);
+            product(b, qkv, 0, layer, r, mode, h16, h32p, h, z_qkv, lw.qkv.n)?;
+        }
         let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
         gpu.launch(
             &gpu.k.qkv_rope_store,
@@ -327,12 +368,18 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(
             ATTEND_THREADS,
             &[&s.q.ptr, &c.k.ptr, &c.v.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &h16, &h32p, &nh32, &nkv32, &d32, &block, &scale, &kv32],
         )?;
+        let inter = lw.gate_up.n / 2;
+        if fused {
+            gemv_row(gpu, &lw.wo, nh * d, RowInput::Plain { h16: s.h.ptr }, s.x.ptr, true)?;
+            gemv_row(gpu, &lw.gate_up, h, RowInput::Norm { x: s.x.ptr, weight: lw.ffn_norm.ptr, eps }, s.gu.ptr, false)?;
+            gemv_row(gpu, &lw.down, inter, RowInput::Silu { gu: s.gu.ptr }, s.x.ptr, true)?;
+            continue;
+        }
         let o = || gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true);
         product(b, o, 1, layer, r, mode, h16, h32p, nh * d, z_x, h)?;
         gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_x, &row_slot, &stacked(layer, 1)])?;
         let gate_up = || gpu.gemm(dtype, lw.gate_up.w.ptr, s.h.ptr, s.gu.ptr, r, lw.gate_up.n, h, false);
         product(b, gate_up, 2, layer, r, mode, h16, h32p, h, z_gu, lw.gate_up.n)?;
-        let inter = lw.gate_up.n / 2;
         gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32), &z_gu, &row_slot, &stacked(layer, 2)])?;
         let down = || gpu.gemm(dtype, lw.down.w.ptr, s.h.ptr, s.x.ptr, r, h, inter, true);
         product(b, down, 3, layer, r, mode, h16, h32p, inter, z_x, h)?;

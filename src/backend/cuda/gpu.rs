@@ -76,6 +76,7 @@ pub struct Kernels {
     pub gather_ids: CudaFunction,
     pub lora_update: CudaFunction,
     pub f16_to_f32: CudaFunction,
+    pub gemv_row: CudaFunction,
 }
 
 pub struct Gpu {
@@ -198,6 +199,7 @@ impl Gpu {
             gather_ids: f("gather_ids")?,
             lora_update: f("lora_update")?,
             f16_to_f32: f("f16_to_f32")?,
+            gemv_row: f("gemv_row")?,
         };
         let use_side = !std::env::var("INFERD_CUDA_SIDE_STREAM").is_ok_and(|v| v == "0");
         Ok(Gpu {

@@ -723,3 +723,5 @@ extern "C" __global__ void __launch_bounds__(LORA_THREADS, 2) lora_update(const 
         __syncthreads();  // `ts` is written again for the next tile
     }
 }
+
+#include "gemv_row.cuh"

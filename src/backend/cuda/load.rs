@@ -90,6 +90,10 @@ impl CudaBackend {
             device = %gpu.name(), ordinal = opts.ordinal, dtype = ?opts.dtype, weights_mib = dw.bytes() >> 20,
             kv_blocks = blocks, kv_cache_mib = (blocks * block_bytes) >> 20, max_context, "CUDA backend ready"
         );
+        let fused_row = opts.fused_row && forward::fused_row_fits(&dw, opts.dtype);
+        if opts.fused_row && !fused_row {
+            tracing::warn!("fused one-row products asked for, but this model's products do not suit them (f16 only, inputs of at most 16384, a multiple of 8)");
+        }
         let mut b = CudaBackend {
             gpu,
             cfg,
@@ -112,6 +116,7 @@ impl CudaBackend {
             lora,
             stacks,
             lora_steps: (0, 0),
+            fused_row,
             lora_dims,
             use_graphs: opts.graphs,
             device_sampling: gpu_sampling::enabled_from_env(),

@@ -70,11 +70,15 @@ pub struct CudaOptions {
     /// Stacked LoRA weights (`lora_stack.rs`) of this size; None: adapters always take the tiled
     /// kernel (`lora.rs`). Default from `INFERD_LORA_STACK` ("4x16"; unset: none).
     pub lora_stack: Option<StackSize>,
+    /// One-row steps without adapter rows through `gemv_row` (gemv_row.cuh), which folds RMSNorm
+    /// and SiLU into the products: six launches a layer instead of nine (f16 only). Default from
+    /// `INFERD_CUDA_FUSED_ROW=1` (unset: off).
+    pub fused_row: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env(), prefix_caching: true, pipeline: false, lora_stack: StackSize::from_env() }
+        Self { ordinal: 0, max_context: None, gpu_memory_fraction: 0.9, dtype: Dtype::F16, max_kv_blocks: None, max_slots: 256, graphs: graphs_from_env(), prefix_caching: true, pipeline: false, lora_stack: StackSize::from_env(), fused_row: fused_row_from_env() }
     }
 }
 
@@ -116,6 +120,8 @@ pub struct CudaBackend {
     stacks: Option<LoraStacks>,
     /// Steps with adapter rows that took the stacks, and the tiled kernel (tests).
     lora_steps: (u64, u64),
+    /// One-row steps through `gemv_row` (`CudaOptions::fused_row`, when the model's sizes allow).
+    fused_row: bool,
     lora_dims: crate::lora::BaseDims,
     use_graphs: bool,
     /// Sample drawing rows on the device (`INFERD_CUDA_DEVICE_SAMPLING`).
@@ -126,6 +132,11 @@ pub struct CudaBackend {
     params_on: bool,
     /// Async scheduling (`CudaOptions::pipeline`): the steps launched and not collected.
     pipeline: Option<pipeline::Pipeline>,
+}
+
+/// `INFERD_CUDA_FUSED_ROW=1` sends one-row steps through the fused one-row products (A/B runs).
+pub fn fused_row_from_env() -> bool {
+    std::env::var("INFERD_CUDA_FUSED_ROW").is_ok_and(|v| v == "1")
 }
 
 /// `INFERD_CUDA_GRAPHS=0` turns the decode graphs off (A/B runs).
@@ -291,6 +302,12 @@ impl CudaBackend {
     #[doc(hidden)]
     pub fn resident_adapters(&self) -> usize {
         self.lora.resident()
+    }
+
+    /// Whether one-row steps take the fused products (`CudaOptions::fused_row`, when the
+    /// model suits them).
+    pub fn fused_row(&self) -> bool {
+        self.fused_row
     }
 
     /// Steps with adapter rows so far: (through the stacks, through the tiled kernel) (tests).
