@@ -51,8 +51,16 @@ for t in cuda_backend cuda_lora; do
         cargo test --release --features cuda --test $t -- --test-threads 1 --nocapture || status=1
     fi
 done
-# The adapter tests that take the default options, again with LoRA stacks (`lora_stack.rs`; the
+# The GPU tests on default options again with the fused one-row products (`gemv_row.cuh`), and
+# the adapter tests that take the default options, again with LoRA stacks (`lora_stack.rs`; the
 # tests that set the stacks themselves ran above).
+echo "== tests/cuda_backend.rs with INFERD_CUDA_FUSED_ROW=1"
+if [ -n "${INFERD_TEST_BINS:-}" ]; then
+    INFERD_CUDA_FUSED_ROW=1 "$INFERD_TEST_BINS/cuda_backend" --test-threads 1 --nocapture > /tmp/inferd-cuda_backend-fused.log 2>&1 || status=1
+    grep -E "^test |max|part|identical|preempt|alone|panicked|result" /tmp/inferd-cuda_backend-fused.log
+else
+    INFERD_CUDA_FUSED_ROW=1 cargo test --release --features cuda --test cuda_backend -- --test-threads 1 --nocapture || status=1
+fi
 echo "== tests/cuda_lora.rs with INFERD_LORA_STACK=4x8"
 lora_filters=(async_scheduling more_adapters_than_device_slots)
 if [ -n "${INFERD_TEST_BINS:-}" ]; then
