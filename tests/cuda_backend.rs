@@ -196,9 +196,10 @@ fn a_sequence_alone_and_in_a_mixed_batch_of_64_agree() {
 
 #[test]
 fn fused_one_row_steps_match_the_unfused_launches_and_the_cpu_backend() {
-    // `CudaOptions::fused_row` (f16): one-row steps fold RMSNorm and SiLU into `gemv_row`'s
-    // products. Their inputs are the unfused kernels' f16 values; only the products' summation
-    // order differs from cuBLAS's. One sequence at a time, so every decode step is a one-row step,
+    // `CudaOptions::fused_row` (f16): one-row steps fold RMSNorm, SiLU, and the q/k/v product's
+    // bias, RoPE and cache write into their products (`gemv_row`, `gemv_qkv_rope`). Their inputs
+    // are the unfused kernels' f16 values; only the products' summation order differs from
+    // cuBLAS's. One sequence at a time, so every decode step is a one-row step,
     // through `step` and through `step_and_sample` (graph replays).
     use inferd::backend::SampleSpec;
     use inferd::engine::sampler::TokenCounts;

@@ -46,7 +46,7 @@ pub fn fused_row_fits(w: &DevWeights, dtype: Dtype) -> bool {
     dtype == Dtype::F16 && w.layers.iter().all(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down].into_iter().all(fits))
 }
 
-/// `gemv_row`'s input: attention's f16 output, the residual stream through RMSNorm, or SiLU of
+/// `gemv_row`'s input (`gemv_qkv_rope` always takes the norm's): attention's f16 output, the residual stream through RMSNorm, or SiLU of
 /// the gate times the up product.
 enum RowInput {
     Plain { h16: u64 },
@@ -346,22 +346,29 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(
     gpu.launch(embed, (r32, 1), 256, &[&w.embed.w.ptr, &ids, &s.x.ptr, &h32])?;
     for (layer, lw) in w.layers.iter().enumerate() {
         let c = &b.cache[layer];
+        let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
         if fused {
-            gemv_row(gpu, &lw.qkv, h, RowInput::Norm { x: s.x.ptr, weight: lw.attn_norm.ptr, eps }, s.qkv.ptr, false)?;
+            // RMSNorm, the q/k/v product, bias, RoPE and the cache write in one launch.
+            let jobs = (nh + 2 * nkv) * (d / 2);
+            gpu.launch(
+                &gpu.k.gemv_qkv_rope,
+                (jobs.div_ceil(GEMV_WARPS) as u32, 1),
+                (GEMV_WARPS * 32) as u32,
+                &[&lw.qkv.w.ptr, &h32, &s.x.ptr, &lw.attn_norm.ptr, &eps, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved],
+            )?;
         } else {
             // The update of the previous layer's down product joins the residual stream here.
             let (z_down, t_down) = if layer > 0 { (z_x, stacked(layer - 1, 3)) } else { (0, StackArg::default()) };
             gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_down, &row_slot, &t_down])?;
             let qkv = || gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false);
             product(b, qkv, 0, layer, r, mode, h16, h32p, h, z_qkv, lw.qkv.n)?;
+            gpu.launch(
+                &gpu.k.qkv_rope_store,
+                (r32, (nh + cfg.num_kv_heads) as u32),
+                ((d / 2).div_ceil(32) * 32) as u32,
+                &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot, &stacked(layer, 0)],
+            )?;
         }
-        let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
-        gpu.launch(
-            &gpu.k.qkv_rope_store,
-            (r32, (nh + cfg.num_kv_heads) as u32),
-            ((d / 2).div_ceil(32) * 32) as u32,
-            &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot, &stacked(layer, 0)],
-        )?;
         gpu.launch(
             &gpu.k.attend,
             (nh as u32, r32),

@@ -77,6 +77,7 @@ pub struct Kernels {
     pub lora_update: CudaFunction,
     pub f16_to_f32: CudaFunction,
     pub gemv_row: CudaFunction,
+    pub gemv_qkv_rope: CudaFunction,
 }
 
 pub struct Gpu {
@@ -200,6 +201,7 @@ impl Gpu {
             lora_update: f("lora_update")?,
             f16_to_f32: f("f16_to_f32")?,
             gemv_row: f("gemv_row")?,
+            gemv_qkv_rope: f("gemv_qkv_rope")?,
         };
         let use_side = !std::env::var("INFERD_CUDA_SIDE_STREAM").is_ok_and(|v| v == "0");
         Ok(Gpu {

@@ -70,8 +70,9 @@ pub struct CudaOptions {
     /// Stacked LoRA weights (`lora_stack.rs`) of this size; None: adapters always take the tiled
     /// kernel (`lora.rs`). Default from `INFERD_LORA_STACK` ("4x16"; unset: none).
     pub lora_stack: Option<StackSize>,
-    /// One-row steps without adapter rows through `gemv_row` (gemv_row.cuh), which folds RMSNorm
-    /// and SiLU into the products: six launches a layer instead of nine (f16 only). Default from
+    /// One-row steps without adapter rows through `gemv_row` and `gemv_qkv_rope` (gemv_row.cuh),
+    /// which fold RMSNorm, SiLU, RoPE and the cache write into the products: five launches a
+    /// layer instead of nine (f16 only). Default from
     /// `INFERD_CUDA_FUSED_ROW=1` (unset: off).
     pub fused_row: bool,
 }
