@@ -38,11 +38,11 @@ __device__ __forceinline__ void gemv_stage(__half* xs, int k, int mode, const __
 }
 
 // sum_i w[i] xs[i] over the warp (k8 = k / 8 runs of 8 values; each lane reads 16 bytes of `w` a
-// run); every lane gets the sum.
+// run, up to 8 runs in flight: a 4864-wide row is 19 runs a lane); every lane gets the sum.
 __device__ __forceinline__ float gemv_dot(const __half* __restrict__ w, const __half* xs, int k8, int lane) {
     const uint4* wr = (const uint4*)w;
     float acc = 0.0f;
-#pragma unroll 4
+#pragma unroll 8
     for (int c = lane; c < k8; c += WARP) {
         uint4 wv = wr[c];
         uint4 xv = *(const uint4*)(xs + 8 * c);
