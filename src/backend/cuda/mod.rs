@@ -72,8 +72,7 @@ pub struct CudaOptions {
     pub lora_stack: Option<StackSize>,
     /// One-row steps without adapter rows through `gemv_row` and `gemv_qkv_rope` (gemv_row.cuh),
     /// which fold RMSNorm, SiLU, RoPE and the cache write into the products: five launches a
-    /// layer instead of nine (f16 only). Default from
-    /// `INFERD_CUDA_FUSED_ROW=1` (unset: off).
+    /// layer instead of nine (f16 only). Default from `INFERD_CUDA_FUSED_ROW=1` (unset: off).
     pub fused_row: bool,
 }
 
@@ -219,8 +218,6 @@ impl CudaBackend {
                 Some(_) => self.lora_steps.1 += 1,
                 None => {}
             }
-        }
-        if r.is_ok() {
             for (k, i) in inputs.iter().enumerate() {
                 if picks.get(k).is_none_or(Option::is_none) {
                     self.tables.record(i.seq, i.tokens, i.adapter.map_or(0, |a| a.id));
