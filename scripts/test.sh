@@ -11,6 +11,7 @@
 #   5. the `cuda` feature type-checks, its kernels compile and its host-side unit tests run
 #      (nvcc from PyPI; no GPU needed; the GPU tests themselves run on a GPU machine:
 #      scripts/cuda_check.sh)
+#      and CUDA kernels run on the CPU through a small emulator (scripts/kernel_emu.sh; ~40 s)
 #   6. the Kubernetes manifests of deploy/ validate offline (deploy/validate.sh; ~15 s)
 # Set INFERD_SKIP_REAL_MODELS=1 to skip fetching the real models (their tests then skip).
 set -euo pipefail
@@ -66,6 +67,9 @@ step "OpenAI SDK tests"
 
 step "the cuda feature compiles (kernels with nvcc 13.0 from PyPI) and its host-side unit tests pass"
 PYTHON="$PYTHON" scripts/build_cuda.sh --check
+
+step "CUDA kernels on the CPU (tests/kernel_emu: blocks, barriers and warp exchanges emulated)"
+scripts/kernel_emu.sh
 
 step "Kubernetes manifests (deploy/validate.sh: API schemas, CRD schema, cross-references)"
 deploy/validate.sh

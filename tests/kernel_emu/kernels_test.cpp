@@ -1,0 +1,158 @@
+// Kernels of src/backend/cuda run on the CPU through cuda_emu.h (scripts/kernel_emu.sh):
+// - gemv_row (modes 0-2) against the unfused kernels that make its input (rms_norm, silu_mul)
+//   and a host product in f64;
+// - gemv_qkv_rope against rms_norm -> host product -> qkv_rope_store (q, and the key and value
+//   cache entries, f16);
+// - the readers with LoRA stacks (lora_stack_at in rms_norm, silu_mul, qkv_rope_store) against
+//   the same readers fed the equal update through the tiled path's `z` buffer.
+// Exits non-zero on any mismatch.
+#include "../../src/backend/cuda/kernels.cu"
+#include <cstdio>
+#include <random>
+
+static std::mt19937 rng(7);
+static float rnd(float s = 1.0f) { return std::uniform_real_distribution<float>(-s, s)(rng); }
+static std::vector<float> rv(size_t n, float s = 1.0f) { std::vector<float> v(n); for (auto& x : v) x = rnd(s); return v; }
+static std::vector<__half> rh(size_t n, float s = 1.0f) { std::vector<__half> v(n); for (auto& x : v) x = __float2half(rnd(s)); return v; }
+static int failures = 0;
+static void check(bool ok, const char* what, double got, double want) {
+    if (!ok) { failures++; if (failures < 20) printf("FAIL %s: %g vs %g\n", what, got, want); }
+}
+static double dot(const __half* w, const __half* x, int k) { double s = 0; for (int i = 0; i < k; i++) s += (double)__half2float(w[i]) * __half2float(x[i]); return s; }
+
+static void test_gemv_row() {
+    for (int mode = 0; mode < 3; mode++)
+        for (int k : {64, 96, 200}) for (int grid : {1, 3, 64}) {
+            int n = 45;
+            auto W = rh((size_t)n * k, 0.2f);
+            auto x = rv(k), nw = rv(k), gu = rv(2 * k, 2.0f);
+            auto h = rh(k);
+            float eps = 1e-6f;
+            std::vector<__half> in(k);
+            LoraStack none{};
+            if (mode == 0) in = h;
+            if (mode == 1) { auto xc = x; emu_launch(rms_norm, dim3{1}, dim3{256}, xc.data(), (const float*)nw.data(), (const int*)nullptr, in.data(), (float*)nullptr, k, eps, (const float*)nullptr, (const int*)nullptr, none); }
+            if (mode == 2) emu_launch(silu_mul, dim3{1, (unsigned)(k + 255) / 256}, dim3{256}, (const float*)gu.data(), in.data(), (float*)nullptr, k, (const float*)nullptr, (const int*)nullptr, none);
+            auto y0 = rv(n); auto y = y0;
+            int acc = mode != 1;
+            emu_launch(gemv_row, dim3{(unsigned)grid}, dim3{256}, (const __half*)W.data(), n, k, mode, (const __half*)h.data(), (const float*)x.data(), (const float*)nw.data(), eps, (const float*)gu.data(), y.data(), acc);
+            for (int o = 0; o < n; o++) {
+                double want = dot(&W[(size_t)o * k], in.data(), k) + (acc ? y0[o] : 0.0);
+                check(std::fabs(y[o] - want) < 1e-4 * (1 + std::fabs(want)), "gemv_row", y[o], want);
+            }
+        }
+    printf("gemv_row: modes 0-2, k 64/96/200, grids 1/3/64: done\n");
+}
+
+static void test_gemv_qkv_rope() {
+    for (int interleaved = 0; interleaved < 2; interleaved++) for (int with_bias = 0; with_bias < 2; with_bias++) for (int grid : {1, 5, 200}) {
+        int nh = 4, nkv = 2, d = 16, k = 64, half = d / 2, qd = nh * d, kvd = nkv * d, width = qd + 2 * kvd;
+        int block_size = 16, positions = 64, p = 37, stride = 4, seq = 1;
+        auto W = rh((size_t)width * k, 0.2f);
+        auto x = rv(k), nw = rv(k), bias = rv(width);
+        std::vector<float> cs(positions * half), sn(positions * half);
+        for (int i = 0; i < positions * half; i++) { cs[i] = std::cos(0.01f * i); sn[i] = std::sin(0.01f * i); }
+        std::vector<int> pos{p}, row_seq{seq}, tables(3 * stride, 0);
+        tables[seq * stride + p / block_size] = 2;  // block 2
+        int blocks = 4;
+        size_t cache = (size_t)blocks * block_size * kvd;
+        // Reference: rms_norm -> host product -> qkv_rope_store.
+        std::vector<__half> h(k);
+        LoraStack none{};
+        auto xc = x;
+        emu_launch(rms_norm, dim3{1}, dim3{256}, xc.data(), (const float*)nw.data(), (const int*)nullptr, h.data(), (float*)nullptr, k, 1e-6f, (const float*)nullptr, (const int*)nullptr, none);
+        std::vector<float> qkv(width);
+        for (int o = 0; o < width; o++) qkv[o] = (float)dot(&W[(size_t)o * k], h.data(), k);
+        std::vector<float> q_ref(qd), q(qd);
+        std::vector<__half> kc_ref(cache, __float2half(0)), vc_ref(cache, __float2half(0)), kc(cache, __float2half(0)), vc(cache, __float2half(0));
+        const float* b = with_bias ? bias.data() : nullptr;
+        emu_launch(qkv_rope_store, dim3{1, (unsigned)(nh + nkv)}, dim3{32}, (const float*)qkv.data(), b, (const float*)cs.data(), (const float*)sn.data(), (const int*)pos.data(), (const int*)row_seq.data(), (const int*)tables.data(), stride,
+                   q_ref.data(), (void*)kc_ref.data(), (void*)vc_ref.data(), nh, nkv, d, block_size, interleaved, 0, (const float*)nullptr, (const int*)nullptr, none);
+        emu_launch(gemv_qkv_rope, dim3{(unsigned)grid}, dim3{256}, (const __half*)W.data(), k, (const float*)x.data(), (const float*)nw.data(), 1e-6f, b, (const float*)cs.data(), (const float*)sn.data(), (const int*)pos.data(),
+                   (const int*)row_seq.data(), (const int*)tables.data(), stride, q.data(), kc.data(), vc.data(), nh, nkv, d, block_size, interleaved);
+        for (int i = 0; i < qd; i++) check(std::fabs(q[i] - q_ref[i]) < 1e-4 * (1 + std::fabs(q_ref[i])), "gemv_qkv_rope q", q[i], q_ref[i]);
+        int written = 0;
+        for (size_t i = 0; i < cache; i++) {
+            float a = __half2float(kc[i]), r = __half2float(kc_ref[i]);
+            check(std::fabs(a - r) <= 2e-3 * (1 + std::fabs(r)), "gemv_qkv_rope k cache", a, r);
+            a = __half2float(vc[i]); r = __half2float(vc_ref[i]);
+            check(std::fabs(a - r) <= 2e-3 * (1 + std::fabs(r)), "gemv_qkv_rope v cache", a, r);
+            written += r != 0.0f;
+        }
+        check(written == kvd, "cache entries written", written, kvd);
+    }
+    printf("gemv_qkv_rope: interleaved 0/1, bias 0/1, grids 1/5/200: done\n");
+}
+
+// The readers with LoRA stacks against the same readers fed the equal update through `z`.
+static void test_stack_readers() {
+    int rows = 5, slots = 3, rank = 4;
+    std::vector<int> row_stack{1, -1, 0, 2, 1};
+    auto update = [&](const std::vector<float>& t, const std::vector<float>& bt, int count, int width, int c, int j, int r) {
+        int s = row_stack[r];
+        if (s < 0) return 0.0f;
+        double acc = 0;
+        for (int kk = 0; kk < rank; kk++) acc += (double)t[(size_t)r * slots * count * rank + (s * count + j) * rank + kk] * bt[((size_t)s * rank + kk) * width + c];
+        return (float)acc;
+    };
+    // rms_norm (count 1): the update joins x in place, then the norm.
+    {
+        int hidden = 40, count = 1, tcols = slots * count * rank;
+        auto t = rv((size_t)rows * tcols), bt = rv((size_t)slots * rank * hidden), x = rv((size_t)rows * hidden), w = rv(hidden);
+        std::vector<float> z((size_t)rows * hidden);
+        for (int r = 0; r < rows; r++) for (int c = 0; c < hidden; c++) z[r * hidden + c] = update(t, bt, count, hidden, c, 0, r);
+        LoraStack ls{t.data(), row_stack.data(), bt.data(), tcols, hidden, rank, count}, none{};
+        auto x1 = x, x2 = x;
+        std::vector<float> o1((size_t)rows * hidden), o2((size_t)rows * hidden);
+        emu_launch(rms_norm, dim3{(unsigned)rows}, dim3{256}, x1.data(), (const float*)w.data(), (const int*)nullptr, (__half*)nullptr, o1.data(), hidden, 1e-6f, (const float*)nullptr, (const int*)nullptr, ls);
+        emu_launch(rms_norm, dim3{(unsigned)rows}, dim3{256}, x2.data(), (const float*)w.data(), (const int*)nullptr, (__half*)nullptr, o2.data(), hidden, 1e-6f, (const float*)z.data(), (const int*)row_stack.data(), none);
+        for (size_t i = 0; i < x1.size(); i++) { check(std::fabs(x1[i] - x2[i]) < 1e-5, "rms_norm stacks x", x1[i], x2[i]); check(std::fabs(o1[i] - o2[i]) < 1e-4, "rms_norm stacks out", o1[i], o2[i]); }
+        // The final norm's row map: logit rows 3 and 0.
+        std::vector<int> map{3, 0};
+        x1 = x; x2 = x;
+        emu_launch(rms_norm, dim3{2}, dim3{256}, x1.data(), (const float*)w.data(), (const int*)map.data(), (__half*)nullptr, o1.data(), hidden, 1e-6f, (const float*)nullptr, (const int*)nullptr, ls);
+        emu_launch(rms_norm, dim3{2}, dim3{256}, x2.data(), (const float*)w.data(), (const int*)map.data(), (__half*)nullptr, o2.data(), hidden, 1e-6f, (const float*)z.data(), (const int*)row_stack.data(), none);
+        for (int i = 0; i < 2 * hidden; i++) check(std::fabs(o1[i] - o2[i]) < 1e-4, "rms_norm stacks, row map", o1[i], o2[i]);
+    }
+    // silu_mul (count 2: gate, then up at column inter + j).
+    {
+        int inter = 300, count = 2, tcols = slots * count * rank, width = 2 * inter;
+        auto t = rv((size_t)rows * tcols), bt = rv((size_t)slots * rank * width), gu = rv((size_t)rows * width, 2.0f);
+        std::vector<float> z((size_t)rows * width);
+        for (int r = 0; r < rows; r++) for (int c = 0; c < width; c++) z[r * width + c] = update(t, bt, count, width, c, c < inter ? 0 : 1, r);
+        LoraStack ls{t.data(), row_stack.data(), bt.data(), tcols, width, rank, count}, none{};
+        std::vector<float> o1((size_t)rows * inter), o2((size_t)rows * inter);
+        emu_launch(silu_mul, dim3{(unsigned)rows, 2}, dim3{256}, (const float*)gu.data(), (__half*)nullptr, o1.data(), inter, (const float*)nullptr, (const int*)nullptr, ls);
+        emu_launch(silu_mul, dim3{(unsigned)rows, 2}, dim3{256}, (const float*)gu.data(), (__half*)nullptr, o2.data(), inter, (const float*)z.data(), (const int*)row_stack.data(), none);
+        for (size_t i = 0; i < o1.size(); i++) check(std::fabs(o1[i] - o2[i]) < 1e-4 * (1 + std::fabs(o2[i])), "silu_mul stacks", o1[i], o2[i]);
+    }
+    // qkv_rope_store (count 3: q, k, v columns).
+    {
+        int nh = 4, nkv = 2, d = 16, qd = nh * d, kvd = nkv * d, width = qd + 2 * kvd, count = 3, tcols = slots * count * rank, block_size = 16, stride = 4;
+        auto t = rv((size_t)rows * tcols), bt = rv((size_t)slots * rank * width), qkv = rv((size_t)rows * width), bias = rv(width);
+        std::vector<float> z((size_t)rows * width);
+        for (int r = 0; r < rows; r++) for (int c = 0; c < width; c++) z[r * width + c] = update(t, bt, count, width, c, c < qd ? 0 : c < qd + kvd ? 1 : 2, r);
+        std::vector<float> cs(64 * d / 2), sn(64 * d / 2);
+        for (size_t i = 0; i < cs.size(); i++) { cs[i] = std::cos(0.02f * i); sn[i] = std::sin(0.02f * i); }
+        std::vector<int> pos{3, 9, 17, 1, 30}, seqs{0, 1, 2, 3, 4}, tables(5 * stride);
+        for (int s = 0; s < 5; s++) for (int b = 0; b < stride; b++) tables[s * stride + b] = s * stride + b;
+        size_t cache = (size_t)5 * stride * block_size * kvd;
+        LoraStack ls{t.data(), row_stack.data(), bt.data(), tcols, width, rank, count}, none{};
+        std::vector<float> q1((size_t)rows * qd), q2((size_t)rows * qd), k1(cache), k2(cache), v1(cache), v2(cache);
+        emu_launch(qkv_rope_store, dim3{(unsigned)rows, (unsigned)(nh + nkv)}, dim3{32}, (const float*)qkv.data(), (const float*)bias.data(), (const float*)cs.data(), (const float*)sn.data(), (const int*)pos.data(), (const int*)seqs.data(), (const int*)tables.data(), stride,
+                   q1.data(), (void*)k1.data(), (void*)v1.data(), nh, nkv, d, block_size, 0, 1, (const float*)nullptr, (const int*)nullptr, ls);
+        emu_launch(qkv_rope_store, dim3{(unsigned)rows, (unsigned)(nh + nkv)}, dim3{32}, (const float*)qkv.data(), (const float*)bias.data(), (const float*)cs.data(), (const float*)sn.data(), (const int*)pos.data(), (const int*)seqs.data(), (const int*)tables.data(), stride,
+                   q2.data(), (void*)k2.data(), (void*)v2.data(), nh, nkv, d, block_size, 0, 1, (const float*)z.data(), (const int*)row_stack.data(), none);
+        for (size_t i = 0; i < q1.size(); i++) check(std::fabs(q1[i] - q2[i]) < 1e-4, "qkv_rope_store stacks q", q1[i], q2[i]);
+        for (size_t i = 0; i < cache; i++) { check(std::fabs(k1[i] - k2[i]) < 1e-4, "qkv_rope_store stacks k", k1[i], k2[i]); check(std::fabs(v1[i] - v2[i]) < 1e-4, "qkv_rope_store stacks v", v1[i], v2[i]); }
+    }
+    printf("stack readers: rms_norm (with and without a row map), silu_mul, qkv_rope_store against the z path: done\n");
+}
+
+int main() {
+    test_gemv_row();
+    test_gemv_qkv_rope();
+    test_stack_readers();
+    printf("%d failures\n", failures);
+    return failures != 0;
+}
