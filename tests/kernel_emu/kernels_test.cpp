@@ -149,7 +149,125 @@ static void test_stack_readers() {
     printf("stack readers: rms_norm (with and without a row map), silu_mul, qkv_rope_store against the z path: done\n");
 }
 
+// attend: each row's query against its sequence's cached positions 0..=pos (paged, GQA), f32
+// and f16 caches, one tile of positions and several (the warps' partial softmaxes merged).
+static void test_attend() {
+    int nh = 4, nkv = 2, block_size = 16, stride = 24;
+    for (int kv32 = 0; kv32 < 2; kv32++) for (int d : {16, 64}) {
+        int kvd = nkv * d, rows = 4, seqs = 3, blocks = seqs * stride;
+        std::vector<int> pos{0, 40, 300, 7}, row_seq{2, 0, 1, 0}, tables(seqs * stride);
+        for (int i = 0; i < seqs * stride; i++) tables[i] = (i * 7) % blocks;  // scattered blocks
+        auto q = rv((size_t)rows * nh * d), kf = rv((size_t)blocks * block_size * kvd), vf = rv((size_t)blocks * block_size * kvd);
+        std::vector<__half> kh(kf.size()), vh(vf.size());
+        for (size_t i = 0; i < kf.size(); i++) { kh[i] = __float2half(kf[i]); vh[i] = __float2half(vf[i]); kf[i] = __half2float(kh[i]); vf[i] = __half2float(vh[i]); }
+        std::vector<float> out((size_t)rows * nh * d);
+        float scale = 1.0f / std::sqrt((float)d);
+        const void* kc = kv32 ? (const void*)kf.data() : (const void*)kh.data();
+        const void* vc = kv32 ? (const void*)vf.data() : (const void*)vh.data();
+        emu_launch(attend, dim3{(unsigned)nh, (unsigned)rows}, dim3{256}, (const float*)q.data(), kc, vc, (const int*)pos.data(), (const int*)row_seq.data(), (const int*)tables.data(), stride,
+                   (__half*)nullptr, out.data(), nh, nkv, d, block_size, scale, kv32);
+        for (int r = 0; r < rows; r++) for (int h = 0; h < nh; h++) {
+            int kvh = h / (nh / nkv);
+            std::vector<double> sc(pos[r] + 1);
+            double mx = -1e300, l = 0;
+            for (int p = 0; p <= pos[r]; p++) {
+                size_t base = ((size_t)tables[row_seq[r] * stride + p / block_size] * block_size + p % block_size) * kvd + kvh * d;
+                double s = 0;
+                for (int i = 0; i < d; i++) s += (double)q[((size_t)r * nh + h) * d + i] * scale * kf[base + i];
+                sc[p] = s;
+                mx = std::max(mx, s);
+            }
+            for (auto& s : sc) { s = std::exp(s - mx); l += s; }
+            for (int i = 0; i < d; i++) {
+                double o = 0;
+                for (int p = 0; p <= pos[r]; p++) o += sc[p] * vf[((size_t)tables[row_seq[r] * stride + p / block_size] * block_size + p % block_size) * kvd + kvh * d + i];
+                o /= l;
+                float got = out[((size_t)r * nh + h) * d + i];
+                check(std::fabs(got - o) < 1e-4, "attend", got, o);
+            }
+        }
+    }
+    printf("attend: f16 and f32 caches, head sizes 16 and 64, positions 0-300 of scattered blocks: done\n");
+}
+
+// argmax_part + argmax_rows: the lowest index of the largest logit; NaN never wins; a row of
+// -inf and NaN gives 0.
+static void test_argmax() {
+    int vocab = 5003, rows = 5;
+    auto l = rv((size_t)rows * vocab);
+    l[1 * vocab + 4000] = 9.0f; l[1 * vocab + 17] = 9.0f;            // a tie: 17 wins
+    l[2 * vocab + 5] = NAN; l[2 * vocab + 4999] = 3.0f;              // NaN never wins
+    for (int j = 0; j < vocab; j++) l[3 * vocab + j] = j % 2 ? -INFINITY : NAN;  // nothing finite
+    l[4 * vocab + vocab - 1] = 5.0f;                                 // the last slice's last entry
+    std::vector<float> pv((size_t)rows * ARGMAX_SLICES);
+    std::vector<int> pi((size_t)rows * ARGMAX_SLICES), ids(rows, -1);
+    emu_launch(argmax_part, dim3{(unsigned)rows, ARGMAX_SLICES}, dim3{256}, (const float*)l.data(), vocab, pv.data(), pi.data());
+    emu_launch(argmax_rows, dim3{(unsigned)rows}, dim3{32}, (const float*)pv.data(), (const int*)pi.data(), ids.data());
+    for (int r = 0; r < rows; r++) {
+        int want = 0;
+        float best = -INFINITY;
+        for (int j = 0; j < vocab; j++) if (l[(size_t)r * vocab + j] > best) { best = l[(size_t)r * vocab + j]; want = j; }
+        check(ids[r] == want, "argmax", ids[r], want);
+    }
+    check(ids[1] == 17 && ids[2] == 4999 && ids[3] == 0 && ids[4] == vocab - 1, "argmax cases", ids[1], 17);
+    printf("argmax: ties, NaN, a row without a finite logit, the last entry: done\n");
+}
+
+// lora_update (the tiled kernel): each adapter row's `scale B (A x)` for every module of a group,
+// zeros where its adapter has none; rows of the base model untouched; fewer tile blocks than
+// tiles, so blocks take several.
+static void test_lora_update() {
+    struct Mod { int out, col; };
+    const Mod mods[3] = {{64, 0}, {32, 64}, {32, 96}};  // q, k, v of a product row of 128
+    int layers = 2, layer = 1, in_dim = 64, z_stride = 128, slots = 3;
+    std::vector<std::vector<float>> keep;
+    std::vector<LoraEntry> table((size_t)slots * layers * 7);
+    const int ranks[3][3] = {{8, 8, 8}, {4, 0, 4}, {0, 16, 0}};
+    const float scales[3] = {2.0f, 0.5f, 1.25f};
+    for (int s = 0; s < slots; s++) for (int j = 0; j < 3; j++) {
+        LoraEntry& e = table[((size_t)s * layers + layer) * 7 + j];
+        e.rank = ranks[s][j]; e.scale = scales[s]; e.out_dim = mods[j].out; e.col = mods[j].col;
+        keep.push_back(rv((size_t)std::max(1, e.rank) * in_dim)); e.a = keep.back().data();
+        keep.push_back(rv((size_t)std::max(1, e.rank) * e.out_dim)); e.bt = keep.back().data();
+    }
+    std::vector<int> row_slot{0, -1, 2, 1, 0, 0, 1, -1, 2, 0, 0, 1, 0};
+    int rows = row_slot.size();
+    // lora::tiles: rows gathered by adapter into tiles of LORA_TILE.
+    std::vector<int> tiles{0};
+    for (int s = 0; s < slots; s++) {
+        std::vector<int> rs;
+        for (int r = 0; r < rows; r++) if (row_slot[r] == s) rs.push_back(r);
+        for (size_t i = 0; i < rs.size(); i += LORA_TILE) {
+            tiles.push_back(s);
+            for (int t = 0; t < LORA_TILE; t++) tiles.push_back(i + t < rs.size() ? rs[i + t] : -1);
+            tiles[0]++;
+        }
+    }
+    auto x = rv((size_t)rows * in_dim);
+    for (int blocks : {1, 2, 9}) {
+        std::vector<float> z((size_t)rows * z_stride, 777.0f);
+        int col_blocks = 1;  // the widest module (64) fits one block of LORA_THREADS columns
+        emu_launch(lora_update, dim3{(unsigned)blocks, 3u * col_blocks}, dim3{LORA_THREADS}, (const LoraEntry*)table.data(), layer, layers, 0, (const int*)tiles.data(), (const __half*)nullptr, (const float*)x.data(), in_dim, z.data(), z_stride, col_blocks);
+        for (int r = 0; r < rows; r++) for (int j = 0; j < 3; j++) for (int o = 0; o < mods[j].out; o++) {
+            float got = z[(size_t)r * z_stride + mods[j].col + o];
+            if (row_slot[r] < 0) { check(got == 777.0f, "lora_update base row untouched", got, 777.0f); continue; }
+            const LoraEntry& e = table[((size_t)row_slot[r] * layers + layer) * 7 + j];
+            double want = 0;
+            for (int k = 0; k < e.rank; k++) {
+                double t = 0;
+                for (int i = 0; i < in_dim; i++) t += (double)e.a[(size_t)k * in_dim + i] * x[(size_t)r * in_dim + i];
+                want += e.scale * t * e.bt[(size_t)k * e.out_dim + o];
+            }
+            check(std::fabs(got - want) < 1e-4 * (1 + std::fabs(want)), "lora_update", got, want);
+        }
+    }
+    printf("lora_update: 3 adapters (modules of rank 0-16), 13 rows, 1/2/9 tile blocks: done\n");
+}
+
 int main() {
+    test_attend();
+    test_argmax();
+    test_lora_update();
     test_gemv_row();
     test_gemv_qkv_rope();
     test_stack_readers();
