@@ -11,7 +11,7 @@
 #   5. the `cuda` feature type-checks, its kernels compile and its host-side unit tests run
 #      (nvcc from PyPI; no GPU needed; the GPU tests themselves run on a GPU machine:
 #      scripts/cuda_check.sh)
-#      and CUDA kernels run on the CPU through a small emulator (scripts/kernel_emu.sh; ~40 s)
+#      and CUDA kernels run on the CPU through a small emulator (scripts/kernel_emu.sh; ~1 min)
 #   6. the Kubernetes manifests of deploy/ validate offline (deploy/validate.sh; ~15 s)
 # Set INFERD_SKIP_REAL_MODELS=1 to skip fetching the real models (their tests then skip).
 set -euo pipefail

@@ -3,11 +3,14 @@
 //   and a host product in f64;
 // - gemv_qkv_rope against rms_norm -> host product -> qkv_rope_store (q, and the key and value
 //   cache entries, f16);
+// - sample_rows (the device sampler) against its specification run sequentially, token for token;
+// - attend, the greedy pick (argmax_part + argmax_rows) and lora_update against host references;
 // - the readers with LoRA stacks (lora_stack_at in rms_norm, silu_mul, qkv_rope_store) against
 //   the same readers fed the equal update through the tiled path's `z` buffer.
 // Exits non-zero on any mismatch.
 #include "../../src/backend/cuda/kernels.cu"
 #include <cstdio>
+#include <algorithm>
 #include <random>
 
 static std::mt19937 rng(7);
@@ -264,7 +267,81 @@ static void test_lora_update() {
     printf("lora_update: 3 adapters (modules of rank 0-16), 13 rows, 1/2/9 tile blocks: done\n");
 }
 
+// sample_rows (the device sampler) against its specification run sequentially: weights
+// exp((l - max) / T), the k-th largest weight's cut (ties kept), the top-p cut over 2^-40 fixed-
+// point masses, min-p, then the draw of u * total in id order. Rows with ties at the cuts, u at
+// 0 and near 1, and an off row, whose greedy pick stands.
+static int sample_reference(std::vector<float> l, const SampleParams& p) {
+    int vocab = l.size();
+    float mx = -INFINITY;
+    for (float v : l) mx = std::fmax(mx, v);
+    std::vector<float> w(vocab);
+    for (int j = 0; j < vocab; j++) { float e = expf((l[j] - mx) * p.inv_t); w[j] = std::isnan(e) ? 0.0f : e; }
+    auto bits = [](float f) { return __float_as_uint(f); };
+    auto fixed = [](float f) { return (unsigned long long)((double)f * FIXED_ONE); };
+    unsigned cut = 0;
+    std::vector<float> sorted(w);
+    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+    if (p.top_k > 0 && p.top_k < vocab) cut = bits(sorted[p.top_k - 1]);
+    if (p.top_p < 1.0f) {
+        unsigned long long mass = 0;
+        for (float v : w) if (bits(v) >= cut) mass += fixed(v);
+        unsigned long long need = (unsigned long long)((double)p.top_p * (double)mass), acc = 0;
+        if (need == 0) need = 1;
+        unsigned c2 = cut;
+        for (float v : sorted) {
+            if (bits(v) < cut) break;
+            acc += fixed(v);
+            c2 = bits(v);
+            if (acc >= need) break;
+        }
+        // every element of the cut's value is kept
+        cut = c2;
+    }
+    if (p.min_p > 0.0f) cut = std::max(cut, bits(std::fmin(p.min_p, 1.0f)));
+    unsigned long long total = 0;
+    for (float v : w) if (bits(v) >= cut) total += fixed(v);
+    unsigned long long target = (unsigned long long)(p.u * (double)total), cum = 0;
+    if (target >= total) target = total - 1;
+    for (int j = 0; j < vocab; j++) {
+        if (bits(w[j]) < cut) continue;
+        cum += fixed(w[j]);
+        if (target < cum) return j;
+    }
+    return -1;
+}
+
+static void test_sample_rows() {
+    int vocab = 3001;
+    std::vector<SampleParams> ps;
+    auto P = [](float t, int k, float top_p, float min_p, double u, int on = 1) { return SampleParams{1.0f / t, k, top_p, min_p, u, on, 0}; };
+    ps.push_back(P(0.7f, 40, 0.9f, 0.0f, 0.37));
+    ps.push_back(P(1.0f, 0, 1.0f, 0.05f, 0.61));
+    ps.push_back(P(1.5f, 1, 1.0f, 0.0f, 0.99));
+    ps.push_back(P(0.3f, vocab + 5, 0.5f, 0.0f, 0.999999));
+    ps.push_back(P(1.0f, 50, 0.95f, 0.1f, 0.0));
+    ps.push_back(P(2.0f, 0, 0.8f, 0.0f, 0.5));
+    ps.push_back(P(1.0f, 10, 1.0f, 0.0f, 0.5, 0));  // off: the greedy pick (preset) stands
+    int rows = ps.size();
+    for (int trial = 0; trial < 3; trial++) {
+        std::vector<float> l((size_t)rows * vocab);
+        for (int r = 0; r < rows; r++) for (int j = 0; j < vocab; j++) {
+            float v = rnd(4.0f);
+            l[(size_t)r * vocab + j] = trial == 1 ? std::round(v * 2) / 2 : v;  // trial 1: many ties
+        }
+        std::vector<int> ids(rows, 123);
+        auto w = l;
+        emu_launch(sample_rows, dim3{(unsigned)rows}, dim3{SAMPLE_THREADS}, w.data(), vocab, (const SampleParams*)ps.data(), ids.data());
+        for (int r = 0; r < rows; r++) {
+            int want = ps[r].on ? sample_reference(std::vector<float>(l.begin() + (size_t)r * vocab, l.begin() + (size_t)(r + 1) * vocab), ps[r]) : 123;
+            check(ids[r] == want, "sample_rows", ids[r], want);
+        }
+    }
+    printf("sample_rows: 6 parameter sets and an off row, 3 trials (one with many ties): done\n");
+}
+
 int main() {
+    test_sample_rows();
     test_attend();
     test_argmax();
     test_lora_update();
