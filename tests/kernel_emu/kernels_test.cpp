@@ -156,7 +156,7 @@ static void test_stack_readers() {
 // and f16 caches, one tile of positions and several (the warps' partial softmaxes merged).
 static void test_attend() {
     int nh = 4, nkv = 2, block_size = 16, stride = 24;
-    for (int kv32 = 0; kv32 < 2; kv32++) for (int d : {16, 64}) {
+    for (int kv32 = 0; kv32 < 2; kv32++) for (int d : {16, 36, 64, 128}) {
         int kvd = nkv * d, rows = 4, seqs = 3, blocks = seqs * stride;
         std::vector<int> pos{0, 40, 300, 7}, row_seq{2, 0, 1, 0}, tables(seqs * stride);
         for (int i = 0; i < seqs * stride; i++) tables[i] = (i * 7) % blocks;  // scattered blocks
@@ -190,7 +190,7 @@ static void test_attend() {
             }
         }
     }
-    printf("attend: f16 and f32 caches, head sizes 16 and 64, positions 0-300 of scattered blocks: done\n");
+    printf("attend: f16 and f32 caches, head sizes 16, 36, 64 and 128, positions 0-300 of scattered blocks: done\n");
 }
 
 // argmax_part + argmax_rows: the lowest index of the largest logit; NaN never wins; a row of

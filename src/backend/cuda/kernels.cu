@@ -189,9 +189,15 @@ extern "C" __global__ void qkv_rope_store(const float* __restrict__ qkv, const f
 #define ATT_WARPS 8
 #define MAX_PAIRS 2
 
+// D: the head size when known at compile time (64, 128: the loops unroll, so a lane's loads of
+// its key row are all in flight at once), 0 for any other (`d`). The sums run in the same order
+// either way.
+template <int D>
 __device__ __forceinline__ float dot_row(const __half* k, const float* q, int d) {
     float s = 0.0f;
+    if (D) d = D;
     if ((d & 7) == 0) {
+#pragma unroll
         for (int j = 0; j < d; j += 8) {
             uint4 raw = *(const uint4*)(k + j);
             const __half2* h = (const __half2*)&raw;
@@ -210,8 +216,11 @@ __device__ __forceinline__ float dot_row(const __half* k, const float* q, int d)
     return s;
 }
 
+template <int D>
 __device__ __forceinline__ float dot_row(const float* k, const float* q, int d) {
     float s = 0.0f;
+    if (D) d = D;
+#pragma unroll
     for (int j = 0; j < d; j += 2) {
         float2 f = *(const float2*)(k + j);
         s += f.x * q[j] + f.y * q[j + 1];
@@ -222,15 +231,26 @@ __device__ __forceinline__ float dot_row(const float* k, const float* q, int d) 
 __device__ __forceinline__ float2 pair_at(const __half* v, int j) { return __half22float2(*(const __half2*)(v + j)); }
 __device__ __forceinline__ float2 pair_at(const float* v, int j) { return *(const float2*)(v + j); }
 
-template <typename T>
-__device__ void attend_impl(const float* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+// The block's shared memory, declared once in `attend` (statics of each template instance would
+// each take their own).
+struct AttendShared {
+    float qs[MAX_PAIRS * 2 * WARP];
+    float sm[ATT_WARPS], sl[ATT_WARPS];
+    float sacc[ATT_WARPS][MAX_PAIRS * 2 * WARP];
+};
+
+template <typename T, int D>
+__device__ void attend_impl(AttendShared& sh, const float* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
                             const int* __restrict__ pos, const int* __restrict__ row_seq, const int* __restrict__ tables, int table_stride,
                             __half* __restrict__ out16, float* __restrict__ out32, int nh, int nkv, int d, int block_size, float scale) {
+    float* qs = sh.qs;
+    float* sm = sh.sm;
+    float* sl = sh.sl;
+    auto& sacc = sh.sacc;
     int head = blockIdx.x, r = blockIdx.y;
     int kvh = head / (nh / nkv), kvd = nkv * d;
     // Warps in this launch (at most ATT_WARPS): the tile stride and the merge follow it.
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
-    __shared__ float qs[MAX_PAIRS * 2 * WARP];
     const float* qr = q + (size_t)r * nh * d + head * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) qs[j] = qr[j] * scale;
     __syncthreads();
@@ -244,7 +264,7 @@ __device__ void attend_impl(const float* __restrict__ q, const T* __restrict__ k
         int p = t0 + lane;
         bool valid = p <= last;
         size_t base = valid ? ((size_t)table[p / block_size] * block_size + p % block_size) * kvd + kvh * d : 0;
-        float s = valid ? dot_row(kc + base, qs, d) : -INFINITY;
+        float s = valid ? dot_row<D>(kc + base, qs, d) : -INFINITY;
         float m2 = fmaxf(m, warp_max(s));
         float c = expf(m - m2);
         float w = valid ? expf(s - m2) : 0.0f;
@@ -255,7 +275,7 @@ __device__ void attend_impl(const float* __restrict__ q, const T* __restrict__ k
             acc[e][1] *= c;
         }
         int n = min(WARP, last - t0 + 1);
-#pragma unroll 4
+#pragma unroll 8
         for (int i = 0; i < n; i++) {
             float wi = __shfl_sync(0xffffffffu, w, i);
             size_t bi = __shfl_sync(0xffffffffu, base, i);
@@ -271,8 +291,6 @@ __device__ void attend_impl(const float* __restrict__ q, const T* __restrict__ k
         }
         m = m2;
     }
-    __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
-    __shared__ float sacc[ATT_WARPS][MAX_PAIRS * 2 * WARP];
     if (lane == 0) {
         sm[warp] = m;
         sl[warp] = l;
@@ -303,8 +321,18 @@ __device__ void attend_impl(const float* __restrict__ q, const T* __restrict__ k
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP) attend(const float* __restrict__ q, const void* __restrict__ kc, const void* __restrict__ vc,
                                   const int* __restrict__ pos, const int* __restrict__ row_seq, const int* __restrict__ tables, int table_stride,
                                   __half* __restrict__ out16, float* __restrict__ out32, int nh, int nkv, int d, int block_size, float scale, int kv32) {
-    if (kv32) attend_impl<float>(q, (const float*)kc, (const float*)vc, pos, row_seq, tables, table_stride, out16, out32, nh, nkv, d, block_size, scale);
-    else attend_impl<__half>(q, (const __half*)kc, (const __half*)vc, pos, row_seq, tables, table_stride, out16, out32, nh, nkv, d, block_size, scale);
+    __shared__ AttendShared sh;
+#define ATTEND(T, D) attend_impl<T, D>(sh, q, (const T*)kc, (const T*)vc, pos, row_seq, tables, table_stride, out16, out32, nh, nkv, d, block_size, scale)
+    if (kv32) {
+        if (d == 64) ATTEND(float, 64);
+        else if (d == 128) ATTEND(float, 128);
+        else ATTEND(float, 0);
+    } else {
+        if (d == 64) ATTEND(__half, 64);
+        else if (d == 128) ATTEND(__half, 128);
+        else ATTEND(__half, 0);
+    }
+#undef ATTEND
 }
 
 // out[r, j] = silu(gu[r, j]) * gu[r, inter + j], f16 (`out16`) or f32 (`out32`), adapter rows'
