@@ -13,10 +13,9 @@
 //! Block tables live on the device ([slots + 1, max blocks]), indexed by each sequence's slot;
 //! a step uploads only the entries of blocks taken since the last one.
 use super::gpu::{Buf, Dtype, Gpu};
-use super::weights::{DevLinear, DevWeights};
 use super::lora::{self, Group};
 use super::lora_stack::{StackArg, StackSize, GROUPS};
-use super::CudaBackend;
+use super::{fused_row, CudaBackend};
 use crate::backend::candle::ModelConfig;
 use crate::backend::gpu_sampling::PARAM_BYTES;
 use crate::backend::{BackendError, StepInput};
@@ -30,40 +29,6 @@ pub enum LoraMode {
     Tiles,
     /// The stacked products beside each product, the update added by its reader (`lora_stack.rs`).
     Stacks,
-}
-
-/// The largest input `gemv_row` stages (GEMV_MAX_K in gemv_row.cuh), and its warps a block.
-const GEMV_MAX_K: usize = 16384;
-const GEMV_WARPS: usize = 8;
-
-/// Whether every product of the model suits `gemv_row`: f16 weights, inputs of at most
-/// GEMV_MAX_K values and a multiple of 8 (16-byte rows).
-pub fn fused_row_fits(w: &DevWeights, dtype: Dtype) -> bool {
-    let fits = |l: &DevLinear| {
-        let k = l.w.len() / (2 * l.n.max(1));
-        (8..=GEMV_MAX_K).contains(&k) && k % 8 == 0
-    };
-    dtype == Dtype::F16 && w.layers.iter().all(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down].into_iter().all(fits))
-}
-
-/// `gemv_row`'s input (`gemv_qkv_rope` always takes the norm's): attention's f16 output, the residual stream through RMSNorm, or SiLU of
-/// the gate times the up product.
-enum RowInput {
-    Plain { h16: u64 },
-    Norm { x: u64, weight: u64, eps: f32 },
-    Silu { gu: u64 },
-}
-
-/// `y (+)= lin x` for a one-row step, its input made in the same launch (`gemv_row`).
-fn gemv_row(gpu: &Gpu, lin: &DevLinear, k: usize, input: RowInput, y: u64, accumulate: bool) -> Result<(), BackendError> {
-    let (mode, h16, x, nw, eps, gu) = match input {
-        RowInput::Plain { h16 } => (0i32, h16, 0u64, 0u64, 0f32, 0u64),
-        RowInput::Norm { x, weight, eps } => (1, 0, x, weight, eps, 0),
-        RowInput::Silu { gu } => (2, 0, 0, 0, 0.0, gu),
-    };
-    let (n, k, acc) = (lin.n as i32, k as i32, i32::from(accumulate));
-    let blocks = lin.n.div_ceil(GEMV_WARPS) as u32;
-    gpu.launch(&gpu.k.gemv_row, (blocks, 1), (GEMV_WARPS * 32) as u32, &[&lin.w.ptr, &n, &k, &mode, &h16, &x, &nw, &eps, &gu, &y, &acc])
 }
 
 /// Threads of one `attend` block: ATT_WARPS (kernels.cu) warps.
@@ -97,15 +62,15 @@ pub struct Scratch {
     meta: Buf<i32>,
     updates: usize,
     /// The residual stream, f32 [rows, hidden].
-    x: Buf<f32>,
+    pub(super) x: Buf<f32>,
     /// Inputs of the products, in the compute dtype, [rows, max(hidden, q_dim, intermediate)].
-    h: Buf<u8>,
+    pub(super) h: Buf<u8>,
     /// q/k/v product, f32 [rows, q_dim + 2 kv_dim].
     qkv: Buf<f32>,
     /// Rotated queries, f32 [rows, q_dim].
-    q: Buf<f32>,
+    pub(super) q: Buf<f32>,
     /// gate/up product, f32 [rows, 2 intermediate].
-    gu: Buf<f32>,
+    pub(super) gu: Buf<f32>,
     /// LoRA rows' updates `B t` of the q/k/v product, the residual stream (o and down) and the
     /// gate/up product: f32 rows of those products' widths.
     z_qkv: Buf<f32>,
@@ -159,7 +124,7 @@ impl Scratch {
     }
 
     /// Device addresses of the metadata arrays.
-    fn at(&self, what: Field) -> u64 {
+    pub(super) fn at(&self, what: Field) -> u64 {
         let r = self.rows;
         let off = match what {
             Field::Ids => 0,
@@ -176,7 +141,7 @@ impl Scratch {
 }
 
 #[derive(Clone, Copy)]
-enum Field {
+pub(super) enum Field {
     Ids,
     Pos,
     Slot,
@@ -312,6 +277,26 @@ fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, gi:
     gpu.join()
 }
 
+/// Attention of the step's `r` rows in `layer` (queries in `q`, the cache written), into the
+/// products' input buffer `h`.
+fn attend(b: &CudaBackend, layer: usize, r: usize) -> Result<(), BackendError> {
+    let (gpu, s, cfg, c) = (&b.gpu, &b.scratch, &b.cfg, &b.cache[layer]);
+    let (h16, h32p) = match b.w.dtype {
+        Dtype::F16 => (s.h.ptr, 0u64),
+        Dtype::F32 => (0u64, s.h.ptr),
+    };
+    let (nh32, nkv32, d32) = (cfg.num_heads as i32, cfg.num_kv_heads as i32, cfg.head_dim as i32);
+    let (stride, block, scale) = (b.max_blocks as i32, super::BLOCK as i32, 1.0f32 / (cfg.head_dim as f32).sqrt());
+    let kv32 = i32::from(b.w.dtype == Dtype::F32);
+    let (pos, slot) = (s.at(Field::Pos), s.at(Field::Slot));
+    gpu.launch(
+        &gpu.k.attend,
+        (cfg.num_heads as u32, r as u32),
+        ATTEND_THREADS,
+        &[&s.q.ptr, &c.k.ptr, &c.v.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &h16, &h32p, &nh32, &nkv32, &d32, &block, &scale, &kv32],
+    )
+}
+
 /// Launches the forward of `r` rows (data in place from `upload`), the logits of `l` rows and
 /// their greedy picks or device draws; `mode`: how the step applies LoRA adapters. Launches only:
 /// no copies, no waiting (it may be captured in a graph).
@@ -330,7 +315,7 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(
     let embed = if dtype == Dtype::F16 { &gpu.k.embed_f16 } else { &gpu.k.embed_f32 };
     // The KV cache takes the compute dtype's width (f32 in the exact mode).
     let kv32 = i32::from(dtype == Dtype::F32);
-    let (block, interleaved, scale) = (super::BLOCK as i32, i32::from(cfg.rope_interleaved), 1.0f32 / (d as f32).sqrt());
+    let (block, interleaved) = (super::BLOCK as i32, i32::from(cfg.rope_interleaved));
     let (nh32, nkv32, d32) = (nh as i32, nkv as i32, d as i32);
     let none = 0u64;
     // The LoRA updates' buffers for the products' readers (null: no tiled updates), each row's
@@ -341,47 +326,31 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(
         (LoraMode::Stacks, Some(st)) => st.arg(layer, gi, t_buf(s, gi), row_slot),
         _ => StackArg::default(),
     };
-    // A one-row step without adapters folds the norms and SiLU into its products (`gemv_row`).
+    // A one-row step without adapters folds the norms, SiLU and RoPE into its products.
     let fused = b.fused_row && r == 1 && mode == LoraMode::Off;
     gpu.launch(embed, (r32, 1), 256, &[&w.embed.w.ptr, &ids, &s.x.ptr, &h32])?;
     for (layer, lw) in w.layers.iter().enumerate() {
-        let c = &b.cache[layer];
-        let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
         if fused {
-            // RMSNorm, the q/k/v product, bias, RoPE and the cache write in one launch.
-            let jobs = (nh + 2 * nkv) * (d / 2);
-            gpu.launch(
-                &gpu.k.gemv_qkv_rope,
-                (jobs.div_ceil(GEMV_WARPS) as u32, 1),
-                (GEMV_WARPS * 32) as u32,
-                &[&lw.qkv.w.ptr, &h32, &s.x.ptr, &lw.attn_norm.ptr, &eps, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved],
-            )?;
-        } else {
-            // The update of the previous layer's down product joins the residual stream here.
-            let (z_down, t_down) = if layer > 0 { (z_x, stacked(layer - 1, 3)) } else { (0, StackArg::default()) };
-            gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_down, &row_slot, &t_down])?;
-            let qkv = || gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false);
-            product(b, qkv, 0, layer, r, mode, h16, h32p, h, z_qkv, lw.qkv.n)?;
-            gpu.launch(
-                &gpu.k.qkv_rope_store,
-                (r32, (nh + cfg.num_kv_heads) as u32),
-                ((d / 2).div_ceil(32) * 32) as u32,
-                &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot, &stacked(layer, 0)],
-            )?;
-        }
-        gpu.launch(
-            &gpu.k.attend,
-            (nh as u32, r32),
-            ATTEND_THREADS,
-            &[&s.q.ptr, &c.k.ptr, &c.v.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &h16, &h32p, &nh32, &nkv32, &d32, &block, &scale, &kv32],
-        )?;
-        let inter = lw.gate_up.n / 2;
-        if fused {
-            gemv_row(gpu, &lw.wo, nh * d, RowInput::Plain { h16: s.h.ptr }, s.x.ptr, true)?;
-            gemv_row(gpu, &lw.gate_up, h, RowInput::Norm { x: s.x.ptr, weight: lw.ffn_norm.ptr, eps }, s.gu.ptr, false)?;
-            gemv_row(gpu, &lw.down, inter, RowInput::Silu { gu: s.gu.ptr }, s.x.ptr, true)?;
+            fused_row::qkv(b, layer)?;
+            attend(b, layer, r)?;
+            fused_row::mlp(b, lw)?;
             continue;
         }
+        let c = &b.cache[layer];
+        let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
+        // The update of the previous layer's down product joins the residual stream here.
+        let (z_down, t_down) = if layer > 0 { (z_x, stacked(layer - 1, 3)) } else { (0, StackArg::default()) };
+        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_down, &row_slot, &t_down])?;
+        let qkv = || gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false);
+        product(b, qkv, 0, layer, r, mode, h16, h32p, h, z_qkv, lw.qkv.n)?;
+        gpu.launch(
+            &gpu.k.qkv_rope_store,
+            (r32, (nh + cfg.num_kv_heads) as u32),
+            ((d / 2).div_ceil(32) * 32) as u32,
+            &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot, &stacked(layer, 0)],
+        )?;
+        attend(b, layer, r)?;
+        let inter = lw.gate_up.n / 2;
         let o = || gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true);
         product(b, o, 1, layer, r, mode, h16, h32p, nh * d, z_x, h)?;
         gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_x, &row_slot, &stacked(layer, 1)])?;

@@ -1,6 +1,6 @@
 // One-row products for decode steps of a single row (`CudaOptions::fused_row`): each folds the
 // kernel that makes its input (and for q/k/v, the one that reads its output) into the product,
-// so a layer of a one-row step is five launches instead of nine (forward.rs). Included by
+// so a layer of a one-row step is five launches instead of nine (fused_row.rs). Included by
 // kernels.cu (it uses WARP, warp_sum and block_sum).
 //
 // gemv_row: y[o] (+)= sum_i W[o, i] in[i], W row-major [n, k] f16, for the one row of the step,
@@ -10,9 +10,9 @@
 //           computes it: same block size, same sums, so the same values);
 //   mode 2  in = f16(silu(gu[i]) * gu[k + i]) (as `silu_mul`).
 // `accumulate`: y += (the residual stream), else y =. The input is staged in shared memory
-// (k <= GEMV_MAX_K, k a multiple of 8, W 16-byte aligned: forward.rs checks); then each warp takes
-// output rows o = blockIdx.x * GEMV_WARPS + warp, stepping by the grid, a lane 8 weights (16
-// bytes) at a time, summed over the warp. Grid: any; block: GEMV_WARPS warps.
+// (k <= GEMV_MAX_K, k a multiple of 8, W 16-byte aligned: fused_row.rs checks); then each warp
+// takes output rows o = blockIdx.x * GEMV_WARPS + warp, stepping by the grid, a lane 8 weights
+// (16 bytes) at a time, summed over the warp. Grid: any; block: GEMV_WARPS warps.
 #define GEMV_MAX_K 16384
 #define GEMV_WARPS 8
 

@@ -90,7 +90,7 @@ impl CudaBackend {
             device = %gpu.name(), ordinal = opts.ordinal, dtype = ?opts.dtype, weights_mib = dw.bytes() >> 20,
             kv_blocks = blocks, kv_cache_mib = (blocks * block_bytes) >> 20, max_context, "CUDA backend ready"
         );
-        let fused_row = opts.fused_row && forward::fused_row_fits(&dw, opts.dtype);
+        let fused_row = opts.fused_row && super::fused_row::fits(&dw, opts.dtype);
         if opts.fused_row && !fused_row {
             tracing::warn!("fused one-row products asked for, but this model's products do not suit them (f16 only, inputs of at most 16384, a multiple of 8)");
         }

@@ -23,6 +23,7 @@
 //!   token ids cross to the host (`gpu_sampling`, `sample_rows` in `kernels.cu`). Other rows'
 //!   logits are copied and sampled by the engine's sampler.
 mod forward;
+mod fused_row;
 pub mod gpu;
 mod load;
 mod pipeline;
