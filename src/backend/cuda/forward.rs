@@ -31,8 +31,10 @@ pub enum LoraMode {
     Stacks,
 }
 
-/// Threads of one `attend` block: ATT_WARPS (kernels.cu) warps.
+/// Threads of one `attend` block: 8 warps, or 32 (ATT_WARPS in kernels.cu) for a fused one-row
+/// step, whose few blocks (one a head) then take 1024 positions a pass.
 const ATTEND_THREADS: u32 = 8 * 32;
+const ATTEND_THREADS_ONE_ROW: u32 = 32 * 32;
 
 /// Blocks of `argmax_part` per logit row (ARGMAX_SLICES in kernels.cu).
 pub(super) const ARGMAX_SLICES: usize = 64;
@@ -278,8 +280,8 @@ fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, gi:
 }
 
 /// Attention of the step's `r` rows in `layer` (queries in `q`, the cache written), into the
-/// products' input buffer `h`.
-fn attend(b: &CudaBackend, layer: usize, r: usize) -> Result<(), BackendError> {
+/// products' input buffer `h`; `wide`: blocks of 32 warps (a fused one-row step).
+fn attend(b: &CudaBackend, layer: usize, r: usize, wide: bool) -> Result<(), BackendError> {
     let (gpu, s, cfg, c) = (&b.gpu, &b.scratch, &b.cfg, &b.cache[layer]);
     let (h16, h32p) = match b.w.dtype {
         Dtype::F16 => (s.h.ptr, 0u64),
@@ -292,7 +294,7 @@ fn attend(b: &CudaBackend, layer: usize, r: usize) -> Result<(), BackendError> {
     gpu.launch(
         &gpu.k.attend,
         (cfg.num_heads as u32, r as u32),
-        ATTEND_THREADS,
+        if wide { ATTEND_THREADS_ONE_ROW } else { ATTEND_THREADS },
         &[&s.q.ptr, &c.k.ptr, &c.v.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &h16, &h32p, &nh32, &nkv32, &d32, &block, &scale, &kv32],
     )
 }
@@ -332,7 +334,7 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(
     for (layer, lw) in w.layers.iter().enumerate() {
         if fused {
             fused_row::qkv(b, layer)?;
-            attend(b, layer, r)?;
+            attend(b, layer, r, true)?;
             fused_row::mlp(b, lw)?;
             continue;
         }
@@ -349,7 +351,7 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(
             ((d / 2).div_ceil(32) * 32) as u32,
             &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot, &stacked(layer, 0)],
         )?;
-        attend(b, layer, r)?;
+        attend(b, layer, r, false)?;
         let inter = lw.gate_up.n / 2;
         let o = || gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true);
         product(b, o, 1, layer, r, mode, h16, h32p, nh * d, z_x, h)?;

@@ -179,14 +179,15 @@ extern "C" __global__ void qkv_rope_store(const float* __restrict__ qkv, const f
 
 // Causal attention of one query row and head over its sequence's cached positions 0..=pos:
 // softmax(q . k / sqrt(d)) v, online over tiles of 32 positions. Grid: (heads, rows); block:
-// ATT_WARPS warps (the launch must give ATT_WARPS * 32 threads or fewer); warp w takes tiles
+// up to ATT_WARPS warps (8 for steps of many rows; 32 for a fused one-row step, so that a long
+// context is one pass of tiles, not several one after another); warp w takes tiles
 // w, w + warps, ... In a tile each lane scores one
 // position (its own key row, read in 16-byte pieces against q in shared memory), then the warp
 // folds the tile's values in with lanes over head-dimension pairs (dims 2 lane + 64 e, +1;
 // d <= 128). The warps' partial results are merged at the end. A decode row of a short context
 // is one or two tiles per warp: the positions are read in parallel, not one after another.
 // Output [rows, nh * d], f16 (`out16`) or f32 (`out32`), whichever is not null.
-#define ATT_WARPS 8
+#define ATT_WARPS 32
 #define MAX_PAIRS 2
 
 // D: the head size when known at compile time (64, 128: the loops unroll, so a lane's loads of
