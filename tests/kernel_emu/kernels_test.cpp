@@ -222,8 +222,8 @@ static void test_argmax() {
 // tiles, so blocks take several.
 static void test_lora_update() {
     struct Mod { int out, col; };
-    const Mod mods[3] = {{64, 0}, {32, 64}, {32, 96}};  // q, k, v of a product row of 128
-    int layers = 2, layer = 1, in_dim = 64, z_stride = 128, slots = 3;
+    const Mod mods[3] = {{300, 0}, {32, 300}, {32, 332}};  // q, k, v of a product row of 364
+    int layers = 2, layer = 1, in_dim = 64, z_stride = 364, slots = 3;
     std::vector<std::vector<float>> keep;
     std::vector<LoraEntry> table((size_t)slots * layers * 7);
     const int ranks[3][3] = {{8, 8, 8}, {4, 0, 4}, {0, 16, 0}};
@@ -250,7 +250,7 @@ static void test_lora_update() {
     auto x = rv((size_t)rows * in_dim);
     for (int blocks : {1, 2, 9}) {
         std::vector<float> z((size_t)rows * z_stride, 777.0f);
-        int col_blocks = 1;  // the widest module (64) fits one block of LORA_THREADS columns
+        int col_blocks = 2;  // the widest module (300) takes two blocks of LORA_THREADS columns; k and v one
         emu_launch(lora_update, dim3{(unsigned)blocks, 3u * col_blocks}, dim3{LORA_THREADS}, (const LoraEntry*)table.data(), layer, layers, 0, (const int*)tiles.data(), (const __half*)nullptr, (const float*)x.data(), in_dim, z.data(), z_stride, col_blocks);
         for (int r = 0; r < rows; r++) for (int j = 0; j < 3; j++) for (int o = 0; o < mods[j].out; o++) {
             float got = z[(size_t)r * z_stride + mods[j].col + o];

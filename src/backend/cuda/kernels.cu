@@ -687,6 +687,10 @@ extern "C" __global__ void __launch_bounds__(LORA_THREADS, 2) lora_update(const 
 #pragma unroll
         for (int q = 0; q < LORA_TILE; q++) rows[q] = tr[1 + q];
         const LoraEntry e = *lora_entry(table, tr[0], layer, layers, m0 + j);
+        // A column block past this module's width (a narrow module beside a wide one: k and v
+        // beside q) has nothing to write: the whole block skips the tile (every entry of a module
+        // holds its width, so this is the same for every thread).
+        if (o - (int)threadIdx.x >= e.out_dim) continue;
         for (int k0 = warp * LORA_KG; k0 < e.rank; k0 += LORA_WARPS * LORA_KG) {
             int nk = min(LORA_KG, e.rank - k0);
             float acc[LORA_TILE][LORA_KG];
