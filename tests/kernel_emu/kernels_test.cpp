@@ -11,7 +11,13 @@
 #include "../../src/backend/cuda/kernels.cu"
 #include <cstdio>
 #include <algorithm>
+#include <cstddef>
 #include <random>
+
+// The kernels' by-value arguments as the Rust side lays them out (lora_stack::StackArg, whose
+// unit test checks the same offsets).
+static_assert(sizeof(LoraStack) == 40 && offsetof(LoraStack, bt) == 16 && offsetof(LoraStack, t_stride) == 24 && offsetof(LoraStack, count) == 36, "LoraStack layout");
+static_assert(sizeof(SampleParams) == 32 && offsetof(SampleParams, u) == 16 && offsetof(SampleParams, on) == 24, "SampleParams layout");
 
 static std::mt19937 rng(7);
 static float rnd(float s = 1.0f) { return std::uniform_real_distribution<float>(-s, s)(rng); }

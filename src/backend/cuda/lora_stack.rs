@@ -240,6 +240,19 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_argument_is_laid_out_as_kernels_cu_reads_it() {
+        // `LoraStack` in kernels.cu: three 8-byte addresses, then four 4-byte ints, 40 bytes.
+        let a = StackArg { t: 1, row_stack: 2, bt: 3, t_stride: 4, width: 5, rank: 6, count: 7 };
+        assert_eq!(std::mem::size_of::<StackArg>(), 40);
+        assert_eq!(std::mem::align_of::<StackArg>(), 8);
+        let base = &a as *const StackArg as usize;
+        let offsets = [&a.t as *const u64 as usize, &a.row_stack as *const u64 as usize, &a.bt as *const u64 as usize];
+        assert_eq!(offsets.map(|o| o - base), [0, 8, 16]);
+        let ints = [&a.t_stride as *const i32 as usize, &a.width as *const i32 as usize, &a.rank as *const i32 as usize, &a.count as *const i32 as usize];
+        assert_eq!(ints.map(|o| o - base), [24, 28, 32, 36]);
+    }
+
+    #[test]
     fn group_widths_and_t_columns() {
         let d = BaseDims { layers: 2, hidden: 64, q_dim: 64, kv_dim: 16, intermediate: 160, qk_rows: crate::lora::QkRows::Hf, max_rank: None };
         assert_eq!(GROUPS.map(|g| g.io(&d)), [(64, 96), (64, 64), (64, 320), (160, 64)]);
