@@ -174,6 +174,9 @@ impl LoraStacks {
             let free = self.owner.iter().position(Option::is_none);
             let lru = || (0..self.owner.len()).filter(|&s| self.owner[s].is_some_and(|o| o.1 < clock)).min_by_key(|&s| self.owner[s].map_or(0, |o| o.1));
             let slot = free.or_else(lru).expect("a step holds at most `slots` adapters");
+            // Unowned while it is written: an upload that fails halfway must not leave the slot
+            // named after its old adapter with another's weights in part of it.
+            self.owner[slot] = None;
             self.upload(gpu, slot, a)?;
             self.owner[slot] = Some((a.id, clock));
         }
