@@ -3,6 +3,7 @@
 //   and a host product in f64;
 // - gemv_qkv_rope against rms_norm -> host product -> qkv_rope_store (q, and the key and value
 //   cache entries, f16);
+// - every kernel of kernels.cu and gemv_row.cuh runs at least once;
 // - sample_rows (the device sampler) against its specification run sequentially, token for token;
 // - attend, the greedy pick (argmax_part + argmax_rows) and lora_update against host references;
 // - the readers with LoRA stacks (lora_stack_at in rms_norm, silu_mul, qkv_rope_store) against
@@ -347,7 +348,35 @@ static void test_sample_rows() {
     printf("sample_rows: 6 parameter sets and an off row, 3 trials (one with many ties): done\n");
 }
 
+// The small kernels: embedding lookups, the f16 -> f32 widening, the block-table scatter and
+// async scheduling's gather of the last step's picks.
+static void test_small_kernels() {
+    int vocab = 50, hidden = 300;
+    auto table32 = rv((size_t)vocab * hidden);
+    auto table16 = rh((size_t)vocab * hidden);
+    std::vector<int> ids{7, 0, 49, 7};
+    std::vector<float> x32(ids.size() * hidden), x16(ids.size() * hidden);
+    emu_launch(embed_f32, dim3{(unsigned)ids.size()}, dim3{256}, (const float*)table32.data(), (const int*)ids.data(), x32.data(), hidden);
+    emu_launch(embed_f16, dim3{(unsigned)ids.size()}, dim3{256}, (const __half*)table16.data(), (const int*)ids.data(), x16.data(), hidden);
+    for (size_t r = 0; r < ids.size(); r++) for (int j = 0; j < hidden; j++) {
+        check(x32[r * hidden + j] == table32[(size_t)ids[r] * hidden + j], "embed_f32", x32[r * hidden + j], table32[(size_t)ids[r] * hidden + j]);
+        check(x16[r * hidden + j] == __half2float(table16[(size_t)ids[r] * hidden + j]), "embed_f16", x16[r * hidden + j], 0);
+    }
+    std::vector<float> wide(1000);
+    emu_launch(f16_to_f32, dim3{2}, dim3{128}, (const __half*)table16.data(), wide.data(), (long long)wide.size());
+    for (size_t i = 0; i < wide.size(); i++) check(wide[i] == __half2float(table16[i]), "f16_to_f32", wide[i], __half2float(table16[i]));
+    std::vector<int> dst(20, -1), pairs{3, 30, 17, 170, 0, 1};
+    emu_launch(scatter_i32, dim3{1}, dim3{256}, dst.data(), (const int*)pairs.data(), 3);
+    for (int i = 0; i < 20; i++) { int want = i == 3 ? 30 : i == 17 ? 170 : i == 0 ? 1 : -1; check(dst[i] == want, "scatter_i32", dst[i], want); }
+    std::vector<int> step_ids{5, 6, 7, 8}, picks{100, 200, 300}, follows{1, 2, 3, 0};
+    emu_launch(gather_ids, dim3{1}, dim3{256}, step_ids.data(), (const int*)picks.data(), (const int*)follows.data(), 2);
+    int want[4] = {5, 300, 7, 100};
+    for (int i = 0; i < 4; i++) check(step_ids[i] == want[i], "gather_ids", step_ids[i], want[i]);
+    printf("embed_f32, embed_f16, f16_to_f32, scatter_i32, gather_ids: done\n");
+}
+
 int main() {
+    test_small_kernels();
     test_sample_rows();
     test_attend();
     test_argmax();
