@@ -14,7 +14,7 @@
 //! a step uploads only the entries of blocks taken since the last one.
 use super::gpu::{Buf, Dtype, Gpu};
 use super::lora::{self, Group};
-use super::lora_stack::{StackArg, StackSize, GROUPS};
+use super::lora_stack::{StackArg, StackSize};
 use super::{fused_row, CudaBackend};
 use crate::backend::candle::ModelConfig;
 use crate::backend::gpu_sampling::PARAM_BYTES;
@@ -235,17 +235,19 @@ pub fn upload(b: &mut CudaBackend, inputs: &[StepInput<'_>], adapters: Option<(&
     Ok((r, l))
 }
 
-/// The stacked products' buffer of group `gi` (of `lora_stack::GROUPS`).
-fn t_buf(s: &Scratch, gi: usize) -> u64 {
-    match gi {
-        0 => s.t_qkv.ptr,
-        2 => s.t_gu.ptr,
-        _ => s.t_x.ptr,
+/// The stacked products' buffer of group `g` (o and down share one).
+fn t_buf(s: &Scratch, g: Group) -> u64 {
+    if g.first == lora::QKV.first {
+        s.t_qkv.ptr
+    } else if g.first == lora::GATE_UP.first {
+        s.t_gu.ptr
+    } else {
+        s.t_x.ptr
     }
 }
 
 /// The product `y = W x` (`gemm`) of `r` rows, and with adapter rows the LoRA work of group
-/// `gi` (of `lora_stack::GROUPS`) of `layer` beside it on the side stream, for the product's
+/// `g` of `layer` beside it on the side stream, for the product's
 /// input (`x16` or `x32`, rows of `in_dim`):
 /// - `LoraMode::Tiles`: `z` (rows of `z_stride`, the product's width) gets each adapter row's
 ///   update, which the product's reader adds; the rows come in the step's tiles (`lora::tiles`).
@@ -254,14 +256,14 @@ fn t_buf(s: &Scratch, gi: usize) -> u64 {
 ///
 /// Joins before it returns, so the next launches may overwrite the input.
 #[allow(clippy::too_many_arguments)]
-fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, gi: usize, layer: usize, r: usize, mode: LoraMode, x16: u64, x32: u64, in_dim: usize, z: u64, z_stride: usize) -> Result<(), BackendError> {
-    let (gpu, s, g) = (&b.gpu, &b.scratch, GROUPS[gi]);
+fn product(b: &CudaBackend, gemm: impl FnOnce() -> Result<(), BackendError>, g: Group, layer: usize, r: usize, mode: LoraMode, x16: u64, x32: u64, in_dim: usize, z: u64, z_stride: usize) -> Result<(), BackendError> {
+    let (gpu, s) = (&b.gpu, &b.scratch);
     match mode {
         LoraMode::Off => return gemm(),
         LoraMode::Stacks => {
             let st = b.stacks.as_ref().expect("a step in LoraMode::Stacks has stacks");
             gpu.fork()?;
-            gpu.gemm_side(b.w.dtype, st.a(layer, gi), s.h.ptr, t_buf(s, gi), r, st.size().t_cols(g), in_dim, false)?;
+            gpu.gemm_side(b.w.dtype, st.a(layer, g), s.h.ptr, t_buf(s, g), r, st.size().t_cols(g), in_dim, false)?;
             gemm()?;
             return gpu.join();
         }
@@ -324,8 +326,8 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(
     // adapter slot, and the readers' argument for the stacks' updates (null `t`: none).
     let on = |z: &Buf<f32>| if mode == LoraMode::Tiles { z.ptr } else { 0u64 };
     let (z_qkv, z_x, z_gu, row_slot) = (on(&s.z_qkv), on(&s.z_x), on(&s.z_gu), s.at(Field::Adapter));
-    let stacked = |layer: usize, gi: usize| match (mode, &b.stacks) {
-        (LoraMode::Stacks, Some(st)) => st.arg(layer, gi, t_buf(s, gi), row_slot),
+    let stacked = |layer: usize, g: Group| match (mode, &b.stacks) {
+        (LoraMode::Stacks, Some(st)) => st.arg(layer, g, t_buf(s, g), row_slot),
         _ => StackArg::default(),
     };
     // A one-row step without adapters folds the norms, SiLU and RoPE into its products.
@@ -341,29 +343,29 @@ pub fn launches(b: &CudaBackend, r: usize, l: usize, mode: LoraMode) -> Result<(
         let c = &b.cache[layer];
         let bias = lw.qkv.bias.as_ref().map_or(0, |b| b.ptr);
         // The update of the previous layer's down product joins the residual stream here.
-        let (z_down, t_down) = if layer > 0 { (z_x, stacked(layer - 1, 3)) } else { (0, StackArg::default()) };
+        let (z_down, t_down) = if layer > 0 { (z_x, stacked(layer - 1, lora::DOWN)) } else { (0, StackArg::default()) };
         gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.attn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_down, &row_slot, &t_down])?;
         let qkv = || gpu.gemm(dtype, lw.qkv.w.ptr, s.h.ptr, s.qkv.ptr, r, lw.qkv.n, h, false);
-        product(b, qkv, 0, layer, r, mode, h16, h32p, h, z_qkv, lw.qkv.n)?;
+        product(b, qkv, lora::QKV, layer, r, mode, h16, h32p, h, z_qkv, lw.qkv.n)?;
         gpu.launch(
             &gpu.k.qkv_rope_store,
             (r32, (nh + cfg.num_kv_heads) as u32),
             ((d / 2).div_ceil(32) * 32) as u32,
-            &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot, &stacked(layer, 0)],
+            &[&s.qkv.ptr, &bias, &b.cos.ptr, &b.sin.ptr, &pos, &slot, &b.dev_tables.ptr, &stride, &s.q.ptr, &c.k.ptr, &c.v.ptr, &nh32, &nkv32, &d32, &block, &interleaved, &kv32, &z_qkv, &row_slot, &stacked(layer, lora::QKV)],
         )?;
         attend(b, layer, r, false)?;
         let inter = lw.gate_up.n / 2;
         let o = || gpu.gemm(dtype, lw.wo.w.ptr, s.h.ptr, s.x.ptr, r, h, nh * d, true);
-        product(b, o, 1, layer, r, mode, h16, h32p, nh * d, z_x, h)?;
-        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_x, &row_slot, &stacked(layer, 1)])?;
+        product(b, o, lora::O, layer, r, mode, h16, h32p, nh * d, z_x, h)?;
+        gpu.launch(&gpu.k.rms_norm, (r32, 1), 256, &[&s.x.ptr, &lw.ffn_norm.ptr, &none, &h16, &h32p, &h32, &eps, &z_x, &row_slot, &stacked(layer, lora::O)])?;
         let gate_up = || gpu.gemm(dtype, lw.gate_up.w.ptr, s.h.ptr, s.gu.ptr, r, lw.gate_up.n, h, false);
-        product(b, gate_up, 2, layer, r, mode, h16, h32p, h, z_gu, lw.gate_up.n)?;
-        gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32), &z_gu, &row_slot, &stacked(layer, 2)])?;
+        product(b, gate_up, lora::GATE_UP, layer, r, mode, h16, h32p, h, z_gu, lw.gate_up.n)?;
+        gpu.launch(&gpu.k.silu_mul, (r32, inter.div_ceil(256) as u32), 256, &[&s.gu.ptr, &h16, &h32p, &(inter as i32), &z_gu, &row_slot, &stacked(layer, lora::GATE_UP)])?;
         let down = || gpu.gemm(dtype, lw.down.w.ptr, s.h.ptr, s.x.ptr, r, h, inter, true);
-        product(b, down, 3, layer, r, mode, h16, h32p, inter, z_x, h)?;
+        product(b, down, lora::DOWN, layer, r, mode, h16, h32p, inter, z_x, h)?;
     }
     if l > 0 {
-        let t_down = w.layers.len().checked_sub(1).map_or(StackArg::default(), |last| stacked(last, 3));
+        let t_down = w.layers.len().checked_sub(1).map_or(StackArg::default(), |last| stacked(last, lora::DOWN));
         gpu.launch(&gpu.k.rms_norm, (l as u32, 1), 256, &[&s.x.ptr, &w.final_norm.ptr, &logit_rows, &h16, &h32p, &h32, &eps, &z_x, &row_slot, &t_down])?;
         let head = w.lm_head();
         gpu.gemm(dtype, head.w.ptr, s.h.ptr, s.logits.ptr, l, head.n, h, false)?;

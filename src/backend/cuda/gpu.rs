@@ -446,7 +446,6 @@ fn blas_on(stream: &Arc<CudaStream>) -> Result<(CudaBlas, CudaSlice<u8>), Backen
     Ok((blas, workspace))
 }
 
-
 /// A kernel argument: a plain value pushed by reference.
 pub trait Arg {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);

@@ -180,7 +180,7 @@ impl DevLora {
             for (mi, &m) in Module::ALL.iter().enumerate() {
                 let e = &mut entries[(layer * Module::ALL.len() + mi) * ENTRY_BYTES..][..ENTRY_BYTES];
                 e[24..28].copy_from_slice(&(self.dims.io(m).1 as i32).to_le_bytes());
-                e[28..32].copy_from_slice(&(self.column(m) as i32).to_le_bytes());
+                e[28..32].copy_from_slice(&(column(&self.dims, m) as i32).to_le_bytes());
             }
         }
         let mut bufs = Vec::with_capacity(2 * a.modules.len());
@@ -217,10 +217,6 @@ impl DevLora {
         Ok(())
     }
 
-    fn column(&self, m: Module) -> usize {
-        column(&self.dims, m)
-    }
-
     /// Adapters on the device now.
     pub fn resident(&self) -> usize {
         self.resident.len()
@@ -228,7 +224,7 @@ impl DevLora {
 
     /// The widest output of a group's modules.
     pub fn widest(&self, g: Group) -> usize {
-        Module::ALL[g.first..g.first + g.count].iter().map(|&m| self.dims.io(m).1).max().unwrap_or(0)
+        g.modules().iter().map(|&m| self.dims.io(m).1).max().unwrap_or(0)
     }
 }
 

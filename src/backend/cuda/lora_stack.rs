@@ -27,6 +27,11 @@ use crate::lora::{BaseDims, LoraAdapter};
 /// The groups in the order of `LoraStacks`' per-layer arrays.
 pub const GROUPS: [Group; 4] = [lora::QKV, lora::O, lora::GATE_UP, lora::DOWN];
 
+/// Group `g`'s place in `GROUPS`.
+fn index(g: Group) -> usize {
+    GROUPS.iter().position(|x| x.first == g.first).expect("one of GROUPS")
+}
+
 /// The stacks' size: adapters held at once, and the largest rank they take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackSize {
@@ -124,19 +129,18 @@ impl LoraStacks {
         self.layers.iter().flatten().map(|s| s.a.len() + 4 * s.bt.len()).sum()
     }
 
-    /// Group `gi` (of `GROUPS`) of `layer`: its stacked A's address.
-    pub fn a(&self, layer: usize, gi: usize) -> u64 {
-        self.layers[layer][gi].a.ptr
+    /// Group `g` of `layer`: its stacked A's address.
+    pub fn a(&self, layer: usize, g: Group) -> u64 {
+        self.layers[layer][index(g)].a.ptr
     }
 
-    /// The reader's argument for group `gi` of `layer`, with `t` the group's shrink product and
+    /// The reader's argument for group `g` of `layer`, with `t` the group's shrink product and
     /// `row_stack` the step's per-row slots.
-    pub fn arg(&self, layer: usize, gi: usize, t: u64, row_stack: u64) -> StackArg {
-        let g = GROUPS[gi];
+    pub fn arg(&self, layer: usize, g: Group, t: u64, row_stack: u64) -> StackArg {
         StackArg {
             t,
             row_stack,
-            bt: self.layers[layer][gi].bt.ptr,
+            bt: self.layers[layer][index(g)].bt.ptr,
             t_stride: self.size.t_cols(g) as i32,
             width: g.io(&self.dims).1 as i32,
             rank: self.size.rank as i32,

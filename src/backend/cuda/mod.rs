@@ -145,7 +145,6 @@ pub fn graphs_from_env() -> bool {
     std::env::var("INFERD_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
-
 impl CudaBackend {
     /// The model's hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
