@@ -49,6 +49,7 @@ struct uint2 {
 struct uint4 {
     uint32_t x, y, z, w;
 };
+inline float2 make_float2(float a, float b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline __half __float2half(float f) { return __half{(uint16_t)_cvtss_sh(f, 0)}; }
 inline float __half2float(__half h) { return _cvtsh_ss(h.x); }

@@ -1,7 +1,7 @@
 // One-row products for decode steps of a single row (`CudaOptions::fused_row`): each folds the
 // kernel that makes its input (and for q/k/v, the one that reads its output) into the product,
 // so a layer of a one-row step is five launches instead of nine (fused_row.rs). Included by
-// kernels.cu (it uses WARP, warp_sum and block_sum).
+// kernels.cu (it uses WARP, warp_sum, rms_inv, silu_times and rotate).
 //
 // gemv_row: y[o] (+)= sum_i W[o, i] in[i], W row-major [n, k] f16, for the one row of the step,
 // with the input made by the block itself, in f16 as the unfused kernels write it for cuBLAS:
@@ -21,16 +21,10 @@
 __device__ __forceinline__ void gemv_stage(__half* xs, int k, int mode, const __half* __restrict__ h16, const float* __restrict__ x, const float* __restrict__ nw, float eps,
                                            const float* __restrict__ gu) {
     if (mode == 1) {
-        float ss = 0.0f;
-        for (int j = threadIdx.x; j < k; j += blockDim.x) ss += x[j] * x[j];
-        ss = block_sum(ss);
-        float inv = rsqrtf(ss / k + eps);
+        float inv = rms_inv(x, k, eps);
         for (int j = threadIdx.x; j < k; j += blockDim.x) xs[j] = __float2half(x[j] * inv * nw[j]);
     } else if (mode == 2) {
-        for (int j = threadIdx.x; j < k; j += blockDim.x) {
-            float g = gu[j], u = gu[k + j];
-            xs[j] = __float2half(g / (1.0f + expf(-g)) * u);
-        }
+        for (int j = threadIdx.x; j < k; j += blockDim.x) xs[j] = __float2half(silu_times(gu[j], gu[k + j]));
     } else {
         for (int j = threadIdx.x; j < k; j += blockDim.x) xs[j] = h16[j];
     }
@@ -107,7 +101,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * WARP) gemv_qkv_rope(co
             continue;
         }
         float cs = cos_t[(size_t)p * half + i], sn = sin_t[(size_t)p * half + i];
-        float ra = ya * cs - yb * sn, rb = ya * sn + yb * cs;
+        float2 rot = rotate(ya, yb, cs, sn);
+        float ra = rot.x, rb = rot.y;
         if (hd < nh) {
             q[(size_t)hd * d + a] = ra;
             q[(size_t)hd * d + b] = rb;

@@ -50,6 +50,22 @@ __device__ float block_max(float v) {
     return block_reduce(v, -INFINITY, [](float a, float b) { return fmaxf(a, b); });
 }
 
+// 1 / sqrt(mean(x^2) + eps) of a row of n values, every thread of the block taking the same
+// share (the RMSNorm scale; `rms_norm` and the fused one-row products both take it from here, so
+// their inputs are the same values).
+__device__ __forceinline__ float rms_inv(const float* __restrict__ x, int n, float eps) {
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) ss += x[j] * x[j];
+    ss = block_sum(ss);
+    return rsqrtf(ss / n + eps);
+}
+
+// SiLU of the gate times the up value (`silu_mul`, and the fused down product's input).
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// A RoPE pair (x, y) rotated by (cos, sin) (`qkv_rope_store`, `gemv_qkv_rope`).
+__device__ __forceinline__ float2 rotate(float x, float y, float c, float s) { return make_float2(x * c - y * s, x * s + y * c); }
+
 // Row r's LoRA update of a product (rows of `width` in `z`, from lora_update) when row r uses an
 // adapter (`row_slot[r]` >= 0), else null: the kernels that read a product's output add it there.
 __device__ __forceinline__ const float* lora_row(const float* z, const int* row_slot, int r, int width) {
@@ -111,10 +127,7 @@ extern "C" __global__ void rms_norm(float* __restrict__ x, const float* __restri
     if (ls.t && ls.row_stack[row] >= 0) {
         for (int j = threadIdx.x; j < hidden; j += blockDim.x) xr[j] += lora_stack_at(ls, row, j, 0);
     }
-    float ss = 0.0f;
-    for (int j = threadIdx.x; j < hidden; j += blockDim.x) ss += xr[j] * xr[j];
-    ss = block_sum(ss);
-    float inv = rsqrtf(ss / hidden + eps);
+    float inv = rms_inv(xr, hidden, eps);
     for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
         float v = xr[j] * inv * w[j];
         if (out16) out16[(size_t)i * hidden + j] = __float2half(v);
@@ -153,7 +166,8 @@ extern "C" __global__ void qkv_rope_store(const float* __restrict__ qkv, const f
         int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
         float x = QKV_AT(src + a);
         float y = QKV_AT(src + b);
-        float ra = x * cs[i] - y * sn[i], rb = x * sn[i] + y * cs[i];
+        float2 rot = rotate(x, y, cs[i], sn[i]);
+        float ra = rot.x, rb = rot.y;
         if (is_q) {
             q[(size_t)r * qd + h * d + a] = ra;
             q[(size_t)r * qd + h * d + b] = rb;
@@ -352,7 +366,7 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gu, __half* __rest
         x += lora_stack_at(ls, r, j, 0);
         u += lora_stack_at(ls, r, inter + j, 1);
     }
-    float v = x / (1.0f + expf(-x)) * u;
+    float v = silu_times(x, u);
     if (out16) out16[(size_t)r * inter + j] = __float2half(v);
     else out32[(size_t)r * inter + j] = v;
 }
