@@ -180,15 +180,16 @@ impl CudaBackend {
     /// logit rows written.
     fn run(&mut self, inputs: &[StepInput<'_>], graph: bool, picks: &[Option<i32>]) -> Result<usize, BackendError> {
         self.check(inputs)?;
-        let tiled = self.lora.row_slots(&self.gpu, inputs)?;
-        let stacked = match (&tiled, &mut self.stacks) {
-            (Some(_), Some(st)) => st.rows(&self.gpu, inputs)?,
+        // A step whose adapters fit the stacks takes them; the others (and steps without adapter
+        // rows, where the tiled kernel's table lets go of adapters no request holds) go through
+        // the tiled kernel's table, so an adapter is on the device once per way it is used.
+        let stacked = match &mut self.stacks {
+            Some(st) if inputs.iter().any(|i| i.adapter.is_some()) => st.rows(&self.gpu, inputs)?,
             _ => None,
         };
-        let adapters = match (stacked, tiled) {
-            (Some(rows), _) => Some((rows, LoraMode::Stacks)),
-            (None, Some(rows)) => Some((rows, LoraMode::Tiles)),
-            (None, None) => None,
+        let adapters = match stacked {
+            Some(rows) => Some((rows, LoraMode::Stacks)),
+            None => self.lora.row_slots(&self.gpu, inputs)?.map(|rows| (rows, LoraMode::Tiles)),
         };
         let mut assigned = HashSet::new();
         for i in inputs {
@@ -296,7 +297,8 @@ impl CudaBackend {
         Ok(forward::sample_only(&self.gpu, logits, &params)?.into_iter().map(|t| t as u32).collect())
     }
 
-    /// LoRA adapters on the device now (tests of their eviction).
+    /// LoRA adapters in the tiled kernel's table now (tests of their eviction; the stacks hold
+    /// their own, at most `StackSize::slots`).
     #[doc(hidden)]
     pub fn resident_adapters(&self) -> usize {
         self.lora.resident()
